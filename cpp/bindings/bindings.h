@@ -1,0 +1,15 @@
+// One bind_<area>() per binding file; module.cpp calls them all. Binding files hold .def lines
+// and argument conversion only (through dlpack.h), no logic.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace lserve::bindings {
+
+void bind_ops(pybind11::module_& m);       // bind_ops.cpp: CPU backend ops for tests
+void bind_kv(pybind11::module_& m);        // bind_kv.cpp: PagePool, KvCacheManager
+void bind_sampling(pybind11::module_& m);  // bind_sampling.cpp: SamplingParams, sample_token
+void bind_gguf(pybind11::module_& m);      // bind_gguf.cpp: GgufFile reader
+void bind_engine(pybind11::module_& m);    // bind_engine.cpp: ModelConfig, EngineConfig, Engine
+
+}  // namespace lserve::bindings

@@ -1,0 +1,68 @@
+// DLPack capsule consumption and conversion to TensorView.
+#include "dlpack.h"
+
+#include <string>
+
+namespace lserve::bindings {
+
+namespace {
+
+DType to_dtype(const DLDataType& dtype, const char* what) {
+  LSERVE_CHECK(dtype.lanes == 1, what, ": vector dtypes (lanes=", dtype.lanes, ") are not supported");
+  if (dtype.code == 2 && dtype.bits == 32) return DType::kF32;
+  if (dtype.code == 2 && dtype.bits == 16) return DType::kF16;
+  if (dtype.code == 4 && dtype.bits == 16) return DType::kBF16;
+  if (dtype.code == 0 && dtype.bits == 32) return DType::kI32;
+  if (dtype.code == 0 && dtype.bits == 64) return DType::kI64;
+  if (dtype.code == 1 && dtype.bits == 8) return DType::kU8;
+  LSERVE_THROW(what, ": unsupported dtype (DLPack code ", int(dtype.code), ", bits ", int(dtype.bits),
+               "); expected float32, float16, bfloat16, int32, int64 or uint8");
+}
+
+}  // namespace
+
+DlpackTensor::DlpackTensor(const py::handle& object, const char* what) {
+  if (!py::hasattr(object, "__dlpack__")) {
+    throw py::type_error(std::string(what) + ": expected a numpy array or torch tensor (an object with "
+                         "__dlpack__), got " + std::string(py::str(py::type::of(object))));
+  }
+  py::object capsule = object.attr("__dlpack__")();
+  PyObject* raw = capsule.ptr();
+  LSERVE_CHECK(PyCapsule_IsValid(raw, "dltensor"), what, ": __dlpack__ did not return a 'dltensor' capsule");
+  managed_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(raw, "dltensor"));
+  // Mark consumed: from here on this object owns the tensor and calls its deleter.
+  PyCapsule_SetName(raw, "used_dltensor");
+  const DLTensor& tensor = managed_->dl_tensor;
+  LSERVE_CHECK(tensor.ndim >= 1 && tensor.ndim <= kMaxDims, what, ": rank ", tensor.ndim, " not in [1, ",
+               kMaxDims, "]");
+  view_.dtype = to_dtype(tensor.dtype, what);
+  view_.data = static_cast<char*>(tensor.data) + tensor.byte_offset;
+  if (tensor.device.device_type == 1 || tensor.device.device_type == 3) {
+    view_.device = Device{DeviceType::kCPU, 0};
+  } else if (tensor.device.device_type == 2) {
+    view_.device = Device{DeviceType::kCUDA, tensor.device.device_id};
+  } else {
+    LSERVE_THROW(what, ": unsupported DLPack device type ", tensor.device.device_type);
+  }
+  view_.ndim = tensor.ndim;
+  int64_t stride_acc = 1;
+  for (int d = tensor.ndim - 1; d >= 0; --d) {
+    view_.shape[d] = tensor.shape[d];
+    view_.strides[d] = tensor.strides ? tensor.strides[d] : stride_acc;
+    stride_acc *= tensor.shape[d];
+  }
+}
+
+DlpackTensor::~DlpackTensor() {
+  if (managed_ && managed_->deleter) managed_->deleter(managed_);
+}
+
+py::array_t<float> to_numpy(const float* data, const std::vector<int64_t>& shape) {
+  py::array_t<float> out(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  int64_t count = 1;
+  for (int64_t extent : shape) count *= extent;
+  std::memcpy(out.mutable_data(), data, static_cast<size_t>(count) * sizeof(float));
+  return out;
+}
+
+}  // namespace lserve::bindings

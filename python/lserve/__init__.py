@@ -1,0 +1,1 @@
+"""lserve: long-context LLM serving with unified block-sparse attention."""
