@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 
@@ -50,7 +51,7 @@ LogSoftmax raw_log_softmax(const float* logits, int vocab_size, float max_value)
   result.max_value = max_value;
   double sum_exp = 0.0;
   for (int i = 0; i < vocab_size; ++i) {
-    sum_exp += logits[i] == max_value ? 1.0 : std::exp(static_cast<double>(logits[i]) - max_value);
+    sum_exp += logits[i] == max_value ? 1.0f : std::exp(logits[i] - max_value);
   }
   result.log_sum_exp = std::log(sum_exp);
   return result;
@@ -82,24 +83,29 @@ void check_token_ids(const std::vector<int32_t>& token_ids, int vocab_size, cons
   }
 }
 
-// Sorts, best first, a prefix of candidates (unordered on entry) whose probability mass reaches
-// target_mass, or all of them. Grows the prefix geometrically with nth_element so that a peaked
-// distribution (the usual case for top-p) costs O(vocab_size), not a full sort.
-size_t sort_prefix_reaching(std::vector<int32_t>& candidates, const float* probs, double target_mass) {
-  const LargerFirst larger{probs};
-  const size_t num_candidates = candidates.size();
-  size_t num_ready = 0;  // candidates[0, num_ready) are the num_ready best, unordered
-  double mass = 0.0;
-  while (num_ready < num_candidates && mass < target_mass) {
-    const size_t next = std::min(num_candidates, std::max<size_t>(64, 4 * num_ready));
-    if (next < num_candidates) {
-      std::nth_element(candidates.begin() + num_ready, candidates.begin() + next, candidates.end(), larger);
-    }
-    for (size_t j = num_ready; j < next; ++j) mass += probs[candidates[j]];
-    num_ready = next;
+// Top-p histogram bucket of a probability in [0, 1]: the float's exponent and top mantissa bits,
+// so buckets grow with p and each spans 1/16 of an octave.
+constexpr int kBucketMantissaBits = 4;
+constexpr int kNumBuckets = 128 << kBucketMantissaBits;  // exponents 0..127 cover [0, 1]
+
+int prob_bucket(float prob) {
+  uint32_t bits;
+  std::memcpy(&bits, &prob, sizeof(bits));
+  return static_cast<int>(bits >> (23 - kBucketMantissaBits));
+}
+
+// The highest bucket such that it and the buckets above hold at least target_mass. Tokens in
+// those buckets form a prefix of the best-first order that reaches the target, so the top-p
+// prefix lies inside it: only those tokens need sorting. One O(vocab_size) pass, no sort.
+int top_p_cut_bucket(const float* probs, int vocab_size, double target_mass) {
+  std::vector<double> bucket_mass(kNumBuckets, 0.0);
+  for (int i = 0; i < vocab_size; ++i) bucket_mass[prob_bucket(probs[i])] += probs[i];
+  double running = 0.0;
+  for (int bucket = kNumBuckets - 1; bucket > 0; --bucket) {
+    running += bucket_mass[bucket];
+    if (running >= target_mass) return bucket;
   }
-  std::sort(candidates.begin(), candidates.begin() + num_ready, larger);
-  return num_ready;
+  return 0;
 }
 
 // Walks the tokens in the given order and returns the first whose running weight exceeds
@@ -157,9 +163,14 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
   check_token_ids(output_token_ids, vocab_size, "output_token_ids");
 
   float raw_max = kNegInf;
+  bool has_nan = false;
   for (int i = 0; i < vocab_size; ++i) {
-    LSERVE_CHECK(!std::isnan(logits[i]), "sample_token: logits[", i, "] is NaN");
-    raw_max = std::max(raw_max, logits[i]);
+    has_nan |= std::isnan(logits[i]);
+    raw_max = logits[i] > raw_max ? logits[i] : raw_max;
+  }
+  if (has_nan) {
+    const int nan_idx = static_cast<int>(std::find_if(logits, logits + vocab_size, [](float x) { return std::isnan(x); }) - logits);
+    LSERVE_THROW("sample_token: logits[", nan_idx, "] is NaN");
   }
 
   SampledToken result;
@@ -214,18 +225,26 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
     }
   }
 
-  const float max_logit = *std::max_element(logits, logits + vocab_size);  // first maximum
+  float max_logit = raw_max;
+  if (mask_stops || repetition || output_penalties) {
+    max_logit = kNegInf;
+    for (int i = 0; i < vocab_size; ++i) max_logit = logits[i] > max_logit ? logits[i] : max_logit;
+  }
   LSERVE_CHECK(max_logit != kNegInf, "sample_token: every token is masked (-inf logits; min_tokens=",
                params.min_tokens, ", outputs so far ", output_token_ids.size(), ")");
 
   if (params.temperature == 0.0f) {
-    result.token_id = static_cast<int32_t>(std::max_element(logits, logits + vocab_size) - logits);
+    // The first maximum: the lowest token id on ties.
+    result.token_id = static_cast<int32_t>(std::find(logits, logits + vocab_size, max_logit) - logits);
   } else {
     // probs: unnormalised softmax at the temperature, the largest exactly 1.
     std::vector<float> probs(static_cast<size_t>(vocab_size));
     const float inv_temperature = 1.0f / params.temperature;
+    double total_all = 0.0;
     for (int i = 0; i < vocab_size; ++i) {
-      probs[i] = logits[i] == max_logit ? 1.0f : std::exp((logits[i] - max_logit) * inv_temperature);
+      const float prob = logits[i] == max_logit ? 1.0f : std::exp((logits[i] - max_logit) * inv_temperature);
+      probs[i] = prob;
+      total_all += prob;
     }
     const bool use_top_k = params.top_k >= 1 && params.top_k < vocab_size;
     const bool use_top_p = params.top_p < 1.0f;
@@ -234,10 +253,12 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
 
     if (!use_top_k && !use_top_p && !use_min_p) {
       // No filter: draw in token order, no sort.
-      const double total = std::accumulate(probs.begin(), probs.end(), 0.0);
       result.token_id = draw_in_order(probs.size(), [](size_t j) { return static_cast<int32_t>(j); },
-                                      probs.data(), total, u);
+                                      probs.data(), total_all, u);
     } else {
+      // min-p compares with the largest probability, which is 1 here; renormalising after top-k
+      // or top-p scales every probability alike, so the test is the same in any order.
+      const float min_prob = params.min_p;
       const LargerFirst larger{probs.data()};
       std::vector<int32_t> candidates;
       double total = 0.0;  // the mass top_p is a fraction of: after top-k, before min-p
@@ -247,28 +268,25 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
         std::nth_element(candidates.begin(), candidates.begin() + params.top_k, candidates.end(), larger);
         candidates.resize(static_cast<size_t>(params.top_k));
         for (int32_t token_id : candidates) total += probs[token_id];
+        if (use_min_p) {
+          candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                          [&](int32_t token_id) { return probs[token_id] < min_prob; }),
+                           candidates.end());
+        }
       } else {
-        total = std::accumulate(probs.begin(), probs.end(), 0.0);
-        candidates.reserve(use_min_p ? 256 : static_cast<size_t>(vocab_size));
+        total = total_all;
+        const int cut_bucket =
+            use_top_p ? top_p_cut_bucket(probs.data(), vocab_size, static_cast<double>(params.top_p) * total) : 0;
         for (int32_t i = 0; i < vocab_size; ++i) {
-          if (!use_min_p || probs[i] >= params.min_p) candidates.push_back(i);
+          if (probs[i] > 0.0f && probs[i] >= min_prob && prob_bucket(probs[i]) >= cut_bucket) {
+            candidates.push_back(i);
+          }
         }
       }
-      // min-p compares with the largest probability, which is 1 here; renormalising after top-k
-      // or top-p scales every probability alike, so the test is the same in any order.
-      if (use_top_k && use_min_p) {
-        candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
-                                        [&](int32_t token_id) { return probs[token_id] < params.min_p; }),
-                         candidates.end());
-      }
-      // Both top-p and min-p keep a prefix of the best-first order: the shorter one wins.
+      std::sort(candidates.begin(), candidates.end(), larger);
+      // Top-p keeps the shortest best-first prefix whose mass reaches top_p * total.
       const double target_mass = static_cast<double>(params.top_p) * total;
       size_t num_kept = candidates.size();
-      if (use_top_p) {
-        num_kept = sort_prefix_reaching(candidates, probs.data(), target_mass);
-      } else {
-        std::sort(candidates.begin(), candidates.end(), larger);
-      }
       double kept_mass = 0.0;
       for (size_t j = 0; j < num_kept; ++j) {
         kept_mass += probs[candidates[j]];
