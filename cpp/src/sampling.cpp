@@ -127,6 +127,99 @@ int32_t draw_in_order(size_t num_tokens, TokenAt token_at, const float* weights,
   return last_positive;
 }
 
+// min_tokens: eos and the stop ids cannot end the output early. As in vLLM, eos counts as a stop
+// token only without ignore_eos. Ids beyond the vocabulary can never be sampled; they are skipped.
+void mask_stop_tokens(float* logits, int vocab_size, const SamplingParams& params, int32_t eos_token_id) {
+  if (!params.ignore_eos && eos_token_id >= 0 && eos_token_id < vocab_size) logits[eos_token_id] = kNegInf;
+  for (int32_t token_id : params.stop_token_ids) {
+    if (token_id < vocab_size) logits[token_id] = kNegInf;
+  }
+}
+
+// Repetition penalty (HF / vLLM): once per distinct token of the prompt or the output,
+// logit > 0 ? logit / penalty : logit * penalty. O(number of ids), plus one byte per token.
+void apply_repetition_penalty(float* logits, int vocab_size, float penalty,
+                              const std::vector<int32_t>& prompt_token_ids,
+                              const std::vector<int32_t>& output_token_ids) {
+  std::vector<uint8_t> pending(static_cast<size_t>(vocab_size), 0);
+  for (int32_t token_id : prompt_token_ids) pending[token_id] = 1;
+  for (int32_t token_id : output_token_ids) pending[token_id] = 1;
+  auto apply = [&](int32_t token_id) {
+    if (!pending[token_id]) return;
+    pending[token_id] = 0;
+    float& logit = logits[token_id];
+    logit = logit > 0.0f ? logit / penalty : logit * penalty;
+  };
+  for (int32_t token_id : prompt_token_ids) apply(token_id);
+  for (int32_t token_id : output_token_ids) apply(token_id);
+}
+
+// OpenAI / vLLM presence and frequency penalties over the output tokens:
+// logit -= frequency * count + presence * (count > 0).
+void apply_output_penalties(float* logits, int vocab_size, const SamplingParams& params,
+                            const std::vector<int32_t>& output_token_ids) {
+  std::vector<int32_t> counts(static_cast<size_t>(vocab_size), 0);
+  for (int32_t token_id : output_token_ids) ++counts[token_id];
+  for (int32_t token_id : output_token_ids) {
+    const int32_t count = counts[token_id];
+    if (count == 0) continue;  // already applied
+    counts[token_id] = 0;
+    logits[token_id] -= params.frequency_penalty * static_cast<float>(count) + params.presence_penalty;
+  }
+}
+
+// Draws from probs (vocab_size,), unnormalised with maximum exactly 1 and sum total, after top-k,
+// top-p and min-p. The kept tokens are walked best first (unfiltered: in token order, no sort).
+int32_t draw_filtered(const float* probs, int vocab_size, double total, const SamplingParams& params, double u) {
+  const bool use_top_k = params.top_k >= 1 && params.top_k < vocab_size;
+  const bool use_top_p = params.top_p < 1.0f;
+  const bool use_min_p = params.min_p > 0.0f;
+  if (!use_top_k && !use_top_p && !use_min_p) {
+    return draw_in_order(static_cast<size_t>(vocab_size), [](size_t j) { return static_cast<int32_t>(j); },
+                         probs, total, u);
+  }
+  // min-p compares with the largest probability, which is 1 here; renormalising after top-k or
+  // top-p scales every probability alike, so the test is the same before or after them.
+  const float min_prob = params.min_p;
+  const LargerFirst larger{probs};
+  std::vector<int32_t> candidates;
+  if (use_top_k) {
+    candidates.resize(static_cast<size_t>(vocab_size));
+    std::iota(candidates.begin(), candidates.end(), 0);
+    std::nth_element(candidates.begin(), candidates.begin() + params.top_k, candidates.end(), larger);
+    candidates.resize(static_cast<size_t>(params.top_k));
+    total = 0.0;  // top_p is a fraction of the mass after top-k
+    for (int32_t token_id : candidates) total += probs[token_id];
+    if (use_min_p) {
+      candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                      [&](int32_t token_id) { return probs[token_id] < min_prob; }),
+                       candidates.end());
+    }
+  } else {
+    const int cut_bucket =
+        use_top_p ? top_p_cut_bucket(probs, vocab_size, static_cast<double>(params.top_p) * total) : 0;
+    for (int32_t i = 0; i < vocab_size; ++i) {
+      if (probs[i] > 0.0f && probs[i] >= min_prob && prob_bucket(probs[i]) >= cut_bucket) {
+        candidates.push_back(i);
+      }
+    }
+  }
+  std::sort(candidates.begin(), candidates.end(), larger);
+  // Top-p and min-p each keep a prefix of the best-first order: top-p the shortest one whose mass
+  // reaches top_p * total. The kept set is the shorter prefix.
+  const double target_mass = static_cast<double>(params.top_p) * total;
+  size_t num_kept = candidates.size();
+  double kept_mass = 0.0;
+  for (size_t j = 0; j < num_kept; ++j) {
+    kept_mass += probs[candidates[j]];
+    if (use_top_p && kept_mass >= target_mass) {
+      num_kept = j + 1;
+      break;
+    }
+  }
+  return draw_in_order(num_kept, [&](size_t j) { return candidates[j]; }, probs, kept_mass, u);
+}
+
 }  // namespace
 
 void SamplingParams::validate() const {
@@ -169,10 +262,11 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
     raw_max = logits[i] > raw_max ? logits[i] : raw_max;
   }
   if (has_nan) {
-    const int nan_idx = static_cast<int>(std::find_if(logits, logits + vocab_size, [](float x) { return std::isnan(x); }) - logits);
-    LSERVE_THROW("sample_token: logits[", nan_idx, "] is NaN");
+    const float* nan_at = std::find_if(logits, logits + vocab_size, [](float x) { return std::isnan(x); });
+    LSERVE_THROW("sample_token: logits[", nan_at - logits, "] is NaN");
   }
 
+  // 1. Logprobs from the raw logits.
   SampledToken result;
   const bool want_logprobs = params.logprobs >= 0;
   LogSoftmax log_softmax;
@@ -181,52 +275,23 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
     result.top_logprobs = top_logprobs(logits, vocab_size, params.logprobs, log_softmax);
   }
 
-  // Masking and penalties rewrite logits in place; keep the raw values for the logprob.
+  // 2. Masking and penalties, in place; the raw values stay behind for the sampled logprob.
   const bool mask_stops = static_cast<int64_t>(output_token_ids.size()) < params.min_tokens;
-  const bool repetition = params.repetition_penalty != 1.0f &&
-                          !(prompt_token_ids.empty() && output_token_ids.empty());
-  const bool output_penalties = (params.presence_penalty != 0.0f || params.frequency_penalty != 0.0f) &&
-                                !output_token_ids.empty();
+  const bool repetition =
+      params.repetition_penalty != 1.0f && !(prompt_token_ids.empty() && output_token_ids.empty());
+  const bool output_penalties =
+      (params.presence_penalty != 0.0f || params.frequency_penalty != 0.0f) && !output_token_ids.empty();
+  const bool modified = mask_stops || repetition || output_penalties;
   std::vector<float> raw_logits;
-  if (want_logprobs && (mask_stops || repetition || output_penalties)) {
-    raw_logits.assign(logits, logits + vocab_size);
-  }
-
-  if (mask_stops) {
-    // As in vLLM, eos counts as a stop token only without ignore_eos.
-    if (!params.ignore_eos && eos_token_id >= 0 && eos_token_id < vocab_size) logits[eos_token_id] = kNegInf;
-    for (int32_t token_id : params.stop_token_ids) {
-      if (token_id < vocab_size) logits[token_id] = kNegInf;
-    }
-  }
+  if (want_logprobs && modified) raw_logits.assign(logits, logits + vocab_size);
+  if (mask_stops) mask_stop_tokens(logits, vocab_size, params, eos_token_id);
   if (repetition) {
-    // Once per distinct token seen in the prompt or the output (HF / vLLM rule).
-    const float penalty = params.repetition_penalty;
-    std::vector<uint8_t> pending(static_cast<size_t>(vocab_size), 0);
-    for (int32_t token_id : prompt_token_ids) pending[token_id] = 1;
-    for (int32_t token_id : output_token_ids) pending[token_id] = 1;
-    auto apply = [&](int32_t token_id) {
-      if (!pending[token_id]) return;
-      pending[token_id] = 0;
-      float& logit = logits[token_id];
-      logit = logit > 0.0f ? logit / penalty : logit * penalty;
-    };
-    for (int32_t token_id : prompt_token_ids) apply(token_id);
-    for (int32_t token_id : output_token_ids) apply(token_id);
+    apply_repetition_penalty(logits, vocab_size, params.repetition_penalty, prompt_token_ids, output_token_ids);
   }
-  if (output_penalties) {
-    std::vector<int32_t> counts(static_cast<size_t>(vocab_size), 0);
-    for (int32_t token_id : output_token_ids) ++counts[token_id];
-    for (int32_t token_id : output_token_ids) {
-      const int32_t count = counts[token_id];
-      if (count == 0) continue;  // already applied
-      counts[token_id] = 0;
-      logits[token_id] -= params.frequency_penalty * static_cast<float>(count) + params.presence_penalty;
-    }
-  }
+  if (output_penalties) apply_output_penalties(logits, vocab_size, params, output_token_ids);
 
   float max_logit = raw_max;
-  if (mask_stops || repetition || output_penalties) {
+  if (modified) {
     max_logit = kNegInf;
     for (int i = 0; i < vocab_size; ++i) max_logit = logits[i] > max_logit ? logits[i] : max_logit;
   }
@@ -234,75 +299,24 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
                params.min_tokens, ", outputs so far ", output_token_ids.size(), ")");
 
   if (params.temperature == 0.0f) {
-    // The first maximum: the lowest token id on ties.
+    // 3a. Greedy: the first maximum, i.e. the lowest token id on ties. Draws nothing from rng.
     result.token_id = static_cast<int32_t>(std::find(logits, logits + vocab_size, max_logit) - logits);
   } else {
-    // probs: unnormalised softmax at the temperature, the largest exactly 1.
+    // 3b. probs: softmax at the temperature, unnormalised, the largest exactly 1 (also when the
+    // maximum is +inf). Then the filters and one draw.
     std::vector<float> probs(static_cast<size_t>(vocab_size));
     const float inv_temperature = 1.0f / params.temperature;
-    double total_all = 0.0;
+    double total = 0.0;
     for (int i = 0; i < vocab_size; ++i) {
       const float prob = logits[i] == max_logit ? 1.0f : std::exp((logits[i] - max_logit) * inv_temperature);
       probs[i] = prob;
-      total_all += prob;
+      total += prob;
     }
-    const bool use_top_k = params.top_k >= 1 && params.top_k < vocab_size;
-    const bool use_top_p = params.top_p < 1.0f;
-    const bool use_min_p = params.min_p > 0.0f;
-    const double u = uniform_unit(rng);
-
-    if (!use_top_k && !use_top_p && !use_min_p) {
-      // No filter: draw in token order, no sort.
-      result.token_id = draw_in_order(probs.size(), [](size_t j) { return static_cast<int32_t>(j); },
-                                      probs.data(), total_all, u);
-    } else {
-      // min-p compares with the largest probability, which is 1 here; renormalising after top-k
-      // or top-p scales every probability alike, so the test is the same in any order.
-      const float min_prob = params.min_p;
-      const LargerFirst larger{probs.data()};
-      std::vector<int32_t> candidates;
-      double total = 0.0;  // the mass top_p is a fraction of: after top-k, before min-p
-      if (use_top_k) {
-        candidates.resize(static_cast<size_t>(vocab_size));
-        std::iota(candidates.begin(), candidates.end(), 0);
-        std::nth_element(candidates.begin(), candidates.begin() + params.top_k, candidates.end(), larger);
-        candidates.resize(static_cast<size_t>(params.top_k));
-        for (int32_t token_id : candidates) total += probs[token_id];
-        if (use_min_p) {
-          candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
-                                          [&](int32_t token_id) { return probs[token_id] < min_prob; }),
-                           candidates.end());
-        }
-      } else {
-        total = total_all;
-        const int cut_bucket =
-            use_top_p ? top_p_cut_bucket(probs.data(), vocab_size, static_cast<double>(params.top_p) * total) : 0;
-        for (int32_t i = 0; i < vocab_size; ++i) {
-          if (probs[i] > 0.0f && probs[i] >= min_prob && prob_bucket(probs[i]) >= cut_bucket) {
-            candidates.push_back(i);
-          }
-        }
-      }
-      std::sort(candidates.begin(), candidates.end(), larger);
-      // Top-p keeps the shortest best-first prefix whose mass reaches top_p * total.
-      const double target_mass = static_cast<double>(params.top_p) * total;
-      size_t num_kept = candidates.size();
-      double kept_mass = 0.0;
-      for (size_t j = 0; j < num_kept; ++j) {
-        kept_mass += probs[candidates[j]];
-        if (use_top_p && kept_mass >= target_mass) {
-          num_kept = j + 1;
-          break;
-        }
-      }
-      result.token_id = draw_in_order(num_kept, [&](size_t j) { return candidates[j]; }, probs.data(),
-                                      kept_mass, u);
-    }
+    result.token_id = draw_filtered(probs.data(), vocab_size, total, params, uniform_unit(rng));
   }
 
   if (want_logprobs) {
-    const float raw_logit = raw_logits.empty() ? logits[result.token_id] : raw_logits[result.token_id];
-    result.logprob = log_softmax(raw_logit);
+    result.logprob = log_softmax(modified ? raw_logits[result.token_id] : logits[result.token_id]);
   }
   return result;
 }
