@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 
@@ -184,10 +185,18 @@ int32_t draw_filtered(const float* probs, int vocab_size, double total, const Sa
   const LargerFirst larger{probs};
   std::vector<int32_t> candidates;
   if (use_top_k) {
-    candidates.resize(static_cast<size_t>(vocab_size));
-    std::iota(candidates.begin(), candidates.end(), 0);
-    std::nth_element(candidates.begin(), candidates.begin() + params.top_k, candidates.end(), larger);
-    candidates.resize(static_cast<size_t>(params.top_k));
+    // The k-th largest value by nth_element on a copy of the values (direct float compares, about
+    // 3x faster than on token indices); then every token above it and the lowest-id ties at it.
+    std::vector<float> values(probs, probs + vocab_size);
+    std::nth_element(values.begin(), values.begin() + (params.top_k - 1), values.end(), std::greater<float>());
+    const float kth_value = values[params.top_k - 1];
+    candidates.reserve(static_cast<size_t>(params.top_k));
+    for (int32_t i = 0; i < vocab_size; ++i) {
+      if (probs[i] > kth_value) candidates.push_back(i);
+    }
+    for (int32_t i = 0; i < vocab_size && static_cast<int>(candidates.size()) < params.top_k; ++i) {
+      if (probs[i] == kth_value) candidates.push_back(i);
+    }
     total = 0.0;  // top_p is a fraction of the mass after top-k
     for (int32_t token_id : candidates) total += probs[token_id];
     if (use_min_p) {
