@@ -183,15 +183,15 @@ def test_top_p_keeps_lower_ids_on_ties():
 
 
 def test_large_vocab_filters_never_leak():
-    """50K vocab: the top-p histogram path and nth_element top-k never draw outside the set."""
+    """32K vocab: the top-p histogram path and nth_element top-k never draw outside the set."""
     seed = 11
-    vocab_size = 50000
+    vocab_size = 32000
     logits = make_logits(seed, vocab_size, scale=3.0)
     for kwargs in (dict(top_p=0.5), dict(top_p=0.95, temperature=0.7), dict(top_k=40), dict(min_p=0.02),
                    dict(top_k=2000, top_p=0.3, min_p=0.01)):
         params = _C.SamplingParams(**kwargs)
         expected = reference_probs(logits, params)
-        samples = draw(logits, params, seed, num_samples=400)
+        samples = draw(logits, params, seed, num_samples=250)
         allowed = expected > 0
         assert allowed[samples].all(), f"{kwargs}: drew a token outside the allowed set (seed={seed})"
         # The most likely tokens dominate the draw as the reference says they should.
