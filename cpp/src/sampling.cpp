@@ -185,8 +185,8 @@ int32_t draw_filtered(const float* probs, int vocab_size, double total, const Sa
   const LargerFirst larger{probs};
   std::vector<int32_t> candidates;
   if (use_top_k) {
-    // The k-th largest value by nth_element on a copy of the values (direct float compares, about
-    // 3x faster than on token indices); then every token above it and the lowest-id ties at it.
+    // The k-th largest value by nth_element on a copy of the values (plain float compares, not
+    // loads through token indices); then every token above it and the lowest-id ties at it.
     std::vector<float> values(probs, probs + vocab_size);
     std::nth_element(values.begin(), values.begin() + (params.top_k - 1), values.end(), std::greater<float>());
     const float kth_value = values[params.top_k - 1];
