@@ -4,6 +4,7 @@
 // cache and, at decode, read only a token budget of pages chosen by hierarchical paging.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
