@@ -16,6 +16,8 @@ void bind_sparse(py::module_& m) {
         DlpackTensor t_query(query, "query"), t_kmax(kmax, "kmax"), t_kmin(kmin, "kmin"),
             t_indptr(kv_page_indptr, "kv_page_indptr"), t_indices(kv_page_indices, "kv_page_indices"),
             t_lens(kv_lens, "kv_lens"), t_selected(selected, "selected"), t_num(num_selected, "num_selected");
+        t_selected.writable_view("selected");
+        t_num.writable_view("num_selected");
         PageSelectArgs args{t_query.view(), t_kmax.view(),     t_kmin.view(), t_indptr.view(),
                             t_indices.view(), t_lens.view(),   t_selected.view(), t_num.view(),
                             physical_page_size, keep_first_page};

@@ -34,6 +34,14 @@ def core_model_config(fields: dict) -> "_C.ModelConfig":
     return config
 
 
+def core_config_fields(config: "_C.ModelConfig") -> dict:
+    """The ModelConfig as a dict of its field names (rope_scaling nested)."""
+    fields = {name: getattr(config, name) for name in dir(config)
+              if not name.startswith("_") and name not in ("validate", "rope_scaling")}
+    fields["rope_scaling"] = {name: getattr(config.rope_scaling, name) for name in _ROPE_FIELDS}
+    return fields
+
+
 @dataclass
 class ModelSource:
     model_config: "_C.ModelConfig"
@@ -57,27 +65,26 @@ def load_model_source(model: str, load_format: str = "auto", tokenizer: Optional
     resolved = resolve_model(model)
     if resolved.kind == "gguf":
         gguf = _C.GgufFile(str(resolved.path))
-        fields = dict(_C.gguf_model_config_dict(gguf))
-        config = core_model_config(fields)
+        config = _C.gguf_model_config(gguf)
         tok = Tokenizer.from_pretrained(tokenizer) if tokenizer else Tokenizer.from_gguf(gguf)
-        names = list(_C.gguf_hf_weight_names(gguf)) if hasattr(_C, "gguf_hf_weight_names") else None
+        names = list(_C.gguf_hf_weight_names(gguf))
 
         def gguf_weights(seed: int):
             if load_format == "dummy":
-                yield from _dummy(fields, seed)
-            else:
-                yield from _C.gguf_hf_weights(gguf)
+                yield from _dummy(core_config_fields(config), seed)
+                return
+            for name in names:
+                yield name, _C.gguf_read_hf_weight(gguf, config, name)
 
-        num = len(names) if names is not None else len(gguf.tensor_names())
         eos = [config.eos_token_id] if config.eos_token_id >= 0 else []
         if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
             eos.append(tok.eos_token_id)
-        return ModelSource(config, tok, eos, num, gguf_weights)
+        return ModelSource(config, tok, eos, len(names), gguf_weights)
 
     from lserve.loader.hf import load_hf_config
 
     spec = load_hf_config(resolved.path)
-    fields = spec.fields if hasattr(spec, "fields") else dict(spec)
+    fields = spec.fields
     config = core_model_config(fields)
     tok = None
     tokenizer_dir = tokenizer or str(resolved.path)
@@ -86,7 +93,7 @@ def load_model_source(model: str, load_format: str = "auto", tokenizer: Optional
     except (ValueError, FileNotFoundError, OSError):
         if tokenizer:
             raise
-    eos_ids = list(getattr(spec, "eos_token_ids", None) or fields.get("eos_token_ids") or [])
+    eos_ids = list(spec.eos_token_ids)
     if not eos_ids and config.eos_token_id >= 0:
         eos_ids = [config.eos_token_id]
 
