@@ -223,6 +223,7 @@ class FakeEngine:
         for stop in params.stop_list:
             position = seq.text.find(stop)
             if position >= 0:
-                seq.text = seq.text[: position + len(stop)] if params.include_stop_str_in_output else seq.text[:position]
+                end = position + len(stop) if params.include_stop_str_in_output else position
+                seq.text = seq.text[:end]
                 seq.finish_reason, seq.stop_reason = "stop", stop
                 break

@@ -70,7 +70,8 @@ def test_openai_completion(client, fake_engine):
     assert completion.object == "text_completion" and completion.model == MODEL
     assert len(choice.text) == 5 and choice.finish_reason == "length"
     assert completion.usage.prompt_tokens == len(fake_engine.tokenizer.encode("Hello"))
-    assert completion.usage.completion_tokens == 5 and completion.usage.total_tokens == completion.usage.prompt_tokens + 5
+    assert completion.usage.completion_tokens == 5
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 5
 
 
 def test_openai_chat(client):
@@ -365,7 +366,8 @@ def test_overload_and_shutdown_give_503():
 
 def test_engine_failure_gives_503_and_unhealthy():
     engine = FakeEngine(step_delay=0.005)
-    with ThreadedServer(build_app(engine, MODEL)) as running, httpx.Client(base_url=running.base_url, timeout=10) as http:
+    with ThreadedServer(build_app(engine, MODEL)) as running, \
+            httpx.Client(base_url=running.base_url, timeout=10) as http:
         engine.fail_next_step = RuntimeError("device lost")
         assert_error(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 50}), 503, match="device lost")
         assert_error(http.get("/health"), 503)

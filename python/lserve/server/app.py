@@ -405,7 +405,8 @@ async def _chat_events(server: OpenAIServer, body: p.ChatCompletionRequest, stre
                         state = states[seq.index]
                         if state.finished:
                             continue
-                        logprobs = server.chat_logprobs(seq, state.num_tokens, num_top, state) if body.logprobs else None
+                        logprobs = (server.chat_logprobs(seq, state.num_tokens, num_top, state)
+                                    if body.logprobs else None)
                         text = _text_delta(seq, state, hold_back)
                         state.finished = seq.finish_reason is not None
                         if not text and not state.finished and not (logprobs and logprobs.content):
