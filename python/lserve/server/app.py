@@ -19,6 +19,7 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lserve.outputs import CompletionOutput, RequestOutput
@@ -168,9 +169,13 @@ class OpenAIServer:
     # ---- logprobs ---------------------------------------------------------------------------------
 
     def _decode_one(self, token_id: int) -> str:
+        """One token's text, special tokens spelled out (logprobs and /tokenize show them)."""
         if self.tokenizer is None:
             return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id])
+        try:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        except TypeError:  # a tokenizer without the keyword
+            return self.tokenizer.decode([token_id])
 
     @staticmethod
     def _ranked(entry: Dict[int, object], num_top: int) -> List[tuple]:
@@ -266,6 +271,16 @@ def _hold_back(params: SamplingParams) -> int:
     return max((len(stop) for stop in params.stop_list), default=1) - 1
 
 
+def _event_stream(events: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
+    """An SSE response; its background task aborts what is left even if the client left before the
+    first event, when the generator (whose own `with stream` would do it) never started."""
+    async def close() -> None:
+        stream.close()
+
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS,
+                             background=BackgroundTask(close))
+
+
 def _sse(chunk: p.ResponseModel, include_usage: bool) -> str:
     return f"data: {chunk.model_dump_json() if include_usage else chunk.model_dump_json(exclude={'usage'})}\n\n"
 
@@ -282,8 +297,8 @@ async def create_completion(server: OpenAIServer, body: p.CompletionRequest, req
     created = int(time.time())
     stream = await server.submit(request_id, prompts, params)
     if body.stream:
-        return StreamingResponse(_completion_events(server, body, stream, prompts, params, request_id, created, model),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return _event_stream(_completion_events(server, body, stream, prompts, params, request_id, created, model),
+                             stream)
     outputs = await server.collect(stream, request)
     if outputs is None:
         return Response(status_code=499)
@@ -367,8 +382,7 @@ async def create_chat_completion(server: OpenAIServer, body: p.ChatCompletionReq
     stream = await server.submit(request_id, [prompt], params)
     num_top = body.top_logprobs or 0
     if body.stream:
-        return StreamingResponse(_chat_events(server, body, stream, prompt, params, request_id, created, model),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return _event_stream(_chat_events(server, body, stream, prompt, params, request_id, created, model), stream)
     outputs = await server.collect(stream, request)
     if outputs is None:
         return Response(status_code=499)
