@@ -1,4 +1,4 @@
-"""The `lserve` command: `lserve generate ...` (more subcommands come with serving and benchmarks)."""
+"""The `lserve` command: `lserve generate ...`, `lserve serve ...` (lserve.server), `lserve bench serve ...`."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print text as it is produced")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(handler=_generate)
+    from lserve.bench import add_bench_parser
+    from lserve.server.launch import add_serve_parser
+
+    add_serve_parser(commands, _add_engine_args, _engine_from_args)
+    add_bench_parser(commands)
     return parser
 
 
