@@ -25,13 +25,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def penalised_logits(logits, params, prompt=(), output=(), eos=-1) -> np.ndarray:
+def penalised_logits(logits, params, prompt=(), output=(), eos=()) -> np.ndarray:
     """min_tokens masking, then repetition, frequency and presence penalties (vLLM's rules)."""
     x = logits.astype(np.float64).copy()
     vocab_size = x.size
     if len(output) < params.min_tokens:
-        if not params.ignore_eos and 0 <= eos < vocab_size:
-            x[eos] = -np.inf
+        for token_id in () if params.ignore_eos else eos:
+            if 0 <= token_id < vocab_size:
+                x[token_id] = -np.inf
         for token_id in params.stop_token_ids:
             if token_id < vocab_size:
                 x[token_id] = -np.inf
@@ -44,7 +45,7 @@ def penalised_logits(logits, params, prompt=(), output=(), eos=-1) -> np.ndarray
     return x
 
 
-def reference_probs(logits, params, prompt=(), output=(), eos=-1) -> np.ndarray:
+def reference_probs(logits, params, prompt=(), output=(), eos=()) -> np.ndarray:
     """Final sampling distribution: softmax(x / T) -> top-k -> top-p -> min-p -> renormalise."""
     x = penalised_logits(logits, params, prompt, output, eos)
     vocab_size = x.size
@@ -68,9 +69,9 @@ def reference_probs(logits, params, prompt=(), output=(), eos=-1) -> np.ndarray:
     return out / out.sum()
 
 
-def draw(logits, params, seed, prompt=(), output=(), eos=-1, num_samples=NUM_SAMPLES) -> np.ndarray:
+def draw(logits, params, seed, prompt=(), output=(), eos=(), num_samples=NUM_SAMPLES) -> np.ndarray:
     generator = _C.Generator(seed)
-    return np.array([generator.sample(logits, params, list(prompt), list(output), eos)[0]
+    return np.array([generator.sample(logits, params, list(prompt), list(output), list(eos))[0]
                      for _ in range(num_samples)])
 
 
@@ -227,42 +228,45 @@ def test_penalties_match_reference(case):
 def test_min_tokens_masks_eos_and_stop_ids():
     seed = 300
     logits = make_logits(seed, 40)
-    eos, stops = 7, [3, 25]
-    logits[[eos] + stops] = 9.0  # would dominate without the mask
+    eos, stops = [7, 30], [3, 25]  # several eos ids, as Llama 3 has
+    logits[eos + stops] = 9.0  # would dominate without the mask
     params = _C.SamplingParams(min_tokens=3, max_tokens=10, stop_token_ids=stops)
     output = [1, 2]  # fewer than min_tokens: masked
     samples = draw(logits, params, seed, output=output, eos=eos)
-    assert not np.isin(samples, [eos] + stops).any()
+    assert not np.isin(samples, eos + stops).any()
     assert_distribution(samples, reference_probs(logits, params, output=output, eos=eos), "min_tokens", seed)
     # Enough outputs: no mask, the former stop tokens dominate.
     output = [1, 2, 4]
     samples = draw(logits, params, seed, output=output, eos=eos, num_samples=2000)
-    assert np.isin(samples, [eos] + stops).mean() > 0.9
-    # Greedy respects the mask too.
+    assert np.isin(samples, eos + stops).mean() > 0.9
+    # Greedy respects the mask too, for every eos id.
     greedy = _C.SamplingParams(temperature=0, min_tokens=1, stop_token_ids=stops)
-    assert _C.sample_token(logits, greedy, eos_token_id=eos)[0] not in [eos] + stops
+    for top in eos + stops:
+        single = logits.copy()
+        single[top] = 20.0
+        assert _C.sample_token(single, greedy, eos_token_ids=eos)[0] not in eos + stops
 
 
 def test_min_tokens_with_ignore_eos_leaves_eos_alone():
     logits = np.zeros(10, np.float32)
     logits[4] = 10.0
     params = _C.SamplingParams(temperature=0, min_tokens=5, ignore_eos=True, stop_token_ids=[9])
-    assert _C.sample_token(logits, params, eos_token_id=4)[0] == 4  # eos is not a stop token here
+    assert _C.sample_token(logits, params, eos_token_ids=[4])[0] == 4  # eos is not a stop token here
     params.ignore_eos = False
-    assert _C.sample_token(logits, params, eos_token_id=4)[0] == 0
+    assert _C.sample_token(logits, params, eos_token_ids=[4])[0] == 0
 
 
 def test_stop_ids_beyond_vocab_are_ignored():
     logits = np.array([1.0, 2.0, 0.5], np.float32)
     params = _C.SamplingParams(temperature=0, min_tokens=1, stop_token_ids=[1, 50000])
-    assert _C.sample_token(logits, params, eos_token_id=70000)[0] == 0
+    assert _C.sample_token(logits, params, eos_token_ids=[70000, -1])[0] == 0
 
 
 def test_everything_masked_raises():
     logits = np.array([1.0], np.float32)
     params = _C.SamplingParams(min_tokens=1)
     with pytest.raises(ValueError, match="every token is masked"):
-        _C.sample_token(logits, params, eos_token_id=0)
+        _C.sample_token(logits, params, eos_token_ids=[0])
 
 
 # ---- reproducibility -----------------------------------------------------------------------------------
@@ -308,7 +312,7 @@ def test_logprobs_from_raw_logits(num_top):
     reference = log_softmax(logits)
     generator = _C.Generator(seed)
     for _ in range(20):
-        token_id, logprob, top = generator.sample(logits, params, prompt, output, eos)
+        token_id, logprob, top = generator.sample(logits, params, prompt, output, [eos])
         assert_close_fp32(logprob, reference[token_id], "sampled logprob", seed)
         assert len(top) == num_top
         expected_ids = np.lexsort((np.arange(logits.size), -logits))[:num_top]
@@ -420,8 +424,9 @@ def test_input_untouched_and_strided_input():
     base = make_logits(seed, 64)
     logits = base.copy()
     params = _C.SamplingParams(min_tokens=1, repetition_penalty=2.0, top_k=3)
-    _C.sample_token(logits, params, [1, 2, 3], [], 0)
+    _C.sample_token(logits, params, [1, 2, 3], [], [0])
     assert_exact(logits, base, "logits after sampling", seed)
     wide = np.repeat(base, 2)  # every token twice: wide[::2] is base with stride 2
     greedy = _C.SamplingParams(temperature=0)
     assert _C.sample_token(wide[::2], greedy)[0] == int(np.argmax(base))
+

@@ -36,13 +36,13 @@ std::vector<float> copy_logits(const py::handle& object) {
 
 SampleResult sample(const py::handle& logits_object, const SamplingParams& params,
                     const std::vector<int32_t>& prompt_token_ids, const std::vector<int32_t>& output_token_ids,
-                    int32_t eos_token_id, std::mt19937_64& engine) {
+                    const std::vector<int32_t>& eos_token_ids, std::mt19937_64& engine) {
   std::vector<float> logits = copy_logits(logits_object);
   SampledToken token;
   {
     py::gil_scoped_release release;
     token = sample_token(logits.data(), static_cast<int>(logits.size()), params, prompt_token_ids,
-                         output_token_ids, eos_token_id, engine);
+                         output_token_ids, eos_token_ids, engine);
   }
   return {token.token_id, token.logprob, std::move(token.top_logprobs)};
 }
@@ -115,26 +115,28 @@ void bind_sampling(py::module_& m) {
       .def("sample",
            [](Generator& self, const py::handle& logits, const SamplingParams& params,
               const std::vector<int32_t>& prompt_token_ids, const std::vector<int32_t>& output_token_ids,
-              int32_t eos_token_id) {
-             return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_id, self.engine);
+              const std::vector<int32_t>& eos_token_ids) {
+             return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_ids, self.engine);
            },
            py::arg("logits"), py::arg("params"), py::arg("prompt_token_ids") = std::vector<int32_t>(),
-           py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_id") = -1,
+           py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_ids") = std::vector<int32_t>(),
            "Samples one token from logits (vocab_size,) float32, continuing this generator's stream.\n"
            "Returns (token_id, logprob, top_logprobs); see sample_token.");
 
   m.def("sample_token",
         [](const py::handle& logits, const SamplingParams& params, const std::vector<int32_t>& prompt_token_ids,
-           const std::vector<int32_t>& output_token_ids, int32_t eos_token_id, uint64_t seed) {
+           const std::vector<int32_t>& output_token_ids, const std::vector<int32_t>& eos_token_ids, uint64_t seed) {
           std::mt19937_64 engine(seed);
-          return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_id, engine);
+          return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_ids, engine);
         },
         py::arg("logits"), py::arg("params"), py::arg("prompt_token_ids") = std::vector<int32_t>(),
-        py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_id") = -1, py::arg("seed") = 0,
-        "Samples one token from logits (vocab_size,) float32 with a fresh mt19937_64(seed).\n"
-        "Returns (token_id, logprob, top_logprobs): logprob and top_logprobs (best first, params.logprobs\n"
-        "entries of (token_id, logprob)) come from log_softmax of the raw logits; logprob is 0 when\n"
-        "params.logprobs is -1. The input array is not modified.\n\n"
+        py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_ids") = std::vector<int32_t>(),
+        py::arg("seed") = 0,
+        "Samples one token from logits (vocab_size,) float32 with a fresh mt19937_64(seed). While\n"
+        "len(output_token_ids) < params.min_tokens, params.stop_token_ids and (unless params.ignore_eos)\n"
+        "eos_token_ids are masked. Returns (token_id, logprob, top_logprobs): logprob and top_logprobs\n"
+        "(best first, params.logprobs entries of (token_id, logprob)) come from log_softmax of the raw\n"
+        "logits; logprob is 0 when params.logprobs is -1. The input array is not modified.\n\n"
         "Example: sample_token(np.array([0., 2., 1.], np.float32), SamplingParams(temperature=0))[0] == 1");
 }
 

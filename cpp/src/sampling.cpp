@@ -128,10 +128,15 @@ int32_t draw_in_order(size_t num_tokens, TokenAt token_at, const float* weights,
   return last_positive;
 }
 
-// min_tokens: eos and the stop ids cannot end the output early. As in vLLM, eos counts as a stop
-// token only without ignore_eos. Ids beyond the vocabulary can never be sampled; they are skipped.
-void mask_stop_tokens(float* logits, int vocab_size, const SamplingParams& params, int32_t eos_token_id) {
-  if (!params.ignore_eos && eos_token_id >= 0 && eos_token_id < vocab_size) logits[eos_token_id] = kNegInf;
+// min_tokens: eos and the stop ids cannot end the output early. As in vLLM, the eos ids count as
+// stop tokens only without ignore_eos. Ids outside the vocabulary can never be sampled; skipped.
+void mask_stop_tokens(float* logits, int vocab_size, const SamplingParams& params,
+                      const std::vector<int32_t>& eos_token_ids) {
+  if (!params.ignore_eos) {
+    for (int32_t token_id : eos_token_ids) {
+      if (token_id >= 0 && token_id < vocab_size) logits[token_id] = kNegInf;
+    }
+  }
   for (int32_t token_id : params.stop_token_ids) {
     if (token_id < vocab_size) logits[token_id] = kNegInf;
   }
@@ -256,8 +261,8 @@ void SamplingParams::validate() const {
 
 SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& params,
                           const std::vector<int32_t>& prompt_token_ids,
-                          const std::vector<int32_t>& output_token_ids, int32_t eos_token_id,
-                          std::mt19937_64& rng) {
+                          const std::vector<int32_t>& output_token_ids,
+                          const std::vector<int32_t>& eos_token_ids, std::mt19937_64& rng) {
   LSERVE_CHECK(logits != nullptr, "sample_token: logits is null");
   LSERVE_CHECK(vocab_size >= 1, "sample_token: vocab_size must be >= 1, got ", vocab_size);
   params.validate();
@@ -293,7 +298,7 @@ SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& p
   const bool modified = mask_stops || repetition || output_penalties;
   std::vector<float> raw_logits;
   if (want_logprobs && modified) raw_logits.assign(logits, logits + vocab_size);
-  if (mask_stops) mask_stop_tokens(logits, vocab_size, params, eos_token_id);
+  if (mask_stops) mask_stop_tokens(logits, vocab_size, params, eos_token_ids);
   if (repetition) {
     apply_repetition_penalty(logits, vocab_size, params.repetition_penalty, prompt_token_ids, output_token_ids);
   }
