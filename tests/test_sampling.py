@@ -430,3 +430,39 @@ def test_input_untouched_and_strided_input():
     greedy = _C.SamplingParams(temperature=0)
     assert _C.sample_token(wide[::2], greedy)[0] == int(np.argmax(base))
 
+
+# ---- lserve.SamplingParams (Python): validation and the mapping onto _C.SamplingParams -------------------
+
+PY_INVALID = INVALID[:-2] + [  # the Python class has no -1 sentinel for logprobs: None means none
+    ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.5),
+    ("stop_token_ids", [5, -1]), ("stop_token_ids", "5"), ("stop_token_ids", [True]),
+    ("temperature", "0.5"), ("top_p", None), ("top_k", 2.0), ("top_k", True), ("repetition_penalty", float("inf")),
+    ("max_tokens", 3.0), ("n", 0), ("seed", -1), ("seed", 2**63), ("stop", [""]),
+]
+
+
+@pytest.mark.parametrize("field, value", PY_INVALID, ids=[f"{f}={v!r}" for f, v in PY_INVALID])
+def test_python_params_reject_with_value_error(field, value):
+    from lserve import SamplingParams
+
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_python_params_to_core():
+    from lserve import SamplingParams
+
+    params = SamplingParams(n=2, temperature=0.7, top_p=0.8, top_k=np.int64(12), min_p=0.1,
+                            repetition_penalty=1.2, presence_penalty=-0.5, frequency_penalty=0.25,
+                            stop_token_ids=(3, 4), max_tokens=None, min_tokens=40, ignore_eos=True, logprobs=2,
+                            seed=2**63 - 1)
+    core = params.to_core(max_tokens=30, seed=params.seed + 1)
+    assert isinstance(core, _C.SamplingParams)
+    assert (core.top_k, core.max_tokens, core.stop_token_ids, core.ignore_eos, core.logprobs) == (12, 30, [3, 4],
+                                                                                                  True, 2)
+    assert core.min_tokens == 30, "min_tokens is capped at the resolved max_tokens"
+    assert core.seed == 0, "seed + index wraps modulo 2**63"
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        assert math.isclose(getattr(core, name), getattr(params, name), rel_tol=1e-6), name
+    default = SamplingParams().to_core(max_tokens=16, seed=None)
+    assert (default.seed, default.logprobs, default.top_k, default.stop_token_ids) == (-1, -1, 0, [])
