@@ -269,6 +269,24 @@ def test_everything_masked_raises():
         _C.sample_token(logits, params, eos_token_ids=[0])
 
 
+def test_validate_for_model_rejects_params_that_mask_everything():
+    params = _C.SamplingParams(min_tokens=2, stop_token_ids=[0, 1, 2, 99])
+    params.validate_for_model(4)  # token 3 is left
+    with pytest.raises(ValueError, match="mask all 4 tokens"):
+        params.validate_for_model(4, [3])
+    params.validate_for_model(5, [3])
+    params.ignore_eos = True
+    params.validate_for_model(4, [3])  # eos is not masked under ignore_eos
+    params.stop_token_ids = [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="stop_token_ids mask all 4"):
+        params.validate_for_model(4)
+    params.min_tokens = 0
+    params.validate_for_model(4, [3])  # nothing is masked without min_tokens
+    params.top_p = 2.0
+    with pytest.raises(ValueError, match="top_p"):
+        params.validate_for_model(4)
+
+
 # ---- reproducibility -----------------------------------------------------------------------------------
 
 def test_same_seed_same_sequence():

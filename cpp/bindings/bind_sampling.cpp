@@ -108,6 +108,9 @@ void bind_sampling(py::module_& m) {
       .def_readwrite("logprobs", &SamplingParams::logprobs)
       .def_readwrite("seed", &SamplingParams::seed)
       .def("validate", &SamplingParams::validate, "Raises ValueError naming the parameter and its range.")
+      .def("validate_for_model", &SamplingParams::validate_for_model, py::arg("vocab_size"),
+           py::arg("eos_token_ids") = std::vector<int32_t>(),
+           "validate(), and that min_tokens masking leaves some token of the vocabulary to sample.")
       .def("__repr__", &repr);
 
   py::class_<Generator>(m, "Generator", "A seeded std::mt19937_64 stream for repeated sampling.")

@@ -69,7 +69,7 @@ void Engine::add_request(int64_t request_id, const std::vector<int32_t>& prompt_
                          const SamplingParams& params) {
   std::lock_guard<std::mutex> lock(mutex_);
   LSERVE_CHECK(ready_, "add_request before finalize(): the model is not loaded");
-  params.validate();
+  params.validate_for_model(model_->config().vocab_size, eos_token_ids_);
   LSERVE_CHECK(!prompt_token_ids.empty(), "request ", request_id, ": the prompt is empty");
   LSERVE_CHECK(static_cast<int64_t>(prompt_token_ids.size()) < config_.max_model_len, "request ", request_id,
                ": the prompt has ", prompt_token_ids.size(), " tokens, but max_model_len is ",

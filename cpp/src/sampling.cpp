@@ -259,6 +259,22 @@ void SamplingParams::validate() const {
   }
 }
 
+void SamplingParams::validate_for_model(int vocab_size, const std::vector<int32_t>& eos_token_ids) const {
+  validate();
+  if (min_tokens == 0) return;
+  std::vector<uint8_t> masked(static_cast<size_t>(std::max(vocab_size, 0)), 0);
+  auto mask = [&](const std::vector<int32_t>& token_ids) {
+    for (int32_t token_id : token_ids) {
+      if (token_id >= 0 && token_id < vocab_size) masked[token_id] = 1;
+    }
+  };
+  mask(stop_token_ids);
+  if (!ignore_eos) mask(eos_token_ids);
+  LSERVE_CHECK(std::find(masked.begin(), masked.end(), 0) != masked.end(), "SamplingParams: with min_tokens=",
+               min_tokens, ", stop_token_ids", ignore_eos ? "" : " and the eos ids", " mask all ", vocab_size,
+               " tokens of the vocabulary, leaving nothing to sample");
+}
+
 SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& params,
                           const std::vector<int32_t>& prompt_token_ids,
                           const std::vector<int32_t>& output_token_ids,

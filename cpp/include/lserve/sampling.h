@@ -26,6 +26,9 @@ struct SamplingParams {
 
   // Throws lserve::Error naming the parameter and the allowed range.
   void validate() const;
+  // validate(), and that min_tokens masking (stop_token_ids, and eos_token_ids unless ignore_eos)
+  // leaves some token of [0, vocab_size) to sample: the engine checks this when a request arrives.
+  void validate_for_model(int vocab_size, const std::vector<int32_t>& eos_token_ids) const;
 };
 
 struct SampledToken {
