@@ -72,9 +72,19 @@ struct GenericKernels {
   }
 
   // lanes[m][j][l] += sum over k = l (mod kLanes) of x[m][k] * w[j][k], for every token m and
-  // weight row j < kDecodeRows, k < kc.
-  static void decode_block(int64_t num_tokens, const float* const* x, const float* const* w, int64_t kc,
-                           float* lanes) {
+  // weight row j < kDecodeRows, k < kc. scratch: (kDecodeRows, kDecodeKc) for converted rows.
+  template <typename T>
+  static void decode_block(int64_t num_tokens, const float* const* x, const T* const* w_in, int64_t kc,
+                           float* lanes, float* scratch) {
+    const float* w[kDecodeRows];
+    for (int j = 0; j < kDecodeRows; ++j) {
+      if constexpr (std::is_same_v<T, float>) {
+        w[j] = w_in[j];
+      } else {
+        load_row(w_in[j], scratch + j * kDecodeKc, kc);
+        w[j] = scratch + j * kDecodeKc;
+      }
+    }
     for (int64_t m = 0; m < num_tokens; ++m) {
       for (int j = 0; j < kDecodeRows; ++j) {
         float* acc = lanes + m * kDecodeLanes + j * kLanes;
@@ -98,10 +108,24 @@ struct GenericKernels {
 #ifdef LSERVE_CPU_X86
 #define LSERVE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
+// 8 consecutive weights as fp32: bf16 is a 16-bit shift, f16 goes through F16C. Converting in
+// registers keeps the bytes read from memory at the weight's own size.
+template <typename T>
+LSERVE_AVX2 inline __attribute__((always_inline)) __m256 load8_as_float(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(src);
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  }
+}
+
 // kMg tokens against kDecodeRows weight rows; kU independent accumulators per pair so that at
 // least 8 FMA chains are in flight (FMA latency 4 x 2 ports). lanes as in decode_block.
-template <int kMg, int kU>
-LSERVE_AVX2 inline __attribute__((always_inline)) void decode_rows_avx2(const float* const* x, const float* const* w,
+template <int kMg, int kU, typename T>
+LSERVE_AVX2 inline __attribute__((always_inline)) void decode_rows_avx2(const float* const* x, const T* const* w,
                                                                          int64_t kc, float* lanes) {
   __m256 acc[kMg][kDecodeRows][kU];
   for (int m = 0; m < kMg; ++m) {
@@ -116,7 +140,7 @@ LSERVE_AVX2 inline __attribute__((always_inline)) void decode_rows_avx2(const fl
       __m256 xv[kMg];
       for (int m = 0; m < kMg; ++m) xv[m] = _mm256_loadu_ps(x[m] + k + 8 * u);
       for (int j = 0; j < kDecodeRows; ++j) {
-        const __m256 wv = _mm256_loadu_ps(w[j] + k + 8 * u);
+        const __m256 wv = load8_as_float(w[j] + k + 8 * u);
         for (int m = 0; m < kMg; ++m) acc[m][j][u] = _mm256_fmadd_ps(xv[m], wv, acc[m][j][u]);
       }
     }
@@ -127,7 +151,7 @@ LSERVE_AVX2 inline __attribute__((always_inline)) void decode_rows_avx2(const fl
       for (int u = 1; u < kU; ++u) sum = _mm256_add_ps(sum, acc[m][j][u]);
       float* out = lanes + m * kDecodeLanes + j * kLanes;
       _mm256_storeu_ps(out, sum);
-      for (int64_t kk = k; kk < kc; ++kk) out[kk % kLanes] += x[m][kk] * w[j][kk];
+      for (int64_t kk = k; kk < kc; ++kk) out[kk % kLanes] += x[m][kk] * to_float(w[j][kk]);
     }
   }
 }
@@ -189,8 +213,9 @@ struct Avx2Kernels {
     store_tile(tile, c, ldc, accumulate, mr, nr);
   }
 
-  LSERVE_AVX2 static void decode_block(int64_t num_tokens, const float* const* x, const float* const* w,
-                                       int64_t kc, float* lanes) {
+  template <typename T>
+  LSERVE_AVX2 static void decode_block(int64_t num_tokens, const float* const* x, const T* const* w, int64_t kc,
+                                       float* lanes, float* /*scratch*/) {
     int64_t m = 0;
     for (; m + 2 <= num_tokens; m += 2) decode_rows_avx2<2, 1>(x + m, w, kc, lanes + m * kDecodeLanes);
     if (m < num_tokens) decode_rows_avx2<1, 2>(x + m, w, kc, lanes + m * kDecodeLanes);
@@ -226,7 +251,8 @@ void gemm_decode(const CpuContext& context, const GemmArgs& args, const T* weigh
   const int num_threads = context.pool->num_threads();
   const int64_t num_tiles = (out_features + kDecodeRows - 1) / kDecodeRows;
   constexpr bool kConvert = !std::is_same_v<T, float>;
-  AlignedBuffer<float> scratch(kConvert ? num_threads * kDecodeRows * kDecodeKc : 0);  // per-thread tile
+  // Per-thread (kDecodeRows, kDecodeKc) fp32 rows for kernels that convert through memory.
+  AlignedBuffer<float> scratch(kConvert ? num_threads * kDecodeRows * kDecodeKc : 0);
   // About 8 chunks per thread, each of at least kMinChunkMacs multiply-adds: waking a worker
   // costs tens of microseconds on a busy host.
   constexpr int64_t kMinChunkMacs = 1 << 17;
@@ -241,19 +267,11 @@ void gemm_decode(const CpuContext& context, const GemmArgs& args, const T* weigh
       alignas(64) float lanes[kDecodeMaxTokens * kDecodeLanes] = {};  // (num_tokens, kDecodeRows, kLanes)
       for (int64_t k0 = 0; k0 < in_features; k0 += kDecodeKc) {
         const int64_t kc = std::min(kDecodeKc, in_features - k0);
-        const float* w[kDecodeRows];  // fringe rows repeat the last valid row; their sums are dropped
-        for (int j = 0; j < kDecodeRows; ++j) {
-          const int64_t n = n0 + std::min(j, num_valid - 1);
-          if constexpr (kConvert) {
-            if (j < num_valid) Kernels::convert_row(weight + n * in_features + k0, weight_tile + j * kDecodeKc, kc);
-            w[j] = weight_tile + std::min(j, num_valid - 1) * kDecodeKc;
-          } else {
-            w[j] = weight + n * in_features + k0;
-          }
-        }
+        const T* w[kDecodeRows];  // fringe rows repeat the last valid row; their sums are dropped
+        for (int j = 0; j < kDecodeRows; ++j) w[j] = weight + (n0 + std::min(j, num_valid - 1)) * in_features + k0;
         const float* x[kDecodeMaxTokens];
         for (int64_t m = 0; m < num_tokens; ++m) x[m] = row_ptr<const float>(args.input, m) + k0;
-        Kernels::decode_block(num_tokens, x, w, kc, lanes);
+        Kernels::decode_block(num_tokens, x, w, kc, lanes, weight_tile);
       }
       for (int64_t m = 0; m < num_tokens; ++m) {
         float* output = row_ptr<float>(args.output, m) + n0;
