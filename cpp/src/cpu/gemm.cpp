@@ -1,5 +1,6 @@
 // CPU gemm: output (num_tokens, out_features) = input (num_tokens, in_features) @ weight^T + bias,
-// fp32 accumulation whatever the weight dtype (bf16/f16 converted to fp32 per tile). Two paths:
+// fp32 accumulation whatever the weight dtype (bf16/f16 converted to fp32 per tile, or in registers
+// on the AVX2 decode path). Two paths:
 //  * decode (num_tokens <= 8): memory bound, so the weight is streamed exactly once, in tiles of
 //    kDecodeRows output features x kDecodeKc inputs; tiles are spread over the pool.
 //  * blocked (BLIS layout): the input is packed once into kMr-row panels, each task packs a
@@ -7,7 +8,8 @@
 // Every kernel has an AVX2+FMA build chosen at run time and a portable one. Reference:
 // torch.nn.functional.linear. Floor: 2 * num_tokens * in_features * out_features FLOPs and
 // out_features * in_features * dtype_size bytes of weight; on one AVX2 core at 2 GHz, 2 FMA
-// ports x 8 lanes x 2 = 64 GFLOP/s.
+// ports x 8 lanes x 2 = 64 GFLOP/s. Measured 2026-11-22, 16-core Xeon (device host), 1 thread:
+// blocked 512x2048x2048 ~50 GFLOP/s; decode 1x4096x4096 ~23 GB/s of weight (f32 and bf16).
 #include <algorithm>
 #include <cstring>
 #include <type_traits>

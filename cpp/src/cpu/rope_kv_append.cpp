@@ -4,6 +4,7 @@
 // Positions and slots are checked on the host before anything is written.
 // Reference: transformers' apply_rotary_pos_emb.
 #include <algorithm>
+#include <type_traits>
 
 #include "convert.h"
 #include "cpu_backend.h"
