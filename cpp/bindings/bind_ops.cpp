@@ -113,21 +113,23 @@ void bind_ops(py::module_& m) {
           "copy",
           [](PyCpuBackend& self, py::handle dst, py::handle src) {
             DlpackTensor dst_t(dst, "dst"), src_t(src, "src");
-            run_without_gil([&] { self.backend->copy(dst_t.view(), src_t.view()); });
+            const TensorView dst_view = dst_t.writable_view("dst");
+            run_without_gil([&] { self.backend->copy(dst_view, src_t.view()); });
           },
           py::arg("dst"), py::arg("src"), "dst[...] = src, converting between float32/bfloat16/float16.")
       .def(
           "fill_zero",
           [](PyCpuBackend& self, py::handle dst) {
             DlpackTensor dst_t(dst, "dst");
-            run_without_gil([&] { self.backend->fill_zero(dst_t.view()); });
+            const TensorView dst_view = dst_t.writable_view("dst");
+            run_without_gil([&] { self.backend->fill_zero(dst_view); });
           },
           py::arg("dst"))
       .def(
           "embed",
           [](PyCpuBackend& self, py::handle token_ids, py::handle weight, py::handle output) {
             DlpackTensor ids_t(token_ids, "token_ids"), weight_t(weight, "weight"), output_t(output, "output");
-            const EmbedArgs args{ids_t.view(), weight_t.view(), output_t.view()};
+            const EmbedArgs args{ids_t.view(), weight_t.view(), output_t.writable_view("output")};
             run_without_gil([&] { self.backend->embed(args); });
           },
           py::arg("token_ids"), py::arg("weight"), py::arg("output"),
@@ -138,8 +140,10 @@ void bind_ops(py::module_& m) {
              float eps) {
             std::vector<DlpackTensor> keep;
             DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
-            const RmsNormArgs args{input_t.view(), optional_view(residual, keep, "residual"), weight_t.view(),
-                                   output_t.view(), eps};
+            const TensorView residual_view = optional_view(residual, keep, "residual");
+            if (residual_view.defined()) keep.back().writable_view("residual");  // updated in place
+            const RmsNormArgs args{input_t.view(), residual_view, weight_t.view(), output_t.writable_view("output"),
+                                   eps};
             run_without_gil([&] { self.backend->rms_norm(args); });
           },
           py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("output"), py::arg("eps") = 1e-6f,
@@ -149,7 +153,8 @@ void bind_ops(py::module_& m) {
           [](PyCpuBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output) {
             std::vector<DlpackTensor> keep;
             DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
-            const GemmArgs args{input_t.view(), weight_t.view(), optional_view(bias, keep, "bias"), output_t.view()};
+            const GemmArgs args{input_t.view(), weight_t.view(), optional_view(bias, keep, "bias"),
+                                output_t.writable_view("output")};
             run_without_gil([&] { self.backend->gemm(args); });
           },
           py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"),
@@ -158,7 +163,7 @@ void bind_ops(py::module_& m) {
           "silu_mul",
           [](PyCpuBackend& self, py::handle input, py::handle output) {
             DlpackTensor input_t(input, "input"), output_t(output, "output");
-            const SiluMulArgs args{input_t.view(), output_t.view()};
+            const SiluMulArgs args{input_t.view(), output_t.writable_view("output")};
             run_without_gil([&] { self.backend->silu_mul(args); });
           },
           py::arg("input"), py::arg("output"), "output = silu(input[:, :d]) * input[:, d:]")
@@ -170,9 +175,10 @@ void bind_ops(py::module_& m) {
             DlpackTensor positions_t(positions, "positions"), cache_t(cos_sin_cache, "cos_sin_cache");
             DlpackTensor k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
             DlpackTensor slots_t(slot_mapping, "slot_mapping");
-            const RopeKvAppendArgs args{query_t.view(),   key_t.view(),     value_t.view(),
-                                        positions_t.view(), cache_t.view(), k_cache_t.view(),
-                                        v_cache_t.view(), slots_t.view()};
+            const RopeKvAppendArgs args{query_t.writable_view("query"),     key_t.writable_view("key"),
+                                        value_t.view(),                     positions_t.view(),
+                                        cache_t.view(),                     k_cache_t.writable_view("k_cache"),
+                                        v_cache_t.writable_view("v_cache"), slots_t.view()};
             run_without_gil([&] { self.backend->rope_kv_append(args); });
           },
           py::arg("query"), py::arg("key"), py::arg("value"), py::arg("positions"), py::arg("cos_sin_cache"),
@@ -189,7 +195,7 @@ void bind_ops(py::module_& m) {
             DlpackTensor output_t(output, "output");
             const AttentionArgs args{query_t.view(),       k_cache_t.view(),     v_cache_t.view(),
                                      qo_indptr_t.view(),   page_indptr_t.view(), page_indices_t.view(),
-                                     kv_lens_t.view(),     output_t.view(),      sm_scale};
+                                     kv_lens_t.view(),     output_t.writable_view("output"), sm_scale};
             run_without_gil([&] { self.backend->attention(args); });
           },
           py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
@@ -199,7 +205,7 @@ void bind_ops(py::module_& m) {
           "gather_rows",
           [](PyCpuBackend& self, py::handle input, py::handle indices, py::handle output) {
             DlpackTensor input_t(input, "input"), indices_t(indices, "indices"), output_t(output, "output");
-            const GatherRowsArgs args{input_t.view(), indices_t.view(), output_t.view()};
+            const GatherRowsArgs args{input_t.view(), indices_t.view(), output_t.writable_view("output")};
             run_without_gil([&] { self.backend->gather_rows(args); });
           },
           py::arg("input"), py::arg("indices"), py::arg("output"), "output = input[indices]");

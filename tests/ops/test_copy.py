@@ -64,3 +64,16 @@ def test_copy_rejects_bad_arguments(backend):
         backend.copy(np.zeros(3, np.float32), np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="contiguous"):
         backend.fill_zero(np.zeros((4, 4), np.float32)[:, :2])
+
+
+def test_ops_refuse_read_only_outputs(backend):
+    """numpy exports read-only arrays through versioned DLPack; an op must not write into them."""
+    read_only = np.zeros((3, 5), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        backend.copy(read_only, np.ones((3, 5), np.float32))
+    with pytest.raises(ValueError, match="read-only"):
+        backend.fill_zero(read_only)
+    with pytest.raises(ValueError, match="read-only"):
+        backend.gemm(np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), None, read_only)
+    assert_exact(read_only, np.zeros((3, 5), np.float32), "read-only output untouched")
