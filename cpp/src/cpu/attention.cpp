@@ -14,6 +14,11 @@
 #include "convert.h"
 #include "cpu_backend.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LSERVE_CPU_X86 1
+#endif
+
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector values inside always-inline helpers
 
 namespace lserve::cpu {
@@ -33,7 +38,7 @@ LSERVE_CPU_INLINE Vec8 load8(const float* pointer) {
   __builtin_memcpy(&value, pointer, sizeof(value));
   return value;
 }
-LSERVE_CPU_INLINE void store8(float* pointer, Vec8 value) { __builtin_memcpy(pointer, &value, sizeof(value)); }
+LSERVE_CPU_INLINE void store8(float* pointer, const Vec8& value) { __builtin_memcpy(pointer, &value, sizeof(value)); }
 
 struct WorkItem {
   int32_t seq_idx;
@@ -75,63 +80,136 @@ struct Scratch {
   }
 };
 
-// s[r][c] = q[r] . k_t[:, c] for r < num_rows, all kKvTile columns.
-LSERVE_CPU_INLINE void tile_scores(const float* q, const float* k_t, float* s, int64_t num_rows, int64_t head_dim) {
-  int64_t r = 0;
-  for (; r + 2 <= num_rows; r += 2) {
-    const float* q0 = q + r * head_dim;
-    const float* q1 = q0 + head_dim;
-    Vec8 acc0[kVecsPerTile] = {}, acc1[kVecsPerTile] = {};
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const float* k_row = k_t + d * kKvTile;
+// The two products of a tile. Portable: GCC vector extensions, a * b + c rounded twice (the
+// build sets -ffp-contract=off, so the compiler never fuses behind our back). AVX2: the same loops
+// with explicit FMA intrinsics; per tile they do 2 x rows x kKvTile x head_dim flops, so the call
+// is not worth inlining.
+struct PortableTile {
+  // s[r][c] = q[r] . k_t[:, c] for r < num_rows, all kKvTile columns.
+  static void scores(const float* q, const float* k_t, float* s, int64_t num_rows, int64_t head_dim) {
+    int64_t r = 0;
+    for (; r + 2 <= num_rows; r += 2) {  // two rows share each K^T load
+      const float* q0 = q + r * head_dim;
+      const float* q1 = q0 + head_dim;
+      Vec8 acc0[kVecsPerTile] = {}, acc1[kVecsPerTile] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float* k_row = k_t + d * kKvTile;
+        for (int v = 0; v < kVecsPerTile; ++v) {
+          const Vec8 k_vec = load8(k_row + 8 * v);
+          acc0[v] += q0[d] * k_vec;
+          acc1[v] += q1[d] * k_vec;
+        }
+      }
       for (int v = 0; v < kVecsPerTile; ++v) {
-        const Vec8 k_vec = load8(k_row + 8 * v);
-        acc0[v] += q0[d] * k_vec;
-        acc1[v] += q1[d] * k_vec;
+        store8(s + r * kKvTile + 8 * v, acc0[v]);
+        store8(s + (r + 1) * kKvTile + 8 * v, acc1[v]);
       }
     }
-    for (int v = 0; v < kVecsPerTile; ++v) {
-      store8(s + r * kKvTile + 8 * v, acc0[v]);
-      store8(s + (r + 1) * kKvTile + 8 * v, acc1[v]);
-    }
-  }
-  for (; r < num_rows; ++r) {
-    const float* q0 = q + r * head_dim;
-    Vec8 acc0[kVecsPerTile] = {};
-    for (int64_t d = 0; d < head_dim; ++d) {
-      for (int v = 0; v < kVecsPerTile; ++v) acc0[v] += q0[d] * load8(k_t + d * kKvTile + 8 * v);
-    }
-    for (int v = 0; v < kVecsPerTile; ++v) store8(s + r * kKvTile + 8 * v, acc0[v]);
-  }
-}
-
-// o[r] = o[r] * scale[r] + sum_c p[r][c] * v[c] over num_keys keys; head_dim in chunks of 64
-// floats so that the running row stays in 8 registers.
-LSERVE_CPU_INLINE void tile_accumulate(const float* p, const float* v, float* o, const float* scale,
-                                       int64_t num_rows, int64_t num_keys, int64_t head_dim) {
-  constexpr int64_t kChunk = 64;
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const float* p_row = p + r * kKvTile;
-    float* o_row = o + r * head_dim;
-    int64_t d0 = 0;
-    for (; d0 + kChunk <= head_dim; d0 += kChunk) {
-      Vec8 acc[kChunk / 8];
-      for (int i = 0; i < kChunk / 8; ++i) acc[i] = load8(o_row + d0 + 8 * i) * scale[r];
-      for (int64_t c = 0; c < num_keys; ++c) {
-        const float* v_row = v + c * head_dim + d0;
-        for (int i = 0; i < kChunk / 8; ++i) acc[i] += p_row[c] * load8(v_row + 8 * i);
+    for (; r < num_rows; ++r) {
+      const float* q0 = q + r * head_dim;
+      Vec8 acc0[kVecsPerTile] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        for (int v = 0; v < kVecsPerTile; ++v) acc0[v] += q0[d] * load8(k_t + d * kKvTile + 8 * v);
       }
-      for (int i = 0; i < kChunk / 8; ++i) store8(o_row + d0 + 8 * i, acc[i]);
-    }
-    for (int64_t d = d0; d < head_dim; ++d) {
-      float acc = o_row[d] * scale[r];
-      for (int64_t c = 0; c < num_keys; ++c) acc += p_row[c] * v[c * head_dim + d];
-      o_row[d] = acc;
+      for (int v = 0; v < kVecsPerTile; ++v) store8(s + r * kKvTile + 8 * v, acc0[v]);
     }
   }
-}
 
-template <typename CacheT>
+  // o[r] = o[r] * scale[r] + sum_c p[r][c] * v[c] over num_keys keys; head_dim in chunks of 64
+  // floats so that the running row stays in 8 registers.
+  static void accumulate(const float* p, const float* v, float* o, const float* scale, int64_t num_rows,
+                         int64_t num_keys, int64_t head_dim) {
+    constexpr int64_t kChunk = 64;
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const float* p_row = p + r * kKvTile;
+      float* o_row = o + r * head_dim;
+      int64_t d0 = 0;
+      for (; d0 + kChunk <= head_dim; d0 += kChunk) {
+        Vec8 acc[kChunk / 8];
+        for (int i = 0; i < kChunk / 8; ++i) acc[i] = load8(o_row + d0 + 8 * i) * scale[r];
+        for (int64_t c = 0; c < num_keys; ++c) {
+          const float* v_row = v + c * head_dim + d0;
+          for (int i = 0; i < kChunk / 8; ++i) acc[i] += p_row[c] * load8(v_row + 8 * i);
+        }
+        for (int i = 0; i < kChunk / 8; ++i) store8(o_row + d0 + 8 * i, acc[i]);
+      }
+      for (int64_t d = d0; d < head_dim; ++d) {
+        float acc = o_row[d] * scale[r];
+        for (int64_t c = 0; c < num_keys; ++c) acc += p_row[c] * v[c * head_dim + d];
+        o_row[d] = acc;
+      }
+    }
+  }
+};
+
+#ifdef LSERVE_CPU_X86
+#define LSERVE_AVX2 __attribute__((target("avx2,fma")))
+
+struct Avx2Tile {
+  LSERVE_AVX2 static void scores(const float* q, const float* k_t, float* s, int64_t num_rows, int64_t head_dim) {
+    int64_t r = 0;
+    for (; r + 2 <= num_rows; r += 2) {  // 8 accumulators: two rows x kVecsPerTile
+      const float* q0 = q + r * head_dim;
+      const float* q1 = q0 + head_dim;
+      __m256 acc0[kVecsPerTile], acc1[kVecsPerTile];
+      for (int v = 0; v < kVecsPerTile; ++v) acc0[v] = acc1[v] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float* k_row = k_t + d * kKvTile;
+        const __m256 x0 = _mm256_broadcast_ss(q0 + d), x1 = _mm256_broadcast_ss(q1 + d);
+        for (int v = 0; v < kVecsPerTile; ++v) {
+          const __m256 k_vec = _mm256_loadu_ps(k_row + 8 * v);
+          acc0[v] = _mm256_fmadd_ps(x0, k_vec, acc0[v]);
+          acc1[v] = _mm256_fmadd_ps(x1, k_vec, acc1[v]);
+        }
+      }
+      for (int v = 0; v < kVecsPerTile; ++v) {
+        _mm256_storeu_ps(s + r * kKvTile + 8 * v, acc0[v]);
+        _mm256_storeu_ps(s + (r + 1) * kKvTile + 8 * v, acc1[v]);
+      }
+    }
+    for (; r < num_rows; ++r) {
+      const float* q0 = q + r * head_dim;
+      __m256 acc0[kVecsPerTile];
+      for (int v = 0; v < kVecsPerTile; ++v) acc0[v] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const __m256 x0 = _mm256_broadcast_ss(q0 + d);
+        for (int v = 0; v < kVecsPerTile; ++v) {
+          acc0[v] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(k_t + d * kKvTile + 8 * v), acc0[v]);
+        }
+      }
+      for (int v = 0; v < kVecsPerTile; ++v) _mm256_storeu_ps(s + r * kKvTile + 8 * v, acc0[v]);
+    }
+  }
+
+  LSERVE_AVX2 static void accumulate(const float* p, const float* v, float* o, const float* scale, int64_t num_rows,
+                                     int64_t num_keys, int64_t head_dim) {
+    constexpr int64_t kChunk = 64;
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const float* p_row = p + r * kKvTile;
+      float* o_row = o + r * head_dim;
+      const __m256 row_scale = _mm256_set1_ps(scale[r]);
+      int64_t d0 = 0;
+      for (; d0 + kChunk <= head_dim; d0 += kChunk) {
+        __m256 acc[kChunk / 8];
+        for (int i = 0; i < kChunk / 8; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o_row + d0 + 8 * i), row_scale);
+        for (int64_t c = 0; c < num_keys; ++c) {
+          const float* v_row = v + c * head_dim + d0;
+          const __m256 p_c = _mm256_broadcast_ss(p_row + c);
+          for (int i = 0; i < kChunk / 8; ++i) acc[i] = _mm256_fmadd_ps(p_c, _mm256_loadu_ps(v_row + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < kChunk / 8; ++i) _mm256_storeu_ps(o_row + d0 + 8 * i, acc[i]);
+      }
+      for (int64_t d = d0; d < head_dim; ++d) {
+        float acc = o_row[d] * scale[r];
+        for (int64_t c = 0; c < num_keys; ++c) acc += p_row[c] * v[c * head_dim + d];
+        o_row[d] = acc;
+      }
+    }
+  }
+};
+#endif  // LSERVE_CPU_X86
+
+template <typename Tile, typename CacheT>
 LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& item, const Scratch& scratch) {
   const int64_t head_dim = problem.head_dim, group_size = problem.group_size;
   const int64_t q_len = problem.qo_indptr[item.seq_idx + 1] - problem.qo_indptr[item.seq_idx];
@@ -171,7 +249,7 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
       for (int64_t d = 0; d < head_dim; ++d) scratch.k_t[d * kKvTile + c] = to_float(k_src[d]);
       load_row(v_src, scratch.v + c * head_dim, head_dim);
     }
-    tile_scores(scratch.q, scratch.k_t, scratch.s, num_rows, head_dim);
+    Tile::scores(scratch.q, scratch.k_t, scratch.s, num_rows, head_dim);
     for (int64_t r = 0; r < num_rows; ++r) {
       float* s_row = scratch.s + r * kKvTile;
       const int64_t num_visible = std::clamp<int64_t>(scratch.pos[r] - key0 + 1, 0, num_keys);
@@ -193,7 +271,7 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
       scratch.row_sum[r] = scratch.row_sum[r] * rescale[r] + tile_sum;
       scratch.row_max[r] = new_max;
     }
-    tile_accumulate(scratch.s, scratch.v, scratch.o, rescale, num_rows, num_keys, head_dim);
+    Tile::accumulate(scratch.s, scratch.v, scratch.o, rescale, num_rows, num_keys, head_dim);
   }
 
   for (int64_t i = item.q_begin; i < item.q_end; ++i) {
@@ -209,14 +287,15 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
 
 template <typename CacheT>
 void run_items_generic(const Problem<CacheT>& problem, const WorkItem* items, int64_t count, const Scratch& scratch) {
-  for (int64_t i = 0; i < count; ++i) run_item(problem, items[i], scratch);
+  for (int64_t i = 0; i < count; ++i) run_item<PortableTile>(problem, items[i], scratch);
 }
 
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef LSERVE_CPU_X86
+// The rest of an item (K/V gathers and conversion, softmax bookkeeping) auto-vectorises for AVX2.
 template <typename CacheT>
-__attribute__((target("avx2,fma"))) void run_items_avx2(const Problem<CacheT>& problem, const WorkItem* items,
-                                                         int64_t count, const Scratch& scratch) {
-  for (int64_t i = 0; i < count; ++i) run_item(problem, items[i], scratch);
+LSERVE_AVX2 void run_items_avx2(const Problem<CacheT>& problem, const WorkItem* items, int64_t count,
+                                const Scratch& scratch) {
+  for (int64_t i = 0; i < count; ++i) run_item<Avx2Tile>(problem, items[i], scratch);
 }
 #endif
 
@@ -306,7 +385,7 @@ void attention(const CpuContext& context, const AttentionArgs& args) {
       scratch.row_sum = scratch.row_max + max_rows;
       scratch.rescale = scratch.row_sum + max_rows;
       scratch.pos = scratch_pos.data() + thread_idx * max_rows;
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef LSERVE_CPU_X86
       if (context.has_avx2_fma) {
         run_items_avx2(problem, items.data() + begin, end - begin, scratch);
         return;
