@@ -116,6 +116,39 @@ def test_rope_kv_append_contiguous_inputs(backend):
     assert_close_fp32(k_cache.reshape(8, 2, 64)[7], key[0], "position 0 key", seed)
 
 
+@pytest.mark.parametrize("seq_len", [16, 17, 31, 32, 33])  # seq_len % page_size in {0, 1, page_size - 1}
+def test_rope_kv_append_chunked_sequence_across_pages(backend, seq_len):
+    """One sequence appended as the engine does it: a prefill chunk of 7 tokens, then chunks of 1, each
+    token at slot page[pos // page_size] * page_size + pos % page_size on scattered pages. Reading
+    the pages back in order gives every rotated key and value at its position, with nothing else touched."""
+    seed = 4000 + seq_len
+    page_size, num_qo_heads, num_kv_heads, head_dim = 16, 4, 2, 64
+    rng = np.random.default_rng(seed)
+    num_pages = 6
+    pages = rng.permutation(num_pages)[:(seq_len + page_size - 1) // page_size]
+    table = cos_sin_table(64, head_dim).astype(np.float32)
+    k_cache = np.full((num_pages, page_size, num_kv_heads, head_dim), POISON, np.float32)
+    v_cache = np.full_like(k_cache, POISON)
+    keys = rng.standard_normal((seq_len, num_kv_heads, head_dim)).astype(np.float32)
+    values = rng.standard_normal((seq_len, num_kv_heads, head_dim)).astype(np.float32)
+    starts = [0] + list(range(min(7, seq_len), seq_len))
+    for start, end in zip(starts, starts[1:] + [seq_len]):
+        positions = np.arange(start, end, dtype=np.int32)
+        slots = (pages[positions // page_size] * page_size + positions % page_size).astype(np.int64)
+        query = np.zeros((end - start, num_qo_heads, head_dim), np.float32)
+        backend.rope_kv_append(query, keys[start:end].copy(), values[start:end], positions, table, k_cache, v_cache,
+                               slots)
+    expected_k = reference_rope(keys, np.arange(seq_len), table.astype(np.float64))
+    gathered_k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)
+    gathered_v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)
+    assert_close_fp32(gathered_k[:seq_len], expected_k, f"keys by position, seq_len={seq_len}", seed)
+    assert_exact(gathered_v[:seq_len], values, f"values by position, seq_len={seq_len}", seed)
+    assert_exact(gathered_k[seq_len:], np.full_like(gathered_k[seq_len:], POISON), "tail of the last page", seed)
+    unused = np.setdiff1d(np.arange(num_pages), pages)
+    assert_exact(k_cache[unused], np.full_like(k_cache[unused], POISON), "pages of no sequence", seed)
+    assert_exact(v_cache[unused], np.full_like(v_cache[unused], POISON), "pages of no sequence (v)", seed)
+
+
 def test_rope_kv_append_rejects_bad_indices_before_writing(backend):
     rng = np.random.default_rng(3)
     table = cos_sin_table(16, 64).astype(np.float32)
