@@ -1,5 +1,7 @@
-// CPU reference of paged causal GQA attention: for each (sequence, query row, query head) a
-// softmax over the keys at positions <= the row's position, fp32 throughout.
+// CPU reference of paged causal GQA attention with the block-iterator policy of
+// lserve/ops/attention.h: for each (sequence, KV head) the pages to visit (all, the Lambda
+// window, or a listed subset), then an online softmax over the visible keys, fp32 throughout.
+// Pages outside the policy are never read.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -8,6 +10,18 @@
 #include "cpu/cpu_backend.h"
 
 namespace lserve {
+
+namespace {
+
+inline void load_row(const TensorView& cache, int64_t offset, int64_t count, float* dst) {
+  if (cache.dtype == DType::kF32) {
+    std::copy_n(cache.data_ptr<float>() + offset, count, dst);
+  } else {
+    cpu_to_float(cache.data_ptr<bf16_t>() + offset, DType::kBF16, dst, count);
+  }
+}
+
+}  // namespace
 
 void cpu_attention(const AttentionArgs& args) {
   const int64_t num_qo_heads = args.query.size(1), head_dim = args.query.size(2);
@@ -23,8 +37,10 @@ void cpu_attention(const AttentionArgs& args) {
                args.query.size(0));
   LSERVE_CHECK(page_indptr[0] == 0 && page_indptr[num_seqs] <= num_indices, "attention: kv_page_indptr must run from 0 "
                "to at most ", num_indices);
+  const int64_t max_listed = args.has_head_pages() ? args.head_page_positions.size(2) : 0;
 
-  std::vector<float> keys, values, scores;
+  std::vector<int32_t> visit;
+  std::vector<float> key(static_cast<size_t>(head_dim)), acc(static_cast<size_t>(head_dim));
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = qo_indptr[s + 1] - qo_indptr[s], kv_len = kv_lens[s];
     const int64_t num_pages = page_indptr[s + 1] - page_indptr[s];
@@ -32,52 +48,60 @@ void cpu_attention(const AttentionArgs& args) {
     LSERVE_CHECK(q_len <= kv_len && kv_len <= num_pages * page_size, "attention: sequence ", s, " has ", q_len,
                  " queries, kv_len ", kv_len, " and ", num_pages, " pages of ", page_size,
                  " (need q_len <= kv_len <= pages * page_size)");
-    // Gather this sequence's keys and values into float32 (num_kv_heads, kv_len, head_dim).
-    keys.assign(static_cast<size_t>(num_kv_heads * kv_len * head_dim), 0.0f);
-    values.assign(keys.size(), 0.0f);
-    for (int64_t position = 0; position < kv_len; ++position) {
-      const int64_t page = page_indices[page_indptr[s] + position / page_size];
-      LSERVE_CHECK(page >= 0 && page < num_pages_total, "attention: page index ", page, " of sequence ", s,
-                   " outside [0, ", num_pages_total, ")");
-      const int64_t slot = page * page_size + position % page_size;
-      for (int64_t h = 0; h < num_kv_heads; ++h) {
-        const int64_t src = (slot * num_kv_heads + h) * head_dim;
-        float* key_dst = &keys[static_cast<size_t>((h * kv_len + position) * head_dim)];
-        float* value_dst = &values[static_cast<size_t>((h * kv_len + position) * head_dim)];
-        if (args.k_cache.dtype == DType::kF32) {
-          std::copy_n(args.k_cache.data_ptr<float>() + src, head_dim, key_dst);
-          std::copy_n(args.v_cache.data_ptr<float>() + src, head_dim, value_dst);
-        } else {
-          cpu_to_float(args.k_cache.data_ptr<bf16_t>() + src, DType::kBF16, key_dst, head_dim);
-          cpu_to_float(args.v_cache.data_ptr<bf16_t>() + src, DType::kBF16, value_dst, head_dim);
+    const int64_t sink = args.has_window() ? args.window_sink.data_ptr<int32_t>()[s] : 0;
+    const int64_t local = args.has_window() ? args.window_local.data_ptr<int32_t>()[s] : 0;
+    for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
+      // The pages this (sequence, KV head) may read.
+      visit.clear();
+      const int64_t listed = args.has_head_pages() ? args.head_num_pages.data_ptr<int32_t>()[s * num_kv_heads + kh] : -1;
+      if (listed >= 0) {
+        LSERVE_CHECK(listed <= max_listed, "attention: head_num_pages[", s, ", ", kh, "] = ", listed,
+                     " exceeds head_page_positions' ", max_listed, " entries");
+        const int32_t* positions = args.head_page_positions.data_ptr<int32_t>() + (s * num_kv_heads + kh) * max_listed;
+        for (int64_t k = 0; k < listed; ++k) {
+          LSERVE_CHECK(positions[k] >= 0 && positions[k] < num_pages && (k == 0 || positions[k] > positions[k - 1]),
+                       "attention: head_page_positions of sequence ", s, " head ", kh,
+                       " must ascend within [0, ", num_pages, ")");
+          visit.push_back(positions[k]);
         }
+      } else {
+        for (int64_t p = 0; p * page_size < kv_len; ++p) visit.push_back(static_cast<int32_t>(p));
       }
-    }
-    scores.resize(static_cast<size_t>(kv_len));
-    for (int64_t i = 0; i < q_len; ++i) {
-      const int64_t row = qo_indptr[s] + i, position = kv_len - q_len + i;
-      for (int64_t qh = 0; qh < num_qo_heads; ++qh) {
-        const int64_t kh = qh / group;
-        const float* q = args.query.data_ptr<float>() + row * args.query.stride(0) + qh * args.query.stride(1);
-        float max_score = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j <= position; ++j) {
-          const float* k = &keys[static_cast<size_t>((kh * kv_len + j) * head_dim)];
-          float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * k[d];
-          scores[j] = dot * args.sm_scale;
-          max_score = std::max(max_score, scores[j]);
-        }
-        float denom = 0.0f;
-        for (int64_t j = 0; j <= position; ++j) {
-          scores[j] = std::exp(scores[j] - max_score);
-          denom += scores[j];
-        }
-        float* out = args.output.data_ptr<float>() + row * args.output.stride(0) + qh * args.output.stride(1);
-        std::fill_n(out, head_dim, 0.0f);
-        for (int64_t j = 0; j <= position; ++j) {
-          const float weight = scores[j] / denom;
-          const float* v = &values[static_cast<size_t>((kh * kv_len + j) * head_dim)];
-          for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * v[d];
+      for (int64_t i = 0; i < q_len; ++i) {
+        const int64_t row = qo_indptr[s] + i, position = kv_len - q_len + i;
+        for (int64_t qh = kh * group; qh < (kh + 1) * group; ++qh) {
+          const float* q = args.query.data_ptr<float>() + row * args.query.stride(0) + qh * args.query.stride(1);
+          float running_max = -std::numeric_limits<float>::infinity(), denom = 0.0f;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int32_t page_pos : visit) {
+            const int64_t first = page_pos * page_size, last = std::min(first + page_size, position + 1);  // [first, last)
+            if (first >= last) continue;                                    // causal: the page is in the future
+            if (local > 0 && first >= sink && last - 1 <= position - local) continue;  // outside the Lambda
+            const int64_t page = page_indices[page_indptr[s] + page_pos];
+            LSERVE_CHECK(page >= 0 && page < num_pages_total, "attention: page index ", page, " of sequence ", s,
+                         " outside [0, ", num_pages_total, ")");
+            for (int64_t j = first; j < last; ++j) {
+              if (local > 0 && j >= sink && j <= position - local) continue;
+              const int64_t offset = ((page * page_size + j - first) * num_kv_heads + kh) * head_dim;
+              load_row(args.k_cache, offset, head_dim, key.data());
+              float dot = 0.0f;
+              for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * key[d];
+              const float score = dot * args.sm_scale;
+              if (score > running_max) {
+                const float rescale = std::exp(running_max - score);
+                denom *= rescale;
+                for (int64_t d = 0; d < head_dim; ++d) acc[d] *= rescale;
+                running_max = score;
+              }
+              const float weight = std::exp(score - running_max);
+              denom += weight;
+              load_row(args.v_cache, offset, head_dim, key.data());
+              for (int64_t d = 0; d < head_dim; ++d) acc[d] += weight * key[d];
+            }
+          }
+          float* out = args.output.data_ptr<float>() + row * args.output.stride(0) + qh * args.output.stride(1);
+          const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
+          for (int64_t d = 0; d < head_dim; ++d) out[d] = acc[d] * inv;
         }
       }
     }

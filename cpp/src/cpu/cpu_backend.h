@@ -35,6 +35,8 @@ class CpuBackend : public Backend {
   void rope_kv_append_impl(const RopeKvAppendArgs& args) override { cpu_rope_kv_append(args); }
   void attention_impl(const AttentionArgs& args) override { cpu_attention(args); }
   void gather_rows_impl(const GatherRowsArgs& args) override { cpu_gather_rows(args); }
+  void page_select_impl(const PageSelectArgs& args) override { cpu_page_select(args); }
+  void page_stats_append_impl(const PageStatsAppendArgs& args) override { cpu_page_stats_append(args); }
 
  private:
   int num_threads_;
