@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -188,19 +189,41 @@ void bind_ops(py::module_& m) {
           "attention",
           [](PyCpuBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
              py::handle kv_page_indptr, py::handle kv_page_indices, py::handle kv_lens, py::handle output,
-             float sm_scale) {
+             float sm_scale, py::object window_sink, py::object window_local, py::object head_page_positions,
+             py::object head_num_pages) {
             DlpackTensor query_t(query, "query"), k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
             DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), page_indptr_t(kv_page_indptr, "kv_page_indptr");
             DlpackTensor page_indices_t(kv_page_indices, "kv_page_indices"), kv_lens_t(kv_lens, "kv_lens");
             DlpackTensor output_t(output, "output");
-            const AttentionArgs args{query_t.view(),       k_cache_t.view(),     v_cache_t.view(),
-                                     qo_indptr_t.view(),   page_indptr_t.view(), page_indices_t.view(),
-                                     kv_lens_t.view(),     output_t.writable_view("output"), sm_scale};
+            AttentionArgs args;
+            args.query = query_t.view();
+            args.k_cache = k_cache_t.view();
+            args.v_cache = v_cache_t.view();
+            args.qo_indptr = qo_indptr_t.view();
+            args.kv_page_indptr = page_indptr_t.view();
+            args.kv_page_indices = page_indices_t.view();
+            args.kv_lens = kv_lens_t.view();
+            args.output = output_t.writable_view("output");
+            args.sm_scale = sm_scale;
+            // Optional block-iterator policy (streaming heads' Lambda mask, per-head page lists).
+            std::optional<DlpackTensor> sink_t, local_t, positions_t, counts_t;
+            if (!window_sink.is_none()) args.window_sink = sink_t.emplace(window_sink, "window_sink").view();
+            if (!window_local.is_none()) args.window_local = local_t.emplace(window_local, "window_local").view();
+            if (!head_page_positions.is_none()) {
+              args.head_page_positions = positions_t.emplace(head_page_positions, "head_page_positions").view();
+            }
+            if (!head_num_pages.is_none()) {
+              args.head_num_pages = counts_t.emplace(head_num_pages, "head_num_pages").view();
+            }
             run_without_gil([&] { self.backend->attention(args); });
           },
           py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
           py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"),
-          "Causal GQA of each sequence's query chunk over its KV pages (see ops/attention.h).")
+          py::arg("window_sink") = py::none(), py::arg("window_local") = py::none(),
+          py::arg("head_page_positions") = py::none(), py::arg("head_num_pages") = py::none(),
+          "Causal GQA of each sequence's query chunk over its KV pages, with the optional block-iterator "
+          "policy: window_sink/window_local (Lambda mask) and head_page_positions/head_num_pages (see "
+          "ops/attention.h).")
       .def(
           "gather_rows",
           [](PyCpuBackend& self, py::handle input, py::handle indices, py::handle output) {

@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 from lserve import _C
 from lserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lserve.sampling import SamplingParams
+from lserve.sparsity import SparsityConfig, resolve_sparsity
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -85,6 +86,8 @@ class Engine:
         device: "cpu" (or "cuda" once built with CUDA).
         load_format: "auto" reads the weights; "dummy" draws random weights of the right shapes.
         seed: draws the seeds of requests that carry none.
+        sparsity: LServe sparse attention: None or "dense" (off), "lserve" (the paper's settings and
+            the model's shipped head pattern), or a lserve.SparsityConfig.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer: Optional[str] = None, dtype: str = "auto",
@@ -92,7 +95,8 @@ class Engine:
                  max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
                  kv_cache_dtype: str = "auto", device: str = "cpu", load_format: str = "auto", seed: int = 0,
                  page_size: int = 16, num_threads: int = 0, num_kv_pages: Optional[int] = None,
-                 capture_logits: bool = False, show_progress: bool = True) -> None:
+                 capture_logits: bool = False, show_progress: bool = True,
+                 sparsity: Union[None, str, "SparsityConfig"] = None) -> None:
         from lserve.model_loading import load_model_source
 
         if load_format not in ("auto", "dummy"):
@@ -133,6 +137,8 @@ class Engine:
         config.seed = int(seed)
         config.capture_logits = capture_logits
         config.eos_token_ids = list(source.eos_token_ids)
+        self.sparsity = resolve_sparsity(sparsity, model)
+        config.sparsity = self.sparsity.to_core(model_config.num_layers, model_config.num_kv_heads)
         self._core = _C.Engine(model_config, config)
         source.load_weights(self._core, seed=seed, show_progress=show_progress)
         self._core.finalize()

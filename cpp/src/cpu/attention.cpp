@@ -4,6 +4,11 @@
 // fp32 scratch, scores S = (sm_scale * Q) K^T, causal mask from positions, running max/sum
 // update, O += P V. Index arrays are validated on the host first. Reference: dense softmax
 // attention with an explicit causal mask (tests/ops/test_attention.py).
+// Block-iterator policy (lserve/ops/attention.h): an item walks key ranges, not all keys: the
+// whole causal prefix (dense), the pages listed for its KV head (sparse decode), or the sink and
+// window pages (Lambda mask, streaming heads), with adjacent pages merged into one range. Keys
+// outside the ranges are never read; the Lambda mask is applied token-exactly inside them
+// (tests/sparse/test_block_sparse_attention.py).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -61,7 +66,22 @@ struct Problem {
   const int32_t* kv_lens;     // (num_seqs,)
   int64_t page_size, num_kv_heads, head_dim, group_size;
   float sm_scale;
+  const int32_t* window_sink = nullptr;          // (num_seqs,) or null
+  const int32_t* window_local = nullptr;         // (num_seqs,) or null
+  const int32_t* head_page_positions = nullptr;  // (num_seqs, num_kv_heads, max_listed) or null
+  const int32_t* head_num_pages = nullptr;       // (num_seqs, num_kv_heads) or null
+  int64_t max_listed = 0;
 };
+
+// Appends [begin, end) to ranges, merging it with the previous range when they touch.
+inline void add_range(std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  if (!ranges.empty() && ranges.back().second == begin) {
+    ranges.back().second = end;
+  } else {
+    ranges.emplace_back(begin, end);
+  }
+}
 
 // Per-thread scratch, fp32, sized for kQoRows * group_size rows.
 struct Scratch {
@@ -234,8 +254,33 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
 
   const int64_t kv_end = kv_len - q_len + item.q_end;  // keys the last row may see
   const int64_t token_stride = problem.num_kv_heads * head_dim;
-  for (int64_t key0 = 0; key0 < kv_end; key0 += kKvTile) {
-    const int64_t num_keys = std::min(kKvTile, kv_end - key0);
+
+  // The key ranges this item walks.
+  const int64_t seq_head = static_cast<int64_t>(item.seq_idx) * problem.num_kv_heads + item.kv_head;
+  const int64_t sink = problem.window_local != nullptr ? problem.window_sink[item.seq_idx] : 0;
+  const int64_t local = problem.window_local != nullptr ? problem.window_local[item.seq_idx] : 0;
+  const int64_t num_listed = problem.head_num_pages != nullptr ? problem.head_num_pages[seq_head] : -1;
+  const int64_t first_pos = kv_len - q_len + item.q_begin, page_size = problem.page_size;
+  thread_local std::vector<std::pair<int64_t, int64_t>> ranges;
+  ranges.clear();
+  if (num_listed >= 0) {
+    const int32_t* listed = problem.head_page_positions + seq_head * problem.max_listed;
+    for (int64_t k = 0; k < num_listed; ++k) {
+      add_range(ranges, listed[k] * page_size, std::min<int64_t>((listed[k] + 1) * page_size, kv_end));
+    }
+  } else if (local > 0) {
+    for (int64_t begin = 0; begin < kv_end; begin += page_size) {
+      const int64_t end = std::min(begin + page_size, kv_end);
+      if (begin >= sink && end - 1 <= first_pos - local) continue;  // outside every row's Lambda
+      add_range(ranges, begin, end);
+    }
+  } else {
+    add_range(ranges, 0, kv_end);
+  }
+
+  for (const auto& range : ranges)
+  for (int64_t key0 = range.first; key0 < range.second; key0 += kKvTile) {
+    const int64_t num_keys = std::min(kKvTile, range.second - key0);
     for (int64_t c = 0; c < kKvTile; ++c) {
       if (c >= num_keys) {
         for (int64_t d = 0; d < head_dim; ++d) scratch.k_t[d * kKvTile + c] = 0.0f;
@@ -253,9 +298,13 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
     for (int64_t r = 0; r < num_rows; ++r) {
       float* s_row = scratch.s + r * kKvTile;
       const int64_t num_visible = std::clamp<int64_t>(scratch.pos[r] - key0 + 1, 0, num_keys);
+      if (local > 0) {  // Lambda: keys in [sink, pos - local] are hidden
+        const int64_t hidden_end = std::min(scratch.pos[r] - local + 1 - key0, num_visible);
+        for (int64_t c = std::max<int64_t>(sink - key0, 0); c < hidden_end; ++c) s_row[c] = neg_inf;
+      }
       float tile_max = neg_inf;
       for (int64_t c = 0; c < num_visible; ++c) tile_max = std::max(tile_max, s_row[c]);
-      if (num_visible == 0) {  // the whole tile lies in this row's future
+      if (num_visible == 0 || tile_max == neg_inf) {  // nothing of the tile is visible to this row
         std::fill(s_row, s_row + kKvTile, 0.0f);
         rescale[r] = 1.0f;
         continue;
@@ -279,7 +328,7 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
     float* output = row_ptr<float>(*problem.output, token) + item.kv_head * group_size * head_dim;
     for (int64_t g = 0; g < group_size; ++g) {
       const int64_t r = (i - item.q_begin) * group_size + g;
-      const float inv_sum = 1.0f / scratch.row_sum[r];
+      const float inv_sum = scratch.row_sum[r] > 0.0f ? 1.0f / scratch.row_sum[r] : 0.0f;
       for (int64_t d = 0; d < head_dim; ++d) output[g * head_dim + d] = scratch.o[r * head_dim + d] * inv_sum;
     }
   }
@@ -331,6 +380,20 @@ void validate_indices(const AttentionArgs& args) {
       LSERVE_CHECK(kv_page_indices[i] >= 0 && kv_page_indices[i] < num_pages, op, ": kv_page_indices[", i,
                    "] = ", kv_page_indices[i], " (sequence ", s, ") is out of range [0, ", num_pages, ")");
     }
+    if (args.has_head_pages()) {
+      const int64_t num_kv_heads = args.k_cache.size(2), max_listed = args.head_page_positions.size(2);
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const int64_t count = args.head_num_pages.data_ptr<int32_t>()[s * num_kv_heads + h];
+        LSERVE_CHECK(count <= max_listed, op, ": head_num_pages[", s, ", ", h, "] = ", count, " exceeds the ",
+                     max_listed, " entries of head_page_positions");
+        const int32_t* listed = args.head_page_positions.data_ptr<int32_t>() + (s * num_kv_heads + h) * max_listed;
+        for (int64_t k = 0; k < count; ++k) {
+          LSERVE_CHECK(listed[k] >= 0 && listed[k] < num_seq_pages && (k == 0 || listed[k] > listed[k - 1]), op,
+                       ": head_page_positions[", s, ", ", h, "] must ascend within [0, ", num_seq_pages,
+                       "), entry ", k, " is ", listed[k]);
+        }
+      }
+    }
   }
 }
 
@@ -372,6 +435,15 @@ void attention(const CpuContext& context, const AttentionArgs& args) {
                             qo_indptr, args.kv_page_indptr.data_ptr<int32_t>(),
                             args.kv_page_indices.data_ptr<int32_t>(), kv_lens, args.k_cache.size(1),
                             num_kv_heads, head_dim, group_size, args.sm_scale};
+    if (args.has_window()) {
+      problem.window_sink = args.window_sink.data_ptr<int32_t>();
+      problem.window_local = args.window_local.data_ptr<int32_t>();
+    }
+    if (args.has_head_pages()) {
+      problem.head_page_positions = args.head_page_positions.data_ptr<int32_t>();
+      problem.head_num_pages = args.head_num_pages.data_ptr<int32_t>();
+      problem.max_listed = args.head_page_positions.size(2);
+    }
     context.pool->parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end,
                                                                             int thread_idx) {
       float* base = scratch_floats.data() + thread_idx * floats_per_thread;

@@ -55,6 +55,8 @@ class CpuBackend final : public Backend {
   void rope_kv_append_impl(const RopeKvAppendArgs& args) override { cpu::rope_kv_append(context_, args); }
   void attention_impl(const AttentionArgs& args) override { cpu::attention(context_, args); }
   void gather_rows_impl(const GatherRowsArgs& args) override { cpu::gather_rows(context_, args); }
+  void page_select_impl(const PageSelectArgs& args) override { cpu_page_select(args); }
+  void page_stats_append_impl(const PageStatsAppendArgs& args) override { cpu_page_stats_append(args); }
 
  private:
   ThreadPool pool_;
