@@ -86,6 +86,41 @@ bool is_float_type(GgufValueType type) { return type == GgufValueType::kF32 || t
 
 bool is_known_value_type(uint32_t raw) { return raw <= static_cast<uint32_t>(GgufValueType::kF64); }
 
+// True when `text` is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
+bool is_valid_utf8(const std::string& text) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t size = text.size();
+  size_t pos = 0;
+  while (pos < size) {
+    const unsigned char lead = bytes[pos];
+    size_t length;
+    uint32_t code_point;
+    if (lead < 0x80) {
+      ++pos;
+      continue;
+    } else if ((lead & 0xe0) == 0xc0) {
+      length = 2, code_point = lead & 0x1f;
+    } else if ((lead & 0xf0) == 0xe0) {
+      length = 3, code_point = lead & 0x0f;
+    } else if ((lead & 0xf8) == 0xf0) {
+      length = 4, code_point = lead & 0x07;
+    } else {
+      return false;
+    }
+    if (length > size - pos) return false;
+    for (size_t idx = 1; idx < length; ++idx) {
+      if ((bytes[pos + idx] & 0xc0) != 0x80) return false;
+      code_point = (code_point << 6) | (bytes[pos + idx] & 0x3f);
+    }
+    constexpr uint32_t kMinForLength[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (code_point < kMinForLength[length] || code_point > 0x10ffff || (code_point >= 0xd800 && code_point <= 0xdfff)) {
+      return false;
+    }
+    pos += length;
+  }
+  return true;
+}
+
 // A bounds-checked little-endian reader over the mapping. Every failure names the file, what was
 // being read and the offset.
 class Cursor {
@@ -373,6 +408,7 @@ void GgufFile::parse() {
   for (uint64_t kv_idx = 0; kv_idx < num_kv; ++kv_idx) {
     const std::string where = "metadata entry " + std::to_string(kv_idx);
     std::string key = cursor.read_string(where + " key");
+    if (!is_valid_utf8(key)) LSERVE_THROW(path_, ": ", where, " has a key that is not valid UTF-8");
     const std::string what = "metadata '" + key + "'";
     if (values_.count(key) != 0) LSERVE_THROW(path_, ": duplicate metadata key '", key, "'");
     const uint32_t raw_type = cursor.read<uint32_t>(what + " type");
@@ -399,6 +435,9 @@ void GgufFile::parse() {
   for (uint64_t tensor_idx = 0; tensor_idx < num_tensors; ++tensor_idx) {
     GgufTensorInfo info;
     info.name = cursor.read_string("tensor info " + std::to_string(tensor_idx) + " name");
+    if (!is_valid_utf8(info.name)) {
+      LSERVE_THROW(path_, ": tensor info ", tensor_idx, " has a name that is not valid UTF-8");
+    }
     const std::string what = "tensor '" + info.name + "'";
     if (tensor_index_.count(info.name) != 0) LSERVE_THROW(path_, ": duplicate tensor name '", info.name, "'");
     const uint32_t num_dims = cursor.read<uint32_t>(what + " n_dims");
