@@ -16,7 +16,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
-from conftest_gguf import smollm2_gguf_path
+from conftest_gguf import gguf_py_reader, shared_gguf_reader, smollm2_gguf_path
 from lserve import _C
 from lserve_testing import assert_exact
 
@@ -495,7 +495,7 @@ def test_llama_strict_mapping(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     path = smollm2_gguf_path()
-    return path, _C.GgufFile(path), gguf.GGUFReader(path)
+    return path, _C.GgufFile(path), gguf_py_reader(path)
 
 
 def test_smollm2_every_tensor_bit_exact(smollm2):
@@ -522,11 +522,11 @@ def test_smollm2_metadata(smollm2):
         assert got == expected, key
 
 
-def test_smollm2_config_matches_transformers(smollm2, monkeypatch):
-    path, ours, reader = smollm2
+def test_smollm2_config_matches_transformers(smollm2):
+    path, ours, _ = smollm2
     transformers_gguf = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
-    monkeypatch.setattr(gguf, "GGUFReader", lambda _: reader)  # share the parsed file: saves ~5 s
-    reference = transformers_gguf.load_gguf_checkpoint(path, return_tensors=False)["config"]
+    with shared_gguf_reader(path):
+        reference = transformers_gguf.load_gguf_checkpoint(path, return_tensors=False)["config"]
     config = _C.gguf_model_config_dict(ours)
     pairs = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
              "num_layers": "num_hidden_layers", "num_qo_heads": "num_attention_heads",
