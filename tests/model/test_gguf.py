@@ -481,9 +481,18 @@ def test_llama_strict_mapping(tmp_path):
     _write_llama(path, tied=True, metadata={"general.architecture": ("qwen3", VT.STRING)})
     with pytest.raises(ValueError, match="architecture 'qwen3'"):
         _C.gguf_model_config_dict(_C.GgufFile(path))
-    # a file lacking a tensor: drop attn_v of layer 1 by giving the config three layers
-    _write_llama(path, metadata={"llama.block_count": (3, VT.UINT32)})
+    # an unmappable name is reported as such, even when tensors are missing too
+    _write_llama(path, extra_tensor="blk.9.attn_qkv.weight", metadata={"llama.block_count": (3, VT.UINT32)})
+    with pytest.raises(ValueError, match=r"cannot map.*blk\.9\.attn_qkv"):
+        _C.gguf_hf_weights(_C.GgufFile(path))
+    _write_llama(path, metadata={"llama.block_count": (3, VT.UINT32)})  # the config has a layer the file lacks
     with pytest.raises(ValueError, match=r"missing.*model\.layers\.2\."):
+        _C.gguf_hf_weights(_C.GgufFile(path))
+    _write_llama(path, tied=True, extra_tensor="blk.0.spare.weight")  # an unknown part of a block
+    with pytest.raises(ValueError, match=r"blk\.0\.spare\.weight"):
+        _C.gguf_hf_weights(_C.GgufFile(path))
+    _write_llama(path, metadata={"llama.block_count": (2**31 - 1, VT.UINT32)})  # absurd: fails fast
+    with pytest.raises(ValueError, match="layers"):
         _C.gguf_hf_weights(_C.GgufFile(path))
     _write_llama(path, vocab=40, metadata={"llama.embedding_length": (32, VT.UINT32)})
     with pytest.raises(ValueError, match="shapes disagree"):

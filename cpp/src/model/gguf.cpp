@@ -816,6 +816,25 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
   const int64_t kv_rows = static_cast<int64_t>(config.num_kv_heads) * head_dim;
   const int64_t inter = config.intermediate_size;
 
+  // Names first: a tensor with no Hugging Face counterpart is reported as such.
+  std::vector<std::string> unmapped;
+  for (const GgufTensorInfo& info : file.tensors()) {
+    if (info.name == "rope_freqs.weight" && config.rope_scaling.rope_type == "llama3") continue;  // in the config
+    try {
+      gguf_to_hf_name(info.name);
+    } catch (const Error&) {
+      unmapped.push_back(info.name);
+    }
+  }
+  if (!unmapped.empty()) {
+    LSERVE_THROW(file.path(), ": cannot map GGUF tensors to Hugging Face llama names: ", name_list(unmapped));
+  }
+  // Each layer needs at least nine tensors, so more layers than tensors is a corrupt count; checked
+  // before the expected set below is built from it.
+  LSERVE_CHECK(config.num_layers >= 0 && static_cast<size_t>(config.num_layers) <= file.tensors().size(),
+               file.path(), ": the model config has ", config.num_layers, " layers but the file holds only ",
+               file.tensors().size(), " tensors");
+
   // Every tensor the model needs, with its Hugging Face shape.
   std::map<std::string, std::vector<int64_t>> expected;
   expected["model.embed_tokens.weight"] = {config.vocab_size, hidden};
@@ -846,17 +865,11 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
     int permute_heads;  // 0: copy as is
   };
   std::vector<Plan> plans;
-  std::vector<std::string> unmapped, unexpected, bad_shapes;
+  std::vector<std::string> unexpected, bad_shapes;
   std::set<std::string> seen;
   for (const GgufTensorInfo& info : file.tensors()) {
-    if (info.name == "rope_freqs.weight" && config.rope_scaling.rope_type == "llama3") continue;  // in the config
-    std::string hf_name;
-    try {
-      hf_name = gguf_to_hf_name(info.name);
-    } catch (const Error&) {
-      unmapped.push_back(info.name);
-      continue;
-    }
+    if (info.name == "rope_freqs.weight" && config.rope_scaling.rope_type == "llama3") continue;
+    std::string hf_name = gguf_to_hf_name(info.name);
     auto found = expected.find(hf_name);
     if (found == expected.end()) {
       unexpected.push_back(info.name + " (" + hf_name + ")");
@@ -875,9 +888,6 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
   std::vector<std::string> missing;
   for (const auto& entry : expected) {
     if (seen.count(entry.first) == 0) missing.push_back(entry.first);
-  }
-  if (!unmapped.empty()) {
-    LSERVE_THROW(file.path(), ": cannot map GGUF tensors to Hugging Face llama names: ", name_list(unmapped));
   }
   if (!unexpected.empty()) {
     LSERVE_THROW(file.path(), ": tensors the model config does not use: ", name_list(unexpected));
