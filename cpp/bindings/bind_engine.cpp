@@ -1,8 +1,116 @@
-// Placeholder: the engine bindings are being written.
+// Bindings of ModelConfig, EngineConfig, Engine and its outputs.
+#include <pybind11/stl.h>
+
 #include "bindings.h"
+#include "dlpack.h"
+#include "lserve/engine.h"
 
 namespace lserve::bindings {
 
-void bind_engine(pybind11::module_& m) {}
+namespace py = pybind11;
+
+void bind_engine(py::module_& m) {
+  py::class_<RopeScaling>(m, "RopeScaling")
+      .def(py::init<>())
+      .def_readwrite("rope_type", &RopeScaling::rope_type)
+      .def_readwrite("factor", &RopeScaling::factor)
+      .def_readwrite("low_freq_factor", &RopeScaling::low_freq_factor)
+      .def_readwrite("high_freq_factor", &RopeScaling::high_freq_factor)
+      .def_readwrite("original_max_position_embeddings", &RopeScaling::original_max_position_embeddings)
+      .def_readwrite("beta_fast", &RopeScaling::beta_fast)
+      .def_readwrite("beta_slow", &RopeScaling::beta_slow)
+      .def_readwrite("attention_factor", &RopeScaling::attention_factor)
+      .def_readwrite("mscale", &RopeScaling::mscale)
+      .def_readwrite("mscale_all_dim", &RopeScaling::mscale_all_dim)
+      .def_readwrite("truncate", &RopeScaling::truncate);
+
+  py::class_<ModelConfig>(m, "ModelConfig")
+      .def(py::init<>())
+      .def_readwrite("architecture", &ModelConfig::architecture)
+      .def_readwrite("vocab_size", &ModelConfig::vocab_size)
+      .def_readwrite("hidden_size", &ModelConfig::hidden_size)
+      .def_readwrite("intermediate_size", &ModelConfig::intermediate_size)
+      .def_readwrite("num_layers", &ModelConfig::num_layers)
+      .def_readwrite("num_qo_heads", &ModelConfig::num_qo_heads)
+      .def_readwrite("num_kv_heads", &ModelConfig::num_kv_heads)
+      .def_readwrite("head_dim", &ModelConfig::head_dim)
+      .def_readwrite("rms_norm_eps", &ModelConfig::rms_norm_eps)
+      .def_readwrite("rope_theta", &ModelConfig::rope_theta)
+      .def_readwrite("partial_rotary_factor", &ModelConfig::partial_rotary_factor)
+      .def_readwrite("rope_scaling", &ModelConfig::rope_scaling)
+      .def_readwrite("max_position_embeddings", &ModelConfig::max_position_embeddings)
+      .def_readwrite("tie_word_embeddings", &ModelConfig::tie_word_embeddings)
+      .def_readwrite("attention_bias", &ModelConfig::attention_bias)
+      .def_readwrite("bos_token_id", &ModelConfig::bos_token_id)
+      .def_readwrite("eos_token_id", &ModelConfig::eos_token_id)
+      .def("validate", &ModelConfig::validate);
+
+  py::class_<EngineConfig>(m, "EngineConfig")
+      .def(py::init<>())
+      .def_readwrite("device", &EngineConfig::device)
+      .def_readwrite("dtype", &EngineConfig::dtype)
+      .def_readwrite("kv_cache_dtype", &EngineConfig::kv_cache_dtype)
+      .def_readwrite("max_model_len", &EngineConfig::max_model_len)
+      .def_readwrite("max_num_seqs", &EngineConfig::max_num_seqs)
+      .def_readwrite("max_num_batched_tokens", &EngineConfig::max_num_batched_tokens)
+      .def_readwrite("kv_cache_memory", &EngineConfig::kv_cache_memory)
+      .def_readwrite("num_kv_pages", &EngineConfig::num_kv_pages)
+      .def_readwrite("page_size", &EngineConfig::page_size)
+      .def_readwrite("num_threads", &EngineConfig::num_threads)
+      .def_readwrite("seed", &EngineConfig::seed)
+      .def_readwrite("capture_logits", &EngineConfig::capture_logits)
+      .def_readwrite("eos_token_ids", &EngineConfig::eos_token_ids)
+      .def("validate", &EngineConfig::validate);
+
+  py::class_<TokenLogprob>(m, "TokenLogprob")
+      .def_readonly("logprob", &TokenLogprob::logprob)
+      .def_readonly("top_logprobs", &TokenLogprob::top_logprobs);
+
+  py::class_<RequestOutput>(m, "StepOutput")
+      .def_readonly("request_id", &RequestOutput::request_id)
+      .def_readonly("new_token_ids", &RequestOutput::new_token_ids)
+      .def_readonly("new_logprobs", &RequestOutput::new_logprobs)
+      .def_readonly("finished", &RequestOutput::finished)
+      .def_readonly("finish_reason", &RequestOutput::finish_reason)
+      .def_readonly("num_prompt_tokens", &RequestOutput::num_prompt_tokens)
+      .def_readonly("num_output_tokens", &RequestOutput::num_output_tokens)
+      .def_property_readonly("logits", [](const RequestOutput& self) -> py::object {
+        if (self.logits.empty()) return py::none();
+        return to_numpy(self.logits.data(), {static_cast<int64_t>(self.logits.size())});
+      });
+
+  py::class_<EngineStats>(m, "EngineStats")
+      .def_readonly("num_running", &EngineStats::num_running)
+      .def_readonly("num_waiting", &EngineStats::num_waiting)
+      .def_readonly("num_total_pages", &EngineStats::num_total_pages)
+      .def_readonly("num_free_pages", &EngineStats::num_free_pages)
+      .def_readonly("page_size", &EngineStats::page_size)
+      .def_readonly("num_preemptions", &EngineStats::num_preemptions)
+      .def_readonly("num_steps", &EngineStats::num_steps);
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init<const ModelConfig&, const EngineConfig&>(), py::arg("model_config"), py::arg("config"))
+      .def_static("from_gguf", &Engine::from_gguf, py::arg("path"), py::arg("config"),
+                  py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("model_config", &Engine::model_config)
+      .def_property_readonly("config", &Engine::config)
+      .def("load_weight",
+           [](Engine& self, const std::string& name, const py::handle& array) {
+             DlpackTensor tensor(array, name.c_str());
+             py::gil_scoped_release release;
+             self.load_weight(name, tensor.view());
+           },
+           py::arg("name"), py::arg("tensor"))
+      .def("finalize", &Engine::finalize, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("ready", &Engine::ready)
+      .def("add_request", &Engine::add_request, py::arg("request_id"), py::arg("prompt_token_ids"),
+           py::arg("params"))
+      .def("abort_request", &Engine::abort_request, py::arg("request_id"))
+      .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
+      .def("has_unfinished_requests", &Engine::has_unfinished_requests)
+      .def("stats", &Engine::stats)
+      .def("generate", &Engine::generate, py::arg("prompts"), py::arg("params"),
+           py::call_guard<py::gil_scoped_release>());
+}
 
 }  // namespace lserve::bindings

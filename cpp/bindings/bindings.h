@@ -11,5 +11,6 @@ void bind_kv(pybind11::module_& m);        // bind_kv.cpp: PagePool, KvCacheMana
 void bind_sampling(pybind11::module_& m);  // bind_sampling.cpp: SamplingParams, sample_token
 void bind_gguf(pybind11::module_& m);      // bind_gguf.cpp: GgufFile reader
 void bind_engine(pybind11::module_& m);    // bind_engine.cpp: ModelConfig, EngineConfig, Engine
+void bind_sparse(pybind11::module_& m);    // bind_sparse.cpp: page selection reference ops
 
 }  // namespace lserve::bindings

@@ -26,13 +26,30 @@ DlpackTensor::DlpackTensor(const py::handle& object, const char* what) {
     throw py::type_error(std::string(what) + ": expected a numpy array or torch tensor (an object with "
                          "__dlpack__), got " + std::string(py::str(py::type::of(object))));
   }
-  py::object capsule = object.attr("__dlpack__")();
+  // Ask for a versioned capsule first (it can carry read-only arrays); older producers reject
+  // the keyword and give the legacy one.
+  py::object capsule;
+  try {
+    capsule = object.attr("__dlpack__")(py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& error) {
+    if (!error.matches(PyExc_TypeError)) throw;
+    capsule = object.attr("__dlpack__")();
+  }
   PyObject* raw = capsule.ptr();
-  LSERVE_CHECK(PyCapsule_IsValid(raw, "dltensor"), what, ": __dlpack__ did not return a 'dltensor' capsule");
-  managed_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(raw, "dltensor"));
-  // Mark consumed: from here on this object owns the tensor and calls its deleter.
-  PyCapsule_SetName(raw, "used_dltensor");
-  const DLTensor& tensor = managed_->dl_tensor;
+  if (PyCapsule_IsValid(raw, "dltensor_versioned")) {
+    versioned_ = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(raw, "dltensor_versioned"));
+    PyCapsule_SetName(raw, "used_dltensor_versioned");  // consumed: this object calls the deleter
+    read_only_ = (versioned_->flags & 1u) != 0;
+    set_view(versioned_->dl_tensor, what);
+  } else {
+    LSERVE_CHECK(PyCapsule_IsValid(raw, "dltensor"), what, ": __dlpack__ did not return a DLPack capsule");
+    managed_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(raw, "dltensor"));
+    PyCapsule_SetName(raw, "used_dltensor");
+    set_view(managed_->dl_tensor, what);
+  }
+}
+
+void DlpackTensor::set_view(const DLTensor& tensor, const char* what) {
   LSERVE_CHECK(tensor.ndim >= 1 && tensor.ndim <= kMaxDims, what, ": rank ", tensor.ndim, " not in [1, ",
                kMaxDims, "]");
   view_.dtype = to_dtype(tensor.dtype, what);
@@ -53,8 +70,14 @@ DlpackTensor::DlpackTensor(const py::handle& object, const char* what) {
   }
 }
 
+const TensorView& DlpackTensor::writable_view(const char* what) const {
+  LSERVE_CHECK(!read_only_, what, ": the output array is read-only");
+  return view_;
+}
+
 DlpackTensor::~DlpackTensor() {
   if (managed_ && managed_->deleter) managed_->deleter(managed_);
+  if (versioned_ && versioned_->deleter) versioned_->deleter(versioned_);
 }
 
 py::array_t<float> to_numpy(const float* data, const std::vector<int64_t>& shape) {

@@ -39,6 +39,18 @@ struct DLManagedTensor {
   void* manager_ctx;
   void (*deleter)(DLManagedTensor* self);
 };
+// DLPack >= 1.0: carries flags (bit 0: read-only), which lets numpy export read-only arrays.
+struct DLPackVersion {
+  uint32_t major;
+  uint32_t minor;
+};
+struct DLManagedTensorVersioned {
+  DLPackVersion version;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensorVersioned* self);
+  uint64_t flags;
+  DLTensor dl_tensor;
+};
 }
 
 // Owns a consumed DLPack capsule; view() is valid until destruction.
@@ -47,14 +59,21 @@ class DlpackTensor {
   explicit DlpackTensor(const py::handle& object, const char* what = "tensor");
   DlpackTensor(const DlpackTensor&) = delete;
   DlpackTensor& operator=(const DlpackTensor&) = delete;
-  DlpackTensor(DlpackTensor&& other) noexcept : managed_(other.managed_), view_(other.view_) {
+  DlpackTensor(DlpackTensor&& other) noexcept
+      : managed_(other.managed_), versioned_(other.versioned_), read_only_(other.read_only_), view_(other.view_) {
     other.managed_ = nullptr;
+    other.versioned_ = nullptr;
   }
   ~DlpackTensor();
   const TensorView& view() const { return view_; }
+  // Outputs must be writable: raises naming the tensor when its producer marked it read-only.
+  const TensorView& writable_view(const char* what) const;
 
  private:
+  void set_view(const DLTensor& tensor, const char* what);
   DLManagedTensor* managed_ = nullptr;
+  DLManagedTensorVersioned* versioned_ = nullptr;
+  bool read_only_ = false;
   TensorView view_;
 };
 

@@ -12,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
   lserve::bindings::bind_sampling(m);
   lserve::bindings::bind_gguf(m);
   lserve::bindings::bind_engine(m);
+  lserve::bindings::bind_sparse(m);
 }

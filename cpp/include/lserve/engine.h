@@ -1,0 +1,114 @@
+// Engine: the C++ serving loop, usable without Python (token ids in, token ids out).
+// It owns the backend, the model, the paged KV cache manager and the scheduler. add_request()
+// queues a prompt; each step() schedules one continuous batch (decodes + prefill chunks), runs
+// the model once, samples, and returns every request's new tokens. Python's lserve.Engine wraps
+// it with tokenization, detokenization and stop strings (python/lserve/engine.py).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "lserve/backend.h"
+#include "lserve/kv/page_pool.h"
+#include "lserve/model/config.h"
+#include "lserve/model/llama.h"
+#include "lserve/sampling.h"
+#include "lserve/scheduler.h"
+
+namespace lserve {
+
+struct EngineConfig {
+  std::string device = "cpu";
+  std::string dtype = "float32";           // weights: float32 | bfloat16 | float16
+  std::string kv_cache_dtype = "float32";  // float32 | bfloat16
+  int max_model_len = 0;                   // 0: the model's max_position_embeddings
+  int max_num_seqs = 256;
+  int max_num_batched_tokens = 2048;
+  int64_t kv_cache_memory = 0;             // bytes for the KV cache; 0: 1 GiB, capped by need
+  int num_kv_pages = 0;                    // overrides kv_cache_memory when > 0
+  int page_size = 16;
+  int num_threads = 0;                     // CPU threads; 0: all cores
+  int64_t seed = 0;                        // draws the seeds of requests that carry none
+  bool capture_logits = false;             // return the logits of every sampled row (tests)
+  std::vector<int32_t> eos_token_ids;      // empty: the model config's eos_token_id
+
+  void validate() const;
+};
+
+struct TokenLogprob {
+  float logprob = 0.0f;
+  std::vector<std::pair<int32_t, float>> top_logprobs;
+};
+
+// What step() returns for one request: the tokens it gained this step and, at the end, why.
+struct RequestOutput {
+  int64_t request_id = 0;
+  std::vector<int32_t> new_token_ids;
+  std::vector<TokenLogprob> new_logprobs;  // one per new token when params.logprobs >= 0
+  bool finished = false;
+  std::string finish_reason;  // "", "stop", "length", "abort"
+  int64_t num_prompt_tokens = 0;
+  int64_t num_output_tokens = 0;
+  std::vector<float> logits;  // (vocab_size,) when capture_logits, for the sampled row
+};
+
+struct EngineStats {
+  int num_running = 0;
+  int num_waiting = 0;
+  int num_total_pages = 0;
+  int num_free_pages = 0;
+  int page_size = 0;
+  int64_t num_preemptions = 0;
+  int64_t num_steps = 0;
+};
+
+class Engine {
+ public:
+  Engine(const ModelConfig& model_config, const EngineConfig& config);
+  // Loads a GGUF file's config and weights (llama architecture).
+  static std::unique_ptr<Engine> from_gguf(const std::string& path, EngineConfig config);
+
+  const ModelConfig& model_config() const { return model_->config(); }
+  const EngineConfig& config() const { return config_; }
+
+  // Weight loading (Hugging Face names), then finalize() checks completeness and allocates the
+  // KV cache. Requests are accepted only after finalize().
+  void load_weight(const std::string& name, const TensorView& tensor);
+  void finalize();
+  bool ready() const { return ready_; }
+
+  // Queues a request; raises lserve::Error (and queues nothing) for an empty prompt, a prompt of
+  // max_model_len tokens or more, token ids outside the vocabulary, invalid params or a reused id.
+  void add_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids, const SamplingParams& params);
+  // True when the request existed; its pages are freed and step() reports it finished ("abort").
+  bool abort_request(int64_t request_id);
+  std::vector<RequestOutput> step();
+  bool has_unfinished_requests() const;
+  EngineStats stats() const;
+
+  // Convenience for C++ callers: runs every prompt to completion, outputs in prompt order.
+  std::vector<std::vector<int32_t>> generate(const std::vector<std::vector<int32_t>>& prompts,
+                                             const SamplingParams& params);
+
+ private:
+  bool is_eos(int32_t token_id) const;
+
+  EngineConfig config_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<KvCacheManager> kv_cache_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::vector<int32_t> eos_token_ids_;
+  std::mt19937_64 seed_rng_;
+  std::vector<RequestOutput> pending_aborts_;
+  int64_t num_preemptions_ = 0;
+  int64_t num_steps_ = 0;
+  bool ready_ = false;
+  mutable std::mutex mutex_;  // add/abort may come from other threads than step()
+};
+
+}  // namespace lserve

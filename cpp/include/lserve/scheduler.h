@@ -1,0 +1,93 @@
+// Request and Scheduler: continuous batching with chunked prefill (vLLM V1's token-budget
+// scheme). Each step, running requests get their next tokens first (one for decodes, a chunk for
+// unfinished prefills), then waiting requests are admitted while the token budget,
+// max_num_seqs and free KV pages allow. When pages run out, the most recently admitted request
+// is preempted: its pages are released and it is recomputed later from its tokens so far.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lserve/kv/page_pool.h"
+#include "lserve/sampling.h"
+
+namespace lserve {
+
+enum class RequestStatus { kWaiting, kRunning, kFinished };
+enum class FinishReason { kNone, kStop, kLength, kAbort };
+const char* finish_reason_name(FinishReason reason);  // "", "stop", "length", "abort"
+
+struct Request {
+  int64_t request_id = 0;
+  std::vector<int32_t> prompt_token_ids;
+  std::vector<int32_t> output_token_ids;
+  SamplingParams params;
+  std::mt19937_64 rng;
+  RequestStatus status = RequestStatus::kWaiting;
+  FinishReason finish_reason = FinishReason::kNone;
+  int64_t num_computed_tokens = 0;  // tokens whose K/V are in the cache
+  int num_preemptions = 0;
+
+  int64_t num_tokens() const {
+    return static_cast<int64_t>(prompt_token_ids.size() + output_token_ids.size());
+  }
+  int32_t token_at(int64_t position) const {
+    const int64_t num_prompt = static_cast<int64_t>(prompt_token_ids.size());
+    return position < num_prompt ? prompt_token_ids[position] : output_token_ids[position - num_prompt];
+  }
+};
+
+struct SchedulerConfig {
+  int max_num_seqs = 256;
+  int max_num_batched_tokens = 2048;
+  int max_model_len = 2048;
+};
+
+struct ScheduledChunk {
+  Request* request = nullptr;
+  int64_t start_position = 0;  // == request->num_computed_tokens when scheduled
+  int64_t num_new_tokens = 0;
+  bool samples = false;        // the chunk reaches the request's last token: sample after it
+};
+
+struct SchedulerOutput {
+  std::vector<ScheduledChunk> chunks;
+  int64_t num_tokens = 0;
+  std::vector<int64_t> preempted_request_ids;
+};
+
+class Scheduler {
+ public:
+  Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache);
+
+  void add_request(std::unique_ptr<Request> request);
+  // Removes a waiting or running request and frees its pages; returns it (finish reason abort),
+  // or nullptr when the id is unknown.
+  std::unique_ptr<Request> abort_request(int64_t request_id);
+  SchedulerOutput schedule();
+  // After the model ran `output`: advances computed-token counts. Call finish_request for the
+  // requests that stopped.
+  void commit(const SchedulerOutput& output);
+  std::unique_ptr<Request> finish_request(int64_t request_id, FinishReason reason);
+
+  int num_running() const { return static_cast<int>(running_.size()); }
+  int num_waiting() const { return static_cast<int>(waiting_.size()); }
+  bool has_unfinished() const { return !running_.empty() || !waiting_.empty(); }
+  bool contains(int64_t request_id) const;
+  const SchedulerConfig& config() const { return config_; }
+
+ private:
+  void preempt(std::unique_ptr<Request> request, SchedulerOutput& output);
+  std::unique_ptr<Request> take(int64_t request_id);
+
+  SchedulerConfig config_;
+  KvCacheManager& kv_cache_;
+  std::vector<std::unique_ptr<Request>> running_;  // admission order
+  std::deque<std::unique_ptr<Request>> waiting_;   // preempted requests go to the front
+};
+
+}  // namespace lserve

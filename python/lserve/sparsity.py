@@ -1,0 +1,162 @@
+"""SparsityConfig and head patterns: which (layer, KV head) pairs stream, and the sparse budgets.
+
+A head pattern is a score per (layer, KV head), higher meaning "needs full attention". DuoAttention
+releases them as ``full_attention_heads.tsv`` (one row per layer, one tab-separated column per KV
+head, gate values in [0, 1]); lserve writes the same layout with ``#`` comment lines on top.
+The streaming heads are the lowest-scoring ``streaming_fraction`` of all heads of all layers
+together (DuoAttention's global quantile); ties go to the lower (layer, head) index.
+
+Example:
+    >>> cfg = SparsityConfig.preset("lserve", head_scores=[[0.9, 0.1], [0.2, 0.8]])
+    >>> cfg.streaming_mask(num_layers=2, num_kv_heads=2)
+    [[False, True], [True, False]]
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+PRESETS = ("dense", "lserve")
+
+
+def read_head_scores(path: Union[str, os.PathLike]) -> np.ndarray:
+    """(num_layers, num_kv_heads) float64 scores from a DuoAttention or lserve TSV file."""
+    rows = []
+    with open(path, "r", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                rows.append([float(v) for v in line.replace(",", "\t").split()])
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: not a row of numbers: {line[:60]!r}") from None
+    if not rows:
+        raise ValueError(f"{path}: no head scores found")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"{path}: rows have different numbers of heads {sorted(widths)}")
+    scores = np.asarray(rows, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{path}: head scores must be finite")
+    return scores
+
+
+def write_head_scores(path: Union[str, os.PathLike], scores: np.ndarray, comment: str = "") -> None:
+    """Writes (num_layers, num_kv_heads) scores in DuoAttention's TSV layout (lserve adds a comment)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("# lserve head pattern: rows = layers, columns = KV heads, higher = full attention\n")
+        for line in comment.splitlines():
+            handle.write(f"# {line}\n")
+        for row in scores:
+            handle.write("\t".join(f"{v:.6f}" for v in row) + "\n")
+
+
+def streaming_mask_from_scores(scores: np.ndarray, streaming_fraction: float) -> np.ndarray:
+    """Boolean (num_layers, num_kv_heads): the lowest-scoring fraction of all heads stream."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not 0.0 <= streaming_fraction <= 1.0:
+        raise ValueError(f"streaming_fraction must be in [0, 1], got {streaming_fraction}")
+    flat = scores.reshape(-1)
+    num_streaming = int(round(streaming_fraction * flat.size))
+    # Stable sort on the score: equal scores keep (layer, head) order, so ties are deterministic.
+    order = np.argsort(flat, kind="stable")
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[order[:num_streaming]] = True
+    return mask.reshape(scores.shape)
+
+
+@dataclass
+class SparsityConfig:
+    """LServe sparse attention settings (the C++ mirror is lserve::SparsityConfig).
+
+    head_pattern: a TSV path, a (num_layers, num_kv_heads) array of scores, or None (no streaming
+    heads). streaming_heads: an explicit per-layer list of streaming KV head indices, instead of
+    scores. Token counts: prefill sink/local (Lambda mask in prefill), decode sink/local
+    (streaming heads at decode), physical/logical page sizes (hierarchical paging), the decode
+    token budget of dense heads, the selection reuse interval, and a context length below which a
+    sequence runs dense.
+    """
+
+    enabled: bool = True
+    head_pattern: Optional[Union[str, os.PathLike, np.ndarray, Sequence[Sequence[float]]]] = None
+    streaming_heads: Optional[List[List[int]]] = None
+    streaming_fraction: float = 0.5
+    prefill_sink_tokens: int = 128
+    prefill_local_tokens: int = 8192
+    decode_sink_tokens: int = 128
+    decode_local_tokens: int = 256
+    physical_page_size: int = 64
+    logical_page_size: int = 16
+    decode_token_budget: int = 4096
+    selection_reuse_interval: int = 4
+    dense_below_tokens: int = 0
+    always_select_sink_page: bool = True
+    _scores: Optional[np.ndarray] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_sink_tokens", "decode_sink_tokens", "dense_below_tokens"):
+            self._check_int(name, 0)
+        for name in ("prefill_local_tokens", "decode_local_tokens", "physical_page_size", "logical_page_size",
+                     "decode_token_budget", "selection_reuse_interval"):
+            self._check_int(name, 1)
+        if self.physical_page_size % self.logical_page_size != 0:
+            raise ValueError(f"logical_page_size {self.logical_page_size} must divide physical_page_size "
+                             f"{self.physical_page_size}")
+        if self.decode_token_budget < self.physical_page_size:
+            raise ValueError(f"decode_token_budget {self.decode_token_budget} is below one physical page "
+                             f"({self.physical_page_size} tokens)")
+        if not 0.0 <= self.streaming_fraction <= 1.0:
+            raise ValueError(f"streaming_fraction must be in [0, 1], got {self.streaming_fraction}")
+        if self.head_pattern is not None and self.streaming_heads is not None:
+            raise ValueError("give head_pattern (scores) or streaming_heads (explicit lists), not both")
+        if self.head_pattern is not None:
+            if isinstance(self.head_pattern, (str, os.PathLike)):
+                self._scores = read_head_scores(self.head_pattern)
+            else:
+                self._scores = np.asarray(self.head_pattern, dtype=np.float64)
+                if self._scores.ndim != 2 or not np.isfinite(self._scores).all():
+                    raise ValueError("head_pattern scores must be a finite (num_layers, num_kv_heads) array")
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SparsityConfig":
+        """"dense": sparsity off. "lserve": the paper's settings (half the heads streaming,
+        prefill sink/local 128/8192, decode sink/local 128/256, pages 64/16, budget 4096, reuse 4)."""
+        if name == "dense":
+            return cls(enabled=False, **overrides)
+        if name == "lserve":
+            return cls(enabled=True, **overrides)
+        raise ValueError(f"unknown sparsity preset {name!r} (known: {', '.join(PRESETS)})")
+
+    def with_overrides(self, **overrides) -> "SparsityConfig":
+        return replace(self, **overrides)
+
+    def streaming_mask(self, num_layers: int, num_kv_heads: int) -> List[List[bool]]:
+        """(num_layers, num_kv_heads) flags, True for a streaming head."""
+        if not self.enabled:
+            return [[False] * num_kv_heads for _ in range(num_layers)]
+        if self.streaming_heads is not None:
+            if len(self.streaming_heads) != num_layers:
+                raise ValueError(f"streaming_heads lists {len(self.streaming_heads)} layers, the model has {num_layers}")
+            mask = [[False] * num_kv_heads for _ in range(num_layers)]
+            for layer_idx, heads in enumerate(self.streaming_heads):
+                for head in heads:
+                    if not isinstance(head, int) or not 0 <= head < num_kv_heads:
+                        raise ValueError(f"streaming_heads[{layer_idx}] has head {head!r}, outside [0, {num_kv_heads})")
+                    mask[layer_idx][head] = True
+            return mask
+        if self._scores is None:
+            return [[False] * num_kv_heads for _ in range(num_layers)]
+        if self._scores.shape != (num_layers, num_kv_heads):
+            raise ValueError(f"head pattern has shape {self._scores.shape}, the model has "
+                             f"({num_layers}, {num_kv_heads}) (layers, KV heads)")
+        return streaming_mask_from_scores(self._scores, self.streaming_fraction).tolist()

@@ -1,0 +1,114 @@
+"""Bad input gets a clear ValueError and the engine goes on serving other requests."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tiny_models import make_tiny_model
+
+pytest.importorskip("torch")
+from lserve import Engine, SamplingParams  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama_bad")
+    make_tiny_model("llama", directory, seed=5)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine(str(model_dir), max_model_len=64, num_kv_pages=64, page_size=8, show_progress=False)
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(ValueError, match="not found|does not exist|no such"):
+        Engine(str(tmp_path / "nope"), show_progress=False)
+
+
+def test_unsupported_architecture(model_dir, tmp_path):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        Engine(str(tmp_path), show_progress=False)
+
+
+def test_truncated_safetensors(model_dir, tmp_path):
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    data = (model_dir / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        Engine(str(tmp_path), show_progress=False)
+
+
+def test_missing_tensor_named(model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        Engine(str(tmp_path), show_progress=False)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-5), "top_k"), (dict(min_p=2.0), "min_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(n=0), "n"), (dict(logprobs=-2), "logprobs"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+])
+def test_invalid_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt, pattern", [
+    ([], "empty"), (list(range(3, 70)), "max_model_len"), ([5, 999999], "vocabulary"), ([5, -1], "vocabulary"),
+])
+def test_bad_prompts_then_engine_still_serves(engine, prompt, pattern):
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    with pytest.raises(ValueError, match=pattern):
+        engine.generate([[4, 5, 6], prompt], params, use_tqdm=False)
+    # nothing was half-queued, and the engine still works
+    assert not engine.has_unfinished_requests()
+    out = engine.generate([[4, 5, 6]], params, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_total_pages
+
+
+def test_abort_frees_pages_and_spares_others(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    alone = engine.generate([[7, 8, 9, 10]], params, use_tqdm=False)[0].outputs[0].token_ids
+    engine.add_request("victim", [11, 12, 13], params)
+    engine.add_request("keeper", [7, 8, 9, 10], params)
+    engine.step()
+    assert engine.abort_request("victim")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["victim"].outputs[0].finish_reason == "abort"
+    assert finished["keeper"].outputs[0].token_ids == alone
+    stats = engine.stats()
+    assert stats.num_free_pages == stats.num_total_pages
+
+
+def test_stop_strings_need_tokenizer_free_path(engine):
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.generate("text prompt", SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_bad_engine_args(model_dir):
+    for kwargs, field in ((dict(max_num_seqs=0), "max_num_seqs"), (dict(dtype="int8"), "dtype"),
+                          (dict(load_format="pt"), "load_format"), (dict(max_model_len=100000), "max_model_len"),
+                          (dict(device="tpu"), "device"), (dict(kv_cache_memory=-1), "kv_cache_memory")):
+        with pytest.raises(ValueError, match=field):
+            Engine(str(model_dir), show_progress=False, **kwargs)
