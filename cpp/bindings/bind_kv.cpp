@@ -1,4 +1,5 @@
-// Bindings of PagePool and KvCacheManager (property tests drive them from Python).
+// _C.PagePool and _C.KvCacheManager: the page allocator and per-sequence page tables
+// (cpp/include/lserve/kv/page_pool.h), bound method for method.
 #include <pybind11/stl.h>
 
 #include "bindings.h"
@@ -9,29 +10,42 @@ namespace lserve::bindings {
 namespace py = pybind11;
 
 void bind_kv(py::module_& m) {
-  py::class_<PagePool>(m, "PagePool")
+  py::class_<PagePool>(m, "PagePool", "Fixed pool of KV pages with reference counts; LIFO free list.")
       .def(py::init<int>(), py::arg("num_pages"))
-      .def_property_readonly("num_pages", &PagePool::num_pages)
-      .def_property_readonly("num_free", &PagePool::num_free)
-      .def("allocate", &PagePool::allocate)
+      .def("num_pages", &PagePool::num_pages)
+      .def("num_free", &PagePool::num_free)
+      .def("allocate", &PagePool::allocate, "A free page with reference count 1, or -1 when none is left.")
       .def("incref", &PagePool::incref, py::arg("page_idx"))
-      .def("decref", &PagePool::decref, py::arg("page_idx"))
+      .def("decref", &PagePool::decref, py::arg("page_idx"),
+           "Drops one reference; the page returns to the free list at zero.")
       .def("refcount", &PagePool::refcount, py::arg("page_idx"));
 
-  py::class_<KvCacheManager>(m, "KvCacheManager")
+  py::class_<KvCacheManager>(m, "KvCacheManager",
+                             "Per-sequence page tables over a PagePool, sized in tokens.\n\n"
+                             "Example: kv = KvCacheManager(num_pages=8, page_size=16); kv.reserve(0, 20);\n"
+                             "kv.pages(0) == [0, 1]; kv.slot(0, 17) == 1 * 16 + 1")
       .def(py::init<int, int>(), py::arg("num_pages"), py::arg("page_size"))
-      .def_property_readonly("page_size", &KvCacheManager::page_size)
-      .def_property_readonly("num_total_pages", &KvCacheManager::num_total_pages)
-      .def_property_readonly("num_free_pages", &KvCacheManager::num_free_pages)
-      .def_property_readonly("num_seqs", &KvCacheManager::num_seqs)
-      .def("refcount", [](const KvCacheManager& self, int page_idx) { return self.pool().refcount(page_idx); })
-      .def("pages_needed", &KvCacheManager::pages_needed, py::arg("seq_id"), py::arg("num_tokens"))
-      .def("reserve", &KvCacheManager::reserve, py::arg("seq_id"), py::arg("num_tokens"))
-      .def("fork", &KvCacheManager::fork, py::arg("src_seq_id"), py::arg("dst_seq_id"), py::arg("num_tokens"))
-      .def("release", &KvCacheManager::release, py::arg("seq_id"))
+      .def("page_size", &KvCacheManager::page_size)
+      .def("num_total_pages", &KvCacheManager::num_total_pages)
+      .def("num_free_pages", &KvCacheManager::num_free_pages)
+      .def("num_seqs", &KvCacheManager::num_seqs)
+      // A copy: a reference would let Python allocate or free pages behind the manager's back.
+      .def("pool", &KvCacheManager::pool, py::return_value_policy::copy,
+           "A snapshot of the underlying PagePool (refcounts, free count).")
+      .def("pages_needed", &KvCacheManager::pages_needed, py::arg("seq_id"), py::arg("num_tokens"),
+           "Pages seq_id still needs to hold num_tokens tokens (0 if it has them).")
+      .def("reserve", &KvCacheManager::reserve, py::arg("seq_id"), py::arg("num_tokens"),
+           "Grows seq_id's page table to hold num_tokens tokens; False (and no change) when the pool "
+           "has too few free pages.")
+      .def("fork", &KvCacheManager::fork, py::arg("src_seq_id"), py::arg("dst_seq_id"), py::arg("num_tokens"),
+           "New sequence dst shares the pages that src's first num_tokens tokens fill completely.")
+      .def("release", &KvCacheManager::release, py::arg("seq_id"),
+           "Releases every page of seq_id (no-op for an unknown sequence).")
       .def("has", &KvCacheManager::has, py::arg("seq_id"))
-      .def("pages", &KvCacheManager::pages, py::arg("seq_id"))
-      .def("slot", &KvCacheManager::slot, py::arg("seq_id"), py::arg("position"));
+      .def("pages", &KvCacheManager::pages, py::arg("seq_id"),
+           "seq_id's pages in token order, as a new list (empty for an unknown sequence).")
+      .def("slot", &KvCacheManager::slot, py::arg("seq_id"), py::arg("position"),
+           "Cache slot of token `position`: page_idx * page_size + position % page_size.");
 }
 
 }  // namespace lserve::bindings

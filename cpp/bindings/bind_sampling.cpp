@@ -1,7 +1,10 @@
-// Bindings of SamplingParams and the host sampler (sample_token, Generator for seeded streams).
+// _C.SamplingParams, _C.sample_token and _C.Generator: the host sampler (lserve/sampling.h) for
+// Python callers and tests. Logits arrive through DLPack and are copied, since the sampler
+// overwrites its input; the caller's array is never modified.
 #include <pybind11/stl.h>
 
 #include <sstream>
+#include <tuple>
 
 #include "bindings.h"
 #include "dlpack.h"
@@ -9,29 +12,87 @@
 
 namespace lserve::bindings {
 
-namespace py = pybind11;
-
 namespace {
 
-py::tuple sample_with(std::mt19937_64& rng, const py::handle& logits, const SamplingParams& params,
-                      const std::vector<int32_t>& prompt_ids, const std::vector<int32_t>& output_ids,
-                      int32_t eos_token_id) {
-  DlpackTensor tensor(logits, "logits");
+// A seeded std::mt19937_64 held by Python, so that successive samples continue one stream.
+struct Generator {
+  explicit Generator(uint64_t seed) : engine(seed) {}
+  std::mt19937_64 engine;
+};
+
+using SampleResult = std::tuple<int32_t, float, std::vector<std::pair<int32_t, float>>>;
+
+// (vocab_size,) float32 host logits -> a contiguous copy the sampler may overwrite.
+std::vector<float> copy_logits(const py::handle& object) {
+  DlpackTensor tensor(object, "logits");
   const TensorView& view = tensor.view();
-  LSERVE_CHECK(view.ndim == 1 && view.dtype == DType::kF32 && view.is_contiguous(),
-               "logits must be a contiguous float32 vector, got ", dtype_name(view.dtype), " ", view.shape_str());
-  params.validate();
-  std::vector<float> scratch(view.data_ptr<float>(), view.data_ptr<float>() + view.numel());
-  SampledToken token = sample_token(scratch.data(), static_cast<int>(scratch.size()), params, prompt_ids, output_ids,
-                                    eos_token_id, rng);
-  return py::make_tuple(token.token_id, token.logprob, token.top_logprobs);
+  LSERVE_CHECK(view.device.type == DeviceType::kCPU, "logits: expected a host tensor, got ", view.device.str());
+  LSERVE_CHECK(view.ndim == 1, "logits: expected shape (vocab_size,), got ", view.shape_str());
+  const float* data = view.data_ptr<float>();
+  std::vector<float> logits(static_cast<size_t>(view.shape[0]));
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = data[static_cast<int64_t>(i) * view.strides[0]];
+  return logits;
+}
+
+SampleResult sample(const py::handle& logits_object, const SamplingParams& params,
+                    const std::vector<int32_t>& prompt_token_ids, const std::vector<int32_t>& output_token_ids,
+                    const std::vector<int32_t>& eos_token_ids, std::mt19937_64& engine) {
+  std::vector<float> logits = copy_logits(logits_object);
+  SampledToken token;
+  {
+    py::gil_scoped_release release;
+    token = sample_token(logits.data(), static_cast<int>(logits.size()), params, prompt_token_ids,
+                         output_token_ids, eos_token_ids, engine);
+  }
+  return {token.token_id, token.logprob, std::move(token.top_logprobs)};
+}
+
+std::string repr(const SamplingParams& p) {
+  std::ostringstream out;
+  out << "SamplingParams(temperature=" << p.temperature << ", top_p=" << p.top_p << ", top_k=" << p.top_k
+      << ", min_p=" << p.min_p << ", repetition_penalty=" << p.repetition_penalty
+      << ", presence_penalty=" << p.presence_penalty << ", frequency_penalty=" << p.frequency_penalty
+      << ", max_tokens=" << p.max_tokens << ", min_tokens=" << p.min_tokens << ", stop_token_ids=[";
+  for (size_t i = 0; i < p.stop_token_ids.size(); ++i) out << (i ? ", " : "") << p.stop_token_ids[i];
+  out << "], ignore_eos=" << (p.ignore_eos ? "True" : "False") << ", logprobs=" << p.logprobs
+      << ", seed=" << p.seed << ")";
+  return out.str();
 }
 
 }  // namespace
 
 void bind_sampling(py::module_& m) {
-  py::class_<SamplingParams>(m, "SamplingParams")
-      .def(py::init<>())
+  const SamplingParams defaults;
+  py::class_<SamplingParams>(m, "SamplingParams",
+                             "vLLM-style sampling parameters; the constructor validates (ValueError).")
+      .def(py::init([](float temperature, float top_p, int top_k, float min_p, float repetition_penalty,
+                       float presence_penalty, float frequency_penalty, int max_tokens, int min_tokens,
+                       std::vector<int32_t> stop_token_ids, bool ignore_eos, int logprobs, int64_t seed) {
+             SamplingParams p;
+             p.temperature = temperature;
+             p.top_p = top_p;
+             p.top_k = top_k;
+             p.min_p = min_p;
+             p.repetition_penalty = repetition_penalty;
+             p.presence_penalty = presence_penalty;
+             p.frequency_penalty = frequency_penalty;
+             p.max_tokens = max_tokens;
+             p.min_tokens = min_tokens;
+             p.stop_token_ids = std::move(stop_token_ids);
+             p.ignore_eos = ignore_eos;
+             p.logprobs = logprobs;
+             p.seed = seed;
+             p.validate();
+             return p;
+           }),
+           py::kw_only(), py::arg("temperature") = defaults.temperature, py::arg("top_p") = defaults.top_p,
+           py::arg("top_k") = defaults.top_k, py::arg("min_p") = defaults.min_p,
+           py::arg("repetition_penalty") = defaults.repetition_penalty,
+           py::arg("presence_penalty") = defaults.presence_penalty,
+           py::arg("frequency_penalty") = defaults.frequency_penalty, py::arg("max_tokens") = defaults.max_tokens,
+           py::arg("min_tokens") = defaults.min_tokens, py::arg("stop_token_ids") = defaults.stop_token_ids,
+           py::arg("ignore_eos") = defaults.ignore_eos, py::arg("logprobs") = defaults.logprobs,
+           py::arg("seed") = defaults.seed)
       .def_readwrite("temperature", &SamplingParams::temperature)
       .def_readwrite("top_p", &SamplingParams::top_p)
       .def_readwrite("top_k", &SamplingParams::top_k)
@@ -41,32 +102,42 @@ void bind_sampling(py::module_& m) {
       .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
       .def_readwrite("max_tokens", &SamplingParams::max_tokens)
       .def_readwrite("min_tokens", &SamplingParams::min_tokens)
-      .def_readwrite("stop_token_ids", &SamplingParams::stop_token_ids)
+      .def_readwrite("stop_token_ids", &SamplingParams::stop_token_ids,
+                     "A copy as a list: assign a new list to change it.")
       .def_readwrite("ignore_eos", &SamplingParams::ignore_eos)
       .def_readwrite("logprobs", &SamplingParams::logprobs)
       .def_readwrite("seed", &SamplingParams::seed)
-      .def("validate", &SamplingParams::validate)
-      .def("__repr__", [](const SamplingParams& p) {
-        std::ostringstream out;
-        out << "SamplingParams(temperature=" << p.temperature << ", top_p=" << p.top_p << ", top_k=" << p.top_k
-            << ", min_p=" << p.min_p << ", max_tokens=" << p.max_tokens << ", seed=" << p.seed << ")";
-        return out.str();
-      });
+      .def("validate", &SamplingParams::validate, "Raises ValueError naming the parameter and its range.")
+      .def("__repr__", &repr);
 
-  py::class_<std::mt19937_64>(m, "Generator", "A seeded generator for drawing many samples from one stream.")
-      .def(py::init([](uint64_t seed) { return std::mt19937_64(seed); }), py::arg("seed"))
-      .def("sample", &sample_with, py::arg("logits"), py::arg("params"), py::arg("prompt_ids") = std::vector<int32_t>{},
-           py::arg("output_ids") = std::vector<int32_t>{}, py::arg("eos_token_id") = -1);
+  py::class_<Generator>(m, "Generator", "A seeded std::mt19937_64 stream for repeated sampling.")
+      .def(py::init<uint64_t>(), py::arg("seed"))
+      .def("sample",
+           [](Generator& self, const py::handle& logits, const SamplingParams& params,
+              const std::vector<int32_t>& prompt_token_ids, const std::vector<int32_t>& output_token_ids,
+              const std::vector<int32_t>& eos_token_ids) {
+             return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_ids, self.engine);
+           },
+           py::arg("logits"), py::arg("params"), py::arg("prompt_token_ids") = std::vector<int32_t>(),
+           py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_ids") = std::vector<int32_t>(),
+           "Samples one token from logits (vocab_size,) float32, continuing this generator's stream.\n"
+           "Returns (token_id, logprob, top_logprobs); see sample_token.");
 
-  m.def(
-      "sample_token",
-      [](const py::handle& logits, const SamplingParams& params, const std::vector<int32_t>& prompt_ids,
-         const std::vector<int32_t>& output_ids, int32_t eos_token_id, uint64_t seed) {
-        std::mt19937_64 rng(seed);
-        return sample_with(rng, logits, params, prompt_ids, output_ids, eos_token_id);
-      },
-      py::arg("logits"), py::arg("params"), py::arg("prompt_ids") = std::vector<int32_t>{},
-      py::arg("output_ids") = std::vector<int32_t>{}, py::arg("eos_token_id") = -1, py::arg("seed") = 0);
+  m.def("sample_token",
+        [](const py::handle& logits, const SamplingParams& params, const std::vector<int32_t>& prompt_token_ids,
+           const std::vector<int32_t>& output_token_ids, const std::vector<int32_t>& eos_token_ids, uint64_t seed) {
+          std::mt19937_64 engine(seed);
+          return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_ids, engine);
+        },
+        py::arg("logits"), py::arg("params"), py::arg("prompt_token_ids") = std::vector<int32_t>(),
+        py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_ids") = std::vector<int32_t>(),
+        py::arg("seed") = 0,
+        "Samples one token from logits (vocab_size,) float32 with a fresh mt19937_64(seed). While\n"
+        "len(output_token_ids) < params.min_tokens, params.stop_token_ids and (unless params.ignore_eos)\n"
+        "eos_token_ids are masked. Returns (token_id, logprob, top_logprobs): logprob and top_logprobs\n"
+        "(best first, params.logprobs entries of (token_id, logprob)) come from log_softmax of the raw\n"
+        "logits; logprob is 0 when params.logprobs is -1. The input array is not modified.\n\n"
+        "Example: sample_token(np.array([0., 2., 1.], np.float32), SamplingParams(temperature=0))[0] == 1");
 }
 
 }  // namespace lserve::bindings

@@ -224,10 +224,8 @@ std::vector<RequestOutput> Engine::step() {
     RequestOutput output;
     output.request_id = request.request_id;
     if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
-    const int32_t eos_for_masking =
-        request.params.ignore_eos || eos_token_ids_.empty() ? -1 : eos_token_ids_.front();
     SampledToken sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids,
-                                        request.output_token_ids, eos_for_masking, request.rng);
+                                        request.output_token_ids, eos_token_ids_, request.rng);
     request.output_token_ids.push_back(sampled.token_id);
     output.new_token_ids.push_back(sampled.token_id);
     if (request.params.logprobs >= 0) {

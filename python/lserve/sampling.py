@@ -6,8 +6,12 @@ Example:
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
+
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs; the C++ SamplingParams::validate holds the same bound
 
 
 @dataclass
@@ -54,54 +58,58 @@ class SamplingParams:
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         self._check_int("n", self.n, 1)
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (0, -1)):
-            raise ValueError(f"top_k must be 0 or -1 (disabled) or >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self._check_float("temperature", self.temperature, 0.0, None, "must be >= 0 (0 means greedy)")
+        self._check_float("top_p", self.top_p, 0.0, 1.0, "must be in (0, 1]", low_open=True)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be 0 or -1 (disabled) or an int >= 1, got {self.top_k!r}")
+        self._check_float("min_p", self.min_p, 0.0, 1.0, "must be in [0, 1]")
+        self._check_float("repetition_penalty", self.repetition_penalty, 0.0, None, "must be > 0 (1 means none)",
+                          low_open=True)
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            self._check_float(name, getattr(self, name), -2.0, 2.0, "must be in [-2, 2]")
         if self.max_tokens is not None:
             self._check_int("max_tokens", self.max_tokens, 1)
         self._check_int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be None or an int in [0, 20], got {self.logprobs}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids}")
 
     @staticmethod
+    def _check_float(name: str, value, low: float, high: Optional[float], rule: str, low_open: bool = False) -> None:
+        """value must be a finite real number in [low, high] ((low, high] with low_open)."""
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+        if not ok:
+            raise ValueError(f"{name} {rule}, got {value!r}")
+
+    @staticmethod
     def _check_int(name: str, value, minimum: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not _is_int(value) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
     def to_core(self, max_tokens: int, seed: Optional[int]):
-        """The C++ lserve._C.SamplingParams for one continuation (max_tokens resolved)."""
+        """The C++ lserve._C.SamplingParams for one continuation: max_tokens resolved (the engine
+        caps it at what max_model_len leaves), seed an int (taken modulo 2**63, so that seed + index
+        for the n-th continuation stays valid) or None for one drawn by the engine."""
         from lserve import _C
 
-        core = _C.SamplingParams()
-        core.temperature = float(self.temperature)
-        core.top_p = float(self.top_p)
-        core.top_k = int(self.top_k)
-        core.min_p = float(self.min_p)
-        core.repetition_penalty = float(self.repetition_penalty)
-        core.presence_penalty = float(self.presence_penalty)
-        core.frequency_penalty = float(self.frequency_penalty)
-        core.max_tokens = int(max_tokens)
-        core.min_tokens = min(int(self.min_tokens), int(max_tokens))
-        core.stop_token_ids = [int(t) for t in self.stop_token_ids]
-        core.ignore_eos = bool(self.ignore_eos)
-        core.logprobs = -1 if self.logprobs is None else int(self.logprobs)
-        core.seed = -1 if seed is None else int(seed)
-        core.validate()
-        return core
+        return _C.SamplingParams(
+            temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k),
+            min_p=float(self.min_p), repetition_penalty=float(self.repetition_penalty),
+            presence_penalty=float(self.presence_penalty), frequency_penalty=float(self.frequency_penalty),
+            max_tokens=int(max_tokens), min_tokens=min(int(self.min_tokens), int(max_tokens)),
+            stop_token_ids=[int(t) for t in self.stop_token_ids], ignore_eos=bool(self.ignore_eos),
+            logprobs=-1 if self.logprobs is None else int(self.logprobs),
+            seed=-1 if seed is None else int(seed) % 2**63)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -35,11 +35,13 @@ struct SampledToken {
 };
 
 // Samples one token from logits (vocab_size,) float32 on the host. `logits` is scratch: the
-// sampler modifies it. prompt/output ids feed the penalties; eos_token_id (or -1) and
-// params.stop_token_ids are masked while output_token_ids.size() < min_tokens.
+// sampler modifies it. prompt/output ids feed the penalties; every eos_token_ids entry (unless
+// params.ignore_eos) and params.stop_token_ids are masked while output_token_ids.size() <
+// min_tokens. Throws lserve::Error on invalid params, ids outside the vocabulary, NaN logits, or
+// when masking leaves no token to sample.
 SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& params,
                           const std::vector<int32_t>& prompt_token_ids,
-                          const std::vector<int32_t>& output_token_ids, int32_t eos_token_id,
-                          std::mt19937_64& rng);
+                          const std::vector<int32_t>& output_token_ids,
+                          const std::vector<int32_t>& eos_token_ids, std::mt19937_64& rng);
 
 }  // namespace lserve
