@@ -21,6 +21,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the paged KV cache")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="'dummy' draws random weights (benchmarks)")
+    group.add_argument("--sparsity", default="dense", choices=["dense", "lserve"],
+                       help="attention: dense, or LServe sparse attention (streaming heads + page selection)")
 
 
 def _engine_from_args(args: argparse.Namespace):
@@ -29,7 +31,7 @@ def _engine_from_args(args: argparse.Namespace):
     return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory=args.kv_cache_memory, load_format=args.load_format, seed=args.seed,
-                  show_progress=not args.quiet)
+                  show_progress=not args.quiet, sparsity=args.sparsity)
 
 
 def _generate(args: argparse.Namespace) -> int:
