@@ -60,6 +60,7 @@ void bind_engine(py::module_& m) {
       .def_readwrite("seed", &EngineConfig::seed)
       .def_readwrite("capture_logits", &EngineConfig::capture_logits)
       .def_readwrite("eos_token_ids", &EngineConfig::eos_token_ids)
+      .def_readwrite("sparsity", &EngineConfig::sparsity)
       .def("validate", &EngineConfig::validate);
 
   py::class_<TokenLogprob>(m, "TokenLogprob")
@@ -86,7 +87,13 @@ void bind_engine(py::module_& m) {
       .def_readonly("num_free_pages", &EngineStats::num_free_pages)
       .def_readonly("page_size", &EngineStats::page_size)
       .def_readonly("num_preemptions", &EngineStats::num_preemptions)
-      .def_readonly("num_steps", &EngineStats::num_steps);
+      .def_readonly("num_steps", &EngineStats::num_steps)
+      .def_readonly("num_stream_slots", &EngineStats::num_stream_slots)
+      .def_readonly("num_free_stream_slots", &EngineStats::num_free_stream_slots)
+      .def_readonly("streaming_kv_bytes", &EngineStats::streaming_kv_bytes)
+      .def_readonly("streaming_kv_bytes_in_use", &EngineStats::streaming_kv_bytes_in_use)
+      .def_readonly("last_step_pages_selected", &EngineStats::last_step_pages_selected)
+      .def_readonly("last_step_pages_total", &EngineStats::last_step_pages_total);
 
   py::class_<Engine>(m, "Engine")
       .def(py::init<const ModelConfig&, const EngineConfig&>(), py::arg("model_config"), py::arg("config"))

@@ -1,8 +1,265 @@
-// Placeholder: the ops bindings are being written.
+// _C.CpuBackend: the reference backend's ops for tests and tools. Every tensor argument is a numpy
+// array or torch tensor (DLPack); outputs are preallocated by the caller and written in place;
+// the GIL is released while an op runs. Also _C.rope_cos_sin_cache / _C.rope_frequencies, which
+// take rope_scaling as Hugging Face's config dict.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "bindings.h"
+#include "dlpack.h"
+#include "lserve/backend.h"
+#include "lserve/model/rope.h"
 
 namespace lserve::bindings {
 
-void bind_ops(pybind11::module_& m) {}
+namespace {
+
+// The Python object owns its backend; a distinct type so that other bindings may bind Backend.
+struct PyCpuBackend {
+  std::unique_ptr<Backend> backend;
+};
+
+// Runs op(backend) with the GIL released; the DlpackTensors that own the views must outlive it.
+template <typename Fn>
+void run_without_gil(Fn&& op) {
+  py::gil_scoped_release release;
+  op();
+}
+
+OpKind op_kind_from_string(const std::string& name) {
+  if (name == "embed") return OpKind::kEmbed;
+  if (name == "rms_norm") return OpKind::kRmsNorm;
+  if (name == "gemm") return OpKind::kGemm;
+  if (name == "silu_mul") return OpKind::kSiluMul;
+  if (name == "rope_kv_append") return OpKind::kRopeKvAppend;
+  if (name == "attention") return OpKind::kAttention;
+  if (name == "gather_rows") return OpKind::kGatherRows;
+  LSERVE_THROW("unknown op '", name, "'");
+}
+
+// Reads an optional number from a Hugging Face rope_scaling dict (absent or None: fallback).
+double dict_number(const py::dict& dict, const char* key, double fallback) {
+  if (!dict.contains(key) || dict[key].is_none()) return fallback;
+  return dict[key].cast<double>();
+}
+
+// ModelConfig holding what the rope tables read. rope_scaling follows transformers' rope dict:
+// "rope_type" (or legacy "type"), "factor", ...; "rope_theta" / "partial_rotary_factor" inside
+// it take precedence, as in transformers' rope_parameters. A yarn dict without "factor" uses
+// max_position_embeddings / original_max_position_embeddings, as transformers does.
+ModelConfig rope_config(int head_dim, double rope_theta, double partial_rotary_factor, const py::object& rope_scaling,
+                        int max_position_embeddings) {
+  ModelConfig config;
+  config.head_dim = head_dim;
+  config.rope_theta = rope_theta;
+  config.partial_rotary_factor = partial_rotary_factor;
+  config.max_position_embeddings = max_position_embeddings;
+  if (rope_scaling.is_none()) return config;
+  const py::dict dict = rope_scaling.cast<py::dict>();
+  RopeScaling& scaling = config.rope_scaling;
+  if (dict.contains("rope_type") && !dict["rope_type"].is_none()) {
+    scaling.rope_type = dict["rope_type"].cast<std::string>();
+  } else if (dict.contains("type") && !dict["type"].is_none()) {
+    scaling.rope_type = dict["type"].cast<std::string>();
+  }
+  config.rope_theta = dict_number(dict, "rope_theta", config.rope_theta);
+  config.partial_rotary_factor = dict_number(dict, "partial_rotary_factor", config.partial_rotary_factor);
+  scaling.original_max_position_embeddings =
+      static_cast<int>(dict_number(dict, "original_max_position_embeddings", 0.0));
+  const bool has_factor = dict.contains("factor") && !dict["factor"].is_none();
+  if (has_factor) {
+    scaling.factor = dict["factor"].cast<double>();
+  } else if (scaling.rope_type == "yarn") {
+    const int original = scaling.original_max_position_embeddings > 0 ? scaling.original_max_position_embeddings
+                                                                      : max_position_embeddings;
+    scaling.factor = static_cast<double>(max_position_embeddings) / original;
+  } else if (scaling.rope_type == "linear" || scaling.rope_type == "llama3") {
+    LSERVE_THROW("rope_scaling of type '", scaling.rope_type, "' needs 'factor'");
+  }
+  scaling.low_freq_factor = dict_number(dict, "low_freq_factor", scaling.low_freq_factor);
+  scaling.high_freq_factor = dict_number(dict, "high_freq_factor", scaling.high_freq_factor);
+  scaling.beta_fast = dict_number(dict, "beta_fast", scaling.beta_fast);
+  scaling.beta_slow = dict_number(dict, "beta_slow", scaling.beta_slow);
+  scaling.attention_factor = dict_number(dict, "attention_factor", 0.0);
+  scaling.mscale = dict_number(dict, "mscale", 0.0);
+  scaling.mscale_all_dim = dict_number(dict, "mscale_all_dim", 0.0);
+  if (dict.contains("truncate") && !dict["truncate"].is_none()) scaling.truncate = dict["truncate"].cast<bool>();
+  return config;
+}
+
+}  // namespace
+
+void bind_ops(py::module_& m) {
+  py::class_<PyCpuBackend>(m, "CpuBackend",
+                           "The CPU reference backend. Ops take numpy arrays or torch tensors and write their "
+                           "preallocated outputs in place; invalid inputs raise ValueError.")
+      .def(py::init([](int num_threads) { return PyCpuBackend{make_cpu_backend(num_threads)}; }),
+           py::arg("num_threads") = 0, "num_threads <= 0 uses every hardware thread.")
+      .def_property_readonly("name", [](const PyCpuBackend& self) { return self.backend->name(); })
+      .def(
+          "supports",
+          [](const PyCpuBackend& self, const std::string& op, const std::string& weight_dtype,
+             const std::string& kv_cache_dtype) {
+            return self.backend->supports(op_kind_from_string(op), dtype_from_string(weight_dtype),
+                                          dtype_from_string(kv_cache_dtype));
+          },
+          py::arg("op"), py::arg("weight_dtype") = "float32", py::arg("kv_cache_dtype") = "float32")
+      .def(
+          "copy",
+          [](PyCpuBackend& self, py::handle dst, py::handle src) {
+            DlpackTensor dst_t(dst, "dst"), src_t(src, "src");
+            const TensorView dst_view = dst_t.writable_view("dst");
+            run_without_gil([&] { self.backend->copy(dst_view, src_t.view()); });
+          },
+          py::arg("dst"), py::arg("src"), "dst[...] = src, converting between float32/bfloat16/float16.")
+      .def(
+          "fill_zero",
+          [](PyCpuBackend& self, py::handle dst) {
+            DlpackTensor dst_t(dst, "dst");
+            const TensorView dst_view = dst_t.writable_view("dst");
+            run_without_gil([&] { self.backend->fill_zero(dst_view); });
+          },
+          py::arg("dst"))
+      .def(
+          "embed",
+          [](PyCpuBackend& self, py::handle token_ids, py::handle weight, py::handle output) {
+            DlpackTensor ids_t(token_ids, "token_ids"), weight_t(weight, "weight"), output_t(output, "output");
+            const EmbedArgs args{ids_t.view(), weight_t.view(), output_t.writable_view("output")};
+            run_without_gil([&] { self.backend->embed(args); });
+          },
+          py::arg("token_ids"), py::arg("weight"), py::arg("output"),
+          "output (num_tokens, hidden_size) f32 = weight[token_ids]")
+      .def(
+          "rms_norm",
+          [](PyCpuBackend& self, py::handle input, py::handle residual, py::handle weight, py::handle output,
+             float eps) {
+            std::vector<DlpackTensor> keep;
+            DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
+            const TensorView residual_view = optional_view(residual, keep, "residual");
+            if (residual_view.defined()) keep.back().writable_view("residual");  // updated in place
+            const RmsNormArgs args{input_t.view(), residual_view, weight_t.view(), output_t.writable_view("output"),
+                                   eps};
+            run_without_gil([&] { self.backend->rms_norm(args); });
+          },
+          py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("output"), py::arg("eps") = 1e-6f,
+          "output = rms_norm(input [+ residual, written back to residual]) * weight")
+      .def(
+          "gemm",
+          [](PyCpuBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output) {
+            std::vector<DlpackTensor> keep;
+            DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
+            const GemmArgs args{input_t.view(), weight_t.view(), optional_view(bias, keep, "bias"),
+                                output_t.writable_view("output")};
+            run_without_gil([&] { self.backend->gemm(args); });
+          },
+          py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"),
+          "output (num_tokens, out_features) = input @ weight.T (+ bias)")
+      .def(
+          "silu_mul",
+          [](PyCpuBackend& self, py::handle input, py::handle output) {
+            DlpackTensor input_t(input, "input"), output_t(output, "output");
+            const SiluMulArgs args{input_t.view(), output_t.writable_view("output")};
+            run_without_gil([&] { self.backend->silu_mul(args); });
+          },
+          py::arg("input"), py::arg("output"), "output = silu(input[:, :d]) * input[:, d:]")
+      .def(
+          "rope_kv_append",
+          [](PyCpuBackend& self, py::handle query, py::handle key, py::handle value, py::handle positions,
+             py::handle cos_sin_cache, py::handle k_cache, py::handle v_cache, py::handle slot_mapping) {
+            DlpackTensor query_t(query, "query"), key_t(key, "key"), value_t(value, "value");
+            DlpackTensor positions_t(positions, "positions"), cache_t(cos_sin_cache, "cos_sin_cache");
+            DlpackTensor k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
+            DlpackTensor slots_t(slot_mapping, "slot_mapping");
+            const RopeKvAppendArgs args{query_t.writable_view("query"),     key_t.writable_view("key"),
+                                        value_t.view(),                     positions_t.view(),
+                                        cache_t.view(),                     k_cache_t.writable_view("k_cache"),
+                                        v_cache_t.writable_view("v_cache"), slots_t.view()};
+            run_without_gil([&] { self.backend->rope_kv_append(args); });
+          },
+          py::arg("query"), py::arg("key"), py::arg("value"), py::arg("positions"), py::arg("cos_sin_cache"),
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
+          "Rotates query and key in place, then stores key and value at slot_mapping (slot < 0: skipped).")
+      .def(
+          "attention",
+          [](PyCpuBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
+             py::handle kv_page_indptr, py::handle kv_page_indices, py::handle kv_lens, py::handle output,
+             float sm_scale, py::object window_sink, py::object window_local, py::object head_page_positions,
+             py::object head_num_pages) {
+            DlpackTensor query_t(query, "query"), k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
+            DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), page_indptr_t(kv_page_indptr, "kv_page_indptr");
+            DlpackTensor page_indices_t(kv_page_indices, "kv_page_indices"), kv_lens_t(kv_lens, "kv_lens");
+            DlpackTensor output_t(output, "output");
+            AttentionArgs args;
+            args.query = query_t.view();
+            args.k_cache = k_cache_t.view();
+            args.v_cache = v_cache_t.view();
+            args.qo_indptr = qo_indptr_t.view();
+            args.kv_page_indptr = page_indptr_t.view();
+            args.kv_page_indices = page_indices_t.view();
+            args.kv_lens = kv_lens_t.view();
+            args.output = output_t.writable_view("output");
+            args.sm_scale = sm_scale;
+            // Optional block-iterator policy (streaming heads' Lambda mask, per-head page lists).
+            std::optional<DlpackTensor> sink_t, local_t, positions_t, counts_t;
+            if (!window_sink.is_none()) args.window_sink = sink_t.emplace(window_sink, "window_sink").view();
+            if (!window_local.is_none()) args.window_local = local_t.emplace(window_local, "window_local").view();
+            if (!head_page_positions.is_none()) {
+              args.head_page_positions = positions_t.emplace(head_page_positions, "head_page_positions").view();
+            }
+            if (!head_num_pages.is_none()) {
+              args.head_num_pages = counts_t.emplace(head_num_pages, "head_num_pages").view();
+            }
+            run_without_gil([&] { self.backend->attention(args); });
+          },
+          py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
+          py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"),
+          py::arg("window_sink") = py::none(), py::arg("window_local") = py::none(),
+          py::arg("head_page_positions") = py::none(), py::arg("head_num_pages") = py::none(),
+          "Causal GQA of each sequence's query chunk over its KV pages, with the optional block-iterator "
+          "policy: window_sink/window_local (Lambda mask) and head_page_positions/head_num_pages (see "
+          "ops/attention.h).")
+      .def(
+          "gather_rows",
+          [](PyCpuBackend& self, py::handle input, py::handle indices, py::handle output) {
+            DlpackTensor input_t(input, "input"), indices_t(indices, "indices"), output_t(output, "output");
+            const GatherRowsArgs args{input_t.view(), indices_t.view(), output_t.writable_view("output")};
+            run_without_gil([&] { self.backend->gather_rows(args); });
+          },
+          py::arg("input"), py::arg("indices"), py::arg("output"), "output = input[indices]");
+
+  m.def(
+      "rope_cos_sin_cache",
+      [](int head_dim, double rope_theta, int max_positions, double partial_rotary_factor, py::object rope_scaling,
+         int max_position_embeddings) {
+        const ModelConfig config =
+            rope_config(head_dim, rope_theta, partial_rotary_factor, rope_scaling, max_position_embeddings);
+        const std::vector<float> cache = rope_cos_sin_cache(config, max_positions);
+        const int64_t rotary_dim = static_cast<int64_t>(rope_frequencies(config).inv_freq.size()) * 2;
+        return to_numpy(cache.data(), {max_positions, rotary_dim});
+      },
+      py::arg("head_dim"), py::arg("rope_theta"), py::arg("max_positions"), py::arg("partial_rotary_factor") = 1.0,
+      py::arg("rope_scaling") = py::none(), py::arg("max_position_embeddings") = 2048,
+      "(max_positions, rotary_dim) float32: row p = [cos(p * inv_freq) | sin(p * inv_freq)] * attention_scaling; "
+      "rope_scaling is Hugging Face's dict (rope_type default, linear, llama3 or yarn).");
+  m.def(
+      "rope_frequencies",
+      [](int head_dim, double rope_theta, double partial_rotary_factor, py::object rope_scaling,
+         int max_position_embeddings) {
+        const RopeFrequencies frequencies = rope_frequencies(
+            rope_config(head_dim, rope_theta, partial_rotary_factor, rope_scaling, max_position_embeddings));
+        py::array_t<double> inv_freq(static_cast<py::ssize_t>(frequencies.inv_freq.size()));
+        std::copy(frequencies.inv_freq.begin(), frequencies.inv_freq.end(), inv_freq.mutable_data());
+        return py::make_tuple(inv_freq, frequencies.attention_scaling);
+      },
+      py::arg("head_dim"), py::arg("rope_theta"), py::arg("partial_rotary_factor") = 1.0,
+      py::arg("rope_scaling") = py::none(), py::arg("max_position_embeddings") = 2048,
+      "(inv_freq (rotary_dim / 2,) float64, attention_scaling) as transformers' ROPE_INIT_FUNCTIONS return them.");
+}
 
 }  // namespace lserve::bindings

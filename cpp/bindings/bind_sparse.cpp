@@ -2,12 +2,30 @@
 #include "bindings.h"
 #include "dlpack.h"
 #include "lserve/ops/page_select.h"
+#include "lserve/sparsity.h"
+
+#include <pybind11/stl.h>
 
 namespace lserve::bindings {
 
 namespace py = pybind11;
 
 void bind_sparse(py::module_& m) {
+  py::class_<SparsityConfig>(m, "SparsityConfig")
+      .def(py::init<>())
+      .def_readwrite("enabled", &SparsityConfig::enabled)
+      .def_readwrite("streaming_heads", &SparsityConfig::streaming_heads)
+      .def_readwrite("prefill_sink_tokens", &SparsityConfig::prefill_sink_tokens)
+      .def_readwrite("prefill_local_tokens", &SparsityConfig::prefill_local_tokens)
+      .def_readwrite("decode_sink_tokens", &SparsityConfig::decode_sink_tokens)
+      .def_readwrite("decode_local_tokens", &SparsityConfig::decode_local_tokens)
+      .def_readwrite("physical_page_size", &SparsityConfig::physical_page_size)
+      .def_readwrite("logical_page_size", &SparsityConfig::logical_page_size)
+      .def_readwrite("decode_token_budget", &SparsityConfig::decode_token_budget)
+      .def_readwrite("selection_reuse_interval", &SparsityConfig::selection_reuse_interval)
+      .def_readwrite("dense_below_tokens", &SparsityConfig::dense_below_tokens)
+      .def_readwrite("always_select_sink_page", &SparsityConfig::always_select_sink_page)
+      .def("validate", &SparsityConfig::validate, py::arg("num_layers"), py::arg("num_kv_heads"));
   m.def(
       "page_select",
       [](py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr, py::handle kv_page_indices,

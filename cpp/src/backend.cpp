@@ -41,6 +41,14 @@ void Backend::fill_zero(const TensorView& dst) {
   fill_zero_impl(dst);
 }
 
+void Backend::page_select_impl(const PageSelectArgs&) {
+  LSERVE_THROW("the ", name(), " backend has no page_select yet (sparse decode)");
+}
+
+void Backend::page_stats_append_impl(const PageStatsAppendArgs&) {
+  LSERVE_THROW("the ", name(), " backend has no page_stats_append yet (sparse decode)");
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads) {
   if (device == "cpu") return make_cpu_backend(num_threads);
   if (device.rfind("cuda", 0) == 0) {

@@ -26,8 +26,11 @@ Engine::Engine(const ModelConfig& model_config, const EngineConfig& config) : co
   ModelConfig checked = model_config;
   checked.validate();
   if (config_.max_model_len == 0) config_.max_model_len = checked.max_position_embeddings;
+  config_.sparsity.validate(checked.num_layers, checked.num_kv_heads);
+  if (config_.sparsity.enabled) config_.page_size = config_.sparsity.physical_page_size;
   backend_ = make_backend(config_.device, config_.num_threads);
   model_ = std::make_unique<LlamaModel>(checked, *backend_, dtype_from_string(config_.dtype), config_.max_model_len);
+  model_->set_sparsity(config_.sparsity);
   eos_token_ids_ = config_.eos_token_ids;
   if (eos_token_ids_.empty() && checked.eos_token_id >= 0) eos_token_ids_.push_back(checked.eos_token_id);
   seed_rng_.seed(static_cast<uint64_t>(config_.seed));
@@ -44,11 +47,28 @@ void Engine::finalize() {
   LSERVE_CHECK(!ready_, "finalize() called twice");
   model_->finalize();
   const DType kv_dtype = dtype_from_string(config_.kv_cache_dtype);
-  const int64_t page_bytes = model_->kv_bytes_per_token(kv_dtype) * config_.page_size;
+  const int64_t page_bytes = std::max<int64_t>(1, model_->kv_bytes_per_token(kv_dtype) * config_.page_size);
   const int64_t pages_per_seq = (config_.max_model_len + config_.page_size - 1) / config_.page_size;
+  int64_t budget = config_.kv_cache_memory > 0 ? config_.kv_cache_memory : (1LL << 30);
+  int num_slots = 0;
+  if (config_.sparsity.enabled) {
+    // Streaming heads: one slot of sink + ring pages per running sequence, taken from the budget
+    // first (at most half of it); the dense heads' pages get the rest.
+    const SparsityConfig& sp = config_.sparsity;
+    const int page_size = config_.page_size;
+    const int sink_pages = (std::max(sp.prefill_sink_tokens, sp.decode_sink_tokens) + page_size - 1) / page_size;
+    const int ring_pages = StreamingKvCache::ring_pages_for(
+        page_size, std::max(sp.prefill_local_tokens, sp.decode_local_tokens), config_.max_num_batched_tokens);
+    streaming_slot_bytes_ = static_cast<int64_t>(sink_pages + ring_pages) * page_size *
+                            model_->streaming_bytes_per_token(kv_dtype);
+    int64_t slots = config_.max_num_seqs;
+    if (streaming_slot_bytes_ > 0) slots = std::min<int64_t>(slots, std::max<int64_t>(1, budget / 2 / streaming_slot_bytes_));
+    num_slots = static_cast<int>(slots);
+    budget -= num_slots * streaming_slot_bytes_;
+    streaming_ = std::make_unique<StreamingKvCache>(num_slots, page_size, sink_pages, ring_pages);
+  }
   int64_t num_pages = config_.num_kv_pages;
   if (num_pages == 0) {
-    const int64_t budget = config_.kv_cache_memory > 0 ? config_.kv_cache_memory : (1LL << 30);
     num_pages = budget / page_bytes;
     if (config_.kv_cache_memory == 0) {  // default: no more than every sequence at full length needs
       num_pages = std::min<int64_t>(num_pages, pages_per_seq * config_.max_num_seqs);
@@ -60,8 +80,10 @@ void Engine::finalize() {
   LSERVE_CHECK(num_pages <= (1LL << 30), "too many KV pages: ", num_pages);
   model_->allocate_kv_cache(static_cast<int>(num_pages), config_.page_size, kv_dtype);
   kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size);
+  if (streaming_) model_->allocate_streaming_cache(streaming_->num_pages(), config_.page_size, kv_dtype, num_slots);
   scheduler_ = std::make_unique<Scheduler>(
-      SchedulerConfig{config_.max_num_seqs, config_.max_num_batched_tokens, config_.max_model_len}, *kv_cache_);
+      SchedulerConfig{config_.max_num_seqs, config_.max_num_batched_tokens, config_.max_model_len}, *kv_cache_,
+      streaming_.get());
   ready_ = true;
 }
 
@@ -96,6 +118,7 @@ bool Engine::abort_request(int64_t request_id) {
   if (!ready_) return false;
   auto request = scheduler_->abort_request(request_id);
   if (!request) return false;
+  selection_state_.erase(request_id);
   RequestOutput output;
   output.request_id = request_id;
   output.finished = true;
@@ -115,6 +138,44 @@ bool Engine::is_eos(int32_t token_id) const {
   return std::find(eos_token_ids_.begin(), eos_token_ids_.end(), token_id) != eos_token_ids_.end();
 }
 
+void Engine::add_sparse_metadata(const ScheduledChunk& chunk, int64_t kv_len, int64_t num_pages, ForwardBatch* batch) {
+  const SparsityConfig& sp = config_.sparsity;
+  const Request& request = *chunk.request;
+  const int slot = streaming_->slot(request.request_id);
+  for (int64_t position = chunk.start_position; position < chunk.start_position + chunk.num_new_tokens; ++position) {
+    batch->stream_slot_mapping.push_back(streaming_->token_slot(slot, position));
+  }
+  streaming_->append_page_table(slot, num_pages, &batch->stream_page_indices);
+  batch->stream_page_indptr.push_back(static_cast<int32_t>(batch->stream_page_indices.size()));
+  // A decode step: one new token after the prompt. Prefill chunks (recomputation included) use
+  // the prefill Lambda mask and read every page of the dense heads.
+  const bool decode = chunk.num_new_tokens == 1 &&
+                      chunk.start_position >= static_cast<int64_t>(request.prompt_token_ids.size());
+  const bool short_context = kv_len < sp.dense_below_tokens;
+  const bool decode_window = decode && !short_context;
+  batch->window_sink.push_back(decode_window ? sp.decode_sink_tokens : sp.prefill_sink_tokens);
+  batch->window_local.push_back(decode_window ? sp.decode_local_tokens : sp.prefill_local_tokens);
+  batch->seq_slots.push_back(slot);
+  const int64_t num_select = sp.decode_token_budget / sp.physical_page_size;
+  uint8_t mode = kSelectDense;
+  int32_t base = static_cast<int32_t>(num_pages);
+  if (!decode) {
+    selection_state_.erase(request.request_id);
+  } else if (!short_context && num_pages > num_select) {
+    SelectionState& state = selection_state_[request.request_id];
+    if (state.slot != slot || state.steps == 0 || state.steps >= sp.selection_reuse_interval) {
+      state = SelectionState{slot, 1, static_cast<int32_t>(num_pages)};
+      mode = kSelectFresh;
+    } else {
+      ++state.steps;
+      mode = kSelectReuse;
+      base = state.base_pages;
+    }
+  }
+  batch->select_mode.push_back(mode);
+  batch->select_base_pages.push_back(base);
+}
+
 std::vector<RequestOutput> Engine::step() {
   std::lock_guard<std::mutex> lock(mutex_);
   LSERVE_CHECK(ready_, "step() before finalize()");
@@ -129,6 +190,7 @@ std::vector<RequestOutput> Engine::step() {
   const int page_size = kv_cache_->page_size();
   batch.qo_indptr.push_back(0);
   batch.kv_page_indptr.push_back(0);
+  if (streaming_) batch.stream_page_indptr.push_back(0);
   for (const ScheduledChunk& chunk : scheduled.chunks) {
     const Request& request = *chunk.request;
     for (int64_t position = chunk.start_position; position < chunk.start_position + chunk.num_new_tokens;
@@ -145,6 +207,7 @@ std::vector<RequestOutput> Engine::step() {
     batch.kv_page_indptr.push_back(static_cast<int32_t>(batch.kv_page_indices.size()));
     batch.kv_lens.push_back(static_cast<int32_t>(kv_len));
     if (chunk.samples) batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size() - 1));
+    if (streaming_) add_sparse_metadata(chunk, kv_len, num_pages, &batch);
   }
 
   std::vector<float> logits = model_->forward(batch);
@@ -183,6 +246,7 @@ std::vector<RequestOutput> Engine::step() {
     output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
     output.num_output_tokens = num_outputs;
     if (reason != FinishReason::kNone) {
+      selection_state_.erase(request.request_id);
       output.finished = true;
       output.finish_reason = finish_reason_name(reason);
       scheduler_->finish_request(request.request_id, reason);  // frees the pages; `request` dies here
@@ -203,6 +267,14 @@ EngineStats Engine::stats() const {
   stats.page_size = kv_cache_->page_size();
   stats.num_preemptions = num_preemptions_;
   stats.num_steps = num_steps_;
+  if (streaming_) {
+    stats.num_stream_slots = streaming_->num_slots();
+    stats.num_free_stream_slots = streaming_->num_free_slots();
+    stats.streaming_kv_bytes = streaming_->num_slots() * streaming_slot_bytes_;
+    stats.streaming_kv_bytes_in_use = (streaming_->num_slots() - streaming_->num_free_slots()) * streaming_slot_bytes_;
+  }
+  stats.last_step_pages_selected = model_->last_pages_selected();
+  stats.last_step_pages_total = model_->last_pages_total();
   return stats;
 }
 

@@ -17,8 +17,8 @@ const char* finish_reason_name(FinishReason reason) {
   return "";
 }
 
-Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache)
-    : config_(config), kv_cache_(kv_cache) {
+Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache, StreamingKvCache* streaming)
+    : config_(config), kv_cache_(kv_cache), streaming_(streaming) {
   LSERVE_CHECK(config.max_num_seqs >= 1, "max_num_seqs must be >= 1, got ", config.max_num_seqs);
   LSERVE_CHECK(config.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1, got ",
                config.max_num_batched_tokens);
@@ -55,10 +55,23 @@ std::unique_ptr<Request> Scheduler::take(int64_t request_id) {
   return nullptr;
 }
 
+bool Scheduler::reserve(const Request& request, int64_t num_tokens) {
+  const bool new_slot = streaming_ != nullptr && !streaming_->has(request.request_id);
+  if (new_slot && streaming_->acquire(request.request_id) < 0) return false;
+  if (kv_cache_.reserve(request.request_id, num_tokens)) return true;
+  if (new_slot) streaming_->release(request.request_id);
+  return false;
+}
+
+void Scheduler::release(int64_t request_id) {
+  kv_cache_.release(request_id);
+  if (streaming_ != nullptr) streaming_->release(request_id);
+}
+
 std::unique_ptr<Request> Scheduler::finish_request(int64_t request_id, FinishReason reason) {
   auto request = take(request_id);
   if (!request) return nullptr;
-  kv_cache_.release(request_id);
+  release(request_id);
   request->status = RequestStatus::kFinished;
   request->finish_reason = reason;
   return request;
@@ -69,7 +82,7 @@ std::unique_ptr<Request> Scheduler::abort_request(int64_t request_id) {
 }
 
 void Scheduler::preempt(std::unique_ptr<Request> request, SchedulerOutput& output) {
-  kv_cache_.release(request->request_id);
+  release(request->request_id);
   request->num_computed_tokens = 0;
   request->status = RequestStatus::kWaiting;
   ++request->num_preemptions;
@@ -92,7 +105,7 @@ SchedulerOutput Scheduler::schedule() {
       continue;
     }
     bool self_preempted = false;
-    while (!kv_cache_.reserve(request->request_id, request->num_computed_tokens + num_new)) {
+    while (!reserve(*request, request->num_computed_tokens + num_new)) {
       auto victim = std::move(running_.back());
       running_.pop_back();
       self_preempted = victim.get() == request;
@@ -111,7 +124,7 @@ SchedulerOutput Scheduler::schedule() {
          static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Request* request = waiting_.front().get();
     const int64_t num_new = std::min(request->num_tokens() - request->num_computed_tokens, budget);
-    if (!kv_cache_.reserve(request->request_id, request->num_computed_tokens + num_new)) break;
+    if (!reserve(*request, request->num_computed_tokens + num_new)) break;
     request->status = RequestStatus::kRunning;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();

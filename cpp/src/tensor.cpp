@@ -116,6 +116,7 @@ int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
+  if (numel() == 0) return true;  // no elements, any strides (numpy exports 0 for empty arrays)
   int64_t expected = 1;
   for (int d = ndim - 1; d >= 0; --d) {
     if (shape[d] != 1 && strides[d] != expected) return false;
@@ -125,6 +126,7 @@ bool TensorView::is_contiguous() const {
 }
 
 bool TensorView::rows_contiguous() const {
+  if (numel() == 0) return true;
   int64_t expected = 1;
   for (int d = ndim - 1; d >= 1; --d) {
     if (shape[d] != 1 && strides[d] != expected) return false;

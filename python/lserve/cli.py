@@ -10,6 +10,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", default="smollm2-135m-instruct",
                        help="model name, .gguf file or Hugging Face directory (default: %(default)s)")
+    group.add_argument("--tokenizer", default=None,
+                       help="Hugging Face directory whose tokenizer replaces the model's own")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weight dtype (default: %(default)s)")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -19,15 +21,17 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the paged KV cache")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="'dummy' draws random weights (benchmarks)")
+    group.add_argument("--sparsity", default="dense", choices=["dense", "lserve"],
+                       help="attention: dense, or LServe sparse attention (streaming heads + page selection)")
 
 
 def _engine_from_args(args: argparse.Namespace):
     from lserve.engine import Engine
 
-    return Engine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+    return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory=args.kv_cache_memory, load_format=args.load_format, seed=args.seed,
-                  show_progress=not args.quiet)
+                  show_progress=not args.quiet, sparsity=args.sparsity)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -95,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:  # bad input, or a failed model download
         print(f"lserve: error: {error}", file=sys.stderr)
         return 2
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from lserve import _C
+from lserve.models import DEFAULT_MODEL
 from lserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lserve.sampling import SamplingParams
+from lserve.sparsity import SparsityConfig, resolve_sparsity
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
 PromptType = Union[str, List[int], Dict[str, object]]
@@ -85,6 +86,8 @@ class Engine:
         device: "cpu" (or "cuda" once built with CUDA).
         load_format: "auto" reads the weights; "dummy" draws random weights of the right shapes.
         seed: draws the seeds of requests that carry none.
+        sparsity: LServe sparse attention: None or "dense" (off), "lserve" (the paper's settings and
+            the model's shipped head pattern), or a lserve.SparsityConfig.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer: Optional[str] = None, dtype: str = "auto",
@@ -92,10 +95,11 @@ class Engine:
                  max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
                  kv_cache_dtype: str = "auto", device: str = "cpu", load_format: str = "auto", seed: int = 0,
                  page_size: int = 16, num_threads: int = 0, num_kv_pages: Optional[int] = None,
-                 capture_logits: bool = False, show_progress: bool = True) -> None:
-        from lserve.model_loading import load_model_source
+                 capture_logits: bool = False, show_progress: bool = True,
+                 sparsity: Union[None, str, "SparsityConfig"] = None) -> None:
+        from lserve.model_loading import LOAD_FORMATS, load_model_source
 
-        if load_format not in ("auto", "dummy"):
+        if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
@@ -114,16 +118,21 @@ class Engine:
         source = load_model_source(model, load_format=load_format, tokenizer=tokenizer)
         self.model = model
         self.tokenizer = source.tokenizer
+        self._tokenizer_vocab_size = self.tokenizer.vocab_size if self.tokenizer is not None else 0
         model_config = source.model_config
-        if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
+        if max_model_len is not None and max_model_len > source.max_model_len:
+            window = source.spec.sliding_window
+            why = (f" (its sliding window: attention is full, which equals the model's windowed attention "
+                   f"only within {window} tokens)" if window and window < model_config.max_position_embeddings
+                   else "")
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length "
-                             f"{model_config.max_position_embeddings}")
+                             f"{source.max_model_len}{why}")
 
         config = _C.EngineConfig()
         config.device = device
         config.dtype = "float32" if dtype == "auto" else dtype
         config.kv_cache_dtype = "float32" if kv_cache_dtype == "auto" else kv_cache_dtype
-        config.max_model_len = max_model_len or 0
+        config.max_model_len = max_model_len or source.max_model_len
         config.max_num_seqs = max_num_seqs
         config.max_num_batched_tokens = max_num_batched_tokens
         config.kv_cache_memory = kv_cache_memory or 0
@@ -133,6 +142,8 @@ class Engine:
         config.seed = int(seed)
         config.capture_logits = capture_logits
         config.eos_token_ids = list(source.eos_token_ids)
+        self.sparsity = resolve_sparsity(sparsity, model)
+        config.sparsity = self.sparsity.to_core(model_config.num_layers, model_config.num_kv_heads)
         self._core = _C.Engine(model_config, config)
         source.load_weights(self._core, seed=seed, show_progress=show_progress)
         self._core.finalize()
@@ -260,8 +271,9 @@ class Engine:
                 if token_id not in ranked:
                     ranked = {token_id: Logprob(entry.logprob), **ranked}
                 sequence.logprobs.append(ranked)
-            if sequence.decoder is not None:
-                sequence.text += sequence.decoder.step(token_id)
+            if sequence.decoder is not None and token_id < self._tokenizer_vocab_size:
+                # ids past the tokenizer's vocabulary (padded embedding rows) decode to nothing
+                sequence.text += sequence.decoder.push(token_id)
         if out.finished:
             sequence.finish_reason = out.finish_reason
             self._core_to_seq.pop(sequence.core_id, None)

@@ -1,122 +1,152 @@
 """From a model name to a configured core engine: config, tokenizer and a weight stream.
 
-load_model_source() resolves the model (lserve.models), reads its config (GGUF metadata or
-config.json), its tokenizer, and returns a ModelSource whose load_weights() feeds every tensor,
-under its Hugging Face name, into lserve._C.Engine.load_weight with a progress bar.
+load_model_source() resolves the model (lserve.models), reads its architecture into a ModelSpec
+(GGUF metadata through _C.gguf_model_config_dict, or config.json through lserve.loader.hf) and its
+tokenizer, and returns a ModelSource whose load_weights() feeds every tensor, under its Hugging
+Face name, into lserve._C.Engine.load_weight with a progress bar. Names and shapes are checked
+before any tensor data is read: a bad checkpoint fails fast, naming the culprit.
+
+Example:
+    >>> source = load_model_source("model_dir")          # or a .gguf file, or "smollm2-135m-instruct"
+    >>> core = _C.Engine(source.model_config, engine_config)
+    >>> source.load_weights(core); core.finalize()
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from lserve import _C
+from lserve.loader.spec import ROPE_SCALING_FIELDS, ModelSpec
 from lserve.progress import progress_bar
 
-_ROPE_FIELDS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
-                "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+WeightSink = Callable[[str, np.ndarray], None]  # (Hugging Face name, array)
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def core_model_config(fields: dict) -> "_C.ModelConfig":
-    """Builds the C++ ModelConfig from a dict of its field names (rope_scaling a nested dict)."""
+    """The C++ ModelConfig of a ModelSpec.fields dict (rope_scaling a nested dict); validated."""
     config = _C.ModelConfig()
     for name, value in fields.items():
         if name == "rope_scaling":
             rope = _C.RopeScaling()
-            for key, item in (value or {}).items():
-                if key in _ROPE_FIELDS and item is not None:
-                    setattr(rope, key, item)
+            for key in ROPE_SCALING_FIELDS:
+                if value.get(key) is not None:
+                    setattr(rope, key, value[key])
             config.rope_scaling = rope
-        elif hasattr(config, name) and value is not None:
+        else:
             setattr(config, name, value)
     config.validate()
     return config
 
 
-def core_config_fields(config: "_C.ModelConfig") -> dict:
-    """The ModelConfig as a dict of its field names (rope_scaling nested)."""
-    fields = {name: getattr(config, name) for name in dir(config)
-              if not name.startswith("_") and name not in ("validate", "rope_scaling")}
-    fields["rope_scaling"] = {name: getattr(config.rope_scaling, name) for name in _ROPE_FIELDS}
-    return fields
-
-
 @dataclass
 class ModelSource:
+    """A resolved model, ready to build a core engine from.
+
+    spec:          the architecture (ModelConfig fields, every EOS id, sliding window).
+    model_config:  spec.fields as the C++ ModelConfig.
+    tokenizer:     a lserve.tokenizer.Tokenizer, or None (an HF directory without tokenizer files).
+    eos_token_ids: the ids that end a sequence (the config's, then the tokenizer's EOS).
+    num_weights:   how many tensors feed_weights delivers (for the progress bar).
+    feed_weights:  (seed, sink) -> None; calls sink(hf_name, array) once per weight.
+    """
+
+    spec: ModelSpec
     model_config: "_C.ModelConfig"
     tokenizer: Optional[object]
     eos_token_ids: List[int]
     num_weights: int
-    weights: Callable[[int], Iterator[Tuple[str, np.ndarray]]]  # seed -> (hf_name, array) stream
+    feed_weights: Callable[[int, WeightSink], None]
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence the engine serves exactly (context length, capped by a sliding window)."""
+        return self.spec.max_model_len
 
     def load_weights(self, core: "_C.Engine", seed: int = 0, show_progress: bool = True) -> None:
         with progress_bar(total=self.num_weights, desc="Loading weights", enabled=show_progress,
                           unit="tensor") as bar:
-            for name, array in self.weights(seed):
+            def sink(name: str, array: np.ndarray) -> None:
                 core.load_weight(name, np.ascontiguousarray(array))
                 bar.update(1)
 
+            self.feed_weights(seed, sink)
+
 
 def load_model_source(model: str, load_format: str = "auto", tokenizer: Optional[str] = None) -> ModelSource:
-    from lserve.models import resolve_model
-    from lserve.tokenizer import Tokenizer
+    """Resolves `model` (a registered name, a .gguf file or a Hugging Face directory) and reads its
+    config and tokenizer; `tokenizer` names a Hugging Face directory whose tokenizer replaces the
+    model's. load_format "dummy" draws random weights of the model's shapes instead of reading them.
 
+    Raises ValueError naming the problem: an unknown model, an unsupported architecture or tensor
+    type, a corrupt file, missing or unexpected tensors.
+    """
+    from lserve.loader.dummy import dummy_weights
+    from lserve.loader.hf import expected_weight_shapes
+    from lserve.models import resolve_model
+
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     resolved = resolve_model(model)
     if resolved.kind == "gguf":
-        gguf = _C.GgufFile(str(resolved.path))
-        config = _C.gguf_model_config(gguf)
-        tok = Tokenizer.from_pretrained(tokenizer) if tokenizer else Tokenizer.from_gguf(gguf)
-        names = list(_C.gguf_hf_weight_names(gguf))
+        spec, tok, read_weights = _gguf_source(str(resolved.path), tokenizer)
+    else:
+        spec, tok, read_weights = _hf_source(resolved.path, tokenizer)
 
-        def gguf_weights(seed: int):
-            if load_format == "dummy":
-                yield from _dummy(core_config_fields(config), seed)
-                return
-            for name in names:
-                yield name, _C.gguf_read_hf_weight(gguf, config, name)
-
-        eos = [config.eos_token_id] if config.eos_token_id >= 0 else []
-        if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
-        return ModelSource(config, tok, eos, len(names), gguf_weights)
-
-    from lserve.loader.hf import load_hf_config
-
-    spec = load_hf_config(resolved.path)
-    fields = spec.fields
-    config = core_model_config(fields)
-    tok = None
-    tokenizer_dir = tokenizer or str(resolved.path)
-    try:
-        tok = Tokenizer.from_pretrained(tokenizer_dir)
-    except (ValueError, FileNotFoundError, OSError):
-        if tokenizer:
-            raise
     eos_ids = list(spec.eos_token_ids)
-    if not eos_ids and config.eos_token_id >= 0:
-        eos_ids = [config.eos_token_id]
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
+        eos_ids.append(tok.eos_token_id)
 
-    from lserve.loader.hf import expected_weight_names
-
-    expected = expected_weight_names(fields)
-
-    def hf_weights(seed: int):
+    def feed_weights(seed: int, sink: WeightSink) -> None:
         if load_format == "dummy":
-            yield from _dummy(fields, seed)
-            return
-        from lserve.loader.hf import check_weight_names
-        from lserve.loader.safetensors import iter_safetensors_weights, list_safetensors_weights
+            _feed(dummy_weights(spec, seed), sink)
+        else:
+            read_weights(sink)
 
-        check_weight_names(set(list_safetensors_weights(resolved.path)), fields)
-        for name, array in iter_safetensors_weights(resolved.path):
-            if name in expected:
-                yield name, array
-
-    return ModelSource(config, tok, eos_ids, len(expected), hf_weights)
+    return ModelSource(spec, core_model_config(spec.fields), tok, eos_ids, len(expected_weight_shapes(spec)),
+                       feed_weights)
 
 
-def _dummy(fields: dict, seed: int):
-    from lserve.loader.dummy import dummy_weights
+def _gguf_source(path: str, tokenizer: Optional[str]):
+    from lserve.tokenizer import Tokenizer
 
-    yield from dummy_weights(fields, seed)
+    gguf = _C.GgufFile(path)
+    fields = _C.gguf_model_config_dict(gguf)
+    eos = (fields["eos_token_id"],) if fields["eos_token_id"] >= 0 else ()
+    try:
+        spec = ModelSpec(fields, eos)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    tok = Tokenizer.from_pretrained(tokenizer) if tokenizer else Tokenizer.from_gguf(gguf)
+
+    def read_weights(sink: WeightSink) -> None:
+        # Every name, shape and tensor type is checked before the first tensor is read.
+        _C.gguf_hf_weights(gguf, sink)
+
+    return spec, tok, read_weights
+
+
+def _hf_source(model_dir, tokenizer: Optional[str]):
+    from lserve.loader.hf import iter_hf_weights, load_hf_config
+    from lserve.tokenizer import Tokenizer
+
+    spec = load_hf_config(model_dir)
+    if tokenizer:
+        tok = Tokenizer.from_pretrained(tokenizer)
+    elif (model_dir / "tokenizer.json").is_file():
+        tok = Tokenizer.from_pretrained(model_dir)
+    else:
+        tok = None  # token ids in, token ids out
+
+    def read_weights(sink: WeightSink) -> None:
+        _feed(iter_hf_weights(model_dir, spec), sink)
+
+    return spec, tok, read_weights
+
+
+def _feed(weights: Iterable[Tuple[str, np.ndarray]], sink: WeightSink) -> None:
+    for name, array in weights:
+        sink(name, array)

@@ -160,3 +160,33 @@ class SparsityConfig:
             raise ValueError(f"head pattern has shape {self._scores.shape}, the model has "
                              f"({num_layers}, {num_kv_heads}) (layers, KV heads)")
         return streaming_mask_from_scores(self._scores, self.streaming_fraction).tolist()
+
+    _CORE_FIELDS = ("prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens", "decode_local_tokens",
+                    "physical_page_size", "logical_page_size", "decode_token_budget", "selection_reuse_interval",
+                    "dense_below_tokens", "always_select_sink_page")
+
+    def to_core(self, num_layers: int, num_kv_heads: int):
+        """The C++ mirror (lserve._C.SparsityConfig) for a model of this shape."""
+        from lserve import _C
+
+        core = _C.SparsityConfig()
+        core.enabled = bool(self.enabled)
+        if self.enabled:
+            mask = self.streaming_mask(num_layers, num_kv_heads)
+            core.streaming_heads = [1 if flag else 0 for row in mask for flag in row]
+        for name in self._CORE_FIELDS:
+            setattr(core, name, getattr(self, name))
+        core.validate(num_layers, num_kv_heads)
+        return core
+
+
+def resolve_sparsity(sparsity: Union[None, str, SparsityConfig], model: object = None) -> SparsityConfig:
+    """Engine(sparsity=...): None / "dense" / "lserve" / a SparsityConfig."""
+    if sparsity is None:
+        return SparsityConfig.preset("dense")
+    if isinstance(sparsity, SparsityConfig):
+        return sparsity
+    if isinstance(sparsity, str):
+        return SparsityConfig.preset(sparsity)
+    raise ValueError(f"sparsity must be None, a preset name ({', '.join(PRESETS)}) or a SparsityConfig, "
+                     f"got {type(sparsity).__name__}")

@@ -1,173 +1,426 @@
-"""Tokenizer: Hugging Face `tokenizers` models built from GGUF metadata or a tokenizer.json, chat
-templates rendered with sandboxed jinja2 (as transformers renders them), and an incremental
-decoder for streaming that never emits half a UTF-8 character.
+"""Tokenizer: text <-> token ids, chat templates and streaming detokenisation.
 
-Example:
-    >>> tok = Tokenizer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
-    >>> ids = tok.encode("Hello world")
-    >>> tok.decode(ids)
-    'Hello world'
+A thin layer over a `tokenizers.Tokenizer`, built either from a Hugging Face directory
+(tokenizer.json + tokenizer_config.json) or from a GGUF file's tokenizer.ggml.* metadata. For GGUF
+byte-level BPE ("gpt2") vocabularies the result matches what transformers builds for the same file
+(AutoTokenizer.from_pretrained(dir, gguf_file=...), transformers/integrations/gguf/
+gguf_tokenizer_mapping.py), so the ids are identical; tests/test_tokenizer.py checks it.
+Every failure raises ValueError with the reason.
+
+    tok = Tokenizer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    ids = tok.encode(prompt, add_special_tokens=False)
+    stream = tok.incremental_decoder()
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]  # "".join(pieces) == tok.decode(ids)
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from datetime import datetime
+from typing import Any, Iterable, Mapping, Sequence
 
-_GGUF_CONTROL = 3  # tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
-_GGUF_USER_DEFINED = 4
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+
+# GGUF token types (llama.cpp llama_token_type).
+_TOKEN_TYPE_CONTROL = 3
+_TOKEN_TYPE_USER_DEFINED = 4
+
+# tokenizer.ggml.pre values whose split rule is GPT-2's, which ByteLevel(use_regex=True) applies.
+# "smollm" is listed although llama.cpp also splits digits one by one for it: SmolLM's vocabulary
+# has no merge that joins a digit to anything, so both give the same ids (and transformers uses
+# GPT-2's rule for it too).
+_GPT2_SPLIT_PRE = {"default", "gpt2", "smollm"}
+# Other split rules, as regular expressions (llama.cpp llama-vocab.cpp, per pre-tokenizer type).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_REGEX_SPLIT_PRE = {
+    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 
 
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas (vLLM's prefix/read offsets scheme)."""
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes take the code points from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    next_code_point = 256
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(next_code_point)
+            next_code_point += 1
+    return mapping
 
-    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
-        self._skip = skip_special_tokens
-        self._ids: List[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
 
-    def step(self, token_id: int) -> str:
-        """Adds one token; returns the text it completes (possibly empty)."""
-        self._ids.append(int(token_id))
-        prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], self._skip)
-        full = self._tokenizer.decode(self._ids[self._prefix_offset:], self._skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix):]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-            return delta
-        return ""
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant text with it): renders
+    its body unchanged."""
 
-    def flush(self) -> str:
-        """Text still held back at the end (an incomplete character decodes as U+FFFD)."""
-        prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], self._skip)
-        full = self._tokenizer.decode(self._ids[self._prefix_offset:], self._skip)
-        self._prefix_offset = self._read_offset = len(self._ids)
-        return full[len(prefix):]
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters, which chat templates do not expect.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format_string):
+    return datetime.now().strftime(format_string)
+
+
+def _compile_chat_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as error:
+        raise ValueError(f"chat template does not compile: {error} (line {error.lineno})") from None
+
+
+def _special_post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None):
+    """TemplateProcessing that prepends `bos` and/or appends `eos` (either may be None)."""
+    single = ([f"{bos[0]}:0"] if bos else []) + ["$A:0"] + ([f"{eos[0]}:0"] if eos else [])
+    pair = single + ([f"{bos[0]}:1"] if bos else []) + ["$B:1"] + ([f"{eos[0]}:1"] if eos else [])
+    special = [token for token in (bos, eos) if token is not None]
+    return processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=special)
 
 
 class Tokenizer:
-    """Wraps a `tokenizers.Tokenizer` with BOS handling, special tokens and a chat template."""
+    """Token ids <-> text for one model; build with from_gguf() or from_pretrained()."""
 
-    def __init__(self, backend, *, bos_token: Optional[str], eos_token: Optional[str], add_bos_token: bool,
-                 chat_template: Optional[str]) -> None:
+    def __init__(self, backend: BackendTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 unk_token: str | None = None, pad_token: str | None = None, chat_template: str | None = None):
         self._backend = backend
-        self.bos_token = bos_token
-        self.eos_token = eos_token
-        self.add_bos_token = add_bos_token
+        self._special = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token,
+                         "pad_token": pad_token}
+        for name, token in self._special.items():
+            if token is not None and backend.token_to_id(token) is None:
+                raise ValueError(f"{name} {token!r} is not in the vocabulary")
         self.chat_template = chat_template
-        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
-        self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
-        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._compiled_template = None
 
-    # ---- construction ---------------------------------------------------------------------------
+    # ---- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, source) -> "Tokenizer":
-        """From a GGUF file path or an lserve._C.GgufFile (tokenizer.ggml.model == "gpt2")."""
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    def from_gguf(cls, path_or_file) -> "Tokenizer":
+        """Builds the tokenizer a GGUF file describes (tokenizer.ggml.model == "gpt2": byte-level BPE).
 
-        if isinstance(source, (str, os.PathLike)):
-            from lserve import _C
+        Control tokens (token_type 3) become special added tokens and user-defined ones (4) plain
+        added tokens, so both stay whole in text; BOS/EOS are added as tokenizer.ggml.add_bos_token /
+        add_eos_token say (default: no). Example: Tokenizer.from_gguf("model.gguf").encode("Hi") -> [...]
+        """
+        from lserve import _C
 
-            source = _C.GgufFile(str(source))
-        kind = source.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (lserve reads byte-level BPE, 'gpt2')")
-        tokens: List[str] = source.get("tokenizer.ggml.tokens") or []
-        merges_raw: List[str] = source.get("tokenizer.ggml.merges") or []
-        types: List[int] = source.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if not tokens or len(types) != len(tokens):
-            raise ValueError("GGUF tokenizer metadata is incomplete (tokens / token_type missing or mismatched)")
-        vocab = {token: index for index, token in enumerate(tokens)}
-        merges = []
-        for merge in merges_raw:
+        file = path_or_file if isinstance(path_or_file, _C.GgufFile) else _C.GgufFile(os.fspath(path_or_file))
+
+        def get(key, default=None):
+            return file.get(key) if file.has_key(key) else default
+
+        model = get("tokenizer.ggml.model")
+        if model is None:
+            raise ValueError(f"{file.path}: no tokenizer.ggml.model in the metadata")
+        if model != "gpt2":
+            raise ValueError(f"{file.path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2)")
+        tokens = get("tokenizer.ggml.tokens")
+        merges = get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise ValueError(f"{file.path}: a gpt2 tokenizer needs tokenizer.ggml.tokens and tokenizer.ggml.merges")
+        token_types = get("tokenizer.ggml.token_type") or []
+        if token_types and len(token_types) != len(tokens):
+            raise ValueError(f"{file.path}: tokenizer.ggml.token_type has {len(token_types)} entries for "
+                             f"{len(tokens)} tokens")
+
+        # Tokens are written in GPT-2's byte alphabet; one that is not (a mislabelled token) is spelled
+        # out byte by byte, as transformers does, so the vocabulary keeps its size.
+        alphabet = _byte_alphabet()
+        letters = set(alphabet.values())
+        vocab = {}
+        for token_id, token in enumerate(tokens):
+            spelled = token if set(token) <= letters else "".join(alphabet[b] for b in token.encode("utf-8"))
+            vocab[spelled] = token_id
+        merge_pairs = []
+        for merge in merges:
             parts = merge.split(" ")
             if len(parts) != 2:
-                raise ValueError(f"GGUF merge {merge!r} is not two space-separated symbols")
-            merges.append((parts[0], parts[1]))
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                         end_of_word_suffix="", fuse_unk=False))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                raise ValueError(f"{file.path}: merge {merge!r} is not two tokens separated by one space")
+            merge_pairs.append((parts[0], parts[1]))
+        try:
+            bpe = models.BPE(vocab=vocab, merges=merge_pairs, dropout=None, continuing_subword_prefix="",
+                             end_of_word_suffix="", fuse_unk=False)
+        except Exception as error:  # tokenizers raises its own exception type
+            raise ValueError(f"{file.path}: cannot build the BPE model: {error}") from None
+        backend = BackendTokenizer(bpe)
+
+        pre = get("tokenizer.ggml.pre", "default")
+        if pre in _GPT2_SPLIT_PRE:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        elif pre in _REGEX_SPLIT_PRE:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_REGEX_SPLIT_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            supported = sorted(_GPT2_SPLIT_PRE | set(_REGEX_SPLIT_PRE))
+            raise ValueError(f"{file.path}: tokenizer.ggml.pre {pre!r} is not supported (supported: {supported})")
         backend.decoder = decoders.ByteLevel()
-        specials = [AddedToken(tokens[i], special=True, normalized=False)
-                    for i, t in enumerate(types) if t in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
-        backend.add_special_tokens(specials)
 
-        def token_of(key: str) -> Optional[str]:
-            index = source.get(key)
-            return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
+        control = [AddedToken(token, normalized=False, special=True)
+                   for token, token_type in zip(tokens, token_types)
+                   if token_type == _TOKEN_TYPE_CONTROL and set(token) <= letters]
+        backend.add_special_tokens(control)
+        user_defined = [AddedToken(token, normalized=False, special=False)
+                        for token, token_type in zip(tokens, token_types)
+                        if token_type == _TOKEN_TYPE_USER_DEFINED and token in vocab]
+        backend.add_tokens(user_defined)
 
-        return cls(backend, bos_token=token_of("tokenizer.ggml.bos_token_id"),
-                   eos_token=token_of("tokenizer.ggml.eos_token_id"),
-                   add_bos_token=bool(source.get("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=source.get("tokenizer.chat_template"))
+        def token_of(key):
+            token_id = get(key)
+            if token_id is None:
+                return None
+            if not 0 <= token_id < len(tokens):
+                raise ValueError(f"{file.path}: {key} = {token_id} is outside the vocabulary of {len(tokens)}")
+            return tokens[token_id]
+
+        bos, eos = token_of("tokenizer.ggml.bos_token_id"), token_of("tokenizer.ggml.eos_token_id")
+        add_bos, add_eos = get("tokenizer.ggml.add_bos_token", False), get("tokenizer.ggml.add_eos_token", False)
+        if (add_bos and bos is None) or (add_eos and eos is None):
+            raise ValueError(f"{file.path}: add_bos_token / add_eos_token is set but the file names no such token")
+        backend.post_processor = _special_post_processor(
+            (bos, backend.token_to_id(bos)) if add_bos else None, (eos, backend.token_to_id(eos)) if add_eos else None)
+        return cls(backend, bos_token=bos, eos_token=eos, unk_token=token_of("tokenizer.ggml.unknown_token_id"),
+                   pad_token=token_of("tokenizer.ggml.padding_token_id"),
+                   chat_template=get("tokenizer.chat_template"))
 
     @classmethod
-    def from_pretrained(cls, directory) -> "Tokenizer":
-        """From a Hugging Face directory holding tokenizer.json (and tokenizer_config.json)."""
-        from tokenizers import Tokenizer as HFTokenizer
+    def from_pretrained(cls, hf_dir) -> "Tokenizer":
+        """Loads tokenizer.json and tokenizer_config.json (chat_template, bos/eos/unk/pad tokens,
+        add_bos_token / add_eos_token) from a Hugging Face model directory; the chat template may
+        also come from chat_template.jinja or chat_template.json. Example:
+        Tokenizer.from_pretrained("/models/Llama-3.2-1B-Instruct").encode("Hi")"""
+        hf_dir = os.fspath(hf_dir)
+        tokenizer_json = os.path.join(hf_dir, "tokenizer.json")
+        if not os.path.isfile(tokenizer_json):
+            raise ValueError(f"{hf_dir}: no tokenizer.json")
+        try:
+            backend = BackendTokenizer.from_file(tokenizer_json)
+        except Exception as error:
+            raise ValueError(f"{tokenizer_json}: cannot load: {error}") from None
+        config = _read_json(os.path.join(hf_dir, "tokenizer_config.json")) or {}
 
-        path = os.path.join(str(directory), "tokenizer.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"no tokenizer.json in {directory}")
-        backend = HFTokenizer.from_file(path)
-        config: Dict = {}
-        config_path = os.path.join(str(directory), "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as handle:
-                config = json.load(handle)
+        def token_text(name):
+            token = config.get(name)
+            if isinstance(token, Mapping):  # serialised AddedToken
+                token = token.get("content")
+            if token is not None and not isinstance(token, str):
+                raise ValueError(f"{hf_dir}: tokenizer_config.json {name} is {token!r}, expected a string")
+            return token
 
-        def token_text(value) -> Optional[str]:
-            return value.get("content") if isinstance(value, dict) else value
+        special = {name: token_text(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        if "add_bos_token" in config or "add_eos_token" in config:  # as transformers' update_post_processor
+            bos, eos = special["bos_token"], special["eos_token"]
+            add_bos = bool(config.get("add_bos_token")) and bos is not None
+            add_eos = bool(config.get("add_eos_token")) and eos is not None
+            backend.post_processor = _special_post_processor(
+                (bos, backend.token_to_id(bos)) if add_bos else None,
+                (eos, backend.token_to_id(eos)) if add_eos else None)
+        return cls(backend, chat_template=_read_chat_template(hf_dir, config), **special)
 
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        # The post-processor of tokenizer.json already adds BOS where the model wants it.
-        return cls(backend, bos_token=token_text(config.get("bos_token")), eos_token=token_text(config.get("eos_token")),
-                   add_bos_token=False, chat_template=template)
+    # ---- properties ----------------------------------------------------------------------------
 
-    # ---- encode / decode ------------------------------------------------------------------------
+    @property
+    def backend(self) -> BackendTokenizer:
+        """The underlying tokenizers.Tokenizer."""
+        return self._backend
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def _token_id(self, name: str) -> int | None:
+        token = self._special[name]
+        return None if token is None else self._backend.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special["bos_token"]
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special["eos_token"]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._token_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._token_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._token_id("pad_token")
+
+    # ---- encode / decode -----------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. "<|im_start|>") map to their
+        ids. add_special_tokens adds BOS/EOS where the tokenizer is configured to."""
         if not isinstance(text, str):
-            raise ValueError(f"encode() takes a string, got {type(text).__name__}")
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids = [self.bos_token_id] + ids
-        return ids
+            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; invalid UTF-8 byte sequences become U+FFFD."""
+        ids = self._check_ids(ids)
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
-        return IncrementalDecoder(self, skip_special_tokens)
+    def _check_ids(self, ids) -> list[int]:
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        vocab_size = self.vocab_size
+        for token_id in ids:
+            if not 0 <= int(token_id) < vocab_size:
+                raise ValueError(f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+        return [int(token_id) for token_id in ids]
 
-    def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Renders a conversation with the model's template (jinja2 sandbox, as transformers does)."""
-        if not self.chat_template:
+    def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        """A streaming detokeniser for one sequence (see IncrementalDecoder)."""
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ----------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs) -> str:
+        """Renders `messages` ([{"role": ..., "content": ...}, ...]) with the model's Jinja chat
+        template in a sandbox, as transformers' apply_chat_template(tokenize=False) does: the template
+        sees messages, add_generation_prompt, bos/eos/unk/pad_token and any extra kwargs (tools, ...).
+        A template's raise_exception(...) and render errors become ValueError."""
+        source = chat_template if chat_template is not None else self.chat_template
+        if source is None:
             raise ValueError("this tokenizer has no chat template")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "")
+        if not isinstance(messages, Sequence) or isinstance(messages, str):
+            raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        for message in messages:
+            if not isinstance(message, Mapping):
+                raise ValueError(f"each message must be a dict, got {message!r}")
+        if chat_template is None:
+            if self._compiled_template is None:
+                self._compiled_template = _compile_chat_template(source)
+            template = self._compiled_template
+        else:
+            template = _compile_chat_template(source)
+        context = {name: token for name, token in self._special.items() if token is not None}
+        context.update(kwargs)
+        try:
+            return template.render(messages=[dict(message) for message in messages],
+                                   add_generation_prompt=add_generation_prompt, **context)
+        except jinja2.exceptions.TemplateError as error:
+            raise ValueError(f"chat template error: {error}") from None
 
 
-@functools.lru_cache(maxsize=16)
-def _compile_template(source: str):
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+class IncrementalDecoder:
+    """Streaming detokenisation of one sequence: push() token ids as they are generated and get back
+    only the text they complete. Text that ends inside a multi-byte UTF-8 character (decoded as a
+    trailing U+FFFD) is held back until a later token completes it; flush() returns whatever is held.
+    The concatenation of everything returned equals tokenizer.decode(all ids).
 
-    def raise_exception(message):
-        raise TemplateError(message)
+    Method: keep two offsets into the ids, as vLLM's detokenizer does; decode the window from
+    prefix_offset twice, up to read_offset (already emitted) and to the end, and emit the difference.
+    The window restarts at a character boundary, so decoders that treat a sequence start specially
+    (sentencepiece's leading space) see the same context in both decodes.
+    """
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""  # everything emitted so far
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def push(self, token_ids: int | Iterable[int]) -> str:
+        """Adds one id or several; returns the newly completed text (possibly "")."""
+        new_ids = self._tokenizer._check_ids(token_ids)
+        self._ids.extend(new_ids)
+        decode = self._tokenizer.backend.decode
+        window = self._ids[self._prefix_offset:]
+        emitted = decode(self._ids[self._prefix_offset:self._read_offset],
+                         skip_special_tokens=self._skip_special_tokens)
+        full = decode(window, skip_special_tokens=self._skip_special_tokens)
+        if len(full) <= len(emitted) or full.endswith("\ufffd") or not full.startswith(emitted):
+            return ""
+        new_text = full[len(emitted):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self.text += new_text
+        return new_text
+
+    def flush(self) -> str:
+        """Returns the held-back text, incomplete characters as U+FFFD, and resets the window."""
+        decode = self._tokenizer.backend.decode
+        emitted = decode(self._ids[self._prefix_offset:self._read_offset],
+                         skip_special_tokens=self._skip_special_tokens)
+        full = decode(self._ids[self._prefix_offset:], skip_special_tokens=self._skip_special_tokens)
+        new_text = full[len(emitted):]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self.text += new_text
+        return new_text
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read: {error}") from None
+
+
+def _read_chat_template(hf_dir: str, config: Mapping[str, Any]) -> str | None:
+    """chat_template.jinja, else chat_template.json's "chat_template", else tokenizer_config.json's.
+    A list of named templates resolves to the one named "default"."""
+    jinja_path = os.path.join(hf_dir, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as handle:
+            return handle.read()
+    template = (_read_json(os.path.join(hf_dir, "chat_template.json")) or {}).get("chat_template")
+    if template is None:
+        template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, Mapping)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{hf_dir}: chat_template is {type(template).__name__}, expected a string")
+    return template

@@ -49,7 +49,7 @@ def test_prefill_logits_match(tiny, chunk):
         ids = _prompt(length, seed=length)
         engine.add_request(None, ids, params)
         logits = None
-        while engine.has_unfinished_requests():
+        while engine._core.has_unfinished_requests():
             for out in engine._core.step():
                 if out.logits is not None:
                     logits = out.logits
@@ -62,7 +62,7 @@ def test_greedy_matches_transformers(tiny):
     engine = _engine(directory)
     for length in (3, 17, 40):
         ids = _prompt(length, seed=100 + length)
-        out = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+        out = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32),
                               use_tqdm=False)[0]
         with torch.no_grad():
             ref = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -77,7 +77,7 @@ def test_decode_logits_match(tiny):
     ids = _prompt(23, seed=7)
     engine.add_request("r", ids, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     rows, tokens = [], []
-    while engine.has_unfinished_requests():
+    while engine._core.has_unfinished_requests():
         for out in engine._core.step():
             if out.logits is not None:
                 rows.append(out.logits)

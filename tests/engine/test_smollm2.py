@@ -49,7 +49,7 @@ def _prompt_ids(engine, text: str, chat: bool) -> list:
 def test_greedy_tokens_identical(engines, text, chat):
     ours, hf = engines
     ids = _prompt_ids(ours, text, chat)
-    out = ours.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)[0]
+    out = ours.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32), use_tqdm=False)[0]
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                           pad_token_id=2)[0, len(ids):].tolist()
@@ -62,7 +62,7 @@ def test_final_position_logits_close(engines):
         ids = ours.tokenizer.encode(text)
         ours.add_request(None, ids, SamplingParams(temperature=0.0, max_tokens=1))
         logits = None
-        while ours.has_unfinished_requests():
+        while ours._core.has_unfinished_requests():
             for out in ours._core.step():
                 if out.logits is not None:
                     logits = out.logits

@@ -47,3 +47,18 @@ def test_render_names_and_values():
 def test_render_before_first_stats():
     text = ServerMetrics("m").render(None)
     assert "lserve:num_requests_running" not in text and "lserve:prompt_tokens_total" in text
+
+
+def test_sparse_attention_figures_only_when_sparsity_is_on():
+    dense = SimpleNamespace(num_running=1, num_waiting=0, num_total_pages=10, num_free_pages=5, num_preemptions=0,
+                            num_stream_slots=0)
+    assert "sparse_pages_selected" not in ServerMetrics("m").render(dense)
+    sparse = SimpleNamespace(num_running=1, num_waiting=0, num_total_pages=10, num_free_pages=5, num_preemptions=0,
+                             num_stream_slots=4, last_step_pages_selected=120, last_step_pages_total=480,
+                             streaming_kv_bytes=1 << 20, streaming_kv_bytes_in_use=1 << 18)
+    samples = parse_metrics(ServerMetrics("m").render(sparse))
+    label = '{model_name="m"}'
+    assert samples["lserve:sparse_pages_selected" + label] == 120
+    assert samples["lserve:sparse_pages_total" + label] == 480
+    assert samples["lserve:streaming_kv_bytes" + label] == 1 << 20
+    assert samples["lserve:streaming_kv_bytes_in_use" + label] == 1 << 18

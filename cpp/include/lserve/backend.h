@@ -10,6 +10,7 @@
 #include "lserve/ops/embed.h"
 #include "lserve/ops/gather_rows.h"
 #include "lserve/ops/gemm.h"
+#include "lserve/ops/page_select.h"
 #include "lserve/ops/rms_norm.h"
 #include "lserve/ops/rope_kv_append.h"
 #include "lserve/ops/silu_mul.h"
@@ -46,6 +47,9 @@ class Backend {
   void rope_kv_append(const RopeKvAppendArgs& args) { args.validate(device()); rope_kv_append_impl(args); }
   void attention(const AttentionArgs& args) { args.validate(device()); attention_impl(args); }
   void gather_rows(const GatherRowsArgs& args) { args.validate(device()); gather_rows_impl(args); }
+  // Sparse attention (LServe): hierarchical page selection and the kmax/kmin statistics.
+  void page_select(const PageSelectArgs& args) { args.validate(device()); page_select_impl(args); }
+  void page_stats_append(const PageStatsAppendArgs& args) { args.validate(device()); page_stats_append_impl(args); }
 
  protected:
   virtual std::shared_ptr<void> allocate_bytes(size_t num_bytes) = 0;
@@ -59,6 +63,8 @@ class Backend {
   virtual void rope_kv_append_impl(const RopeKvAppendArgs& args) = 0;
   virtual void attention_impl(const AttentionArgs& args) = 0;
   virtual void gather_rows_impl(const GatherRowsArgs& args) = 0;
+  virtual void page_select_impl(const PageSelectArgs& args);
+  virtual void page_stats_append_impl(const PageStatsAppendArgs& args);
 };
 
 // The reference backend. num_threads <= 0 picks the hardware concurrency.

@@ -14,10 +14,12 @@
 
 #include "lserve/backend.h"
 #include "lserve/kv/page_pool.h"
+#include "lserve/kv/streaming_cache.h"
 #include "lserve/model/config.h"
 #include "lserve/model/llama.h"
 #include "lserve/sampling.h"
 #include "lserve/scheduler.h"
+#include "lserve/sparsity.h"
 
 namespace lserve {
 
@@ -35,6 +37,7 @@ struct EngineConfig {
   int64_t seed = 0;                        // draws the seeds of requests that carry none
   bool capture_logits = false;             // return the logits of every sampled row (tests)
   std::vector<int32_t> eos_token_ids;      // empty: the model config's eos_token_id
+  SparsityConfig sparsity;                 // enabled: LServe sparse attention (page_size = physical_page_size)
 
   void validate() const;
 };
@@ -64,6 +67,14 @@ struct EngineStats {
   int page_size = 0;
   int64_t num_preemptions = 0;
   int64_t num_steps = 0;
+  // Sparse attention: streaming-head slots and bytes, and the dense heads' pages read in the last
+  // step (summed over layers and heads) next to the pages dense attention would have read.
+  int num_stream_slots = 0;
+  int num_free_stream_slots = 0;
+  int64_t streaming_kv_bytes = 0;
+  int64_t streaming_kv_bytes_in_use = 0;
+  int64_t last_step_pages_selected = 0;
+  int64_t last_step_pages_total = 0;
 };
 
 class Engine {
@@ -96,11 +107,20 @@ class Engine {
 
  private:
   bool is_eos(int32_t token_id) const;
+  void add_sparse_metadata(const ScheduledChunk& chunk, int64_t kv_len, int64_t num_pages, ForwardBatch* batch);
 
   EngineConfig config_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<KvCacheManager> kv_cache_;
+  std::unique_ptr<StreamingKvCache> streaming_;  // sparse attention only
+  struct SelectionState {  // a decode sequence's page selection (sparse attention)
+    int slot = -1;
+    int steps = 0;          // steps since it was made
+    int32_t base_pages = 0; // the sequence's pages then
+  };
+  std::unordered_map<int64_t, SelectionState> selection_state_;
+  int64_t streaming_slot_bytes_ = 0;
   std::unique_ptr<Scheduler> scheduler_;
   std::vector<int32_t> eos_token_ids_;
   std::mt19937_64 seed_rng_;

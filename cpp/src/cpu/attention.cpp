@@ -1,87 +1,476 @@
-// CPU reference of paged causal GQA attention: for each (sequence, query row, query head) a
-// softmax over the keys at positions <= the row's position, fp32 throughout.
+// CPU attention: causal GQA over the paged KV cache with an online (flash-style) softmax.
+// Work item = (sequence, kv head, block of kQoRows query rows); the item's group of query heads
+// shares every K/V tile it reads. Per KV tile of kKvTile keys: gather K (transposed) and V into
+// fp32 scratch, scores S = (sm_scale * Q) K^T, causal mask from positions, running max/sum
+// update, O += P V. Index arrays are validated on the host first. Reference: dense softmax
+// attention with an explicit causal mask (tests/ops/test_attention.py).
+// Block-iterator policy (lserve/ops/attention.h): an item walks key ranges, not all keys: the
+// whole causal prefix (dense), the pages listed for its KV head (sparse decode), or the sink and
+// window pages (Lambda mask, streaming heads), with adjacent pages merged into one range. Keys
+// outside the ranges are never read; the Lambda mask is applied token-exactly inside them
+// (tests/sparse/test_block_sparse_attention.py).
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#include "cpu/cpu_backend.h"
+#include "aligned_buffer.h"
+#include "convert.h"
+#include "cpu_backend.h"
 
-namespace lserve {
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LSERVE_CPU_X86 1
+#endif
 
-void cpu_attention(const AttentionArgs& args) {
-  const int64_t num_qo_heads = args.query.size(1), head_dim = args.query.size(2);
-  const int64_t num_pages_total = args.k_cache.size(0), page_size = args.k_cache.size(1);
-  const int64_t num_kv_heads = args.k_cache.size(2), group = num_qo_heads / num_kv_heads;
-  const int64_t num_seqs = args.qo_indptr.size(0) - 1;
-  const int32_t* qo_indptr = args.qo_indptr.data_ptr<int32_t>();
-  const int32_t* page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
-  const int32_t* page_indices = args.kv_page_indices.data_ptr<int32_t>();
-  const int32_t* kv_lens = args.kv_lens.data_ptr<int32_t>();
-  const int64_t num_indices = args.kv_page_indices.size(0);
-  LSERVE_CHECK(qo_indptr[0] == 0 && qo_indptr[num_seqs] == args.query.size(0), "attention: qo_indptr must run from 0 to ",
-               args.query.size(0));
-  LSERVE_CHECK(page_indptr[0] == 0 && page_indptr[num_seqs] <= num_indices, "attention: kv_page_indptr must run from 0 "
-               "to at most ", num_indices);
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector values inside always-inline helpers
 
-  std::vector<float> keys, values, scores;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t q_len = qo_indptr[s + 1] - qo_indptr[s], kv_len = kv_lens[s];
-    const int64_t num_pages = page_indptr[s + 1] - page_indptr[s];
-    LSERVE_CHECK(q_len >= 0 && num_pages >= 0, "attention: indptr arrays must not decrease (sequence ", s, ")");
-    LSERVE_CHECK(q_len <= kv_len && kv_len <= num_pages * page_size, "attention: sequence ", s, " has ", q_len,
-                 " queries, kv_len ", kv_len, " and ", num_pages, " pages of ", page_size,
-                 " (need q_len <= kv_len <= pages * page_size)");
-    // Gather this sequence's keys and values into float32 (num_kv_heads, kv_len, head_dim).
-    keys.assign(static_cast<size_t>(num_kv_heads * kv_len * head_dim), 0.0f);
-    values.assign(keys.size(), 0.0f);
-    for (int64_t position = 0; position < kv_len; ++position) {
-      const int64_t page = page_indices[page_indptr[s] + position / page_size];
-      LSERVE_CHECK(page >= 0 && page < num_pages_total, "attention: page index ", page, " of sequence ", s,
-                   " outside [0, ", num_pages_total, ")");
-      const int64_t slot = page * page_size + position % page_size;
-      for (int64_t h = 0; h < num_kv_heads; ++h) {
-        const int64_t src = (slot * num_kv_heads + h) * head_dim;
-        float* key_dst = &keys[static_cast<size_t>((h * kv_len + position) * head_dim)];
-        float* value_dst = &values[static_cast<size_t>((h * kv_len + position) * head_dim)];
-        if (args.k_cache.dtype == DType::kF32) {
-          std::copy_n(args.k_cache.data_ptr<float>() + src, head_dim, key_dst);
-          std::copy_n(args.v_cache.data_ptr<float>() + src, head_dim, value_dst);
-        } else {
-          cpu_to_float(args.k_cache.data_ptr<bf16_t>() + src, DType::kBF16, key_dst, head_dim);
-          cpu_to_float(args.v_cache.data_ptr<bf16_t>() + src, DType::kBF16, value_dst, head_dim);
+namespace lserve::cpu {
+
+namespace {
+
+// kKvTile keys x 4 B = 4 vectors of 8: a score row lives in 4 AVX2 registers, and two score rows
+// (8 accumulators) share each K^T load. kQoRows rows x the GQA group bound the item's scratch.
+constexpr int64_t kKvTile = 32;
+constexpr int64_t kQoRows = 16;
+
+typedef float Vec8 __attribute__((vector_size(32)));  // 8 lanes: one ymm with AVX2, 2 xmm without
+constexpr int kVecsPerTile = kKvTile / 8;
+
+LSERVE_CPU_INLINE Vec8 load8(const float* pointer) {
+  Vec8 value;
+  __builtin_memcpy(&value, pointer, sizeof(value));
+  return value;
+}
+LSERVE_CPU_INLINE void store8(float* pointer, const Vec8& value) { __builtin_memcpy(pointer, &value, sizeof(value)); }
+
+struct WorkItem {
+  int32_t seq_idx;
+  int32_t kv_head;
+  int32_t q_begin;  // query rows [q_begin, q_end) of the sequence's chunk
+  int32_t q_end;
+  int64_t cost;     // rows x keys visited, for scheduling the largest first
+};
+
+// Everything an item needs, read-only.
+template <typename CacheT>
+struct Problem {
+  const TensorView* query;    // (num_tokens, num_qo_heads, head_dim)
+  const TensorView* output;   // (num_tokens, num_qo_heads, head_dim)
+  const CacheT* k_cache;      // (num_pages, page_size, num_kv_heads, head_dim)
+  const CacheT* v_cache;      // (num_pages, page_size, num_kv_heads, head_dim)
+  const int32_t* qo_indptr;   // (num_seqs + 1,)
+  const int32_t* kv_page_indptr;   // (num_seqs + 1,)
+  const int32_t* kv_page_indices;  // (kv_page_indptr[num_seqs],)
+  const int32_t* kv_lens;     // (num_seqs,)
+  int64_t page_size, num_kv_heads, head_dim, group_size;
+  float sm_scale;
+  const int32_t* window_sink = nullptr;          // (num_seqs,) or null
+  const int32_t* window_local = nullptr;         // (num_seqs,) or null
+  const int32_t* head_page_positions = nullptr;  // (num_seqs, num_kv_heads, max_listed) or null
+  const int32_t* head_num_pages = nullptr;       // (num_seqs, num_kv_heads) or null
+  int64_t max_listed = 0;
+};
+
+// Appends [begin, end) to ranges, merging it with the previous range when they touch.
+inline void add_range(std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  if (!ranges.empty() && ranges.back().second == begin) {
+    ranges.back().second = end;
+  } else {
+    ranges.emplace_back(begin, end);
+  }
+}
+
+// Per-thread scratch, fp32, sized for kQoRows * group_size rows.
+struct Scratch {
+  float* q;       // (max_rows, head_dim), pre-scaled by sm_scale
+  float* o;       // (max_rows, head_dim), unnormalised output
+  float* s;       // (max_rows, kKvTile) scores, then probabilities
+  float* k_t;     // (head_dim, kKvTile) keys, transposed
+  float* v;       // (kKvTile, head_dim)
+  float* row_max; // (max_rows,)
+  float* row_sum; // (max_rows,)
+  float* rescale; // (max_rows,) exp(old max - new max) of the current tile
+  int64_t* pos;   // (max_rows,) position of each row's query token
+
+  static int64_t floats_needed(int64_t max_rows, int64_t head_dim) {
+    return 2 * max_rows * head_dim + max_rows * kKvTile + 2 * kKvTile * head_dim + 3 * max_rows;
+  }
+};
+
+// The two products of a tile. Portable: GCC vector extensions, a * b + c rounded twice (the
+// build sets -ffp-contract=off, so the compiler never fuses behind our back). AVX2: the same loops
+// with explicit FMA intrinsics; per tile they do 2 x rows x kKvTile x head_dim flops, so the call
+// is not worth inlining.
+struct PortableTile {
+  // s[r][c] = q[r] . k_t[:, c] for r < num_rows, all kKvTile columns.
+  static void scores(const float* q, const float* k_t, float* s, int64_t num_rows, int64_t head_dim) {
+    int64_t r = 0;
+    for (; r + 2 <= num_rows; r += 2) {  // two rows share each K^T load
+      const float* q0 = q + r * head_dim;
+      const float* q1 = q0 + head_dim;
+      Vec8 acc0[kVecsPerTile] = {}, acc1[kVecsPerTile] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float* k_row = k_t + d * kKvTile;
+        for (int v = 0; v < kVecsPerTile; ++v) {
+          const Vec8 k_vec = load8(k_row + 8 * v);
+          acc0[v] += q0[d] * k_vec;
+          acc1[v] += q1[d] * k_vec;
         }
       }
+      for (int v = 0; v < kVecsPerTile; ++v) {
+        store8(s + r * kKvTile + 8 * v, acc0[v]);
+        store8(s + (r + 1) * kKvTile + 8 * v, acc1[v]);
+      }
     }
-    scores.resize(static_cast<size_t>(kv_len));
-    for (int64_t i = 0; i < q_len; ++i) {
-      const int64_t row = qo_indptr[s] + i, position = kv_len - q_len + i;
-      for (int64_t qh = 0; qh < num_qo_heads; ++qh) {
-        const int64_t kh = qh / group;
-        const float* q = args.query.data_ptr<float>() + row * args.query.stride(0) + qh * args.query.stride(1);
-        float max_score = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j <= position; ++j) {
-          const float* k = &keys[static_cast<size_t>((kh * kv_len + j) * head_dim)];
-          float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * k[d];
-          scores[j] = dot * args.sm_scale;
-          max_score = std::max(max_score, scores[j]);
+    for (; r < num_rows; ++r) {
+      const float* q0 = q + r * head_dim;
+      Vec8 acc0[kVecsPerTile] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        for (int v = 0; v < kVecsPerTile; ++v) acc0[v] += q0[d] * load8(k_t + d * kKvTile + 8 * v);
+      }
+      for (int v = 0; v < kVecsPerTile; ++v) store8(s + r * kKvTile + 8 * v, acc0[v]);
+    }
+  }
+
+  // o[r] = o[r] * scale[r] + sum_c p[r][c] * v[c] over num_keys keys; head_dim in chunks of 64
+  // floats so that the running row stays in 8 registers.
+  static void accumulate(const float* p, const float* v, float* o, const float* scale, int64_t num_rows,
+                         int64_t num_keys, int64_t head_dim) {
+    constexpr int64_t kChunk = 64;
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const float* p_row = p + r * kKvTile;
+      float* o_row = o + r * head_dim;
+      int64_t d0 = 0;
+      for (; d0 + kChunk <= head_dim; d0 += kChunk) {
+        Vec8 acc[kChunk / 8];
+        for (int i = 0; i < kChunk / 8; ++i) acc[i] = load8(o_row + d0 + 8 * i) * scale[r];
+        for (int64_t c = 0; c < num_keys; ++c) {
+          const float* v_row = v + c * head_dim + d0;
+          for (int i = 0; i < kChunk / 8; ++i) acc[i] += p_row[c] * load8(v_row + 8 * i);
         }
-        float denom = 0.0f;
-        for (int64_t j = 0; j <= position; ++j) {
-          scores[j] = std::exp(scores[j] - max_score);
-          denom += scores[j];
+        for (int i = 0; i < kChunk / 8; ++i) store8(o_row + d0 + 8 * i, acc[i]);
+      }
+      for (int64_t d = d0; d < head_dim; ++d) {
+        float acc = o_row[d] * scale[r];
+        for (int64_t c = 0; c < num_keys; ++c) acc += p_row[c] * v[c * head_dim + d];
+        o_row[d] = acc;
+      }
+    }
+  }
+};
+
+#ifdef LSERVE_CPU_X86
+#define LSERVE_AVX2 __attribute__((target("avx2,fma")))
+
+struct Avx2Tile {
+  LSERVE_AVX2 static void scores(const float* q, const float* k_t, float* s, int64_t num_rows, int64_t head_dim) {
+    int64_t r = 0;
+    for (; r + 2 <= num_rows; r += 2) {  // 8 accumulators: two rows x kVecsPerTile
+      const float* q0 = q + r * head_dim;
+      const float* q1 = q0 + head_dim;
+      __m256 acc0[kVecsPerTile], acc1[kVecsPerTile];
+      for (int v = 0; v < kVecsPerTile; ++v) acc0[v] = acc1[v] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float* k_row = k_t + d * kKvTile;
+        const __m256 x0 = _mm256_broadcast_ss(q0 + d), x1 = _mm256_broadcast_ss(q1 + d);
+        for (int v = 0; v < kVecsPerTile; ++v) {
+          const __m256 k_vec = _mm256_loadu_ps(k_row + 8 * v);
+          acc0[v] = _mm256_fmadd_ps(x0, k_vec, acc0[v]);
+          acc1[v] = _mm256_fmadd_ps(x1, k_vec, acc1[v]);
         }
-        float* out = args.output.data_ptr<float>() + row * args.output.stride(0) + qh * args.output.stride(1);
-        std::fill_n(out, head_dim, 0.0f);
-        for (int64_t j = 0; j <= position; ++j) {
-          const float weight = scores[j] / denom;
-          const float* v = &values[static_cast<size_t>((kh * kv_len + j) * head_dim)];
-          for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * v[d];
+      }
+      for (int v = 0; v < kVecsPerTile; ++v) {
+        _mm256_storeu_ps(s + r * kKvTile + 8 * v, acc0[v]);
+        _mm256_storeu_ps(s + (r + 1) * kKvTile + 8 * v, acc1[v]);
+      }
+    }
+    for (; r < num_rows; ++r) {
+      const float* q0 = q + r * head_dim;
+      __m256 acc0[kVecsPerTile];
+      for (int v = 0; v < kVecsPerTile; ++v) acc0[v] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const __m256 x0 = _mm256_broadcast_ss(q0 + d);
+        for (int v = 0; v < kVecsPerTile; ++v) {
+          acc0[v] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(k_t + d * kKvTile + 8 * v), acc0[v]);
+        }
+      }
+      for (int v = 0; v < kVecsPerTile; ++v) _mm256_storeu_ps(s + r * kKvTile + 8 * v, acc0[v]);
+    }
+  }
+
+  LSERVE_AVX2 static void accumulate(const float* p, const float* v, float* o, const float* scale, int64_t num_rows,
+                                     int64_t num_keys, int64_t head_dim) {
+    constexpr int64_t kChunk = 64;
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const float* p_row = p + r * kKvTile;
+      float* o_row = o + r * head_dim;
+      const __m256 row_scale = _mm256_set1_ps(scale[r]);
+      int64_t d0 = 0;
+      for (; d0 + kChunk <= head_dim; d0 += kChunk) {
+        __m256 acc[kChunk / 8];
+        for (int i = 0; i < kChunk / 8; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(o_row + d0 + 8 * i), row_scale);
+        for (int64_t c = 0; c < num_keys; ++c) {
+          const float* v_row = v + c * head_dim + d0;
+          const __m256 p_c = _mm256_broadcast_ss(p_row + c);
+          for (int i = 0; i < kChunk / 8; ++i) acc[i] = _mm256_fmadd_ps(p_c, _mm256_loadu_ps(v_row + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < kChunk / 8; ++i) _mm256_storeu_ps(o_row + d0 + 8 * i, acc[i]);
+      }
+      for (int64_t d = d0; d < head_dim; ++d) {
+        float acc = o_row[d] * scale[r];
+        for (int64_t c = 0; c < num_keys; ++c) acc += p_row[c] * v[c * head_dim + d];
+        o_row[d] = acc;
+      }
+    }
+  }
+};
+#endif  // LSERVE_CPU_X86
+
+template <typename Tile, typename CacheT>
+LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& item, const Scratch& scratch) {
+  const int64_t head_dim = problem.head_dim, group_size = problem.group_size;
+  const int64_t q_len = problem.qo_indptr[item.seq_idx + 1] - problem.qo_indptr[item.seq_idx];
+  const int64_t kv_len = problem.kv_lens[item.seq_idx];
+  const int32_t* pages = problem.kv_page_indices + problem.kv_page_indptr[item.seq_idx];
+  const int64_t num_rows = (item.q_end - item.q_begin) * group_size;  // row = query row * group + head
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  for (int64_t i = item.q_begin; i < item.q_end; ++i) {
+    const int64_t token = problem.qo_indptr[item.seq_idx] + i;
+    const float* query = row_ptr<const float>(*problem.query, token) + item.kv_head * group_size * head_dim;
+    for (int64_t g = 0; g < group_size; ++g) {
+      const int64_t r = (i - item.q_begin) * group_size + g;
+      for (int64_t d = 0; d < head_dim; ++d) scratch.q[r * head_dim + d] = query[g * head_dim + d] * problem.sm_scale;
+      scratch.pos[r] = kv_len - q_len + i;
+    }
+  }
+  std::fill(scratch.o, scratch.o + num_rows * head_dim, 0.0f);
+  std::fill(scratch.row_max, scratch.row_max + num_rows, neg_inf);
+  std::fill(scratch.row_sum, scratch.row_sum + num_rows, 0.0f);
+  float* rescale = scratch.rescale;
+
+  const int64_t kv_end = kv_len - q_len + item.q_end;  // keys the last row may see
+  const int64_t token_stride = problem.num_kv_heads * head_dim;
+
+  // The key ranges this item walks.
+  const int64_t seq_head = static_cast<int64_t>(item.seq_idx) * problem.num_kv_heads + item.kv_head;
+  const int64_t sink = problem.window_local != nullptr ? problem.window_sink[item.seq_idx] : 0;
+  const int64_t local = problem.window_local != nullptr ? problem.window_local[item.seq_idx] : 0;
+  const int64_t num_listed = problem.head_num_pages != nullptr ? problem.head_num_pages[seq_head] : -1;
+  const int64_t first_pos = kv_len - q_len + item.q_begin, page_size = problem.page_size;
+  thread_local std::vector<std::pair<int64_t, int64_t>> ranges;
+  ranges.clear();
+  if (num_listed >= 0) {
+    const int32_t* listed = problem.head_page_positions + seq_head * problem.max_listed;
+    for (int64_t k = 0; k < num_listed; ++k) {
+      add_range(ranges, listed[k] * page_size, std::min<int64_t>((listed[k] + 1) * page_size, kv_end));
+    }
+  } else if (local > 0) {
+    for (int64_t begin = 0; begin < kv_end; begin += page_size) {
+      const int64_t end = std::min(begin + page_size, kv_end);
+      if (begin >= sink && end - 1 <= first_pos - local) continue;  // outside every row's Lambda
+      add_range(ranges, begin, end);
+    }
+  } else {
+    add_range(ranges, 0, kv_end);
+  }
+
+  for (const auto& range : ranges)
+  for (int64_t key0 = range.first; key0 < range.second; key0 += kKvTile) {
+    const int64_t num_keys = std::min(kKvTile, range.second - key0);
+    for (int64_t c = 0; c < kKvTile; ++c) {
+      if (c >= num_keys) {
+        for (int64_t d = 0; d < head_dim; ++d) scratch.k_t[d * kKvTile + c] = 0.0f;
+        continue;
+      }
+      const int64_t key = key0 + c;
+      const int64_t slot = static_cast<int64_t>(pages[key / problem.page_size]) * problem.page_size +
+                           key % problem.page_size;
+      const CacheT* k_src = problem.k_cache + slot * token_stride + item.kv_head * head_dim;  // (head_dim,)
+      const CacheT* v_src = problem.v_cache + slot * token_stride + item.kv_head * head_dim;  // (head_dim,)
+      for (int64_t d = 0; d < head_dim; ++d) scratch.k_t[d * kKvTile + c] = to_float(k_src[d]);
+      load_row(v_src, scratch.v + c * head_dim, head_dim);
+    }
+    Tile::scores(scratch.q, scratch.k_t, scratch.s, num_rows, head_dim);
+    for (int64_t r = 0; r < num_rows; ++r) {
+      float* s_row = scratch.s + r * kKvTile;
+      const int64_t num_visible = std::clamp<int64_t>(scratch.pos[r] - key0 + 1, 0, num_keys);
+      if (local > 0) {  // Lambda: keys in [sink, pos - local] are hidden
+        const int64_t hidden_end = std::min(scratch.pos[r] - local + 1 - key0, num_visible);
+        for (int64_t c = std::max<int64_t>(sink - key0, 0); c < hidden_end; ++c) s_row[c] = neg_inf;
+      }
+      float tile_max = neg_inf;
+      for (int64_t c = 0; c < num_visible; ++c) tile_max = std::max(tile_max, s_row[c]);
+      if (num_visible == 0 || tile_max == neg_inf) {  // nothing of the tile is visible to this row
+        std::fill(s_row, s_row + kKvTile, 0.0f);
+        rescale[r] = 1.0f;
+        continue;
+      }
+      const float new_max = std::max(scratch.row_max[r], tile_max);
+      rescale[r] = std::exp(scratch.row_max[r] - new_max);  // exp(-inf) = 0 on the first tile
+      float tile_sum = 0.0f;
+      for (int64_t c = 0; c < num_visible; ++c) {
+        s_row[c] = std::exp(s_row[c] - new_max);
+        tile_sum += s_row[c];
+      }
+      std::fill(s_row + num_visible, s_row + kKvTile, 0.0f);
+      scratch.row_sum[r] = scratch.row_sum[r] * rescale[r] + tile_sum;
+      scratch.row_max[r] = new_max;
+    }
+    Tile::accumulate(scratch.s, scratch.v, scratch.o, rescale, num_rows, num_keys, head_dim);
+  }
+
+  for (int64_t i = item.q_begin; i < item.q_end; ++i) {
+    const int64_t token = problem.qo_indptr[item.seq_idx] + i;
+    float* output = row_ptr<float>(*problem.output, token) + item.kv_head * group_size * head_dim;
+    for (int64_t g = 0; g < group_size; ++g) {
+      const int64_t r = (i - item.q_begin) * group_size + g;
+      const float inv_sum = scratch.row_sum[r] > 0.0f ? 1.0f / scratch.row_sum[r] : 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) output[g * head_dim + d] = scratch.o[r * head_dim + d] * inv_sum;
+    }
+  }
+}
+
+template <typename CacheT>
+void run_items_generic(const Problem<CacheT>& problem, const WorkItem* items, int64_t count, const Scratch& scratch) {
+  for (int64_t i = 0; i < count; ++i) run_item<PortableTile>(problem, items[i], scratch);
+}
+
+#ifdef LSERVE_CPU_X86
+// The rest of an item (K/V gathers and conversion, softmax bookkeeping) auto-vectorises for AVX2.
+template <typename CacheT>
+LSERVE_AVX2 void run_items_avx2(const Problem<CacheT>& problem, const WorkItem* items, int64_t count,
+                                const Scratch& scratch) {
+  for (int64_t i = 0; i < count; ++i) run_item<Avx2Tile>(problem, items[i], scratch);
+}
+#endif
+
+// Checks the index arrays against each other and the cache; throws lserve::Error naming the entry.
+void validate_indices(const AttentionArgs& args) {
+  const char* op = "attention";
+  const int64_t num_tokens = args.query.size(0);
+  const int64_t num_pages = args.k_cache.size(0), page_size = args.k_cache.size(1);
+  const int64_t num_seqs = args.qo_indptr.size(0) - 1;
+  const int32_t* qo_indptr = args.qo_indptr.data_ptr<int32_t>();
+  const int32_t* kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
+  const int32_t* kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
+  const int32_t* kv_lens = args.kv_lens.data_ptr<int32_t>();
+  const int64_t num_indices = args.kv_page_indices.size(0);
+  LSERVE_CHECK(qo_indptr[0] == 0, op, ": qo_indptr[0] must be 0, got ", qo_indptr[0]);
+  LSERVE_CHECK(qo_indptr[num_seqs] == num_tokens, op, ": qo_indptr[num_seqs] = ", qo_indptr[num_seqs],
+               " must equal num_tokens = ", num_tokens);
+  LSERVE_CHECK(kv_page_indptr[0] == 0, op, ": kv_page_indptr[0] must be 0, got ", kv_page_indptr[0]);
+  LSERVE_CHECK(kv_page_indptr[num_seqs] <= num_indices, op, ": kv_page_indptr[num_seqs] = ",
+               kv_page_indptr[num_seqs], " exceeds the ", num_indices, " entries of kv_page_indices");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = static_cast<int64_t>(qo_indptr[s + 1]) - qo_indptr[s];
+    const int64_t num_seq_pages = static_cast<int64_t>(kv_page_indptr[s + 1]) - kv_page_indptr[s];
+    LSERVE_CHECK(q_len >= 0, op, ": qo_indptr must be non-decreasing, but qo_indptr[", s + 1, "] = ",
+                 qo_indptr[s + 1], " < qo_indptr[", s, "] = ", qo_indptr[s]);
+    LSERVE_CHECK(num_seq_pages >= 0, op, ": kv_page_indptr must be non-decreasing, but kv_page_indptr[", s + 1,
+                 "] = ", kv_page_indptr[s + 1], " < kv_page_indptr[", s, "] = ", kv_page_indptr[s]);
+    LSERVE_CHECK(kv_lens[s] >= q_len, op, ": sequence ", s, " has kv_len ", kv_lens[s], " < q_len ", q_len,
+                 " (the chunk's own keys must be appended first)");
+    LSERVE_CHECK(kv_lens[s] <= num_seq_pages * page_size, op, ": sequence ", s, " has kv_len ", kv_lens[s],
+                 " but only ", num_seq_pages, " pages of ", page_size, " tokens");
+    for (int64_t i = kv_page_indptr[s]; i < kv_page_indptr[s + 1]; ++i) {
+      LSERVE_CHECK(kv_page_indices[i] >= 0 && kv_page_indices[i] < num_pages, op, ": kv_page_indices[", i,
+                   "] = ", kv_page_indices[i], " (sequence ", s, ") is out of range [0, ", num_pages, ")");
+    }
+    if (args.has_head_pages()) {
+      const int64_t num_kv_heads = args.k_cache.size(2), max_listed = args.head_page_positions.size(2);
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const int64_t count = args.head_num_pages.data_ptr<int32_t>()[s * num_kv_heads + h];
+        LSERVE_CHECK(count <= max_listed, op, ": head_num_pages[", s, ", ", h, "] = ", count, " exceeds the ",
+                     max_listed, " entries of head_page_positions");
+        const int32_t* listed = args.head_page_positions.data_ptr<int32_t>() + (s * num_kv_heads + h) * max_listed;
+        for (int64_t k = 0; k < count; ++k) {
+          LSERVE_CHECK(listed[k] >= 0 && listed[k] < num_seq_pages && (k == 0 || listed[k] > listed[k - 1]), op,
+                       ": head_page_positions[", s, ", ", h, "] must ascend within [0, ", num_seq_pages,
+                       "), entry ", k, " is ", listed[k]);
         }
       }
     }
   }
 }
 
-}  // namespace lserve
+}  // namespace
+
+void attention(const CpuContext& context, const AttentionArgs& args) {
+  validate_indices(args);
+  const int64_t num_qo_heads = args.query.size(1), head_dim = args.query.size(2);
+  const int64_t num_kv_heads = args.k_cache.size(2);
+  const int64_t group_size = num_qo_heads / num_kv_heads;
+  const int64_t num_seqs = args.qo_indptr.size(0) - 1;
+  const int32_t* qo_indptr = args.qo_indptr.data_ptr<int32_t>();
+  const int32_t* kv_lens = args.kv_lens.data_ptr<int32_t>();
+
+  std::vector<WorkItem> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int32_t q_len = qo_indptr[s + 1] - qo_indptr[s];
+    for (int32_t q_begin = 0; q_begin < q_len; q_begin += kQoRows) {
+      const int32_t q_end = std::min<int32_t>(q_len, q_begin + kQoRows);
+      const int64_t cost = static_cast<int64_t>(q_end - q_begin) * (kv_lens[s] - q_len + q_end);
+      for (int32_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
+        items.push_back(WorkItem{static_cast<int32_t>(s), kv_head, q_begin, q_end, cost});
+      }
+    }
+  }
+  if (items.empty()) return;
+  // Largest first: with dynamic scheduling this bounds the tail to the smallest items.
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+
+  const int num_threads = context.pool->num_threads();
+  const int64_t max_rows = kQoRows * group_size;
+  const int64_t floats_per_thread = (Scratch::floats_needed(max_rows, head_dim) + 15) / 16 * 16;
+  AlignedBuffer<float> scratch_floats(num_threads * floats_per_thread);
+  AlignedBuffer<int64_t> scratch_pos(num_threads * max_rows);
+
+  auto run = [&](auto* k_cache) {
+    using CacheT = std::remove_const_t<std::remove_pointer_t<decltype(k_cache)>>;
+    Problem<CacheT> problem{&args.query, &args.output, k_cache, static_cast<const CacheT*>(args.v_cache.data),
+                            qo_indptr, args.kv_page_indptr.data_ptr<int32_t>(),
+                            args.kv_page_indices.data_ptr<int32_t>(), kv_lens, args.k_cache.size(1),
+                            num_kv_heads, head_dim, group_size, args.sm_scale};
+    if (args.has_window()) {
+      problem.window_sink = args.window_sink.data_ptr<int32_t>();
+      problem.window_local = args.window_local.data_ptr<int32_t>();
+    }
+    if (args.has_head_pages()) {
+      problem.head_page_positions = args.head_page_positions.data_ptr<int32_t>();
+      problem.head_num_pages = args.head_num_pages.data_ptr<int32_t>();
+      problem.max_listed = args.head_page_positions.size(2);
+    }
+    context.pool->parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end,
+                                                                            int thread_idx) {
+      float* base = scratch_floats.data() + thread_idx * floats_per_thread;
+      Scratch scratch;
+      scratch.q = base;
+      scratch.o = scratch.q + max_rows * head_dim;
+      scratch.s = scratch.o + max_rows * head_dim;
+      scratch.k_t = scratch.s + max_rows * kKvTile;
+      scratch.v = scratch.k_t + kKvTile * head_dim;
+      scratch.row_max = scratch.v + kKvTile * head_dim;
+      scratch.row_sum = scratch.row_max + max_rows;
+      scratch.rescale = scratch.row_sum + max_rows;
+      scratch.pos = scratch_pos.data() + thread_idx * max_rows;
+#ifdef LSERVE_CPU_X86
+      if (context.has_avx2_fma) {
+        run_items_avx2(problem, items.data() + begin, end - begin, scratch);
+        return;
+      }
+#endif
+      run_items_generic(problem, items.data() + begin, end - begin, scratch);
+    });
+  };
+  if (args.k_cache.dtype == DType::kBF16) {
+    run(static_cast<const bf16_t*>(args.k_cache.data));
+  } else {
+    run(args.k_cache.data_ptr<float>());
+  }
+}
+
+}  // namespace lserve::cpu

@@ -1,77 +1,104 @@
-// CpuBackend memory (64-byte aligned host buffers), copies with float conversions, factory.
-#include "cpu/cpu_backend.h"
+// CpuBackend: host memory (64-byte aligned), copies with dtype conversion, the capability table,
+// run-time ISA detection and the make_cpu_backend factory. The ops are in cpp/src/cpu/<op>.cpp.
+#include "cpu_backend.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
-namespace lserve {
+#include "convert.h"
 
-void cpu_to_float(const void* src, DType dtype, float* dst, int64_t count) {
-  switch (dtype) {
-    case DType::kF32:
-      std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));
-      return;
-    case DType::kBF16: {
-      const uint16_t* bits = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < count; ++i) {
-        const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;
-        std::memcpy(&dst[i], &word, 4);
-      }
-      return;
-    }
-    case DType::kF16: {
-      const f16_t* values = static_cast<const f16_t*>(src);
-      for (int64_t i = 0; i < count; ++i) dst[i] = f16_to_float(values[i]);
-      return;
-    }
-    default:
-      LSERVE_THROW("cannot convert ", dtype_name(dtype), " to float32");
-  }
+namespace lserve::cpu {
+
+namespace {
+
+constexpr size_t kAlignment = 64;  // one cache line; also the widest vector load
+constexpr int64_t kCopyGrain = 1 << 16;  // elements per chunk: below this a copy runs inline
+
+template <typename Dst, typename Src>
+void convert_range(Dst* dst, const Src* src, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = from_float<Dst>(to_float(src[i]));
+}
+
+}  // namespace
+
+bool detect_avx2_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+CpuBackend::CpuBackend(int num_threads) : pool_(num_threads) {
+  context_.pool = &pool_;
+  // LSERVE_CPU_ISA=generic forces the portable kernels (tests use it to cover them on AVX2 hosts).
+  const char* isa = std::getenv("LSERVE_CPU_ISA");
+  const bool force_generic = isa != nullptr && std::string(isa) == "generic";
+  context_.has_avx2_fma = !force_generic && detect_avx2_fma();
+}
+
+std::string CpuBackend::name() const {
+  return std::string("cpu (") + std::to_string(pool_.num_threads()) + " threads, " +
+         (context_.has_avx2_fma ? "avx2+fma" : "generic") + ")";
 }
 
 bool CpuBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const {
-  const bool weights_ok = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16;
-  const bool kv_ok = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
-  return weights_ok && kv_ok;
+  const bool float_weight = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 ||
+                            weight_dtype == DType::kF16;
+  const bool float_cache = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
+  switch (op) {
+    case OpKind::kEmbed:
+    case OpKind::kRmsNorm:
+    case OpKind::kGemm: return float_weight;
+    case OpKind::kRopeKvAppend:
+    case OpKind::kAttention: return float_cache;
+    case OpKind::kSiluMul:
+    case OpKind::kGatherRows: return true;
+  }
+  return false;
 }
 
 std::shared_ptr<void> CpuBackend::allocate_bytes(size_t num_bytes) {
-  const size_t rounded = (num_bytes + 63) / 64 * 64;
-  void* data = std::aligned_alloc(64, rounded);
-  LSERVE_CHECK(data != nullptr, "out of host memory allocating ", num_bytes, " bytes");
+  const size_t rounded = (std::max<size_t>(num_bytes, 1) + kAlignment - 1) / kAlignment * kAlignment;
+  void* data = std::aligned_alloc(kAlignment, rounded);
+  LSERVE_CHECK(data != nullptr, "CpuBackend: failed to allocate ", num_bytes, " bytes");
   return std::shared_ptr<void>(data, [](void* pointer) { std::free(pointer); });
 }
 
-void CpuBackend::copy_impl(const TensorView& dst, const TensorView& src) {
-  LSERVE_CHECK(dst.device.type == DeviceType::kCPU && src.device.type == DeviceType::kCPU,
-               "the CPU backend copies host memory only");
-  const int64_t count = src.numel();
-  if (dst.dtype == src.dtype) {
-    std::memcpy(dst.data, src.data, src.nbytes());
-    return;
-  }
-  if (dst.dtype == DType::kF32) {
-    cpu_to_float(src.data, src.dtype, static_cast<float*>(dst.data), count);
-    return;
-  }
-  std::vector<float> staging;
-  const float* values = static_cast<const float*>(src.data);
-  if (src.dtype != DType::kF32) {
-    staging.resize(static_cast<size_t>(count));
-    cpu_to_float(src.data, src.dtype, staging.data(), count);
-    values = staging.data();
-  }
-  if (dst.dtype == DType::kBF16) {
-    bf16_t* out = static_cast<bf16_t*>(dst.data);
-    for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16(values[i]);
-  } else {
-    f16_t* out = static_cast<f16_t*>(dst.data);
-    for (int64_t i = 0; i < count; ++i) out[i] = float_to_f16(values[i]);
-  }
-}
+void CpuBackend::copy_impl(const TensorView& dst, const TensorView& src) { cpu::copy(context_, dst, src); }
 
 void CpuBackend::fill_zero_impl(const TensorView& dst) { std::memset(dst.data, 0, dst.nbytes()); }
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+void copy(const CpuContext& context, const TensorView& dst, const TensorView& src) {
+  LSERVE_CHECK(dst.device.type == DeviceType::kCPU && src.device.type == DeviceType::kCPU,
+               "copy: the CPU backend copies host tensors only, got dst on ", dst.device.str(), " and src on ",
+               src.device.str());
+  const int64_t count = src.numel();
+  if (dst.dtype == src.dtype) {
+    const size_t element_bytes = dtype_size(src.dtype);
+    context.pool->parallel_for(0, count, kCopyGrain, [&](int64_t begin, int64_t end, int) {
+      std::memmove(static_cast<char*>(dst.data) + begin * element_bytes,
+                   static_cast<const char*>(src.data) + begin * element_bytes, (end - begin) * element_bytes);
+    });
+    return;
+  }
+  dispatch_float(dst.dtype, dst.data, [&](auto* dst_data) {
+    dispatch_float(src.dtype, src.data, [&](auto* src_data) {
+      context.pool->parallel_for(0, count, kCopyGrain, [&](int64_t begin, int64_t end, int) {
+        convert_range(dst_data + begin, src_data + begin, end - begin);
+      });
+    });
+  });
+}
+
+}  // namespace lserve::cpu
+
+namespace lserve {
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) {
+  return std::make_unique<cpu::CpuBackend>(num_threads);
+}
 
 }  // namespace lserve

@@ -1,43 +1,66 @@
-// CpuBackend: the reference backend. Plain loops with fp32 accumulation; every other backend is
-// tested against it. One free function per op (cpp/src/cpu/<op>.cpp).
+// CpuBackend: the reference backend every other backend is tested against. Host memory,
+// fp32 accumulation, plain loops; the hot kernels (GEMM, attention) also have an AVX2+FMA
+// build picked at run time (never -march=native). Each op lives in cpp/src/cpu/<op>.cpp as a
+// free function below; the Backend::<op>_impl overrides only forward to them.
 #pragma once
 
+#include <memory>
+#include <string>
+
 #include "lserve/backend.h"
+#include "parallel.h"
 
-namespace lserve {
+namespace lserve::cpu {
 
-void cpu_embed(const EmbedArgs& args);
-void cpu_rms_norm(const RmsNormArgs& args);
-void cpu_gemm(const GemmArgs& args);
-void cpu_silu_mul(const SiluMulArgs& args);
-void cpu_rope_kv_append(const RopeKvAppendArgs& args);
-void cpu_attention(const AttentionArgs& args);
-void cpu_gather_rows(const GatherRowsArgs& args);
+// What an op needs from the backend: the pool and the instruction sets detected at start-up.
+struct CpuContext {
+  ThreadPool* pool = nullptr;
+  bool has_avx2_fma = false;  // AVX2 + FMA (+ F16C) usable on this CPU and OS
+};
 
-// Converts `count` elements of a float32/bfloat16/float16 array to float32.
-void cpu_to_float(const void* src, DType dtype, float* dst, int64_t count);
+// Detects AVX2 + FMA + F16C at run time (false on non-x86 builds).
+bool detect_avx2_fma();
 
-class CpuBackend : public Backend {
+void embed(const CpuContext& context, const EmbedArgs& args);
+void rms_norm(const CpuContext& context, const RmsNormArgs& args);
+void gemm(const CpuContext& context, const GemmArgs& args);
+void silu_mul(const CpuContext& context, const SiluMulArgs& args);
+void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args);
+void attention(const CpuContext& context, const AttentionArgs& args);
+void gather_rows(const CpuContext& context, const GatherRowsArgs& args);
+// Backend::copy for host tensors: same-dtype bytes, or float32/bfloat16/float16 conversion.
+void copy(const CpuContext& context, const TensorView& dst, const TensorView& src);
+
+class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads) : num_threads_(num_threads) {}
+  // num_threads <= 0 picks the hardware concurrency. The environment variable
+  // LSERVE_CPU_ISA=generic disables the AVX2 kernels (read once, here).
+  explicit CpuBackend(int num_threads);
+
   Device device() const override { return Device{DeviceType::kCPU, 0}; }
-  std::string name() const override { return "cpu"; }
+  std::string name() const override;
   bool supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const override;
+  int num_threads() const { return pool_.num_threads(); }
+  bool has_avx2_fma() const { return context_.has_avx2_fma; }
 
  protected:
   std::shared_ptr<void> allocate_bytes(size_t num_bytes) override;
   void copy_impl(const TensorView& dst, const TensorView& src) override;
   void fill_zero_impl(const TensorView& dst) override;
-  void embed_impl(const EmbedArgs& args) override { cpu_embed(args); }
-  void rms_norm_impl(const RmsNormArgs& args) override { cpu_rms_norm(args); }
-  void gemm_impl(const GemmArgs& args) override { cpu_gemm(args); }
-  void silu_mul_impl(const SiluMulArgs& args) override { cpu_silu_mul(args); }
-  void rope_kv_append_impl(const RopeKvAppendArgs& args) override { cpu_rope_kv_append(args); }
-  void attention_impl(const AttentionArgs& args) override { cpu_attention(args); }
-  void gather_rows_impl(const GatherRowsArgs& args) override { cpu_gather_rows(args); }
+
+  void embed_impl(const EmbedArgs& args) override { cpu::embed(context_, args); }
+  void rms_norm_impl(const RmsNormArgs& args) override { cpu::rms_norm(context_, args); }
+  void gemm_impl(const GemmArgs& args) override { cpu::gemm(context_, args); }
+  void silu_mul_impl(const SiluMulArgs& args) override { cpu::silu_mul(context_, args); }
+  void rope_kv_append_impl(const RopeKvAppendArgs& args) override { cpu::rope_kv_append(context_, args); }
+  void attention_impl(const AttentionArgs& args) override { cpu::attention(context_, args); }
+  void gather_rows_impl(const GatherRowsArgs& args) override { cpu::gather_rows(context_, args); }
+  void page_select_impl(const PageSelectArgs& args) override { cpu_page_select(args); }
+  void page_stats_append_impl(const PageStatsAppendArgs& args) override { cpu_page_stats_append(args); }
 
  private:
-  int num_threads_;
+  ThreadPool pool_;
+  CpuContext context_;
 };
 
-}  // namespace lserve
+}  // namespace lserve::cpu

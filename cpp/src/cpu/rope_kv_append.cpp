@@ -1,59 +1,66 @@
-// CPU reference of rope_kv_append: NeoX-style rotation of q and k in place over the first
-// rotary_dim channels, then K/V written to the paged cache at slot_mapping.
-#include <cstring>
+// CPU rope_kv_append: rotate query and key in place over the first rotary_dim channels (the
+// NeoX / Hugging Face rotate_half layout: out = x * cos + rotate_half(x) * sin), then store key
+// and value at slot_mapping[t] in the paged cache (slot < 0: rotate, but store nothing).
+// Positions and slots are checked on the host before anything is written.
+// Reference: transformers' apply_rotary_pos_emb.
+#include <algorithm>
+#include <type_traits>
 
-#include "cpu/cpu_backend.h"
+#include "convert.h"
+#include "cpu_backend.h"
 
-namespace lserve {
+namespace lserve::cpu {
 
 namespace {
 
-void rotate(float* x, const float* cos, const float* sin, int64_t half) {
+// x[:half], x[half:2*half] <- x1 * cos - x2 * sin, x2 * cos + x1 * sin.
+inline void rotate(float* x, const float* cos, const float* sin, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i], b = x[i + half];
-    x[i] = a * cos[i] - b * sin[i];
-    x[i + half] = b * cos[i] + a * sin[i];
-  }
-}
-
-void store(const float* src, const TensorView& cache, int64_t offset, int64_t count) {
-  if (cache.dtype == DType::kF32) {
-    std::memcpy(cache.data_ptr<float>() + offset, src, static_cast<size_t>(count) * 4);
-  } else {
-    bf16_t* out = cache.data_ptr<bf16_t>() + offset;
-    for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16(src[i]);
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
   }
 }
 
 }  // namespace
 
-void cpu_rope_kv_append(const RopeKvAppendArgs& args) {
+void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args) {
+  const char* op = "rope_kv_append";
   const int64_t num_tokens = args.query.size(0), num_qo_heads = args.query.size(1), head_dim = args.query.size(2);
   const int64_t num_kv_heads = args.key.size(1);
   const int64_t max_positions = args.cos_sin_cache.size(0), rotary_dim = args.cos_sin_cache.size(1);
-  const int64_t half = rotary_dim / 2;
   const int64_t num_slots = args.k_cache.size(0) * args.k_cache.size(1);
-  const int64_t slot_width = num_kv_heads * head_dim;
-  const int32_t* positions = args.positions.data_ptr<int32_t>();
-  const int64_t* slots = args.slot_mapping.data_ptr<int64_t>();
+  const int32_t* positions = args.positions.data_ptr<int32_t>();     // (num_tokens,)
+  const int64_t* slot_mapping = args.slot_mapping.data_ptr<int64_t>();  // (num_tokens,)
   for (int64_t t = 0; t < num_tokens; ++t) {
-    LSERVE_CHECK(positions[t] >= 0 && positions[t] < max_positions, "rope_kv_append: position ", positions[t],
-                 " at token ", t, " outside the rotary table [0, ", max_positions, ")");
-    LSERVE_CHECK(slots[t] < num_slots, "rope_kv_append: slot ", slots[t], " at token ", t, " beyond the cache's ",
-                 num_slots, " slots");
-    const float* cos = args.cos_sin_cache.data_ptr<float>() + positions[t] * rotary_dim;
-    const float* sin = cos + half;
-    float* q = args.query.data_ptr<float>() + t * args.query.stride(0);
-    for (int64_t h = 0; h < num_qo_heads; ++h) rotate(q + h * args.query.stride(1), cos, sin, half);
-    float* k = args.key.data_ptr<float>() + t * args.key.stride(0);
-    for (int64_t h = 0; h < num_kv_heads; ++h) rotate(k + h * args.key.stride(1), cos, sin, half);
-    if (slots[t] < 0) continue;
-    const float* v = args.value.data_ptr<float>() + t * args.value.stride(0);
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      store(k + h * args.key.stride(1), args.k_cache, slots[t] * slot_width + h * head_dim, head_dim);
-      store(v + h * args.value.stride(1), args.v_cache, slots[t] * slot_width + h * head_dim, head_dim);
-    }
+    LSERVE_CHECK(positions[t] >= 0 && positions[t] < max_positions, op, ": positions[", t, "] = ", positions[t],
+                 " is out of range [0, ", max_positions, ") of cos_sin_cache");
+    LSERVE_CHECK(slot_mapping[t] < num_slots, op, ": slot_mapping[", t, "] = ", slot_mapping[t],
+                 " is beyond the cache's ", num_slots, " slots (num_pages * page_size)");
   }
+  const float* cos_sin_cache = args.cos_sin_cache.data_ptr<float>();  // (max_positions, rotary_dim)
+  const int64_t half = rotary_dim / 2;
+  const int64_t slot_stride = num_kv_heads * head_dim;  // elements per cache slot
+  const int64_t grain = std::max<int64_t>(1, 4096 / ((num_qo_heads + 2 * num_kv_heads) * head_dim));
+
+  dispatch_float(args.k_cache.dtype, args.k_cache.data, [&](auto* k_cache) {  // (num_slots, num_kv_heads, head_dim)
+    using CacheT = std::remove_pointer_t<decltype(k_cache)>;
+    CacheT* v_cache = static_cast<CacheT*>(args.v_cache.data);
+    context.pool->parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end, int) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cos = cos_sin_cache + positions[t] * rotary_dim;  // (half,)
+        const float* sin = cos + half;                                // (half,)
+        float* query = row_ptr<float>(args.query, t);                 // (num_qo_heads, head_dim)
+        float* key = row_ptr<float>(args.key, t);                     // (num_kv_heads, head_dim)
+        const float* value = row_ptr<const float>(args.value, t);     // (num_kv_heads, head_dim)
+        for (int64_t h = 0; h < num_qo_heads; ++h) rotate(query + h * head_dim, cos, sin, half);
+        for (int64_t h = 0; h < num_kv_heads; ++h) rotate(key + h * head_dim, cos, sin, half);
+        if (slot_mapping[t] < 0) continue;
+        store_row(key, k_cache + slot_mapping[t] * slot_stride, slot_stride);
+        store_row(value, v_cache + slot_mapping[t] * slot_stride, slot_stride);
+      }
+    });
+  });
 }
 
-}  // namespace lserve
+}  // namespace lserve::cpu

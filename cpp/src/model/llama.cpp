@@ -1,6 +1,7 @@
 // LlamaModel: weight layout, strict loading and the forward pass over Backend ops.
 #include "lserve/model/llama.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "lserve/model/rope.h"
@@ -8,6 +9,22 @@
 namespace lserve {
 
 namespace {
+
+AttentionArgs attention_args(const TensorView& query, const Tensor& k_cache, const Tensor& v_cache,
+                             const Tensor& qo_indptr, const Tensor& page_indptr, const Tensor& page_indices,
+                             const Tensor& kv_lens, const TensorView& output, float sm_scale) {
+  AttentionArgs args;
+  args.query = query;
+  args.k_cache = k_cache.view();
+  args.v_cache = v_cache.view();
+  args.qo_indptr = qo_indptr.view();
+  args.kv_page_indptr = page_indptr.view();
+  args.kv_page_indices = page_indices.view();
+  args.kv_lens = kv_lens.view();
+  args.output = output;
+  args.sm_scale = sm_scale;
+  return args;
+}
 
 std::string layer_prefix(int layer_idx) { return "model.layers." + std::to_string(layer_idx) + "."; }
 
@@ -43,6 +60,9 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
   for (int layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     Layer& layer = layers_[layer_idx];
     const std::string prefix = layer_prefix(layer_idx);
+    layer.num_dense_kv = config_.num_kv_heads;
+    layer.kv_order.resize(config_.num_kv_heads);
+    for (int h = 0; h < config_.num_kv_heads; ++h) layer.kv_order[h] = h;
     layer.input_norm = backend_.empty({hidden}, DType::kF32);
     layer.post_norm = backend_.empty({hidden}, DType::kF32);
     layer.qkv_weight = backend_.empty({q_rows + 2 * kv_rows, hidden}, weight_dtype);
@@ -92,6 +112,49 @@ std::vector<std::string> LlamaModel::weight_names(const ModelConfig& config) {
   return names;
 }
 
+void LlamaModel::set_sparsity(const SparsityConfig& sparsity) {
+  LSERVE_CHECK(loaded_.empty(), "set_sparsity() after load_weight(): the head order is fixed at loading");
+  sparsity.validate(config_.num_layers, config_.num_kv_heads);
+  sparsity_ = sparsity;
+  num_select_ = sparsity.enabled ? sparsity.decode_token_budget / sparsity.physical_page_size : 0;
+  for (int layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
+    Layer& layer = layers_[layer_idx];
+    layer.kv_order.clear();
+    for (int pass = 0; pass < 2; ++pass) {  // dense heads first, then streaming heads
+      for (int h = 0; h < config_.num_kv_heads; ++h) {
+        if (sparsity_.is_streaming(layer_idx, h, config_.num_kv_heads) == (pass == 1)) layer.kv_order.push_back(h);
+      }
+      if (pass == 0) layer.num_dense_kv = static_cast<int>(layer.kv_order.size());
+    }
+  }
+}
+
+std::vector<uint8_t> LlamaModel::permute_heads(int layer_idx, const std::string& kind, const TensorView& tensor) const {
+  LSERVE_CHECK(tensor.device.type == DeviceType::kCPU && tensor.is_contiguous(), "weight of layer ", layer_idx,
+               ": sparse head reordering needs a contiguous host tensor");
+  const std::vector<int>& order = layers_[layer_idx].kv_order;
+  const int64_t head_dim = config_.head_dim, group = config_.num_qo_heads / config_.num_kv_heads;
+  const int64_t elem = static_cast<int64_t>(dtype_size(tensor.dtype));
+  const uint8_t* src = static_cast<const uint8_t*>(tensor.data);
+  std::vector<uint8_t> out(static_cast<size_t>(tensor.numel() * elem));
+  if (kind == "o_proj") {  // (hidden, q_rows): column blocks of one KV group's query heads
+    const int64_t rows = tensor.shape[0], cols = tensor.shape[1], block = group * head_dim * elem;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (size_t i = 0; i < order.size(); ++i) {
+        std::copy_n(src + r * cols * elem + order[i] * block, block, out.data() + r * cols * elem + i * block);
+      }
+    }
+    return out;
+  }
+  // q_proj: row blocks of group * head_dim rows; k_proj / v_proj: row blocks of head_dim rows.
+  const int64_t row_bytes = (tensor.ndim == 2 ? tensor.shape[1] : 1) * elem;
+  const int64_t block = (kind == "q_proj" ? group : 1) * head_dim * row_bytes;
+  for (size_t i = 0; i < order.size(); ++i) {
+    std::copy_n(src + order[i] * block, block, out.data() + i * block);
+  }
+  return out;
+}
+
 void LlamaModel::load_weight(const std::string& name, const TensorView& tensor) {
   if (config_.tie_word_embeddings && name == "lm_head.weight") return;  // stored by some tied checkpoints
   auto it = slots_.find(name);
@@ -105,6 +168,25 @@ void LlamaModel::load_weight(const std::string& name, const TensorView& tensor) 
                  ", expected ", shape_str(slot.shape));
   }
   TensorView dst = slot.tensor->view().slice(0, slot.row_offset, slot.row_offset + slot.shape[0]);
+  // Sparse attention serves each layer's KV heads reordered (dense first): reorder q/k/v/o on the way in.
+  const std::string attn = ".self_attn.";
+  const size_t attn_at = name.find(attn);
+  if (sparsity_.enabled && name.rfind("model.layers.", 0) == 0 && attn_at != std::string::npos) {
+    const int layer_idx = std::stoi(name.substr(13, attn_at - 13));
+    const std::string kind = name.substr(attn_at + attn.size(), 6);  // q_proj | k_proj | v_proj | o_proj
+    const std::vector<int>& order = layers_[layer_idx].kv_order;
+    bool identity = true;
+    for (size_t i = 0; i < order.size(); ++i) identity = identity && order[i] == static_cast<int>(i);
+    if (!identity) {
+      std::vector<uint8_t> permuted = permute_heads(layer_idx, kind, tensor);
+      TensorView view = tensor;
+      view.data = permuted.data();
+      backend_.copy(dst, view);
+      backend_.synchronize();
+      loaded_.insert(name);
+      return;
+    }
+  }
   backend_.copy(dst, tensor);
   loaded_.insert(name);
 }
@@ -129,17 +211,56 @@ void LlamaModel::finalize() {
 }
 
 int64_t LlamaModel::kv_bytes_per_token(DType kv_cache_dtype) const {
-  return 2LL * config_.num_layers * config_.num_kv_heads * config_.head_dim *
-         static_cast<int64_t>(dtype_size(kv_cache_dtype));
+  int64_t dense_heads = 0;
+  for (const Layer& layer : layers_) dense_heads += layer.num_dense_kv;
+  int64_t bytes = 2LL * dense_heads * config_.head_dim * static_cast<int64_t>(dtype_size(kv_cache_dtype));
+  if (sparsity_.enabled) {  // kmax + kmin (float32) per logical page
+    bytes += (2LL * dense_heads * config_.head_dim * 4 + sparsity_.logical_page_size - 1) / sparsity_.logical_page_size;
+  }
+  return bytes;
+}
+
+int64_t LlamaModel::streaming_bytes_per_token(DType kv_cache_dtype) const {
+  int64_t stream_heads = 0;
+  for (const Layer& layer : layers_) stream_heads += config_.num_kv_heads - layer.num_dense_kv;
+  return 2LL * stream_heads * config_.head_dim * static_cast<int64_t>(dtype_size(kv_cache_dtype));
 }
 
 void LlamaModel::allocate_kv_cache(int num_pages, int page_size, DType kv_cache_dtype) {
   LSERVE_CHECK(num_pages >= 1 && page_size >= 1, "KV cache needs at least one page of one token");
+  LSERVE_CHECK(!sparsity_.enabled || page_size == sparsity_.physical_page_size, "sparse attention needs KV pages of "
+               "physical_page_size = ", sparsity_.physical_page_size, " tokens, got ", page_size);
   for (Layer& layer : layers_) {
-    layer.k_cache = backend_.empty({num_pages, page_size, config_.num_kv_heads, config_.head_dim}, kv_cache_dtype);
-    layer.v_cache = backend_.empty({num_pages, page_size, config_.num_kv_heads, config_.head_dim}, kv_cache_dtype);
+    if (layer.num_dense_kv == 0) continue;
+    layer.k_cache = backend_.empty({num_pages, page_size, layer.num_dense_kv, config_.head_dim}, kv_cache_dtype);
+    layer.v_cache = backend_.empty({num_pages, page_size, layer.num_dense_kv, config_.head_dim}, kv_cache_dtype);
     backend_.fill_zero(layer.k_cache);
     backend_.fill_zero(layer.v_cache);
+    if (sparsity_.enabled) {
+      const int64_t logical = page_size / sparsity_.logical_page_size;
+      layer.kmax = backend_.empty({num_pages, logical, layer.num_dense_kv, config_.head_dim}, DType::kF32);
+      layer.kmin = backend_.empty({num_pages, logical, layer.num_dense_kv, config_.head_dim}, DType::kF32);
+      backend_.fill_zero(layer.kmax);
+      backend_.fill_zero(layer.kmin);
+    }
+  }
+  kv_allocated_ = true;
+}
+
+void LlamaModel::allocate_streaming_cache(int num_pages, int page_size, DType kv_cache_dtype, int num_slots) {
+  LSERVE_CHECK(sparsity_.enabled, "allocate_streaming_cache() without sparse attention");
+  LSERVE_CHECK(num_pages >= 1 && page_size >= 1 && num_slots >= 1, "streaming cache needs pages and slots");
+  num_slots_ = num_slots;
+  for (Layer& layer : layers_) {
+    const int num_stream = config_.num_kv_heads - layer.num_dense_kv;
+    if (num_stream > 0) {
+      layer.ks_cache = backend_.empty({num_pages, page_size, num_stream, config_.head_dim}, kv_cache_dtype);
+      layer.vs_cache = backend_.empty({num_pages, page_size, num_stream, config_.head_dim}, kv_cache_dtype);
+      backend_.fill_zero(layer.ks_cache);
+      backend_.fill_zero(layer.vs_cache);
+    }
+    layer.selection.assign(static_cast<size_t>(num_slots) * layer.num_dense_kv * num_select_, 0);
+    layer.selection_count.assign(static_cast<size_t>(num_slots) * layer.num_dense_kv, 0);
   }
 }
 
@@ -161,14 +282,101 @@ Tensor LlamaModel::upload_i64(const std::vector<int64_t>& values) {
   return out;
 }
 
+void LlamaModel::select_pages(int layer_idx, Layer& layer, const ForwardBatch& batch, const TensorView& dense_query,
+                              Tensor* head_pages, Tensor* head_counts) {
+  const int64_t num_seqs = static_cast<int64_t>(batch.kv_lens.size());
+  const int64_t nd = layer.num_dense_kv, page_size = sparsity_.physical_page_size;
+  std::vector<int64_t> fresh;
+  bool any_selection = false;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t num_pages = batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s];
+    last_pages_total_ += num_pages * nd;
+    if (batch.select_mode[s] == kSelectDense) last_pages_selected_ += num_pages * nd;
+    if (batch.select_mode[s] == kSelectFresh) fresh.push_back(s);
+    if (batch.select_mode[s] != kSelectDense) {
+      any_selection = true;
+      LSERVE_CHECK(batch.qo_indptr[s + 1] - batch.qo_indptr[s] == 1, "page selection of sequence ", s,
+                   " needs a single decode query");
+      LSERVE_CHECK(batch.seq_slots[s] >= 0 && batch.seq_slots[s] < num_slots_, "sequence ", s, " has slot ",
+                   batch.seq_slots[s], " outside [0, ", num_slots_, ")");
+    }
+  }
+  if (!any_selection) return;
+
+  // 1. Score and select for the sequences that select afresh; keep the result in their slots.
+  if (!fresh.empty()) {
+    const int64_t n = static_cast<int64_t>(fresh.size());
+    Tensor q = backend_.empty({n, dense_query.size(1), dense_query.size(2)}, DType::kF32);
+    std::vector<int32_t> indptr = {0}, indices, lens;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t s = fresh[static_cast<size_t>(i)], row = batch.qo_indptr[s + 1] - 1;
+      backend_.copy(q.view().slice(0, i, i + 1), dense_query.slice(0, row, row + 1));
+      indices.insert(indices.end(), batch.kv_page_indices.begin() + batch.kv_page_indptr[s],
+                     batch.kv_page_indices.begin() + batch.kv_page_indptr[s + 1]);
+      indptr.push_back(static_cast<int32_t>(indices.size()));
+      lens.push_back(batch.kv_lens[s]);
+    }
+    Tensor indptr_t = upload_i32(indptr), indices_t = upload_i32(indices), lens_t = upload_i32(lens);
+    Tensor selected = backend_.empty({n, nd, num_select_}, DType::kI32);
+    Tensor counts = backend_.empty({n, nd}, DType::kI32);
+    backend_.page_select({q, layer.kmax, layer.kmin, indptr_t, indices_t, lens_t, selected, counts,
+                          static_cast<int>(page_size), sparsity_.always_select_sink_page});
+    std::vector<int32_t> host_selected(static_cast<size_t>(n * nd * num_select_)), host_counts(static_cast<size_t>(n * nd));
+    backend_.copy(TensorView(host_selected.data(), DType::kI32, {n, nd, static_cast<int64_t>(num_select_)}), selected);
+    backend_.copy(TensorView(host_counts.data(), DType::kI32, {n, nd}), counts);
+    backend_.synchronize();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t slot = batch.seq_slots[fresh[static_cast<size_t>(i)]];
+      std::copy_n(host_selected.begin() + i * nd * num_select_, nd * num_select_,
+                  layer.selection.begin() + slot * nd * num_select_);
+      std::copy_n(host_counts.begin() + i * nd, nd, layer.selection_count.begin() + slot * nd);
+    }
+  }
+
+  // 2. Per (sequence, dense head) page lists: the slot's selection plus every page made since.
+  int64_t max_pages = num_select_;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    if (batch.select_mode[s] != kSelectReuse) continue;
+    const int64_t num_pages = batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s];
+    max_pages = std::max<int64_t>(max_pages, num_select_ + num_pages - batch.select_base_pages[s]);
+  }
+  std::vector<int32_t> positions(static_cast<size_t>(num_seqs * nd * max_pages), 0);
+  std::vector<int32_t> counts(static_cast<size_t>(num_seqs * nd), -1);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    if (batch.select_mode[s] == kSelectDense) continue;
+    const int64_t num_pages = batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s], slot = batch.seq_slots[s];
+    const int64_t base = batch.select_mode[s] == kSelectReuse ? batch.select_base_pages[s] : num_pages;
+    LSERVE_CHECK(base >= 1 && base <= num_pages, "sequence ", s, ": selection made at ", base,
+                 " pages, it now has ", num_pages);
+    for (int64_t h = 0; h < nd; ++h) {
+      int32_t* out = &positions[static_cast<size_t>((s * nd + h) * max_pages)];
+      const int32_t* kept = &layer.selection[static_cast<size_t>((slot * nd + h) * num_select_)];
+      int64_t count = 0;
+      for (int64_t k = 0; k < layer.selection_count[static_cast<size_t>(slot * nd + h)]; ++k) {
+        if (kept[k] < base) out[count++] = kept[k];  // positions are ascending
+      }
+      for (int64_t p = base; p < num_pages; ++p) out[count++] = static_cast<int32_t>(p);
+      counts[static_cast<size_t>(s * nd + h)] = static_cast<int32_t>(count);
+      last_pages_selected_ += count;
+    }
+  }
+  *head_pages = backend_.empty({num_seqs, nd, max_pages}, DType::kI32);
+  backend_.copy(*head_pages, TensorView(positions.data(), DType::kI32, {num_seqs, nd, max_pages}));
+  *head_counts = backend_.empty({num_seqs, nd}, DType::kI32);
+  backend_.copy(*head_counts, TensorView(counts.data(), DType::kI32, {num_seqs, nd}));
+  (void)layer_idx;
+}
+
 std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   LSERVE_CHECK(finalized_, "forward() before finalize(): weights are not all loaded");
-  LSERVE_CHECK(layers_.empty() || layers_[0].k_cache.defined(), "forward() before allocate_kv_cache()");
+  LSERVE_CHECK(kv_allocated_, "forward() before allocate_kv_cache()");
+  LSERVE_CHECK(!sparsity_.enabled || num_slots_ > 0, "sparse forward() before allocate_streaming_cache()");
   const int64_t num_tokens = static_cast<int64_t>(batch.token_ids.size());
   const int64_t hidden = config_.hidden_size, head_dim = config_.head_dim;
   const int64_t num_qo_heads = config_.num_qo_heads, num_kv_heads = config_.num_kv_heads;
   const int64_t q_width = num_qo_heads * head_dim, kv_width = num_kv_heads * head_dim;
   const int64_t num_logits = static_cast<int64_t>(batch.logits_rows.size());
+  const int64_t group = num_qo_heads / num_kv_heads;
   if (num_tokens == 0) return {};
 
   Tensor token_ids = upload_i32(batch.token_ids);
@@ -179,6 +387,23 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   Tensor kv_page_indices = upload_i32(batch.kv_page_indices);
   Tensor kv_lens = upload_i32(batch.kv_lens);
   Tensor logits_rows = upload_i32(batch.logits_rows);
+  const bool sparse = sparsity_.enabled;
+  Tensor stream_slot_mapping, stream_page_indptr, stream_page_indices, window_sink, window_local;
+  if (sparse) {
+    const size_t num_seqs = batch.kv_lens.size();
+    LSERVE_CHECK(batch.stream_slot_mapping.size() == batch.token_ids.size() &&
+                 batch.stream_page_indptr.size() == num_seqs + 1 && batch.window_sink.size() == num_seqs &&
+                 batch.window_local.size() == num_seqs && batch.seq_slots.size() == num_seqs &&
+                 batch.select_mode.size() == num_seqs && batch.select_base_pages.size() == num_seqs,
+                 "forward(): sparse batch metadata is incomplete");
+    stream_slot_mapping = upload_i64(batch.stream_slot_mapping);
+    stream_page_indptr = upload_i32(batch.stream_page_indptr);
+    stream_page_indices = upload_i32(batch.stream_page_indices);
+    window_sink = upload_i32(batch.window_sink);
+    window_local = upload_i32(batch.window_local);
+  }
+  last_pages_selected_ = 0;
+  last_pages_total_ = 0;
 
   Tensor residual = backend_.empty({num_tokens, hidden}, DType::kF32);
   Tensor normed = backend_.empty({num_tokens, hidden}, DType::kF32);
@@ -213,10 +438,42 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
       backend_.rms_norm({proj_out, residual, layer.input_norm, normed, eps});
     }
     backend_.gemm({normed, layer.qkv_weight, config_.attention_bias ? layer.qkv_bias.view() : TensorView(), qkv});
-    backend_.rope_kv_append({query, key, value, positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
-                             slot_mapping});
-    backend_.attention({query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr, kv_page_indices, kv_lens,
-                        attn_out_3d, sm_scale});
+    if (!sparse) {
+      backend_.rope_kv_append({query, key, value, positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
+                               slot_mapping});
+      backend_.attention(attention_args(query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
+                                        kv_page_indices, kv_lens, attn_out_3d, sm_scale));
+    } else {
+      // Heads are served reordered: KV heads [0, nd) are dense, [nd, num_kv_heads) stream; their
+      // query heads are [0, nd * group) and the rest.
+      const int64_t nd = layer.num_dense_kv, nq_dense = nd * group;
+      if (nd > 0) {
+        const TensorView dense_query = query.slice(1, 0, nq_dense), dense_key = key.slice(1, 0, nd);
+        backend_.rope_kv_append({dense_query, dense_key, value.slice(1, 0, nd), positions, cos_sin_cache_,
+                                 layer.k_cache, layer.v_cache, slot_mapping});
+        backend_.page_stats_append({dense_key, slot_mapping, layer.kmax, layer.kmin, sparsity_.physical_page_size});
+        AttentionArgs args = attention_args(dense_query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
+                                            kv_page_indices, kv_lens, attn_out_3d.slice(1, 0, nq_dense), sm_scale);
+        Tensor head_pages, head_counts;
+        select_pages(static_cast<int>(layer_idx), layer, batch, dense_query, &head_pages, &head_counts);
+        if (head_counts.defined()) {
+          args.head_page_positions = head_pages.view();
+          args.head_num_pages = head_counts.view();
+        }
+        backend_.attention(args);
+      }
+      if (nd < num_kv_heads) {
+        const TensorView stream_query = query.slice(1, nq_dense, num_qo_heads);
+        backend_.rope_kv_append({stream_query, key.slice(1, nd, num_kv_heads), value.slice(1, nd, num_kv_heads),
+                                 positions, cos_sin_cache_, layer.ks_cache, layer.vs_cache, stream_slot_mapping});
+        AttentionArgs args = attention_args(stream_query, layer.ks_cache, layer.vs_cache, qo_indptr,
+                                            stream_page_indptr, stream_page_indices, kv_lens,
+                                            attn_out_3d.slice(1, nq_dense, num_qo_heads), sm_scale);
+        args.window_sink = window_sink.view();
+        args.window_local = window_local.view();
+        backend_.attention(args);
+      }
+    }
     backend_.gemm({attn_out, layer.o_weight, TensorView(), proj_out});
     backend_.rms_norm({proj_out, residual, layer.post_norm, normed, eps});
     backend_.gemm({normed, layer.gate_up_weight, TensorView(), gate_up});

@@ -129,6 +129,21 @@ class ServerMetrics:
                              [f"lserve:kv_cache_usage_perc{sample} {format_value(usage)}"])
             lines += _family("lserve:num_preemptions_total", "counter", "Cumulative number of preemptions.",
                              [f"lserve:num_preemptions_total{sample} {format_value(stats.num_preemptions)}"])
+            if getattr(stats, "num_stream_slots", 0):  # sparse attention (LServe) is on
+                lines += _family("lserve:sparse_pages_selected", "gauge",
+                                 "KV pages the dense heads read in the last step (sum over layers and heads).",
+                                 [f"lserve:sparse_pages_selected{sample} "
+                                  f"{format_value(stats.last_step_pages_selected)}"])
+                lines += _family("lserve:sparse_pages_total", "gauge",
+                                 "KV pages dense attention would have read in the last step.",
+                                 [f"lserve:sparse_pages_total{sample} {format_value(stats.last_step_pages_total)}"])
+                lines += _family("lserve:streaming_kv_bytes", "gauge",
+                                 "Bytes of the streaming heads' KV cache (constant per running sequence).",
+                                 [f"lserve:streaming_kv_bytes{sample} {format_value(stats.streaming_kv_bytes)}"])
+                lines += _family("lserve:streaming_kv_bytes_in_use", "gauge",
+                                 "Streaming-head KV bytes held by running sequences.",
+                                 [f"lserve:streaming_kv_bytes_in_use{sample} "
+                                  f"{format_value(stats.streaming_kv_bytes_in_use)}"])
         with self._lock:
             lines += _family("lserve:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
                              [f"lserve:prompt_tokens_total{sample} {format_value(self.prompt_tokens_total)}"])

@@ -12,6 +12,7 @@
 
 #include "lserve/backend.h"
 #include "lserve/model/config.h"
+#include "lserve/sparsity.h"
 
 namespace lserve {
 
@@ -25,6 +26,23 @@ struct ForwardBatch {
   std::vector<int32_t> kv_page_indices;  // (kv_page_indptr.back(),)
   std::vector<int32_t> kv_lens;          // (num_seqs,)
   std::vector<int32_t> logits_rows;      // (num_logits,) rows whose logits are returned
+
+  // Sparse attention only (LlamaModel::set_sparsity with enabled = true); per token, then per sequence.
+  std::vector<int64_t> stream_slot_mapping;   // (num_tokens,) slots in the streaming-head cache
+  std::vector<int32_t> stream_page_indptr;    // (num_seqs + 1,)
+  std::vector<int32_t> stream_page_indices;   // logical page -> streaming-cache page, per sequence
+  std::vector<int32_t> window_sink;           // (num_seqs,) Lambda mask of the streaming heads
+  std::vector<int32_t> window_local;          // (num_seqs,)
+  std::vector<int32_t> seq_slots;             // (num_seqs,) slot holding the sequence's page selection
+  std::vector<uint8_t> select_mode;           // (num_seqs,) SelectMode of the dense heads
+  std::vector<int32_t> select_base_pages;     // (num_seqs,) pages when the reused selection was made
+};
+
+// How the dense heads of one sequence read the cache this step.
+enum SelectMode : uint8_t {
+  kSelectDense = 0,  // every page (prefill chunks, contexts within the budget)
+  kSelectFresh = 1,  // score pages now and keep the selection in the sequence's slot
+  kSelectReuse = 2,  // the slot's selection plus every page created since it was made
 };
 
 class LlamaModel {
@@ -41,9 +59,27 @@ class LlamaModel {
   void finalize();
   static std::vector<std::string> weight_names(const ModelConfig& config);
 
-  // Allocates the per-layer paged caches: (num_pages, page_size, num_kv_heads, head_dim) each.
+  // Sparse attention. Must come before the first load_weight(): it reorders each layer's KV heads
+  // (dense heads first, then streaming heads; query heads and o_proj columns follow their groups)
+  // so that each kind is a contiguous range of heads.
+  void set_sparsity(const SparsityConfig& sparsity);
+  const SparsityConfig& sparsity() const { return sparsity_; }
+  int num_dense_kv_heads(int layer_idx) const { return layers_[layer_idx].num_dense_kv; }
+  // Original KV head index of serving position `position` in layer `layer_idx`.
+  int kv_head_order(int layer_idx, int position) const { return layers_[layer_idx].kv_order[position]; }
+
+  // Allocates the per-layer paged caches of the dense heads: (num_pages, page_size, num_dense_kv_heads,
+  // head_dim) each, plus (with sparsity) the kmax/kmin statistics per logical page.
   void allocate_kv_cache(int num_pages, int page_size, DType kv_cache_dtype);
+  // Bytes per token of the dense heads' cache (keys, values, and kmax/kmin with sparsity).
   int64_t kv_bytes_per_token(DType kv_cache_dtype) const;
+  // Streaming heads (sparsity only): their cache of num_pages pages, and `num_slots` page selections.
+  void allocate_streaming_cache(int num_pages, int page_size, DType kv_cache_dtype, int num_slots);
+  int64_t streaming_bytes_per_token(DType kv_cache_dtype) const;
+  // Pages read by the dense heads' attention in the last forward() (summed over layers and heads), and
+  // pages they would have read densely: selection statistics for metrics.
+  int64_t last_pages_selected() const { return last_pages_selected_; }
+  int64_t last_pages_total() const { return last_pages_total_; }
 
   // Returns the logits of batch.logits_rows, (num_logits, vocab_size) float32 on the host.
   std::vector<float> forward(const ForwardBatch& batch);
@@ -56,8 +92,21 @@ class LlamaModel {
   };
   struct Layer {
     Tensor input_norm, qkv_weight, qkv_bias, o_weight, post_norm, gate_up_weight, down_weight;
-    Tensor k_cache, v_cache;
+    Tensor k_cache, v_cache;    // dense heads
+    Tensor kmax, kmin;          // dense heads' statistics per logical page (sparsity)
+    Tensor ks_cache, vs_cache;  // streaming heads (sparsity)
+    int num_dense_kv = 0;
+    std::vector<int> kv_order;  // serving position -> original KV head
+    // Page selections per slot (host): positions in the page list, num_select per (slot, dense head).
+    std::vector<int32_t> selection;
+    std::vector<int32_t> selection_count;
   };
+
+  // Reorders a q/k/v/o tensor of layer_idx by its KV head order (host tensors only).
+  std::vector<uint8_t> permute_heads(int layer_idx, const std::string& kind, const TensorView& tensor) const;
+  // Builds head_page_positions / head_num_pages for layer_idx's dense heads (sparse decode).
+  void select_pages(int layer_idx, Layer& layer, const ForwardBatch& batch, const TensorView& dense_query,
+                    Tensor* head_pages, Tensor* head_counts);
 
   Tensor upload_i32(const std::vector<int32_t>& values);
   Tensor upload_i64(const std::vector<int64_t>& values);
@@ -70,6 +119,11 @@ class LlamaModel {
   std::map<std::string, Slot> slots_;
   std::set<std::string> loaded_;
   bool finalized_ = false;
+  bool kv_allocated_ = false;
+  SparsityConfig sparsity_;
+  int num_slots_ = 0;
+  int num_select_ = 0;  // pages per selection: decode_token_budget / physical_page_size
+  int64_t last_pages_selected_ = 0, last_pages_total_ = 0;
 };
 
 }  // namespace lserve

@@ -4,6 +4,17 @@
 // chunk's own keys included (appended first by rope_kv_append). Query row i of a chunk of
 // q_len rows sits at position kv_lens[s] - q_len + i and sees keys at positions <= its own.
 // Query head h reads KV head h / (num_qo_heads / num_kv_heads).
+//
+// Block-iterator policy (one attention for dense and sparse heads): each (sequence, KV head)
+// walks a list of KV pages and never reads the others.
+//  - default: every page up to the causal limit of the query.
+//  - window_sink / window_local (num_seqs,) int32, optional: the Lambda mask of streaming heads.
+//    A key at position j is visible to a query at position p iff j <= p and (j < sink or
+//    j > p - local); pages wholly outside are skipped. local <= 0: no window for that sequence.
+//  - head_page_positions (num_seqs, num_kv_heads, max_pages) int32 with head_num_pages
+//    (num_seqs, num_kv_heads) int32, optional: KV head g of sequence s reads only the pages at
+//    positions head_page_positions[s, g, :head_num_pages[s, g]] of its page list (ascending,
+//    each < the sequence's page count); a negative count means every page (dense).
 #pragma once
 #include "lserve/ops/common.h"
 
@@ -19,6 +30,13 @@ struct AttentionArgs {
   TensorView kv_lens;          // (num_seqs,) int32, q_len <= kv_len <= num_seq_pages * page_size
   TensorView output;           // (num_tokens, num_qo_heads, head_dim) float32, rows contiguous
   float sm_scale = 1.0f;       // usually 1 / sqrt(head_dim)
+  TensorView window_sink;          // optional (num_seqs,) int32
+  TensorView window_local;         // optional (num_seqs,) int32
+  TensorView head_page_positions;  // optional (num_seqs, num_kv_heads, max_pages) int32
+  TensorView head_num_pages;       // optional (num_seqs, num_kv_heads) int32
+
+  bool has_window() const { return window_local.defined(); }
+  bool has_head_pages() const { return head_num_pages.defined(); }
 
   void validate(const Device& device) const {
     const char* op = "attention";
@@ -41,6 +59,22 @@ struct AttentionArgs {
         .size(0, num_seqs);
     TensorCheck(output, op, "output").ndim(3).dtype(DType::kF32).device(device).rows_contiguous()
         .size(0, num_tokens).size(1, num_qo_heads).size(2, head_dim);
+    LSERVE_CHECK(window_sink.defined() == window_local.defined(), op,
+                 ": window_sink and window_local come together");
+    if (has_window()) {
+      TensorCheck(window_sink, op, "window_sink").ndim(1).dtype(DType::kI32).device(device).contiguous()
+          .size(0, num_seqs);
+      TensorCheck(window_local, op, "window_local").ndim(1).dtype(DType::kI32).device(device).contiguous()
+          .size(0, num_seqs);
+    }
+    LSERVE_CHECK(head_page_positions.defined() == head_num_pages.defined(), op,
+                 ": head_page_positions and head_num_pages come together");
+    if (has_head_pages()) {
+      TensorCheck(head_page_positions, op, "head_page_positions").ndim(3).dtype(DType::kI32).device(device)
+          .contiguous().size(0, num_seqs).size(1, k_cache.size(2));
+      TensorCheck(head_num_pages, op, "head_num_pages").ndim(2).dtype(DType::kI32).device(device).contiguous()
+          .size(0, num_seqs).size(1, k_cache.size(2));
+    }
   }
 };
 

@@ -72,7 +72,7 @@ struct PageStatsAppendArgs {
 };
 
 // CPU reference implementations (cpp/src/cpu/page_select.cpp). They validate nothing beyond index
-// ranges: call args.validate(device) first. TODO(#3): become Backend ops once the sparse engine lands.
+// ranges: call args.validate(device) first (Backend::page_select and page_stats_append do).
 void cpu_page_select(const PageSelectArgs& args);
 void cpu_page_stats_append(const PageStatsAppendArgs& args);
 

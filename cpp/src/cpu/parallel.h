@@ -1,0 +1,73 @@
+// ThreadPool: a small persistent pool of std::threads with a blocking parallel_for. The calling
+// thread works too (it is thread 0), chunks of `grain` indices are handed out dynamically, and
+// the first exception thrown by a chunk is rethrown in the caller. One pool per CpuBackend;
+// a nested or concurrent parallel_for on a busy pool runs inline in its calling thread.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace lserve::cpu {
+
+class ThreadPool {
+ public:
+  // num_threads <= 0 picks std::thread::hardware_concurrency().
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+
+  // Calls fn(chunk_begin, chunk_end, thread_idx) over [begin, end) in chunks of at most `grain`
+  // indices, thread_idx in [0, num_threads()) naming the thread (for per-thread scratch). Ranges
+  // of at most `grain` indices run inline. Returns when every chunk has finished.
+  template <typename Fn>
+  void parallel_for(int64_t begin, int64_t end, int64_t grain, Fn&& fn) {
+    if (end <= begin) return;
+    if (grain < 1) grain = 1;
+    const auto body = [](const void* context, int64_t chunk_begin, int64_t chunk_end, int thread_idx) {
+      (*static_cast<const std::remove_reference_t<Fn>*>(context))(chunk_begin, chunk_end, thread_idx);
+    };
+    run(begin, end, grain, body, &fn);
+  }
+
+  // Number of chunks parallel_for would create: a helper for picking grains.
+  static int64_t num_chunks(int64_t count, int64_t grain) { return (count + grain - 1) / grain; }
+
+ private:
+  using Body = void (*)(const void* context, int64_t chunk_begin, int64_t chunk_end, int thread_idx);
+
+  void run(int64_t begin, int64_t end, int64_t grain, Body body, const void* context);
+  void worker_loop(int thread_idx);
+  void work_on_job(int thread_idx);
+
+  int num_threads_ = 1;
+  std::vector<std::thread> workers_;
+
+  std::mutex dispatch_mutex_;  // held by the one caller whose job the workers run
+
+  std::mutex state_mutex_;
+  std::condition_variable job_ready_;
+  std::condition_variable job_done_;
+  uint64_t generation_ = 0;  // bumped per job; workers wait for a change
+  int num_busy_workers_ = 0;
+  bool stopping_ = false;
+
+  // The current job (valid while a caller holds dispatch_mutex_).
+  Body body_ = nullptr;
+  const void* context_ = nullptr;
+  int64_t end_ = 0;
+  int64_t grain_ = 1;
+  std::atomic<int64_t> next_{0};
+  std::exception_ptr error_;
+};
+
+}  // namespace lserve::cpu

@@ -1,0 +1,218 @@
+"""LServe sparse attention end to end on tiny random models, against an independent torch reference
+(tests/sparse/sparse_reference.py) and against dense lserve.
+
+- windows and budget covering the context: sparse == dense, in prefill and decode;
+- streaming heads (Lambda mask) in prefill, chunked prefill included, and at decode;
+- dense heads' page selection at decode, fresh every step and reused for several steps;
+- a ring buffer far past the window: constant streaming memory, exact sink + local behaviour;
+- a recycled page's statistics are reset (a request on reused pages equals a fresh engine's).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lserve_testing import assert_exact, assert_rel_close
+from tiny_models import make_tiny_model
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lserve import Engine, SamplingParams  # noqa: E402
+from lserve.sparsity import SparsityConfig  # noqa: E402
+from sparse_reference import SparseSpec, use_reference  # noqa: E402
+
+STREAMING = [[True, False], [False, True]]  # tiny llama: 2 layers x 2 KV heads (GQA 4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_sparse")
+    make_tiny_model("llama", directory, seed=11)
+    return directory
+
+
+def _hf(directory):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+
+
+def _prompt(length: int, seed: int) -> list:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, 211, size=length)]
+
+
+def _config(**overrides) -> SparsityConfig:
+    settings = dict(streaming_heads=[[h for h, s in enumerate(row) if s] for row in STREAMING],
+                    prefill_sink_tokens=8, prefill_local_tokens=40, decode_sink_tokens=8, decode_local_tokens=24,
+                    physical_page_size=16, logical_page_size=4, decode_token_budget=64, selection_reuse_interval=1)
+    settings.update(overrides)
+    return SparsityConfig(**settings)
+
+
+def _spec(config: SparsityConfig) -> SparseSpec:
+    return SparseSpec(streaming=STREAMING, prefill_sink=config.prefill_sink_tokens,
+                      prefill_local=config.prefill_local_tokens, decode_sink=config.decode_sink_tokens,
+                      decode_local=config.decode_local_tokens, page_size=config.physical_page_size,
+                      logical_page_size=config.logical_page_size, budget=config.decode_token_budget,
+                      reuse_interval=config.selection_reuse_interval,
+                      keep_first_page=config.always_select_sink_page)
+
+
+def _engine(directory, sparsity, **kwargs) -> Engine:
+    defaults = dict(max_model_len=512, show_progress=False, capture_logits=True, num_kv_pages=96)
+    defaults.update(kwargs)
+    return Engine(str(directory), sparsity=sparsity, **defaults)
+
+
+def _run(engine: Engine, ids: list, max_tokens: int):
+    """Greedy tokens and the logits of every sampled row."""
+    engine.add_request("r", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    tokens, logits = [], []
+    while engine._core.has_unfinished_requests():
+        for out in engine._core.step():
+            tokens.extend(out.new_token_ids)
+            if out.logits is not None:
+                logits.append(np.asarray(out.logits))
+    engine._requests.clear()
+    return tokens, np.stack(logits)
+
+
+def _reference(directory, config: SparsityConfig, ids: list, tokens: list):
+    """The reference's logits on the same token sequence (teacher forcing with HF's cache)."""
+    model = _hf(directory)
+    spec = _spec(config)
+    use_reference(model, spec)
+    logits = []
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        logits.append(out.logits[0, -1].numpy())
+        past = out.past_key_values
+        for token in tokens[:-1]:
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits[0, -1].numpy())
+    return np.stack(logits), spec
+
+
+def test_sparse_equals_dense_when_everything_fits(tiny):
+    ids = _prompt(150, seed=1)
+    wide = _config(prefill_local_tokens=1024, decode_local_tokens=1024, decode_token_budget=1024)
+    dense_tokens, dense_logits = _run(_engine(tiny, None), ids, 24)
+    sparse_tokens, sparse_logits = _run(_engine(tiny, wide), ids, 24)
+    assert_rel_close(sparse_logits, dense_logits, 1e-5, what="sparse (everything fits) vs dense")
+    assert_exact(sparse_tokens, dense_tokens, what="greedy tokens")
+
+
+@pytest.mark.parametrize("chunk", [2048, 37])
+def test_streaming_heads_and_selection_match_reference(tiny, chunk):
+    config = _config()
+    ids = _prompt(170, seed=2)  # > prefill window: the Lambda mask bites in prefill
+    engine = _engine(tiny, config, max_num_batched_tokens=chunk)
+    tokens, logits = _run(engine, ids, 40)  # 170 + 40 tokens: 11-14 pages, budget 4 pages
+    expected, spec = _reference(tiny, config, ids, tokens)
+    assert spec.selections, "the reference never selected pages: the budget does not bite"
+    assert_rel_close(logits, expected, 1e-4, what=f"sparse engine vs reference (chunk {chunk})")
+    stats = engine._core.stats()
+    assert stats.last_step_pages_selected < stats.last_step_pages_total
+
+
+def test_selection_reuse_matches_reference(tiny):
+    config = _config(selection_reuse_interval=4, always_select_sink_page=False)
+    ids = _prompt(120, seed=3)
+    tokens, logits = _run(_engine(tiny, config), ids, 60)
+    expected, spec = _reference(tiny, config, ids, tokens)
+    assert spec.selections
+    assert_rel_close(logits, expected, 1e-4, what="reused selections vs reference")
+
+
+def test_sparse_differs_from_dense_when_budget_bites(tiny):
+    """Guards against a sparse path that silently runs dense."""
+    ids = _prompt(200, seed=4)
+    _, dense_logits = _run(_engine(tiny, None), ids, 8)
+    _, sparse_logits = _run(_engine(tiny, _config()), ids, 8)
+    assert np.abs(sparse_logits - dense_logits).max() > 1e-3
+
+
+def test_ring_buffer_far_past_the_window(tmp_path):
+    """Over a thousand decode steps past the window: streaming memory stays constant and the
+    streaming heads see exactly sink + local tokens (reference recomputed on the full context)."""
+    import transformers
+
+    from tiny_models import TINY_COMMON
+
+    config = transformers.LlamaConfig(**{**TINY_COMMON, "max_position_embeddings": 2048, "num_hidden_layers": 1,
+                                         "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+                                         "num_key_value_heads": 2})
+    torch.manual_seed(5)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    streaming = [[True, True]]
+    sparsity = SparsityConfig(streaming_heads=[[0, 1]], prefill_sink_tokens=4, prefill_local_tokens=20,
+                              decode_sink_tokens=4, decode_local_tokens=20, physical_page_size=8,
+                              logical_page_size=4, decode_token_budget=64)
+    engine = Engine(str(tmp_path), sparsity=sparsity, max_model_len=2048, show_progress=False, capture_logits=True,
+                    num_kv_pages=300, max_num_batched_tokens=64)
+    ids = _prompt(30, seed=6)
+    engine.add_request("r", ids, SamplingParams(temperature=0.0, max_tokens=1200, ignore_eos=True))
+    tokens, logits, stream_bytes = [], [], set()
+    while engine._core.has_unfinished_requests():
+        for out in engine._core.step():
+            tokens.extend(out.new_token_ids)
+            logits.append(np.asarray(out.logits))
+        stream_bytes.add(engine._core.stats().streaming_kv_bytes_in_use)
+    engine._requests.clear()
+    assert len(tokens) == 1200
+    assert len(stream_bytes - {0}) == 1, f"streaming memory changed with the context: {sorted(stream_bytes)}"
+
+    spec = SparseSpec(streaming=streaming, prefill_sink=4, prefill_local=20, decode_sink=4, decode_local=20,
+                      page_size=8, logical_page_size=4, budget=64)
+    use_reference(model, spec)
+    check_at = set(range(0, 1200, 97)) | {1199}
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        past = out.past_key_values
+        for step, token in enumerate(tokens[:-1], start=1):
+            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            if step in check_at:
+                assert_rel_close(logits[step], out.logits[0, -1].numpy(), 1e-4, what=f"decode step {step}")
+
+
+def test_recycled_pages_reset_statistics(tiny):
+    """Request B on pages request A used must equal B on a fresh engine (kmax/kmin reset on reuse)."""
+    config = _config()
+    a_ids, b_ids = _prompt(180, seed=7), _prompt(150, seed=8)
+    engine = _engine(tiny, config, num_kv_pages=16, max_model_len=256)  # B reuses A's pages
+    _run(engine, a_ids, 30)
+    b_tokens, b_logits = _run(engine, b_ids, 30)
+    fresh_tokens, fresh_logits = _run(_engine(tiny, config, num_kv_pages=16, max_model_len=256), b_ids, 30)
+    assert_rel_close(b_logits, fresh_logits, 1e-6, what="B after A vs B alone")
+    assert_exact(b_tokens, fresh_tokens, what="B greedy tokens")
+
+
+def test_streaming_memory_is_constant_and_capacity_doubles(tiny):
+    kwargs = dict(num_kv_pages=None, kv_cache_memory=4 << 20, max_num_seqs=2, max_num_batched_tokens=64)
+    dense = _engine(tiny, None, **kwargs)
+    half = _engine(tiny, _config(), **kwargs)
+    dense_tokens = dense._core.stats().num_total_pages * dense._core.stats().page_size
+    sparse_tokens = half._core.stats().num_total_pages * half._core.stats().page_size
+    # Half the KV heads stream: the dense heads' pages hold about twice the tokens (minus the
+    # streaming slots and the kmax/kmin statistics).
+    assert sparse_tokens > 1.5 * dense_tokens, (sparse_tokens, dense_tokens)
+    assert half._core.stats().streaming_kv_bytes > 0
+
+
+def test_invalid_sparsity_is_refused(tiny):
+    with pytest.raises(ValueError, match="logical_page_size"):
+        SparsityConfig(physical_page_size=64, logical_page_size=24)
+    with pytest.raises(ValueError, match="below one physical page"):
+        SparsityConfig(decode_token_budget=32)
+    with pytest.raises(ValueError, match="streaming_heads"):
+        _engine(tiny, SparsityConfig(streaming_heads=[[0]]))  # 1 layer listed, the model has 2
+    with pytest.raises(ValueError, match="sparsity"):
+        _engine(tiny, 3.5)
