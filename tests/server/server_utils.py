@@ -58,7 +58,7 @@ def parse_sse(body: str) -> List[object]:
 class ServerProcess:
     """A server in a child process (`python -m lserve.cli serve ...` or a script), up once /health is 200.
 
-    The child gets python/ and tests/server/ on PYTHONPATH; its combined output is kept in a file so a
+    The child gets the parent's lserve and tests/server/ on PYTHONPATH; its combined output is kept in a file so a
     failure can show it without the pipe ever filling up.
     """
 
@@ -69,8 +69,13 @@ class ServerProcess:
         import sys
         import tempfile
 
+        import lserve
+
         here = pathlib.Path(__file__).resolve().parent
-        paths = [str(here.parents[1] / "python"), str(here), os.environ.get("PYTHONPATH", "")]
+        # The child imports the same lserve as this process: the installed package under CI, python/
+        # in a development checkout.
+        package_root = pathlib.Path(lserve.__file__).resolve().parents[1]
+        paths = [str(package_root), str(here), os.environ.get("PYTHONPATH", "")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in paths if path))
         self.log = tempfile.NamedTemporaryFile("w+", prefix="lserve-server-", suffix=".log", delete=False)
         self.process = subprocess.Popen([sys.executable, *argv], env=env, stdout=self.log, stderr=subprocess.STDOUT)
