@@ -131,3 +131,28 @@ def test_text_passkey_samples_have_the_exact_length_and_the_answer_in_the_contex
     for key in keys:
         assert f"is {key}." in text[:first_label]
     assert sample == data.sample(random.Random(7))
+
+
+def test_the_shipped_smollm2_pattern_is_found_and_well_formed(tmp_path):
+    from lserve.sparsity import default_head_pattern
+
+    names = ["smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+             "/somewhere/SmolLM2-135M-Instruct.Q4_1.gguf"]
+    paths = {default_head_pattern(name) for name in names}
+    assert len(paths) == 1
+    path = paths.pop()
+    assert path is not None and path.name == "smollm2-135m-instruct.tsv" and path.is_file()
+    hf_dir = tmp_path / "model"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text('{"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}')
+    assert default_head_pattern(str(hf_dir)) == path
+    assert default_head_pattern("some-other-model") is None and default_head_pattern(None) is None
+
+    scores = read_head_scores(path)
+    assert scores.shape == (30, 3)  # SmolLM2-135M: 30 layers, 3 KV heads
+    assert ((scores >= 0) & (scores <= 1)).all() and scores.std() > 0.2
+    cfg = SparsityConfig.preset("lserve", model="smollm2-135m-instruct")
+    assert np.array(cfg.streaming_mask(30, 3)).sum() == 45
+    explicit = SparsityConfig.preset("lserve", model="smollm2-135m-instruct", streaming_heads=[[]] * 30)
+    assert not np.array(explicit.streaming_mask(30, 3)).any()
+    assert not np.array(SparsityConfig.preset("lserve").streaming_mask(30, 3)).any()
