@@ -210,17 +210,18 @@ def plot_heatmap(report: Dict, path: str) -> bool:
     if not configs:
         return False
     lengths, depths = report["lengths"], report["depths"]
-    fig, axes = plt.subplots(1, len(configs), figsize=(1.2 + 1.3 * len(lengths) * len(configs), 3.6), squeeze=False)
-    for ax, config in zip(axes[0], configs):
+    fig, axes = plt.subplots(1, len(configs), figsize=(1.5 + 1.4 * len(lengths) * len(configs), 3.6), squeeze=False)
+    for index, (ax, config) in enumerate(zip(axes[0], configs)):
         grid = np.full((len(depths), len(lengths)), np.nan)
         for j, length in enumerate(lengths):
             for i, depth in enumerate(depths):
                 grid[i, j] = report["accuracy"][config].get(str(length), {}).get(str(depth), np.nan)
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-        ax.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths])
+        ax.set_yticks(range(len(depths)), [f"{depth:g}" for depth in depths] if index == 0 else [])
         ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("needle depth")
+        if index == 0:
+            ax.set_ylabel("needle depth")
         ax.set_title(config)
         for i in range(len(depths)):
             for j in range(len(lengths)):
