@@ -143,11 +143,13 @@ def test_harness_end_to_end_with_a_tiny_model(tmp_path):
     from lserve.engine import Engine
 
     _tiny_model_with_char_tokenizer(tmp_path)
-    lines = []
+    lines, partials = [], []
     report = run_niah(str(tmp_path), lengths=[300, 2000], depths=[0.0, 1.0], configs=["dense", "lserve"],
-                      seed=0, max_tokens=4, engine_kwargs=dict(num_threads=2), log=lines.append)
+                      seed=0, max_tokens=4, engine_kwargs=dict(num_threads=2), log=lines.append,
+                      on_result=lambda partial: partials.append(len(partial["results"])))
     dense = [r for r in report["results"] if r["config"] == "dense"]
     assert len(dense) == 4
+    assert partials == list(range(1, len(report["results"]) + 1))
     assert [r["prompt_tokens"] for r in dense] == [300, 300, 508, 508]  # 2000 capped at 512 - max_tokens
     assert all(isinstance(r["correct"], bool) and r["seconds"] >= 0 for r in dense)
     assert set(report["accuracy"]["dense"]) == {"300", "2000"}

@@ -44,7 +44,8 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     niah.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     niah.add_argument("--threads", type=int, default=0, help="engine CPU threads, 0 = all cores")
     niah.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (default: %(default)s)")
-    niah.add_argument("--out", default="niah.json", help="results JSON (default: %(default)s)")
+    niah.add_argument("--out", default="niah.json",
+                      help="results JSON, rewritten after every case (default: %(default)s)")
     niah.add_argument("--plot", default=None, help="heatmap PNG (needs matplotlib)")
     niah.add_argument("--quiet", action="store_true", help="no per-case lines")
     niah.set_defaults(handler=_niah)
@@ -77,10 +78,13 @@ def _niah(args: argparse.Namespace) -> int:
     report = run_niah(args.model, args.lengths, args.depths, configs, sparsity_args=overrides, seed=args.seed,
                       samples_per_cell=args.samples, max_tokens=args.max_tokens,
                       use_chat_template=not args.no_chat_template, engine_kwargs=engine_kwargs,
-                      log=(lambda *a: None) if args.quiet else print)
+                      log=(lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True)),
+                      on_result=lambda partial: write_results(args.out, partial))
     write_results(args.out, report)
     for config, by_length in report["accuracy"].items():
         print(f"{config}: " + ", ".join(f"{length}: {cells['all']:.2f}" for length, cells in by_length.items()))
+    for config, reason in report["skipped"].items():
+        print(f"{config}: skipped ({reason})")
     print(f"wrote {args.out}")
     if args.plot:
         if plot_heatmap(report, args.plot):

@@ -126,10 +126,11 @@ def sparsity_for(name: str, model: str, overrides: Optional[Dict] = None):
 def run_niah(model: str, lengths: Sequence[int], depths: Sequence[float], configs: Sequence[str] = ("dense",),
              sparsity_args: Optional[Dict] = None, seed: int = 0, samples_per_cell: int = 1, max_tokens: int = 16,
              use_chat_template: bool = True, engine_kwargs: Optional[Dict] = None, engine_cls=None,
-             log=print) -> Dict:
+             log=print, on_result=None) -> Dict:
     """Runs every case under every sparsity config with greedy decoding; returns the results dict
     (see write_results). A config the Engine cannot run (no `sparsity=` parameter yet) is recorded
-    as skipped. One Engine per config, with max_model_len covering the longest case."""
+    as skipped. One Engine per config, with max_model_len covering the longest case.
+    on_result(report_so_far) runs after every case (e.g. to save partial results of a long run)."""
     from lserve.sampling import SamplingParams
 
     if engine_cls is None:
@@ -138,6 +139,13 @@ def run_niah(model: str, lengths: Sequence[int], depths: Sequence[float], config
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     results: List[Dict] = []
     skipped: Dict[str, str] = {}
+
+    def report() -> Dict:
+        return {"model": model, "seed": seed, "lengths": list(lengths), "depths": list(depths),
+                "configs": list(configs), "samples_per_cell": samples_per_cell, "max_tokens": max_tokens,
+                "sparsity_args": sparsity_args or {}, "skipped": skipped, "results": results,
+                "accuracy": accuracy_table(results)}
+
     for config_name in configs:
         sparsity = sparsity_for(config_name, model, sparsity_args)
         kwargs = dict(engine_kwargs or {})
@@ -169,11 +177,10 @@ def run_niah(model: str, lengths: Sequence[int], depths: Sequence[float], config
                                     "reply": reply, "correct": correct, "seconds": round(seconds, 3)})
                     log(f"[niah] {config_name} len={length} depth={depth} sample={sample}: "
                         f"{'ok ' if correct else 'MISS'} {case.passkey} <- {reply.strip()[:40]!r} ({seconds:.1f} s)")
+                    if on_result is not None:
+                        on_result(report())
         del engine
-    return {"model": model, "seed": seed, "lengths": list(lengths), "depths": list(depths),
-            "configs": list(configs), "samples_per_cell": samples_per_cell, "max_tokens": max_tokens,
-            "sparsity_args": sparsity_args or {}, "skipped": skipped, "results": results,
-            "accuracy": accuracy_table(results)}
+    return report()
 
 
 def accuracy_table(results: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
