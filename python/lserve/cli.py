@@ -1,4 +1,5 @@
-"""The `lserve` command: `lserve generate ...`, `lserve serve ...` (lserve.server), `lserve bench serve ...`."""
+"""The `lserve` command: `lserve generate ...`, `lserve serve ...` (lserve.server), `lserve bench serve ...`,
+`lserve calibrate ...` (lserve.calibrate), `lserve eval niah ...` (lserve.eval)."""
 from __future__ import annotations
 
 import argparse
@@ -87,10 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.set_defaults(handler=_generate)
     from lserve.bench import add_bench_parser
+    from lserve.calibrate import add_calibrate_parser
+    from lserve.eval import add_eval_parser
     from lserve.server.launch import add_serve_parser
 
     add_serve_parser(commands, _add_engine_args, _engine_from_args)
     add_bench_parser(commands)
+    add_calibrate_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 

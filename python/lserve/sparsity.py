@@ -56,6 +56,14 @@ def write_head_scores(path: Union[str, os.PathLike], scores: np.ndarray, comment
             handle.write("\t".join(f"{v:.6f}" for v in row) + "\n")
 
 
+def default_head_pattern(model: Optional[str]):
+    """The calibrated pattern (a pathlib.Path to a TSV) lserve ships for `model` (a name, a .gguf
+    file or a Hugging Face directory), or None. See lserve/patterns/."""
+    from lserve.patterns import pattern_path
+
+    return pattern_path(model)
+
+
 def streaming_mask_from_scores(scores: np.ndarray, streaming_fraction: float) -> np.ndarray:
     """Boolean (num_layers, num_kv_heads): the lowest-scoring fraction of all heads stream."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -128,12 +136,18 @@ class SparsityConfig:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "SparsityConfig":
+    def preset(cls, name: str, model: Optional[str] = None, **overrides) -> "SparsityConfig":
         """"dense": sparsity off. "lserve": the paper's settings (half the heads streaming,
-        prefill sink/local 128/8192, decode sink/local 128/256, pages 64/16, budget 4096, reuse 4)."""
+        prefill sink/local 128/8192, decode sink/local 128/256, pages 64/16, budget 4096, reuse 4).
+        With `model` and neither head_pattern nor streaming_heads given, "lserve" takes the head
+        pattern lserve ships for that model (default_head_pattern), if any."""
         if name == "dense":
             return cls(enabled=False, **overrides)
         if name == "lserve":
+            if model is not None and "head_pattern" not in overrides and "streaming_heads" not in overrides:
+                pattern = default_head_pattern(model)
+                if pattern is not None:
+                    overrides["head_pattern"] = str(pattern)
             return cls(enabled=True, **overrides)
         raise ValueError(f"unknown sparsity preset {name!r} (known: {', '.join(PRESETS)})")
 

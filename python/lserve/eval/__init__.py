@@ -1,0 +1,94 @@
+"""`lserve eval ...`: accuracy harnesses. `lserve eval niah` runs needle-in-a-haystack / passkey
+retrieval over lengths x depths x sparsity configs (eval/niah.py); eval/recall.py measures how much
+dense attention mass a page selection keeps.
+
+    lserve eval niah --model smollm2-135m-instruct --lengths 1024,2048 --depths 0,0.5,1 \
+        --sparsity dense,lserve --out results.json --plot heatmap.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _int_list(text: str):
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _float_list(text: str):
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def add_eval_parser(commands) -> argparse.ArgumentParser:
+    """Registers `eval` and its harnesses on the CLI's subparsers."""
+    parser = commands.add_parser("eval", help="accuracy harnesses", description="lserve accuracy harnesses.")
+    harnesses = parser.add_subparsers(dest="harness", metavar="HARNESS")
+    harnesses.required = True
+    niah = harnesses.add_parser(
+        "niah", help="needle in a haystack / passkey retrieval",
+        description="Greedy passkey retrieval over prompt lengths x needle depths x sparsity configs; "
+                    "writes per-case results and accuracies as JSON and, with matplotlib, a heatmap.")
+    niah.add_argument("--model", default="smollm2-135m-instruct",
+                      help="model name, .gguf file or Hugging Face directory (default: %(default)s)")
+    niah.add_argument("--lengths", type=_int_list, default=[1024, 2048, 4096, 8192],
+                      help="prompt lengths in tokens, comma-separated (default: 1024,2048,4096,8192)")
+    niah.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                      help="needle depths in [0, 1], comma-separated (default: 0,0.25,0.5,0.75,1)")
+    niah.add_argument("--sparsity", default="dense", help="configs, comma-separated: dense, lserve (default: dense)")
+    niah.add_argument("--sparsity-args", default=None,
+                      help="JSON object of SparsityConfig overrides for the non-dense configs")
+    niah.add_argument("--samples", type=int, default=1, help="passkeys per (length, depth) cell (default: 1)")
+    niah.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    niah.add_argument("--max-tokens", type=int, default=16, help="tokens generated per case (default: %(default)s)")
+    niah.add_argument("--no-chat-template", action="store_true", help="plain text prompts even for chat models")
+    niah.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    niah.add_argument("--threads", type=int, default=0, help="engine CPU threads, 0 = all cores")
+    niah.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (default: %(default)s)")
+    niah.add_argument("--out", default="niah.json",
+                      help="results JSON, rewritten after every case (default: %(default)s)")
+    niah.add_argument("--plot", default=None, help="heatmap PNG (needs matplotlib)")
+    niah.add_argument("--quiet", action="store_true", help="no per-case lines")
+    niah.set_defaults(handler=_niah)
+    return parser
+
+
+def _niah(args: argparse.Namespace) -> int:
+    from lserve.eval.niah import plot_heatmap, run_niah, write_results
+
+    configs = [c.strip() for c in args.sparsity.split(",") if c.strip()]
+    for config in configs:
+        if config not in ("dense", "lserve"):
+            raise ValueError(f"unknown sparsity config {config!r} (known: dense, lserve)")
+    if not args.lengths or not args.depths:
+        raise ValueError("--lengths and --depths need at least one value each")
+    if any(not 0.0 <= d <= 1.0 for d in args.depths):
+        raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
+    if args.samples < 1 or args.max_tokens < 1:
+        raise ValueError("--samples and --max-tokens must be >= 1")
+    overrides = None
+    if args.sparsity_args:
+        try:
+            overrides = json.loads(args.sparsity_args)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--sparsity-args is not JSON: {error}") from None
+        if not isinstance(overrides, dict):
+            raise ValueError("--sparsity-args must be a JSON object")
+    engine_kwargs = dict(device=args.device, num_threads=args.threads,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=1)
+    report = run_niah(args.model, args.lengths, args.depths, configs, sparsity_args=overrides, seed=args.seed,
+                      samples_per_cell=args.samples, max_tokens=args.max_tokens,
+                      use_chat_template=not args.no_chat_template, engine_kwargs=engine_kwargs,
+                      log=(lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True)),
+                      on_result=lambda partial: write_results(args.out, partial))
+    write_results(args.out, report)
+    for config, by_length in report["accuracy"].items():
+        print(f"{config}: " + ", ".join(f"{length}: {cells['all']:.2f}" for length, cells in by_length.items()))
+    for config, reason in report["skipped"].items():
+        print(f"{config}: skipped ({reason})")
+    print(f"wrote {args.out}")
+    if args.plot:
+        if plot_heatmap(report, args.plot):
+            print(f"wrote {args.plot}")
+        else:
+            print("no heatmap: matplotlib is not installed (pip install 'lserve[eval]')")
+    return 0

@@ -1,0 +1,51 @@
+"""Calibrated head patterns shipped with lserve (package data), one TSV per model.
+
+Each file is `lserve calibrate` output (DuoAttention gates, rows = layers, columns = KV heads); its
+comment lines record the settings. `pattern_path(model)` finds the one for a model name, a .gguf
+file or a Hugging Face directory, or returns None.
+
+Example:
+    >>> pattern_path("HuggingFaceTB/SmolLM2-135M-Instruct").name
+    'smollm2-135m-instruct.tsv'
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Optional
+
+# Lower-case model names (and Hugging Face repository ids) -> shipped file.
+PATTERNS = {
+    "smollm2-135m-instruct": "smollm2-135m-instruct.tsv",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct.tsv",
+}
+
+
+def _candidates(model: str):
+    text = str(model).strip()
+    yield text.lower()
+    path = pathlib.Path(text).expanduser()
+    # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "smollm2-135m-instruct"
+    yield path.name.lower().split(".")[0]
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path") or ""
+        except (OSError, ValueError):
+            name = ""
+        if name:
+            yield name.lower()
+            yield name.lower().rsplit("/", 1)[-1]
+    yield path.name.lower()
+
+
+def pattern_path(model: Optional[str]) -> Optional[pathlib.Path]:
+    """The shipped pattern file for `model`, or None when lserve ships none for it."""
+    if not model:
+        return None
+    for candidate in _candidates(os.fspath(model)):
+        file_name = PATTERNS.get(candidate)
+        if file_name:
+            return pathlib.Path(__file__).with_name(file_name)
+    return None
