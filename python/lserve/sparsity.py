@@ -195,12 +195,14 @@ class SparsityConfig:
 
 
 def resolve_sparsity(sparsity: Union[None, str, SparsityConfig], model: object = None) -> SparsityConfig:
-    """Engine(sparsity=...): None / "dense" / "lserve" / a SparsityConfig."""
+    """Engine(sparsity=...): None / "dense" / "lserve" / a SparsityConfig. A preset name takes the head
+    pattern lserve ships for `model` (a name or a path), when there is one."""
     if sparsity is None:
         return SparsityConfig.preset("dense")
     if isinstance(sparsity, SparsityConfig):
         return sparsity
     if isinstance(sparsity, str):
-        return SparsityConfig.preset(sparsity)
+        name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        return SparsityConfig.preset(sparsity, model=name)
     raise ValueError(f"sparsity must be None, a preset name ({', '.join(PRESETS)}) or a SparsityConfig, "
                      f"got {type(sparsity).__name__}")

@@ -77,3 +77,17 @@ def test_explicit_lists():
     with pytest.raises(ValueError, match="outside"):
         SparsityConfig(streaming_heads=[[5]]).streaming_mask(1, 3)
     assert SparsityConfig.preset("dense", head_pattern=[[0.1, 0.9]]).streaming_mask(1, 2) == [[False, False]]
+
+
+def test_engine_preset_takes_the_shipped_pattern_for_the_model():
+    import pathlib
+
+    from lserve.patterns import pattern_path
+    from lserve.sparsity import resolve_sparsity
+
+    shipped = pattern_path("smollm2-135m-instruct")
+    gguf = pathlib.Path("/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert resolve_sparsity("lserve", gguf).head_pattern == str(shipped)
+    assert resolve_sparsity("lserve", "smollm2-135m-instruct").head_pattern == str(shipped)
+    assert resolve_sparsity("lserve", "/models/other-model").head_pattern is None
+    assert not resolve_sparsity("dense", gguf).enabled
