@@ -118,7 +118,7 @@ def _tiny_model_with_char_tokenizer(directory):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from lserve.loader.hf import expected_weight_shapes, spec_from_config
+    from lserve.loader.hf import expected_weight_shapes, spec_from_hf_config
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(CHARS)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -134,7 +134,7 @@ def _tiny_model_with_char_tokenizer(directory):
     (directory / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(0)
     weights = {name: (np.ones(shape) if len(shape) == 1 else rng.normal(0.0, 0.15, shape)).astype(np.float32)
-               for name, shape in expected_weight_shapes(spec_from_config(config).fields).items()}
+               for name, shape in expected_weight_shapes(spec_from_hf_config(config)).items()}
     safetensors_numpy.save_file(weights, str(directory / "model.safetensors"))
 
 
@@ -194,3 +194,81 @@ def test_cli_registers_calibrate_and_eval():
     assert args.lengths == [1024, 2048] and args.depths == [0.0, 0.5] and args.sparsity == "dense,lserve"
     args = parser.parse_args(["calibrate", "--out", "p.tsv", "--seq-len", "2048", "--sink", "64", "--local", "256"])
     assert (args.seq_len, args.sink, args.local) == (2048, 64, 256)
+
+
+def _numpy_recall(query, keys, budget, page_size, logical, keep_first):
+    """Independent recall of one layer: Quest-style page scores, forced newest (and first) page,
+    top pages within the budget, share of softmax mass inside them, per query head."""
+    num_qo, dim = query.shape
+    num_keys, num_kv, _ = keys.shape
+    group = num_qo // num_kv
+    num_pages = -(-num_keys // page_size)
+    num_select = budget // page_size
+    logits = np.einsum("hd,khd->hk", query.astype(np.float64),
+                       np.repeat(keys.astype(np.float64), group, axis=1)) / np.sqrt(dim)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    recall = []
+    for h in range(num_kv):
+        q = query[h * group:(h + 1) * group].astype(np.float64)
+        scores = []
+        for p in range(num_pages):
+            best = -np.inf
+            for start in range(p * page_size, min(num_keys, (p + 1) * page_size), logical):
+                block = keys[start:min(num_keys, start + logical), h].astype(np.float64)
+                kmax, kmin = block.max(axis=0), block.min(axis=0)
+                best = max(best, np.maximum(q * kmax, q * kmin).sum())
+            scores.append(best)
+        forced = {num_pages - 1} | ({0} if keep_first else set())
+        rest = sorted((p for p in range(num_pages) if p not in forced), key=lambda p: (-scores[p], p))
+        chosen = sorted(forced) + rest[:max(0, num_select - len(forced))] if num_pages > num_select else range(num_pages)
+        mask = np.zeros(num_keys, dtype=bool)
+        for p in chosen:
+            mask[p * page_size:(p + 1) * page_size] = True
+        recall.extend(probs[h * group + g, mask].sum() for g in range(group))
+    return np.array(recall)
+
+
+def test_model_selection_recall_matches_numpy_on_a_real_forward(tmp_path):
+    pytest.importorskip("lserve._C")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from lserve.eval.model_recall import QKCapture, model_selection_recall
+    from lserve.sparsity import SparsityConfig
+
+    _tiny_model_with_char_tokenizer(tmp_path)
+    capture = QKCapture(str(tmp_path))
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, 3 + len(CHARS), 333)]
+    records = capture.capture(prompt)
+    assert sorted(records) == [0, 1]
+    query, keys = records[1]
+    assert query.shape == (4, 16) and keys.shape == (333, 2, 16)
+
+    wide = SparsityConfig(enabled=True, physical_page_size=16, logical_page_size=4, decode_token_budget=512)
+    assert model_selection_recall(capture, prompt, wide)["mean"] == pytest.approx(1.0)
+    for keep_first in (True, False):
+        tight = SparsityConfig(enabled=True, physical_page_size=16, logical_page_size=4, decode_token_budget=64,
+                               always_select_sink_page=keep_first)
+        report = model_selection_recall(capture, prompt, tight)
+        expected = np.concatenate([_numpy_recall(*records[layer], 64, 16, 4, keep_first) for layer in (0, 1)])
+        assert report["num_heads"] == 8
+        assert report["mean"] == pytest.approx(expected.mean(), rel=1e-5)
+        assert report["min"] == pytest.approx(expected.min(), rel=1e-5)
+        assert 0.0 < report["min"] < 1.0
+    # Streaming heads select nothing and are left out.
+    half = SparsityConfig(enabled=True, physical_page_size=16, logical_page_size=4, decode_token_budget=64,
+                          streaming_heads=[[0], [1]])
+    assert model_selection_recall(capture, prompt, half)["num_heads"] == 4
+
+
+def test_harness_records_selection_recall_for_sparse_configs(tmp_path):
+    pytest.importorskip("lserve._C")
+    pytest.importorskip("transformers")
+    _tiny_model_with_char_tokenizer(tmp_path)
+    report = run_niah(str(tmp_path), lengths=[300], depths=[0.5], configs=["dense", "lserve"],
+                      sparsity_args=dict(physical_page_size=16, logical_page_size=4, decode_token_budget=64),
+                      max_tokens=2, engine_kwargs=dict(num_threads=2), log=lambda *a: None, recall=True)
+    dense, sparse = report["results"]
+    assert "recall_mean" not in dense
+    assert 0.0 < sparse["recall_min"] <= sparse["recall_mean"] < 1.0
+    assert report["recall"] == {"lserve": {"300": {"mean": sparse["recall_mean"], "min": sparse["recall_min"]}}}

@@ -47,6 +47,9 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     niah.add_argument("--out", default="niah.json",
                       help="results JSON, rewritten after every case (default: %(default)s)")
     niah.add_argument("--plot", default=None, help="heatmap PNG (needs matplotlib)")
+    niah.add_argument("--recall", action="store_true",
+                      help="also measure each sparse case's selection recall on the model's queries and keys "
+                           "(needs torch and transformers)")
     niah.add_argument("--quiet", action="store_true", help="no per-case lines")
     niah.set_defaults(handler=_niah)
     return parser
@@ -79,10 +82,13 @@ def _niah(args: argparse.Namespace) -> int:
                       samples_per_cell=args.samples, max_tokens=args.max_tokens,
                       use_chat_template=not args.no_chat_template, engine_kwargs=engine_kwargs,
                       log=(lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True)),
-                      on_result=lambda partial: write_results(args.out, partial))
+                      on_result=lambda partial: write_results(args.out, partial), recall=args.recall)
     write_results(args.out, report)
     for config, by_length in report["accuracy"].items():
         print(f"{config}: " + ", ".join(f"{length}: {cells['all']:.2f}" for length, cells in by_length.items()))
+    for config, by_length in report["recall"].items():
+        print(f"{config} selection recall: " + ", ".join(f"{length}: {cells['mean']:.3f} (min {cells['min']:.3f})"
+                                                          for length, cells in by_length.items()))
     for config, reason in report["skipped"].items():
         print(f"{config}: skipped ({reason})")
     print(f"wrote {args.out}")

@@ -126,11 +126,14 @@ def sparsity_for(name: str, model: str, overrides: Optional[Dict] = None):
 def run_niah(model: str, lengths: Sequence[int], depths: Sequence[float], configs: Sequence[str] = ("dense",),
              sparsity_args: Optional[Dict] = None, seed: int = 0, samples_per_cell: int = 1, max_tokens: int = 16,
              use_chat_template: bool = True, engine_kwargs: Optional[Dict] = None, engine_cls=None,
-             log=print, on_result=None) -> Dict:
+             log=print, on_result=None, recall: bool = False) -> Dict:
     """Runs every case under every sparsity config with greedy decoding; returns the results dict
     (see write_results). A config the Engine cannot run (no `sparsity=` parameter yet) is recorded
     as skipped. One Engine per config, with max_model_len covering the longest case.
-    on_result(report_so_far) runs after every case (e.g. to save partial results of a long run)."""
+    on_result(report_so_far) runs after every case (e.g. to save partial results of a long run).
+    With recall=True, each case of a sparse config also records the selection recall of its page
+    selection on the model's real queries and keys (eval/model_recall.py; needs torch and
+    transformers)."""
     from lserve.sampling import SamplingParams
 
     if engine_cls is None:
@@ -144,7 +147,13 @@ def run_niah(model: str, lengths: Sequence[int], depths: Sequence[float], config
         return {"model": model, "seed": seed, "lengths": list(lengths), "depths": list(depths),
                 "configs": list(configs), "samples_per_cell": samples_per_cell, "max_tokens": max_tokens,
                 "sparsity_args": sparsity_args or {}, "skipped": skipped, "results": results,
-                "accuracy": accuracy_table(results)}
+                "accuracy": accuracy_table(results), "recall": recall_table(results)}
+
+    capture = None
+    if recall and any(name != "dense" for name in configs):
+        from lserve.eval.model_recall import QKCapture
+
+        capture = QKCapture(model)
 
     for config_name in configs:
         sparsity = sparsity_for(config_name, model, sparsity_args)
@@ -172,11 +181,20 @@ def run_niah(model: str, lengths: Sequence[int], depths: Sequence[float], config
                     seconds = time.perf_counter() - start
                     reply = output.outputs[0].text
                     correct = score_reply(reply, case.passkey)
-                    results.append({"config": config_name, "length": length, "depth": depth, "sample": sample,
-                                    "prompt_tokens": case.num_prompt_tokens, "passkey": case.passkey,
-                                    "reply": reply, "correct": correct, "seconds": round(seconds, 3)})
+                    row = {"config": config_name, "length": length, "depth": depth, "sample": sample,
+                           "prompt_tokens": case.num_prompt_tokens, "passkey": case.passkey,
+                           "reply": reply, "correct": correct, "seconds": round(seconds, 3)}
+                    note = ""
+                    if capture is not None and sparsity.enabled:
+                        from lserve.eval.model_recall import model_selection_recall
+
+                        measured = model_selection_recall(capture, case.prompt_token_ids, sparsity)
+                        row["recall_mean"], row["recall_min"] = measured["mean"], measured["min"]
+                        note = f", recall {measured['mean']:.3f} (min {measured['min']:.3f})"
+                    results.append(row)
                     log(f"[niah] {config_name} len={length} depth={depth} sample={sample}: "
-                        f"{'ok ' if correct else 'MISS'} {case.passkey} <- {reply.strip()[:40]!r} ({seconds:.1f} s)")
+                        f"{'ok ' if correct else 'MISS'} {case.passkey} <- {reply.strip()[:40]!r} "
+                        f"({seconds:.1f} s{note})")
                     if on_result is not None:
                         on_result(report())
         del engine
@@ -192,6 +210,19 @@ def accuracy_table(results: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, flo
         cell.setdefault("all", []).append(bool(row["correct"]))
     return {config: {length: {depth: sum(v) / len(v) for depth, v in cells.items()}
                      for length, cells in by_length.items()}
+            for config, by_length in table.items()}
+
+
+def recall_table(results: Sequence[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{config: {length: {"mean": mean recall, "min": lowest head recall}}} over the cases that
+    measured recall."""
+    table: Dict[str, Dict[str, List[Dict]]] = {}
+    for row in results:
+        if "recall_mean" in row:
+            table.setdefault(row["config"], {}).setdefault(str(row["length"]), []).append(row)
+    return {config: {length: {"mean": sum(r["recall_mean"] for r in rows) / len(rows),
+                              "min": min(r["recall_min"] for r in rows)}
+                     for length, rows in by_length.items()}
             for config, by_length in table.items()}
 
 
