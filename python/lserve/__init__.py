@@ -6,9 +6,10 @@
 """
 from lserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lserve.sampling import SamplingParams
+from lserve.sparsity import SparsityConfig
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "cmake_prefix_path"]
+__all__ = ["Engine", "SamplingParams", "SparsityConfig", "RequestOutput", "CompletionOutput", "Logprob", "cmake_prefix_path"]
 
 
 def __getattr__(name):
