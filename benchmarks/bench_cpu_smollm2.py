@@ -81,6 +81,28 @@ def bench_transformers(path: str, prefill_lengths, decode_batches, decode_steps:
     return results
 
 
+def bench_machine() -> dict:
+    """The floors: fp32 GEMM GFLOP/s torch reaches on SmolLM2's MLP shape (2048 x 576 x 1536) and
+    the memory copy GB/s of a 512 MiB buffer (what bounds decode at small batch)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    src = np.ones(128 << 20, dtype=np.float32)
+    dst = np.empty_like(src)
+    copy = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        copy = min(copy, time.perf_counter() - start)
+    return {"gemm_gflops": 2 * 2048 * 576 * 1536 / best / 1e9, "copy_gb_per_s": 2 * src.nbytes / copy / 1e9}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: resolve smollm2-135m-instruct)")
@@ -97,9 +119,12 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
         "date": time.strftime("%Y-%m-%d"),
+        "machine_floors": bench_machine(),
         "lserve": bench_lserve(path, lengths, batches, args.decode_steps, args.repeats),
         "transformers": bench_transformers(path, lengths, batches, args.decode_steps, args.repeats),
     }
+    floors = report["machine_floors"]
+    print(f"torch fp32 GEMM {floors['gemm_gflops']:.1f} GFLOP/s, memory copy {floors['copy_gb_per_s']:.1f} GB/s")
     print(f"{'metric':<28}{'lserve':>12}{'transformers':>14}{'ratio':>8}")
     for key in report["lserve"]:
         ours, theirs = report["lserve"][key], report["transformers"][key]

@@ -266,7 +266,8 @@ def plot_heatmap(report: Dict, path: str) -> bool:
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(f"passkey retrieval: {report['model']}", fontsize=10)
+    model = str(report["model"]).rstrip("/").rsplit("/", 1)[-1]
+    fig.suptitle(f"passkey retrieval: {model}", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
