@@ -34,14 +34,17 @@ fi
 grep -E "lserve: CUDA backend" "$out/build.log" | head -2
 
 start=$(date +%s)
-python3 -m pytest tests/cuda -m cuda -q -rfEs -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 \
-  | tee "$out/pytest.log"
+# Ops first: their results stand even if an end-to-end test brings the process down.
+python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_engine_cuda.py -m cuda -q -rfEs \
+  -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
 test_rc=${PIPESTATUS[0]}
 test_s=$(( $(date +%s) - start ))
 
 python3 - "$out/junit.xml" "$build_s" "$test_s" <<'PY'
-import collections, sys, xml.etree.ElementTree as ET
+import collections, os, sys, xml.etree.ElementTree as ET
 path, build_s, test_s = sys.argv[1:]
+if not os.path.exists(path):
+    sys.exit(f"| pytest | crashed before writing {path}: see pytest.log | (build {build_s}s, tests {test_s}s)")
 counts = collections.defaultdict(lambda: collections.Counter())
 for case in ET.parse(path).iter("testcase"):
     group = case.get("classname", "?").split(".")[-1]

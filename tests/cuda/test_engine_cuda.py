@@ -28,8 +28,11 @@ SMOLLM2_135M = {
     "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
 }
 # max |gpu - cpu| <= REL[dtype] * max |cpu logits|. float32: summation order only. bfloat16: the GPU
-# rounds every activation between GEMMs to bf16 where the CPU keeps float32 (see docs/ACCURACY.md).
-REL = {"float32": 1e-4, "bfloat16": 3e-2}
+# rounds every activation between GEMMs to bf16 where the CPU keeps float32. Measured with the CPU
+# computing that rounding itself (2026-11-22): up to 2.1e-2 on the tiny models (weights ~ N(0, 0.15)),
+# 7.8e-3 on SmolLM2's config with dummy weights; the bounds leave 2-3x.
+REL = {"float32": 1e-4, "bfloat16": 5e-2}
+REL_SMOLLM2_BF16 = 2.5e-2
 CONTINUATION = 32
 
 
@@ -75,18 +78,18 @@ def _margin(row: np.ndarray) -> float:
     return float(top2[1] - top2[0])
 
 
-def _check_teacher_forced(cpu, gpu, vocab: int, dtype: str, prompt_len: int, seed: int, what: str):
+def _check_teacher_forced(cpu, gpu, vocab: int, rel: float, prompt_len: int, seed: int, what: str):
     ids = [int(t) for t in np.random.default_rng(seed).integers(3, vocab, size=prompt_len + CONTINUATION)]
     prompts = [ids[:prompt_len + i] for i in range(CONTINUATION)]
     cpu_logits, _ = _run(cpu, prompts, 1)
     gpu_logits, _ = _run(gpu, prompts, 1)
     expected, actual = np.concatenate(cpu_logits), np.concatenate(gpu_logits)
     assert np.isfinite(actual).all(), f"{what}: non-finite GPU logits"
-    tol = REL[dtype] * float(np.abs(expected).max())
+    tol = rel * float(np.abs(expected).max())
     err = np.abs(actual - expected)
     row, col = np.unravel_index(int(np.argmax(err)), err.shape)
     assert err.max() <= tol, (f"{what}: max |gpu - cpu| {err.max():.3e} at prefix {prompt_len + row}, token {col} "
-                              f"> {REL[dtype]:.0e} * max|cpu| = {tol:.3e} (seed={seed})")
+                              f"> {rel:.1e} * max|cpu| = {tol:.3e} (seed={seed})")
     for i in range(CONTINUATION):
         if _margin(expected[i]) > 2 * tol:
             assert int(np.argmax(actual[i])) == int(np.argmax(expected[i])), (
@@ -95,12 +98,12 @@ def _check_teacher_forced(cpu, gpu, vocab: int, dtype: str, prompt_len: int, see
     return float(err.max() / max(np.abs(expected).max(), 1e-30))
 
 
-def _check_greedy_decode(cpu, gpu, vocab: int, dtype: str, prompt_len: int, seed: int, what: str):
+def _check_greedy_decode(cpu, gpu, vocab: int, rel: float, prompt_len: int, seed: int, what: str):
     ids = [int(t) for t in np.random.default_rng(seed).integers(3, vocab, size=prompt_len)]
     (cpu_logits,), (cpu_tokens,) = _run(cpu, [ids], CONTINUATION, first_id=1000)
     (gpu_logits,), (gpu_tokens,) = _run(gpu, [ids], CONTINUATION, first_id=1000)
     assert len(gpu_tokens) == CONTINUATION and np.isfinite(gpu_logits).all(), f"{what}: bad GPU generation"
-    tol = REL[dtype] * float(np.abs(cpu_logits).max())
+    tol = rel * float(np.abs(cpu_logits).max())
     for step in range(CONTINUATION):
         err = float(np.abs(gpu_logits[step] - cpu_logits[step]).max())
         assert err <= tol, f"{what}: step {step} max |gpu - cpu| {err:.3e} > tol {tol:.3e} (seed={seed})"
@@ -118,8 +121,8 @@ def test_tiny_models(tiny_dir, dtype):
     vocab = cpu._core.model_config.vocab_size
     for prompt_len, seed in ((1, 1), (17, 2), (40, 3)):
         what = f"{tiny_dir.name} {dtype} prompt {prompt_len}"
-        _check_teacher_forced(cpu, gpu, vocab, dtype, prompt_len, seed, what)
-        _check_greedy_decode(cpu, gpu, vocab, dtype, prompt_len, seed + 10, what)
+        _check_teacher_forced(cpu, gpu, vocab, REL[dtype], prompt_len, seed, what)
+        _check_greedy_decode(cpu, gpu, vocab, REL[dtype], prompt_len, seed + 10, what)
 
 
 def test_tiny_chunked_prefill_and_batching(tiny_dir):
@@ -143,8 +146,8 @@ def test_smollm2_dummy_bf16(smollm2_dir):
     vocab = SMOLLM2_135M["vocab_size"]
     for prompt_len, seed in ((5, 21), (100, 22)):
         what = f"SmolLM2 dummy bf16 prompt {prompt_len}"
-        _check_teacher_forced(cpu, gpu, vocab, "bfloat16", prompt_len, seed, what)
-        _check_greedy_decode(cpu, gpu, vocab, "bfloat16", prompt_len, seed + 10, what)
+        _check_teacher_forced(cpu, gpu, vocab, REL_SMOLLM2_BF16, prompt_len, seed, what)
+        _check_greedy_decode(cpu, gpu, vocab, REL_SMOLLM2_BF16, prompt_len, seed + 10, what)
 
 
 def test_kv_cache_sized_from_gpu_memory(smollm2_dir):
