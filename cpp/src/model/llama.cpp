@@ -37,7 +37,10 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }  // namespace
 
 LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions)
-    : config_(config), backend_(backend), weight_dtype_(weight_dtype) {
+    : config_(config),
+      backend_(backend),
+      weight_dtype_(weight_dtype),
+      activation_dtype_(backend.activation_dtype(weight_dtype)) {
   config_.validate();
   LSERVE_CHECK(weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16,
                "weight dtype must be float32, bfloat16 or float16, got ", dtype_name(weight_dtype));
@@ -208,6 +211,17 @@ void LlamaModel::finalize() {
     LSERVE_THROW("missing weights: ", list);
   }
   finalized_ = true;
+}
+
+int64_t LlamaModel::activation_bytes(int64_t num_tokens, int64_t num_logits) const {
+  const int64_t act_size = static_cast<int64_t>(dtype_size(activation_dtype_));
+  const int64_t hidden = config_.hidden_size, inter = config_.intermediate_size, head_dim = config_.head_dim;
+  const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
+  // residual (float32) + normed, qkv, attn_out, proj_out, gate_up, act (activation dtype)
+  const int64_t per_token = 4 * hidden + act_size * (2 * hidden + q_width + 2 * kv_width + q_width + 3 * inter);
+  const int64_t metadata = 64 * num_tokens;
+  const int64_t logits = num_logits * (4 * static_cast<int64_t>(config_.vocab_size) + act_size * hidden);
+  return per_token * num_tokens + metadata + logits;
 }
 
 int64_t LlamaModel::kv_bytes_per_token(DType kv_cache_dtype) const {
@@ -405,13 +419,14 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   last_pages_selected_ = 0;
   last_pages_total_ = 0;
 
+  const DType act_dtype = activation_dtype_;
   Tensor residual = backend_.empty({num_tokens, hidden}, DType::kF32);
-  Tensor normed = backend_.empty({num_tokens, hidden}, DType::kF32);
-  Tensor qkv = backend_.empty({num_tokens, q_width + 2 * kv_width}, DType::kF32);
-  Tensor attn_out = backend_.empty({num_tokens, q_width}, DType::kF32);
-  Tensor proj_out = backend_.empty({num_tokens, hidden}, DType::kF32);
-  Tensor gate_up = backend_.empty({num_tokens, 2 * static_cast<int64_t>(config_.intermediate_size)}, DType::kF32);
-  Tensor act = backend_.empty({num_tokens, static_cast<int64_t>(config_.intermediate_size)}, DType::kF32);
+  Tensor normed = backend_.empty({num_tokens, hidden}, act_dtype);
+  Tensor qkv = backend_.empty({num_tokens, q_width + 2 * kv_width}, act_dtype);
+  Tensor attn_out = backend_.empty({num_tokens, q_width}, act_dtype);
+  Tensor proj_out = backend_.empty({num_tokens, hidden}, act_dtype);
+  Tensor gate_up = backend_.empty({num_tokens, 2 * static_cast<int64_t>(config_.intermediate_size)}, act_dtype);
+  Tensor act = backend_.empty({num_tokens, static_cast<int64_t>(config_.intermediate_size)}, act_dtype);
 
   backend_.embed({token_ids, embed_tokens_, residual});
   const float sm_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
@@ -483,7 +498,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   backend_.rms_norm({proj_out, residual, final_norm_, normed, eps});
 
   if (num_logits == 0) return {};
-  Tensor selected = backend_.empty({num_logits, hidden}, DType::kF32);
+  Tensor selected = backend_.empty({num_logits, hidden}, act_dtype);
   backend_.gather_rows({normed, logits_rows, selected});
   Tensor logits = backend_.empty({num_logits, static_cast<int64_t>(config_.vocab_size)}, DType::kF32);
   backend_.gemm({selected, lm_head_, TensorView(), logits});
