@@ -56,7 +56,7 @@ def copy_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), reps=10, warmup=2)
-    return 2 * src.numel() / ms / 1e9
+    return 2 * src.numel() / ms / 1e9  # bytes per ms / 1e9 = TB/s
 
 
 def check_ok(lib, code):
@@ -65,14 +65,21 @@ def check_ok(lib, code):
 
 
 def bench_prefill(lib, n: int, reps: int) -> dict:
-    batch = PagedBatch([(n, n)], NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16, seed=n,
-                       spare_pages=0)
+    """Pages in order (a fresh prompt on an empty pool); 'shuffled' repeats lserve on random pages."""
     flops = 4 * NUM_QO_HEADS * HEAD_DIM * n * n / 2
-    out = torch.empty_like(batch.q)
-    args = batch.args(out)
     row = {"tokens": n}
+    shuffled = PagedBatch([(n, n)], NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16, seed=n,
+                          spare_pages=0, shuffle=True)
+    out = torch.empty_like(shuffled.q)
+    args = shuffled.args(out)
+    ms = time_ms(lambda: check_ok(lib, lib.prefill(args, PREFILL_AUTO)), reps)
+    row["lserve_shuffled_pages"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    del shuffled, args
+    batch = PagedBatch([(n, n)], NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16, seed=n,
+                       spare_pages=0, shuffle=False)
+    args = batch.args(out)
     for name, impl in (("lserve", PREFILL_AUTO), ("lserve_sm80", PREFILL_SM80)):
-        ms = time_ms(lambda: check_ok(lib, lib.prefill(args, impl)), reps)
+        ms = time_ms(lambda: check_ok(lib, lib.prefill(args, impl)), reps if impl == PREFILL_AUTO else 1)
         row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
     k, v = batch.seq_kv(0)
     group = NUM_QO_HEADS // NUM_KV_HEADS
@@ -91,16 +98,19 @@ def bench_prefill(lib, n: int, reps: int) -> dict:
 
 
 def bench_decode(lib, batch_size: int, n: int) -> dict:
-    batch = PagedBatch([(1, n)] * batch_size, NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16,
-                       seed=batch_size * n, spare_pages=0)
+    """Shuffled pages of 64 tokens; 'lserve_page16' repeats it with pages of 16 tokens."""
     kv_bytes = batch_size * n * NUM_KV_HEADS * HEAD_DIM * 2 * 2
-    out = torch.empty_like(batch.q)
-    args = batch.args(out)
-    splits = lib.num_splits(args)
-    workspace = lib.decode_workspace(args, splits)
-    ms = graph_time_ms(lambda: check_ok(lib, lib.decode(args, splits, workspace)), calls=20, reps=10)
-    row = {"batch": batch_size, "tokens": n, "splits": splits,
-           "lserve": {"ms": ms, "tbps": kv_bytes / ms / 1e9}}
+    row = {"batch": batch_size, "tokens": n}
+    for name, page in (("lserve_page16", 16), ("lserve", PAGE_SIZE)):
+        batch = PagedBatch([(1, n)] * batch_size, NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, page, torch.bfloat16,
+                           seed=batch_size * n, spare_pages=0)
+        out = torch.empty_like(batch.q)
+        args = batch.args(out)
+        splits = lib.num_splits(args)
+        workspace = lib.decode_workspace(args, splits)
+        ms = graph_time_ms(lambda: check_ok(lib, lib.decode(args, splits, workspace)), calls=20, reps=10)
+        row[name] = {"ms": ms, "tbps": kv_bytes / ms / 1e9}
+        row["splits"] = splits
     group = NUM_QO_HEADS // NUM_KV_HEADS
     q4 = batch.q.unsqueeze(2)  # (B, H, 1, D)
     ks, vs = zip(*(batch.seq_kv(s) for s in range(batch_size)))
@@ -127,7 +137,7 @@ def main():
     lib = AttentionLib(build_library())
     props = torch.cuda.get_device_properties(0)
     result = {"date": datetime.date.today().isoformat(), "gpu": props.name, "sms": props.multi_processor_count,
-              "torch": torch.__version__, "copy_tbps": copy_bandwidth() / 1e3, "prefill": [], "decode": []}
+              "torch": torch.__version__, "copy_tbps": copy_bandwidth(), "prefill": [], "decode": []}
     for b in (1, 8):
         for n in (32768,) if opts.quick else (32768, 131072):
             result["decode"].append(bench_decode(lib, b, n))
@@ -145,16 +155,17 @@ def main():
         return f"{entry[key]:8.1f}" if key in entry else "   error"
 
     print(f"\n{result['gpu']} {result['date']}  D2D copy {result['copy_tbps']:.2f} TB/s")
-    print("prefill TFLOP/s   tokens   lserve  sm80    cuDNN   flash   lserve/cuDNN")
+    print("prefill TFLOP/s  tokens   lserve shuffled   sm80    cuDNN    flash  lserve/cuDNN")
     for r in result["prefill"]:
         ratio = r["lserve"]["tflops"] / r["sdpa_cudnn"]["tflops"] if "tflops" in r.get("sdpa_cudnn", {}) else 0
-        print(f"{'':17s} {r['tokens']:7d} {fmt(r['lserve'], 'tflops')} {fmt(r['lserve_sm80'], 'tflops')}"
-              f" {fmt(r['sdpa_cudnn'], 'tflops')} {fmt(r['sdpa_flash'], 'tflops')}   {ratio:.2f}")
-    print("decode TB/s       B  tokens  splits  lserve  flash(32h)  cuDNN(32h)  lserve/copy")
+        print(f"{'':15s} {r['tokens']:7d} {fmt(r['lserve'], 'tflops')} {fmt(r['lserve_shuffled_pages'], 'tflops')}"
+              f" {fmt(r['lserve_sm80'], 'tflops')} {fmt(r['sdpa_cudnn'], 'tflops')} {fmt(r['sdpa_flash'], 'tflops')}"
+              f"   {ratio:.2f}")
+    print("decode TB/s      B  tokens splits  lserve page16  flash(32h) cuDNN(32h)  lserve/copy")
     for r in result["decode"]:
-        print(f"{'':14s} {r['batch']:4d} {r['tokens']:7d} {r['splits']:6d}  {r['lserve']['tbps']:6.2f}"
-              f"  {r['sdpa_flash'].get('tbps', float('nan')):9.2f}  {r['sdpa_cudnn'].get('tbps', float('nan')):9.2f}"
-              f"  {r['lserve']['tbps'] / result['copy_tbps']:.2f}")
+        print(f"{'':13s} {r['batch']:4d} {r['tokens']:7d} {r['splits']:6d}  {r['lserve']['tbps']:6.2f}"
+              f" {r['lserve_page16']['tbps']:6.2f}  {r['sdpa_flash'].get('tbps', float('nan')):9.2f}"
+              f"  {r['sdpa_cudnn'].get('tbps', float('nan')):9.2f}  {r['lserve']['tbps'] / result['copy_tbps']:.2f}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ size_t decode_workspace_bytes(const AttentionParams& p, int num_splits) {
 cudaError_t attention_decode(const AttentionParams& p, int num_splits, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
-  if (!common_args_ok(p) || num_splits < 1) return cudaErrorInvalidValue;
+  if (!common_args_ok(p) || num_splits < 1 || num_splits > 256) return cudaErrorInvalidValue;
   if (p.max_q_len * (p.num_qo_heads / p.num_kv_heads) > decode_max_group_rows()) return cudaErrorInvalidValue;
   if (p.sparsity.selected_blocks != nullptr &&
       (p.sparsity.num_selected == nullptr || p.sparsity.selected_block_size < 1)) {

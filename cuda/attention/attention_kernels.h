@@ -81,9 +81,9 @@ cudaError_t attention_prefill(const AttentionParams& params, cudaStream_t stream
 
 // ---- decode -----------------------------------------------------------------------------------
 // Small chunks: q_len * (num_qo_heads / num_kv_heads) <= 16 rows per (sequence, KV head); the query
-// heads of a GQA group share each KV page read. With num_splits > 1 each (sequence, KV head) is
-// split over the KV length into num_splits parts whose partial results a combine kernel merges;
-// the workspace then holds decode_workspace_bytes(params, num_splits) bytes (16-byte aligned).
+// heads of a GQA group share each KV page read. With num_splits > 1 (at most 256) each (sequence,
+// KV head) is split over the KV length into num_splits parts whose partial results a combine kernel
+// merges; the workspace then holds decode_workspace_bytes(params, num_splits) bytes (16-byte aligned).
 int decode_max_group_rows();  // 16
 int decode_num_splits(const AttentionParams& params, int num_sms);  // a heuristic, >= 1
 size_t decode_workspace_bytes(const AttentionParams& params, int num_splits);

@@ -261,13 +261,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2)
   }
 }
 
-// Merges the splits of each (token, query head): one warp per pair, lane l holds head_dim / 32
-// consecutive values. out = sum_s exp(lse_s - max) o_s / sum_s exp(lse_s - max).
+// Merges the splits of each (token, query head): one warp per pair. Lanes first turn the splits'
+// LSEs into weights (shared memory), then each lane accumulates head_dim / 32 consecutive values
+// over the splits, several splits' loads in flight. out = sum_s w_s o_s / sum_s w_s,
+// w_s = exp(lse_s - max lse).
+constexpr int kMaxDecodeSplits = 256;
+
 template <class Element, int kHeadDim>
 __global__ void __launch_bounds__(128)
     decode_combine_kernel(const AttentionParams p, const int num_splits, const float* __restrict__ partial_o,
                           const float* __restrict__ partial_lse) {
   constexpr int kPerLane = kHeadDim / 32;
+  __shared__ float weights[4][kMaxDecodeSplits];
   const int pair = blockIdx.x * 4 + threadIdx.y;
   if (pair >= p.num_tokens * p.num_qo_heads) return;
   const int token = pair / p.num_qo_heads, head = pair - token * p.num_qo_heads;
@@ -275,24 +280,28 @@ __global__ void __launch_bounds__(128)
   float mx = -INFINITY;
   for (int s = threadIdx.x; s < num_splits; s += 32) mx = fmaxf(mx, partial_lse[s * split_stride + pair]);
   mx = group_allreduce_max<32>(mx);
+  float total = 0.f;
+  for (int s = threadIdx.x; s < num_splits; s += 32) {
+    const float lse = partial_lse[s * split_stride + pair];
+    const float w = lse == -INFINITY ? 0.f : __expf(lse - mx);
+    weights[threadIdx.y][s] = w;
+    total += w;
+  }
+  total = group_allreduce_sum<32>(total);
+  __syncwarp();
   float acc[kPerLane];
   CUTE_UNROLL
   for (int x = 0; x < kPerLane; ++x) acc[x] = 0.f;
-  float total = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float lse = partial_lse[s * split_stride + pair];
-      if (lse == -INFINITY) continue;
-      const float w = __expf(lse - mx);
-      total += w;
-      const float* src = partial_o + (s * split_stride + pair) * kHeadDim + threadIdx.x * kPerLane;
-      if constexpr (kPerLane == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(src);
-        acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
-      } else {
-        const float2 v = *reinterpret_cast<const float2*>(src);
-        acc[0] += w * v.x; acc[1] += w * v.y;
-      }
+  const float* src = partial_o + int64_t(pair) * kHeadDim + threadIdx.x * kPerLane;
+#pragma unroll 8
+  for (int s = 0; s < num_splits; ++s) {
+    const float w = weights[threadIdx.y][s];
+    if constexpr (kPerLane == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(src + s * split_stride * kHeadDim);
+      acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(src + s * split_stride * kHeadDim);
+      acc[0] += w * v.x; acc[1] += w * v.y;
     }
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;

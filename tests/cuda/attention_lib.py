@@ -86,19 +86,21 @@ class AttentionLib:
 
 
 class PagedBatch:
-    """A batch of query chunks over a paged KV cache, pages shuffled, unused slots NaN.
+    """A batch of query chunks over a paged KV cache, pages shuffled (or in order), unused slots NaN.
 
     seqs: [(q_len, kv_len)]; query row i of a chunk sits at position kv_len - q_len + i.
     """
 
-    def __init__(self, seqs, num_qo_heads, num_kv_heads, head_dim, page_size, dtype, seed, spare_pages=3):
+    def __init__(self, seqs, num_qo_heads, num_kv_heads, head_dim, page_size, dtype, seed, spare_pages=3,
+                 shuffle=True):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         self.seqs, self.dtype = list(seqs), dtype
         self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size = (num_qo_heads, num_kv_heads,
                                                                                head_dim, page_size)
         pages_per_seq = [max(1, math.ceil(kv / page_size)) for _, kv in seqs]
         num_pages = sum(pages_per_seq) + spare_pages
-        order = torch.randperm(num_pages, generator=gen, device="cuda").to(torch.int32)
+        order = (torch.randperm(num_pages, generator=gen, device="cuda") if shuffle
+                 else torch.arange(num_pages, device="cuda")).to(torch.int32)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k_cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
         self.v_cache = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
