@@ -129,15 +129,34 @@ def bench_decode(lib, batch_size: int, n: int) -> dict:
     return row
 
 
+def sweep_decode_splits(lib, n: int) -> dict:
+    """B=1 decode time by split count (tuning data for decode_num_splits)."""
+    batch = PagedBatch([(1, n)], NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16, seed=n,
+                       spare_pages=0)
+    kv_bytes = n * NUM_KV_HEADS * HEAD_DIM * 2 * 2
+    out = torch.empty_like(batch.q)
+    args = batch.args(out)
+    row = {}
+    for splits in (16, 33, 66, 99, 132, 198, 256):
+        workspace = lib.decode_workspace(args, splits)
+        ms = graph_time_ms(lambda: check_ok(lib, lib.decode(args, splits, workspace)), calls=20, reps=10)
+        row[str(splits)] = round(kv_bytes / ms / 1e9, 3)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="8K/32K prefill and 32K decode only")
+    parser.add_argument("--sweep", action="store_true", help="also decode TB/s by split count (B=1)")
     opts = parser.parse_args()
     lib = AttentionLib(build_library())
     props = torch.cuda.get_device_properties(0)
     result = {"date": datetime.date.today().isoformat(), "gpu": props.name, "sms": props.multi_processor_count,
               "torch": torch.__version__, "copy_tbps": copy_bandwidth(), "prefill": [], "decode": []}
+    if opts.sweep:
+        result["decode_split_sweep_tbps"] = {n: sweep_decode_splits(lib, n) for n in (32768, 131072)}
+        print("split sweep", json.dumps(result["decode_split_sweep_tbps"]), flush=True)
     for b in (1, 8):
         for n in (32768,) if opts.quick else (32768, 131072):
             result["decode"].append(bench_decode(lib, b, n))
