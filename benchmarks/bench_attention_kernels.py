@@ -64,36 +64,54 @@ def check_ok(lib, code):
         raise RuntimeError(lib.error(code))
 
 
+def interleaved_ms(fns: dict, reps: int) -> dict:
+    """Median ms of each callable, timed round-robin so that clock and temperature drift hit all alike."""
+    for fn in fns.values():
+        fn()
+    torch.cuda.synchronize()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def bench_prefill(lib, n: int, reps: int) -> dict:
-    """Pages in order (a fresh prompt on an empty pool); 'shuffled' repeats lserve on random pages."""
+    """lserve on pages in order (a fresh prompt on an empty pool) and on shuffled pages, the mma.sync
+    kernel once, and SDPA on contiguous K/V expanded to 32 heads; timed round-robin."""
     flops = 4 * NUM_QO_HEADS * HEAD_DIM * n * n / 2
-    row = {"tokens": n}
-    shuffled = PagedBatch([(n, n)], NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16, seed=n,
-                          spare_pages=0, shuffle=True)
-    out = torch.empty_like(shuffled.q)
-    args = shuffled.args(out)
-    ms = time_ms(lambda: check_ok(lib, lib.prefill(args, PREFILL_AUTO)), reps)
-    row["lserve_shuffled_pages"] = {"ms": ms, "tflops": flops / ms / 1e9}
-    del shuffled, args
     batch = PagedBatch([(n, n)], NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16, seed=n,
                        spare_pages=0, shuffle=False)
-    args = batch.args(out)
-    for name, impl in (("lserve", PREFILL_AUTO), ("lserve_sm80", PREFILL_SM80)):
-        ms = time_ms(lambda: check_ok(lib, lib.prefill(args, impl)), reps if impl == PREFILL_AUTO else 1)
-        row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    shuffled = PagedBatch([(n, n)], NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, torch.bfloat16, seed=n,
+                          spare_pages=0, shuffle=True)
+    out = torch.empty_like(batch.q)
+    args, args_shuffled = batch.args(out), shuffled.args(out)
     k, v = batch.seq_kv(0)
     group = NUM_QO_HEADS // NUM_KV_HEADS
     q4 = batch.q.transpose(0, 1).unsqueeze(0).contiguous()  # (1, H, N, D)
     k4 = k.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
     v4 = v.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0).contiguous()
     del k, v
-    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
-        try:
+
+    def sdpa(backend):
+        def run():
             with sdpa_kernel(backend):
-                ms = time_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True), reps)
-            row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
-        except RuntimeError as e:
-            row[name] = {"error": str(e)[:200]}
+                F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
+        return run
+
+    fns = {"lserve": lambda: check_ok(lib, lib.prefill(args, PREFILL_AUTO)),
+           "lserve_shuffled_pages": lambda: check_ok(lib, lib.prefill(args_shuffled, PREFILL_AUTO)),
+           "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+    row = {"tokens": n}
+    for name, ms in interleaved_ms(fns, reps).items():
+        row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    ms = time_ms(lambda: check_ok(lib, lib.prefill(args, PREFILL_SM80)), 1)
+    row["lserve_sm80"] = {"ms": ms, "tflops": flops / ms / 1e9}
     return row
 
 
@@ -162,7 +180,7 @@ def main():
             result["decode"].append(bench_decode(lib, b, n))
             print("decode", json.dumps(result["decode"][-1]), flush=True)
             torch.cuda.empty_cache()
-    prefill_sizes = [(8192, 10), (32768, 5)] + ([] if opts.quick else [(131072, 2)])
+    prefill_sizes = [(8192, 15), (32768, 7)] + ([] if opts.quick else [(131072, 3)])
     for n, reps in prefill_sizes:
         result["prefill"].append(bench_prefill(lib, n, reps))
         print("prefill", json.dumps(result["prefill"][-1]), flush=True)
