@@ -118,18 +118,22 @@ void bind_backend(py::module_& m) {
           "attention",
           [](PyBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
              py::handle kv_page_indptr, py::handle kv_page_indices, py::handle kv_lens, py::handle output,
-             float sm_scale) {
+             float sm_scale, int max_q_len, int max_kv_len) {
             DlpackTensor query_t(query, "query"), k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
             DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), page_indptr_t(kv_page_indptr, "kv_page_indptr");
             DlpackTensor page_indices_t(kv_page_indices, "kv_page_indices"), kv_lens_t(kv_lens, "kv_lens");
             DlpackTensor output_t(output, "output");
-            const AttentionArgs args{query_t.view(),     k_cache_t.view(),      v_cache_t.view(),
-                                     qo_indptr_t.view(), page_indptr_t.view(),  page_indices_t.view(),
-                                     kv_lens_t.view(),   output_t.writable_view("output"), sm_scale};
+            AttentionArgs args{query_t.view(),     k_cache_t.view(),      v_cache_t.view(),
+                               qo_indptr_t.view(), page_indptr_t.view(),  page_indices_t.view(),
+                               kv_lens_t.view(),   output_t.writable_view("output"), sm_scale};
+            if (max_q_len < 0 || max_kv_len < 0) throw py::value_error("max_q_len and max_kv_len must be >= 0");
+            args.max_q_len = max_q_len;  // host hints (0 = unknown): the device kernels need them
+            args.max_kv_len = max_kv_len;
             run(self, [&] { self.backend->attention(args); });
           },
           py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
-          py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"))
+          py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"),
+          py::arg("max_q_len") = 0, py::arg("max_kv_len") = 0)
       .def(
           "gather_rows",
           [](PyBackend& self, py::handle input, py::handle indices, py::handle output) {

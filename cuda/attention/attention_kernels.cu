@@ -42,12 +42,20 @@ cudaError_t attention_prefill(const AttentionParams& p, cudaStream_t stream, Pre
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     if (err != cudaSuccess) return err;
+#ifdef LSERVE_ATTENTION_NO_SM90
+    hopper = false;  // built without an sm_90a target
+#else
     hopper = major == 9 && minor == 0 && prefill_sm90_supported(p);
+#endif
     if (impl == PrefillImpl::kSm90 && !hopper) return cudaErrorNotSupported;
   }
   return dispatch_dtype(p.dtype, [&](auto element) {
     using Element = decltype(element);
+#ifdef LSERVE_ATTENTION_NO_SM90
+    return prefill_sm80_run<Element>(p, stream);
+#else
     return hopper ? prefill_sm90_run<Element>(p, stream) : prefill_sm80_run<Element>(p, stream);
+#endif
   });
 }
 

@@ -162,3 +162,36 @@ def test_kv_cache_sized_from_gpu_memory(smollm2_dir):
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         Engine(str(smollm2_dir), device=device, load_format="dummy", max_model_len=8192, gpu_memory_utilization=0.001,
                show_progress=False)
+
+
+def test_sparsity_is_refused_on_cuda(smollm2_dir):
+    device = engine_device()
+    if device == "cpu":
+        pytest.skip("standing in: the CPU runs sparse attention")
+    with pytest.raises(ValueError, match="sparse attention runs on the CPU backend only"):
+        Engine(str(smollm2_dir), device=device, load_format="dummy", max_model_len=2048, sparsity="lserve",
+               show_progress=False)
+
+
+def test_32k_prompt_runs(tmp_path):
+    """A 32K-token prompt through chunked prefill (the tensor-core prefill) and a few decode steps
+    (split-KV decode): finite logits, the requested tokens, pages back in the pool after."""
+    device = engine_device()
+    if device == "cpu":
+        pytest.skip("standing in: 32K tokens on the CPU take minutes")
+    config = dict(SMOLLM2_135M, max_position_embeddings=40960, num_hidden_layers=4)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engine = Engine(str(tmp_path), device=device, load_format="dummy", max_model_len=33000,
+                    max_num_batched_tokens=8192, capture_logits=True, show_progress=False)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(3, config["vocab_size"], 32768)]
+    engine.add_request("long", prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    tokens, logits = [], []
+    while engine._core.has_unfinished_requests():
+        for out in engine._core.step():
+            tokens.extend(out.new_token_ids)
+            if out.logits is not None:
+                logits.append(np.asarray(out.logits))
+    assert len(tokens) == 8 and len(logits) == 8
+    assert all(np.isfinite(row).all() for row in logits)
+    stats = engine._core.stats()
+    assert stats.num_free_pages == stats.num_total_pages

@@ -271,6 +271,74 @@ def test_attention(cuda_backend, cpu_backend, batch, num_qo_heads, num_kv_heads,
     check_output(as_f32(out), expected, out_dtype, what, seed, elementwise=False, nmse=1e-10)
 
 
+def _torch_lowp_attention(query, k_cache, v_cache, qo_indptr, page_indptr, page_indices, kv_lens, sm_scale, dtype):
+    """The plain torch implementation in `dtype` (scores and P rounded to it), per sequence: the
+    error yardstick of the tensor-core kernels (FA3's rule)."""
+    tdtype = getattr(torch, dtype)
+    q_all = torch.from_numpy(query).to(DEVICE, tdtype)
+    kc, vc = torch.from_numpy(k_cache).to(DEVICE, tdtype), torch.from_numpy(v_cache).to(DEVICE, tdtype)
+    out = torch.zeros(q_all.shape, dtype=torch.float32, device=DEVICE)
+    num_qo, num_kv = q_all.shape[1], kc.shape[2]
+    group = num_qo // num_kv
+    for s in range(len(kv_lens)):
+        q_start, q_end, kv_len = int(qo_indptr[s]), int(qo_indptr[s + 1]), int(kv_lens[s])
+        if q_end == q_start:
+            continue
+        pages = torch.from_numpy(page_indices[page_indptr[s]:page_indptr[s + 1]].astype(np.int64)).to(DEVICE)
+        k = kc[pages].reshape(-1, num_kv, kc.shape[3])[:kv_len]
+        v = vc[pages].reshape(-1, num_kv, vc.shape[3])[:kv_len]
+        q = q_all[q_start:q_end]
+        q_pos = torch.arange(kv_len - (q_end - q_start), kv_len, device=DEVICE)[:, None]
+        mask = torch.arange(kv_len, device=DEVICE)[None, :] <= q_pos
+        for h in range(num_qo):
+            scores = ((q[:, h] @ k[:, h // group].T).float() * sm_scale).masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(tdtype)
+            out[q_start:q_end, h] = (probs @ v[:, h // group]).float()
+    return out.cpu().numpy()
+
+
+# Shapes the tensor-core kernels take (bf16, head_dim 64/128); page 16 runs the Hopper prefill on an
+# H100, page 24 the mma.sync one; "decode" batches take the split-KV decode kernel.
+TC_BATCHES = {
+    "decode": [(1, 1), (1, 17), (1, 1500), (1, 64)],
+    "prefill": [(5, 5), (130, 130), (300, 1000), (1, 77)],
+    "mixed": [(1, 40), (16, 16), (7, 23), (1, 1), (200, 457)],
+}
+
+
+@pytest.mark.parametrize("batch", sorted(TC_BATCHES))
+@pytest.mark.parametrize("num_qo_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 2, 128), (4, 4, 128)])
+@pytest.mark.parametrize("page_size", [16, 24])
+def test_attention_tensor_cores(cuda_backend, cpu_backend, batch, num_qo_heads, num_kv_heads, head_dim, page_size):
+    """The engine's path (host length hints given): the tensor-core kernels against an fp32 reference,
+    max error <= 2x a plain torch bf16 implementation's plus output rounding noise."""
+    chunks = TC_BATCHES[batch]
+    seed = 7 * head_dim + num_qo_heads + page_size + len(chunks)
+    qo_indptr, page_indptr, page_indices, kv_lens, num_pages = _paged_batch(chunks, page_size, seed)
+    num_tokens = int(qo_indptr[-1])
+    query = rounded(randn((num_tokens, num_qo_heads, head_dim), seed + 1), "bfloat16")
+    cache_shape = (num_pages, page_size, num_kv_heads, head_dim)
+    k_cache = rounded(randn(cache_shape, seed + 2), "bfloat16")
+    v_cache = rounded(randn(cache_shape, seed + 3), "bfloat16")
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    out = poisoned((num_tokens, num_qo_heads, head_dim), "bfloat16")
+    cuda_backend.attention(on_gpu(query, "bfloat16"), on_gpu(k_cache, "bfloat16"), on_gpu(v_cache, "bfloat16"),
+                           ints(qo_indptr), ints(page_indptr), ints(page_indices), ints(kv_lens), out, sm_scale,
+                           max_q_len=max(q for q, _ in chunks), max_kv_len=max(kv for _, kv in chunks))
+    expected = np.zeros((num_tokens, num_qo_heads, head_dim), np.float32)
+    cpu_backend.attention(query, k_cache, v_cache, qo_indptr, page_indptr, page_indices, kv_lens, expected, sm_scale)
+    lowp = _torch_lowp_attention(query, k_cache, v_cache, qo_indptr, page_indptr, page_indices, kv_lens, sm_scale,
+                                 "bfloat16")
+    got = as_f32(out)
+    what = f"tensor-core attention {batch} heads {num_qo_heads}/{num_kv_heads} d{head_dim} page {page_size}"
+    assert np.isfinite(got).all(), f"{what}: NaN left in the output (unwritten rows?) (seed={seed})"
+    err, err_lowp = np.abs(got - expected), np.abs(lowp - expected)
+    noise = 2 * np.abs(rounded(expected, "bfloat16") - expected).max()
+    assert err.max() <= 2 * err_lowp.max() + noise, (
+        f"{what}: max error {err.max():.3e} > 2 x torch bf16 {err_lowp.max():.3e} + {noise:.1e} (seed={seed})")
+    assert err.mean() <= 2 * err_lowp.mean() + 1e-4, f"{what}: mean error {err.mean():.3e} (seed={seed})"
+
+
 # ---- copies -----------------------------------------------------------------------------------
 
 

@@ -10,10 +10,26 @@ namespace lserve {
 
 namespace {
 
+struct LengthHints {
+  int32_t max_q_len = 0, max_kv_len = 0;
+};
+
+LengthHints length_hints(const ForwardBatch& batch) {
+  LengthHints hints;
+  for (size_t s = 0; s + 1 < batch.qo_indptr.size(); ++s) {
+    hints.max_q_len = std::max(hints.max_q_len, batch.qo_indptr[s + 1] - batch.qo_indptr[s]);
+  }
+  for (int32_t kv_len : batch.kv_lens) hints.max_kv_len = std::max(hints.max_kv_len, kv_len);
+  return hints;
+}
+
 AttentionArgs attention_args(const TensorView& query, const Tensor& k_cache, const Tensor& v_cache,
                              const Tensor& qo_indptr, const Tensor& page_indptr, const Tensor& page_indices,
-                             const Tensor& kv_lens, const TensorView& output, float sm_scale) {
+                             const Tensor& kv_lens, const TensorView& output, float sm_scale,
+                             const LengthHints& hints) {
   AttentionArgs args;
+  args.max_q_len = hints.max_q_len;
+  args.max_kv_len = hints.max_kv_len;
   args.query = query;
   args.k_cache = k_cache.view();
   args.v_cache = v_cache.view();
@@ -445,6 +461,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   const TensorView value = head_view(q_width + kv_width, num_kv_heads);
   TensorView attn_out_3d = attn_out.view().reshape({num_tokens, num_qo_heads, head_dim});
 
+  const LengthHints hints = length_hints(batch);
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     Layer& layer = layers_[layer_idx];
     if (layer_idx == 0) {
@@ -457,7 +474,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
       backend_.rope_kv_append({query, key, value, positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
                                slot_mapping});
       backend_.attention(attention_args(query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
-                                        kv_page_indices, kv_lens, attn_out_3d, sm_scale));
+                                        kv_page_indices, kv_lens, attn_out_3d, sm_scale, hints));
     } else {
       // Heads are served reordered: KV heads [0, nd) are dense, [nd, num_kv_heads) stream; their
       // query heads are [0, nd * group) and the rest.
@@ -468,7 +485,8 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
                                  layer.k_cache, layer.v_cache, slot_mapping});
         backend_.page_stats_append({dense_key, slot_mapping, layer.kmax, layer.kmin, sparsity_.physical_page_size});
         AttentionArgs args = attention_args(dense_query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
-                                            kv_page_indices, kv_lens, attn_out_3d.slice(1, 0, nq_dense), sm_scale);
+                                            kv_page_indices, kv_lens, attn_out_3d.slice(1, 0, nq_dense), sm_scale,
+                                            hints);
         Tensor head_pages, head_counts;
         select_pages(static_cast<int>(layer_idx), layer, batch, dense_query, &head_pages, &head_counts);
         if (head_counts.defined()) {
@@ -483,7 +501,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
                                  positions, cos_sin_cache_, layer.ks_cache, layer.vs_cache, stream_slot_mapping});
         AttentionArgs args = attention_args(stream_query, layer.ks_cache, layer.vs_cache, qo_indptr,
                                             stream_page_indptr, stream_page_indices, kv_lens,
-                                            attn_out_3d.slice(1, nq_dense, num_qo_heads), sm_scale);
+                                            attn_out_3d.slice(1, nq_dense, num_qo_heads), sm_scale, hints);
         args.window_sink = window_sink.view();
         args.window_local = window_local.view();
         backend_.attention(args);

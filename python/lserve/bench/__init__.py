@@ -1,4 +1,5 @@
-"""`lserve bench ...`: benchmarks. `lserve bench serve` load-tests a running server (bench/serve.py).
+"""`lserve bench ...`: benchmarks. `lserve bench serve` load-tests a running server (bench/serve.py);
+`lserve bench latency` times one request's TTFT and decode steps against transformers (bench/latency.py).
 
 Importing this package stays light; each benchmark imports its dependencies when it runs.
 """
@@ -19,4 +20,12 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
 
     serve_bench.add_arguments(serve)
     serve.set_defaults(handler=serve_bench.main)
+    latency = benches.add_parser("latency", help="TTFT and per-token latency vs transformers (random weights)",
+                                 description="Time to first token and per-token decode latency of one request "
+                                             "at several context lengths, lserve vs Hugging Face transformers "
+                                             "(sdpa) on the same GPU, random weights of a model shape.")
+    from lserve.bench import latency as latency_bench
+
+    latency_bench.add_arguments(latency)
+    latency.set_defaults(handler=latency_bench.main)
     return parser

@@ -31,6 +31,10 @@ struct AttentionArgs {
   TensorView kv_lens;          // (num_seqs,) int32, q_len <= kv_len <= num_seq_pages * page_size
   TensorView output;           // (num_tokens, num_qo_heads, head_dim) f32 | bf16 | f16, rows contiguous
   float sm_scale = 1.0f;       // usually 1 / sqrt(head_dim)
+  // Host-side hints for device kernels that size their grids on the host (0 = unknown; a backend
+  // then reads the metadata back or takes a slower path): >= every chunk's q_len / kv_len.
+  int32_t max_q_len = 0;
+  int32_t max_kv_len = 0;
   TensorView window_sink;          // optional (num_seqs,) int32
   TensorView window_local;         // optional (num_seqs,) int32
   TensorView head_page_positions;  // optional (num_seqs, num_kv_heads, max_pages) int32
