@@ -83,14 +83,19 @@ void bind_backend(py::module_& m) {
           py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("output"), py::arg("eps") = 1e-6f)
       .def(
           "gemm",
-          [](PyBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output) {
+          [](PyBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output, int repeat) {
             std::vector<DlpackTensor> keep;
             DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
             const GemmArgs args{input_t.view(), weight_t.view(), optional_view(bias, keep, "bias"),
                                 output_t.writable_view("output")};
-            run(self, [&] { self.backend->gemm(args); });
+            if (repeat < 1) throw py::value_error("repeat must be >= 1");
+            run(self, [&] {
+              for (int i = 0; i < repeat; ++i) self.backend->gemm(args);
+            });
           },
-          py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"))
+          py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"), py::arg("repeat") = 1,
+          "output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait "
+          "(benchmarks)")
       .def(
           "silu_mul",
           [](PyBackend& self, py::handle input, py::handle output) {
@@ -118,7 +123,7 @@ void bind_backend(py::module_& m) {
           "attention",
           [](PyBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
              py::handle kv_page_indptr, py::handle kv_page_indices, py::handle kv_lens, py::handle output,
-             float sm_scale, int max_q_len, int max_kv_len) {
+             float sm_scale, int max_q_len, int max_kv_len, int repeat) {
             DlpackTensor query_t(query, "query"), k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
             DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), page_indptr_t(kv_page_indptr, "kv_page_indptr");
             DlpackTensor page_indices_t(kv_page_indices, "kv_page_indices"), kv_lens_t(kv_lens, "kv_lens");
@@ -129,11 +134,14 @@ void bind_backend(py::module_& m) {
             if (max_q_len < 0 || max_kv_len < 0) throw py::value_error("max_q_len and max_kv_len must be >= 0");
             args.max_q_len = max_q_len;  // host hints (0 = unknown): the device kernels need them
             args.max_kv_len = max_kv_len;
-            run(self, [&] { self.backend->attention(args); });
+            if (repeat < 1) throw py::value_error("repeat must be >= 1");
+            run(self, [&] {
+              for (int i = 0; i < repeat; ++i) self.backend->attention(args);
+            });
           },
           py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
           py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"),
-          py::arg("max_q_len") = 0, py::arg("max_kv_len") = 0)
+          py::arg("max_q_len") = 0, py::arg("max_kv_len") = 0, py::arg("repeat") = 1)
       .def(
           "gather_rows",
           [](PyBackend& self, py::handle input, py::handle indices, py::handle output) {

@@ -1,5 +1,6 @@
 """`lserve bench ...`: benchmarks. `lserve bench serve` load-tests a running server (bench/serve.py);
-`lserve bench latency` times one request's TTFT and decode steps against transformers (bench/latency.py).
+`lserve bench latency` times one request's TTFT and decode steps against transformers (bench/latency.py);
+`lserve bench kernels` times the CUDA attention and GEMM ops against torch (bench/kernels.py).
 
 Importing this package stays light; each benchmark imports its dependencies when it runs.
 """
@@ -28,4 +29,11 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
 
     latency_bench.add_arguments(latency)
     latency.set_defaults(handler=latency_bench.main)
+    kernels = benches.add_parser("kernels", help="CUDA attention and GEMM ops vs torch SDPA / matmul",
+                                 description="lserve's CUDA prefill and decode attention and GEMMs against torch's "
+                                             "SDPA (cuDNN, flash) and F.linear on Llama-3-8B shapes.")
+    from lserve.bench import kernels as kernels_bench
+
+    kernels_bench.add_arguments(kernels)
+    kernels.set_defaults(handler=kernels_bench.main)
     return parser
