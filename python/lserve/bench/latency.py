@@ -65,7 +65,7 @@ def bench_lserve(model_dir: str, config: Dict, lengths: List[int], args) -> Dict
     from lserve import Engine, SamplingParams
 
     engine = Engine(model_dir, load_format="dummy", device=args.device, dtype="bfloat16",
-                    max_model_len=max(lengths) + args.decode_steps + 8, max_num_seqs=1,
+                    max_model_len=max(lengths) + args.decode_steps + 1, max_num_seqs=1,
                     max_num_batched_tokens=args.chunk, show_progress=False)
     results = {}
     for length in lengths:
@@ -158,10 +158,13 @@ def plot(report: Dict, path: str) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    lengths = [int(v) for v in str(args.lengths).split(",") if v.strip()]
-    if not lengths or min(lengths) < 1:
+    requested = [int(v) for v in str(args.lengths).split(",") if v.strip()]
+    if not requested or min(requested) < 1:
         raise ValueError("--lengths needs positive prompt lengths")
     config = _config(args)
+    # A prompt plus its decode steps must fit the model's context: 131072 runs as 131072 - steps - 1.
+    limit = config["max_position_embeddings"] - args.decode_steps - 1
+    lengths = [min(length, limit) for length in requested]
     report: Dict = {"model": args.model, "layers": config["num_hidden_layers"], "date": time.strftime("%Y-%m-%d"),
                     "decode_steps": args.decode_steps, "chunk": args.chunk}
     try:
