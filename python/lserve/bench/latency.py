@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="8192,32768,131072", help="prompt lengths, comma-separated")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--chunk", type=int, default=8192, help="lserve's max_num_batched_tokens")
+    parser.add_argument("--page-size", type=int, default=16, help="lserve's KV page size in tokens")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -66,7 +67,7 @@ def bench_lserve(model_dir: str, config: Dict, lengths: List[int], args) -> Dict
 
     engine = Engine(model_dir, load_format="dummy", device=args.device, dtype="bfloat16",
                     max_model_len=max(lengths) + args.decode_steps + 1, max_num_seqs=1,
-                    max_num_batched_tokens=args.chunk, show_progress=False)
+                    max_num_batched_tokens=args.chunk, page_size=args.page_size, show_progress=False)
     results = {}
     for length in lengths:
         prompt = _prompt(length, config["vocab_size"])
@@ -166,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
     limit = config["max_position_embeddings"] - args.decode_steps - 1
     lengths = [min(length, limit) for length in requested]
     report: Dict = {"model": args.model, "layers": config["num_hidden_layers"], "date": time.strftime("%Y-%m-%d"),
-                    "decode_steps": args.decode_steps, "chunk": args.chunk}
+                    "decode_steps": args.decode_steps, "chunk": args.chunk, "page_size": args.page_size}
     try:
         import torch
 
