@@ -101,7 +101,7 @@ class Engine:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
                  kv_cache_dtype: str = "auto", device: str = "cpu", load_format: str = "auto", seed: int = 0,
-                 page_size: int = 16, num_threads: int = 0, num_kv_pages: Optional[int] = None,
+                 page_size: Optional[int] = None, num_threads: int = 0, num_kv_pages: Optional[int] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  capture_logits: bool = False, show_progress: bool = True,
                  sparsity: Union[None, str, "SparsityConfig"] = None) -> None:
@@ -113,6 +113,8 @@ class Engine:
             raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
         if kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        if page_size is None:  # the Hopper prefill reads whole pages with TMA: larger pages run faster there
+            page_size = 64 if isinstance(device, str) and device.startswith("cuda") else 16
         for name, value, minimum in (("max_num_seqs", max_num_seqs, 1),
                                      ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                      ("page_size", page_size, 1), ("num_threads", num_threads, 0)):
