@@ -55,6 +55,8 @@ void bind_engine(py::module_& m) {
       .def_readwrite("max_num_batched_tokens", &EngineConfig::max_num_batched_tokens)
       .def_readwrite("kv_cache_memory", &EngineConfig::kv_cache_memory)
       .def_readwrite("num_kv_pages", &EngineConfig::num_kv_pages)
+      .def_readwrite("gpu_memory_utilization", &EngineConfig::gpu_memory_utilization)
+      .def_readwrite("enforce_eager", &EngineConfig::enforce_eager)
       .def_readwrite("page_size", &EngineConfig::page_size)
       .def_readwrite("num_threads", &EngineConfig::num_threads)
       .def_readwrite("seed", &EngineConfig::seed)

@@ -12,5 +12,6 @@ void bind_sampling(pybind11::module_& m);  // bind_sampling.cpp: SamplingParams,
 void bind_gguf(pybind11::module_& m);      // bind_gguf.cpp: GgufFile reader
 void bind_engine(pybind11::module_& m);    // bind_engine.cpp: ModelConfig, EngineConfig, Engine
 void bind_sparse(pybind11::module_& m);    // bind_sparse.cpp: page selection reference ops
+void bind_backend(pybind11::module_& m);   // bind_backend.cpp: Backend("cpu" | "cuda[:N]") ops for tests
 
 }  // namespace lserve::bindings

@@ -13,4 +13,5 @@ PYBIND11_MODULE(_C, m) {
   lserve::bindings::bind_gguf(m);
   lserve::bindings::bind_engine(m);
   lserve::bindings::bind_sparse(m);
+  lserve::bindings::bind_backend(m);
 }

@@ -1,7 +1,140 @@
-// Device-independent parts of Backend: allocation shapes, copy and fill validation, factory.
+// Device-independent parts of Backend: allocation shapes, copy and fill validation, float32
+// staging of low-precision activations for float32-only backends, the backend registry.
 #include "lserve/backend.h"
 
+#include <map>
+#include <mutex>
+#include <vector>
+
 namespace lserve {
+
+namespace {
+
+bool is_low_precision(const TensorView& view) {
+  return view.defined() && (view.dtype == DType::kBF16 || view.dtype == DType::kF16);
+}
+
+// Float32 stand-ins for bfloat16/float16 activations: input() returns a converted copy,
+// output() a float32 buffer that finish() rounds back into the caller's tensor. Tensors whose
+// rows are strided (views into a fused buffer) are copied row by row.
+class Float32Staging {
+ public:
+  explicit Float32Staging(Backend& backend) : backend_(backend) {}
+  TensorView input(const TensorView& view) { return stage(view, /*copy_in=*/true, /*write_back=*/false); }
+  TensorView output(const TensorView& view) { return stage(view, /*copy_in=*/false, /*write_back=*/true); }
+  TensorView in_out(const TensorView& view) { return stage(view, /*copy_in=*/true, /*write_back=*/true); }
+  void finish() {
+    for (const auto& [original, staged] : write_back_) copy_rows(original, staged);
+  }
+
+ private:
+  TensorView stage(const TensorView& view, bool copy_in, bool write_back) {
+    if (!is_low_precision(view)) return view;
+    Tensor staged = backend_.empty(view.shape.data(), view.ndim, DType::kF32);
+    if (copy_in) copy_rows(staged, view);
+    if (write_back) write_back_.emplace_back(view, staged.view());
+    keep_.push_back(staged);
+    return staged.view();
+  }
+  void copy_rows(const TensorView& dst, const TensorView& src) {
+    if (dst.is_contiguous() && src.is_contiguous()) {
+      backend_.copy(dst, src);
+      return;
+    }
+    for (int64_t row = 0; row < src.size(0); ++row) backend_.copy(dst.select_row(row), src.select_row(row));
+  }
+
+  Backend& backend_;
+  std::vector<Tensor> keep_;
+  std::vector<std::pair<TensorView, TensorView>> write_back_;
+};
+
+}  // namespace
+
+void Backend::rms_norm(const RmsNormArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
+    rms_norm_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  RmsNormArgs staged = args;
+  staged.input = staging.input(args.input);
+  staged.output = staging.output(args.output);
+  rms_norm_impl(staged);
+  staging.finish();
+}
+
+void Backend::gemm(const GemmArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
+    gemm_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  GemmArgs staged = args;
+  staged.input = staging.input(args.input);
+  staged.output = staging.output(args.output);
+  gemm_impl(staged);
+  staging.finish();
+}
+
+void Backend::silu_mul(const SiluMulArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
+    silu_mul_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  SiluMulArgs staged = args;
+  staged.input = staging.input(args.input);
+  staged.output = staging.output(args.output);
+  silu_mul_impl(staged);
+  staging.finish();
+}
+
+void Backend::rope_kv_append(const RopeKvAppendArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !is_low_precision(args.query)) {
+    rope_kv_append_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  RopeKvAppendArgs staged = args;
+  staged.query = staging.in_out(args.query);
+  staged.key = staging.in_out(args.key);
+  staged.value = staging.input(args.value);
+  rope_kv_append_impl(staged);
+  staging.finish();
+}
+
+void Backend::attention(const AttentionArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !(is_low_precision(args.query) || is_low_precision(args.output))) {
+    attention_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  AttentionArgs staged = args;
+  staged.query = staging.input(args.query);
+  staged.output = staging.output(args.output);
+  attention_impl(staged);
+  staging.finish();
+}
+
+void Backend::gather_rows(const GatherRowsArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
+    gather_rows_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  GatherRowsArgs staged = args;
+  staged.input = staging.input(args.input);
+  staged.output = staging.output(args.output);
+  gather_rows_impl(staged);
+  staging.finish();
+}
 
 Tensor Backend::empty(std::initializer_list<int64_t> shape, DType dtype) {
   std::array<int64_t, kMaxDims> dims{};
@@ -49,13 +182,53 @@ void Backend::page_stats_append_impl(const PageStatsAppendArgs&) {
   LSERVE_THROW("the ", name(), " backend has no page_stats_append yet (sparse decode)");
 }
 
+namespace {
+
+struct BackendRegistry {
+  std::mutex mutex;
+  std::map<DeviceType, BackendFactory> factories;
+};
+
+BackendRegistry& registry() {
+  static BackendRegistry instance;
+  return instance;
+}
+
+}  // namespace
+
+bool register_backend_factory(DeviceType type, BackendFactory factory) {
+  std::lock_guard<std::mutex> lock(registry().mutex);
+  registry().factories[type] = factory;
+  return true;
+}
+
+bool has_backend_factory(DeviceType type) {
+  std::lock_guard<std::mutex> lock(registry().mutex);
+  return registry().factories.count(type) != 0;
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads) {
   if (device == "cpu") return make_cpu_backend(num_threads);
   if (device.rfind("cuda", 0) == 0) {
-    LSERVE_THROW("device '", device, "' requested, but this build of lserve has no CUDA backend "
-                 "(rebuild with a CUDA toolkit and LSERVE_CUDA=ON)");
+    int index = 0;
+    if (device.size() > 4) {
+      const std::string suffix = device.substr(4);
+      LSERVE_CHECK(suffix.size() >= 2 && suffix[0] == ':' &&
+                       suffix.find_first_not_of("0123456789", 1) == std::string::npos && suffix.size() <= 6,
+                   "invalid device '", device, "' (expected 'cuda' or 'cuda:N')");
+      index = std::stoi(suffix.substr(1));
+    }
+    BackendFactory factory = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(registry().mutex);
+      auto it = registry().factories.find(DeviceType::kCUDA);
+      if (it != registry().factories.end()) factory = it->second;
+    }
+    LSERVE_CHECK(factory != nullptr, "device '", device, "' requested, but this build of lserve has no CUDA "
+                 "backend (rebuild with a CUDA toolkit and LSERVE_CUDA=ON)");
+    return factory(index);
   }
-  LSERVE_THROW("unknown device '", device, "' (expected 'cpu' or 'cuda')");
+  LSERVE_THROW("unknown device '", device, "' (expected 'cpu', 'cuda' or 'cuda:N')");
 }
 
 }  // namespace lserve

@@ -13,6 +13,8 @@ void EngineConfig::validate() const {
   LSERVE_CHECK(max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1, got ", max_num_batched_tokens);
   LSERVE_CHECK(kv_cache_memory >= 0, "kv_cache_memory must be >= 0 bytes, got ", kv_cache_memory);
   LSERVE_CHECK(num_kv_pages >= 0, "num_kv_pages must be >= 0, got ", num_kv_pages);
+  LSERVE_CHECK(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0,
+               "gpu_memory_utilization must be in (0, 1], got ", gpu_memory_utilization);
   LSERVE_CHECK(page_size >= 1 && page_size <= 1024, "page_size must be in [1, 1024], got ", page_size);
   const DType weights = dtype_from_string(dtype);
   (void)weights;
@@ -29,6 +31,10 @@ Engine::Engine(const ModelConfig& model_config, const EngineConfig& config) : co
   config_.sparsity.validate(checked.num_layers, checked.num_kv_heads);
   if (config_.sparsity.enabled) config_.page_size = config_.sparsity.physical_page_size;
   backend_ = make_backend(config_.device, config_.num_threads);
+  LSERVE_CHECK(!config_.sparsity.enabled || backend_->device().type == DeviceType::kCPU,
+               "sparse attention runs on the CPU backend only for now: the ", backend_->name(),
+               " backend has no page selection or streaming-head kernels yet (use sparsity='dense' on ",
+               config_.device, ")");
   model_ = std::make_unique<LlamaModel>(checked, *backend_, dtype_from_string(config_.dtype), config_.max_model_len);
   model_->set_sparsity(config_.sparsity);
   eos_token_ids_ = config_.eos_token_ids;
@@ -49,7 +55,24 @@ void Engine::finalize() {
   const DType kv_dtype = dtype_from_string(config_.kv_cache_dtype);
   const int64_t page_bytes = std::max<int64_t>(1, model_->kv_bytes_per_token(kv_dtype) * config_.page_size);
   const int64_t pages_per_seq = (config_.max_model_len + config_.page_size - 1) / config_.page_size;
-  int64_t budget = config_.kv_cache_memory > 0 ? config_.kv_cache_memory : (1LL << 30);
+  // The KV budget: kv_cache_memory if given; on a device, what gpu_memory_utilization leaves after
+  // everything in use now; on the CPU 1 GiB.
+  const char* remedy = "raise kv_cache_memory or lower max_model_len";
+  int64_t budget = config_.kv_cache_memory;
+  if (budget == 0) {
+    const auto [free_bytes, total_bytes] = backend_->memory_info();
+    if (total_bytes > 0) {
+      const int64_t in_use = total_bytes - free_bytes;
+      const int64_t step_bytes = model_->activation_bytes(config_.max_num_batched_tokens, config_.max_num_seqs);
+      const int64_t headroom = 256LL << 20;  // allocator rounding, library workspaces, fragmentation
+      budget = static_cast<int64_t>(config_.gpu_memory_utilization * static_cast<double>(total_bytes)) - in_use -
+               2 * step_bytes - headroom;
+      budget = std::max<int64_t>(budget, 0);
+      remedy = "raise gpu_memory_utilization, lower max_model_len or max_num_batched_tokens";
+    } else {
+      budget = 1LL << 30;
+    }
+  }
   int num_slots = 0;
   if (config_.sparsity.enabled) {
     // Streaming heads: one slot of sink + ring pages per running sequence, taken from the budget
@@ -76,7 +99,7 @@ void Engine::finalize() {
   }
   LSERVE_CHECK(num_pages >= pages_per_seq, "the KV cache holds ", num_pages * config_.page_size,
                " tokens (", num_pages, " pages of ", config_.page_size, "), fewer than max_model_len = ",
-               config_.max_model_len, ": raise kv_cache_memory or lower max_model_len");
+               config_.max_model_len, ": ", remedy);
   LSERVE_CHECK(num_pages <= (1LL << 30), "too many KV pages: ", num_pages);
   model_->allocate_kv_cache(static_cast<int>(num_pages), config_.page_size, kv_dtype);
   kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size);

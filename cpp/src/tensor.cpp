@@ -2,7 +2,7 @@
 #include "lserve/tensor.h"
 
 #include <cmath>
-#include <sstream>
+#include <string>
 
 namespace lserve {
 
@@ -136,11 +136,9 @@ bool TensorView::rows_contiguous() const {
 }
 
 std::string TensorView::shape_str() const {
-  std::ostringstream stream;
-  stream << "(";
-  for (int d = 0; d < ndim; ++d) stream << (d ? ", " : "") << shape[d];
-  stream << ")";
-  return stream.str();
+  std::string out = "(";  // no ostream: see check.h on foreign global locales
+  for (int d = 0; d < ndim; ++d) out += (d ? ", " : "") + std::to_string(shape[d]);
+  return out + ")";
 }
 
 TensorView TensorView::slice(int dim, int64_t start, int64_t stop) const {

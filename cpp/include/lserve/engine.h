@@ -24,13 +24,18 @@
 namespace lserve {
 
 struct EngineConfig {
-  std::string device = "cpu";
+  std::string device = "cpu";             // cpu | cuda | cuda:N
   std::string dtype = "float32";           // weights: float32 | bfloat16 | float16
   std::string kv_cache_dtype = "float32";  // float32 | bfloat16
   int max_model_len = 0;                   // 0: the model's max_position_embeddings
   int max_num_seqs = 256;
   int max_num_batched_tokens = 2048;
-  int64_t kv_cache_memory = 0;             // bytes for the KV cache; 0: 1 GiB, capped by need
+  int64_t kv_cache_memory = 0;             // bytes for the KV cache; 0: see gpu_memory_utilization
+  // 0 < x <= 1: on a GPU with kv_cache_memory == 0, the KV cache takes what is left of this fraction
+  // of the device's memory after weights, other processes and the step buffers; on the CPU the
+  // default is 1 GiB. Either way no more than max_num_seqs sequences of max_model_len need.
+  double gpu_memory_utilization = 0.9;
+  bool enforce_eager = false;              // accepted; CUDA graphs are not captured yet (TODO(#5))
   int num_kv_pages = 0;                    // overrides kv_cache_memory when > 0
   int page_size = 16;
   int num_threads = 0;                     // CPU threads; 0: all cores

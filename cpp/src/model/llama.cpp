@@ -10,10 +10,26 @@ namespace lserve {
 
 namespace {
 
+struct LengthHints {
+  int32_t max_q_len = 0, max_kv_len = 0;
+};
+
+LengthHints length_hints(const ForwardBatch& batch) {
+  LengthHints hints;
+  for (size_t s = 0; s + 1 < batch.qo_indptr.size(); ++s) {
+    hints.max_q_len = std::max(hints.max_q_len, batch.qo_indptr[s + 1] - batch.qo_indptr[s]);
+  }
+  for (int32_t kv_len : batch.kv_lens) hints.max_kv_len = std::max(hints.max_kv_len, kv_len);
+  return hints;
+}
+
 AttentionArgs attention_args(const TensorView& query, const Tensor& k_cache, const Tensor& v_cache,
                              const Tensor& qo_indptr, const Tensor& page_indptr, const Tensor& page_indices,
-                             const Tensor& kv_lens, const TensorView& output, float sm_scale) {
+                             const Tensor& kv_lens, const TensorView& output, float sm_scale,
+                             const LengthHints& hints) {
   AttentionArgs args;
+  args.max_q_len = hints.max_q_len;
+  args.max_kv_len = hints.max_kv_len;
   args.query = query;
   args.k_cache = k_cache.view();
   args.v_cache = v_cache.view();
@@ -37,7 +53,10 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }  // namespace
 
 LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions)
-    : config_(config), backend_(backend), weight_dtype_(weight_dtype) {
+    : config_(config),
+      backend_(backend),
+      weight_dtype_(weight_dtype),
+      activation_dtype_(backend.activation_dtype(weight_dtype)) {
   config_.validate();
   LSERVE_CHECK(weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16,
                "weight dtype must be float32, bfloat16 or float16, got ", dtype_name(weight_dtype));
@@ -208,6 +227,17 @@ void LlamaModel::finalize() {
     LSERVE_THROW("missing weights: ", list);
   }
   finalized_ = true;
+}
+
+int64_t LlamaModel::activation_bytes(int64_t num_tokens, int64_t num_logits) const {
+  const int64_t act_size = static_cast<int64_t>(dtype_size(activation_dtype_));
+  const int64_t hidden = config_.hidden_size, inter = config_.intermediate_size, head_dim = config_.head_dim;
+  const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
+  // residual (float32) + normed, qkv, attn_out, proj_out, gate_up, act (activation dtype)
+  const int64_t per_token = 4 * hidden + act_size * (2 * hidden + q_width + 2 * kv_width + q_width + 3 * inter);
+  const int64_t metadata = 64 * num_tokens;
+  const int64_t logits = num_logits * (4 * static_cast<int64_t>(config_.vocab_size) + act_size * hidden);
+  return per_token * num_tokens + metadata + logits;
 }
 
 int64_t LlamaModel::kv_bytes_per_token(DType kv_cache_dtype) const {
@@ -405,13 +435,14 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   last_pages_selected_ = 0;
   last_pages_total_ = 0;
 
+  const DType act_dtype = activation_dtype_;
   Tensor residual = backend_.empty({num_tokens, hidden}, DType::kF32);
-  Tensor normed = backend_.empty({num_tokens, hidden}, DType::kF32);
-  Tensor qkv = backend_.empty({num_tokens, q_width + 2 * kv_width}, DType::kF32);
-  Tensor attn_out = backend_.empty({num_tokens, q_width}, DType::kF32);
-  Tensor proj_out = backend_.empty({num_tokens, hidden}, DType::kF32);
-  Tensor gate_up = backend_.empty({num_tokens, 2 * static_cast<int64_t>(config_.intermediate_size)}, DType::kF32);
-  Tensor act = backend_.empty({num_tokens, static_cast<int64_t>(config_.intermediate_size)}, DType::kF32);
+  Tensor normed = backend_.empty({num_tokens, hidden}, act_dtype);
+  Tensor qkv = backend_.empty({num_tokens, q_width + 2 * kv_width}, act_dtype);
+  Tensor attn_out = backend_.empty({num_tokens, q_width}, act_dtype);
+  Tensor proj_out = backend_.empty({num_tokens, hidden}, act_dtype);
+  Tensor gate_up = backend_.empty({num_tokens, 2 * static_cast<int64_t>(config_.intermediate_size)}, act_dtype);
+  Tensor act = backend_.empty({num_tokens, static_cast<int64_t>(config_.intermediate_size)}, act_dtype);
 
   backend_.embed({token_ids, embed_tokens_, residual});
   const float sm_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
@@ -430,6 +461,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   const TensorView value = head_view(q_width + kv_width, num_kv_heads);
   TensorView attn_out_3d = attn_out.view().reshape({num_tokens, num_qo_heads, head_dim});
 
+  const LengthHints hints = length_hints(batch);
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     Layer& layer = layers_[layer_idx];
     if (layer_idx == 0) {
@@ -442,7 +474,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
       backend_.rope_kv_append({query, key, value, positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
                                slot_mapping});
       backend_.attention(attention_args(query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
-                                        kv_page_indices, kv_lens, attn_out_3d, sm_scale));
+                                        kv_page_indices, kv_lens, attn_out_3d, sm_scale, hints));
     } else {
       // Heads are served reordered: KV heads [0, nd) are dense, [nd, num_kv_heads) stream; their
       // query heads are [0, nd * group) and the rest.
@@ -453,7 +485,8 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
                                  layer.k_cache, layer.v_cache, slot_mapping});
         backend_.page_stats_append({dense_key, slot_mapping, layer.kmax, layer.kmin, sparsity_.physical_page_size});
         AttentionArgs args = attention_args(dense_query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
-                                            kv_page_indices, kv_lens, attn_out_3d.slice(1, 0, nq_dense), sm_scale);
+                                            kv_page_indices, kv_lens, attn_out_3d.slice(1, 0, nq_dense), sm_scale,
+                                            hints);
         Tensor head_pages, head_counts;
         select_pages(static_cast<int>(layer_idx), layer, batch, dense_query, &head_pages, &head_counts);
         if (head_counts.defined()) {
@@ -468,7 +501,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
                                  positions, cos_sin_cache_, layer.ks_cache, layer.vs_cache, stream_slot_mapping});
         AttentionArgs args = attention_args(stream_query, layer.ks_cache, layer.vs_cache, qo_indptr,
                                             stream_page_indptr, stream_page_indices, kv_lens,
-                                            attn_out_3d.slice(1, nq_dense, num_qo_heads), sm_scale);
+                                            attn_out_3d.slice(1, nq_dense, num_qo_heads), sm_scale, hints);
         args.window_sink = window_sink.view();
         args.window_local = window_local.view();
         backend_.attention(args);
@@ -483,7 +516,7 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   backend_.rms_norm({proj_out, residual, final_norm_, normed, eps});
 
   if (num_logits == 0) return {};
-  Tensor selected = backend_.empty({num_logits, hidden}, DType::kF32);
+  Tensor selected = backend_.empty({num_logits, hidden}, act_dtype);
   backend_.gather_rows({normed, logits_rows, selected});
   Tensor logits = backend_.empty({num_logits, static_cast<int64_t>(config_.vocab_size)}, DType::kF32);
   backend_.gemm({selected, lm_head_, TensorView(), logits});

@@ -3,6 +3,8 @@
 // matrix, gate|up rows in one matrix) and filled by load_weight() under Hugging Face names.
 // forward() runs one scheduled batch: embed -> layers (norm, qkv, rope + KV append, paged
 // attention, o_proj, norm, gate_up, silu_mul, down) -> final norm -> logits of chosen rows.
+// The residual stream is float32; the activations between GEMMs use the backend's activation
+// dtype (float32 on the CPU, the weight dtype on CUDA); logits are float32.
 #pragma once
 
 #include <map>
@@ -51,6 +53,10 @@ class LlamaModel {
   LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions);
 
   const ModelConfig& config() const { return config_; }
+  DType activation_dtype() const { return activation_dtype_; }
+  // Peak bytes of the per-step buffers forward() allocates for num_tokens tokens and num_logits
+  // sampled rows (what a device must keep free beside weights and KV cache).
+  int64_t activation_bytes(int64_t num_tokens, int64_t num_logits) const;
   // Copies a Hugging Face-named tensor (any float dtype, host or device) into place; raises on
   // an unknown name, a wrong shape, or a tensor loaded twice.
   void load_weight(const std::string& name, const TensorView& tensor);
@@ -114,6 +120,7 @@ class LlamaModel {
   ModelConfig config_;
   Backend& backend_;
   DType weight_dtype_;
+  DType activation_dtype_;
   Tensor embed_tokens_, final_norm_, lm_head_, cos_sin_cache_;
   std::vector<Layer> layers_;
   std::map<std::string, Slot> slots_;

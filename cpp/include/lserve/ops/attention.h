@@ -3,7 +3,8 @@
 // kv_page_indices[kv_page_indptr[s] .. kv_page_indptr[s+1]) holding kv_lens[s] tokens, the
 // chunk's own keys included (appended first by rope_kv_append). Query row i of a chunk of
 // q_len rows sits at position kv_lens[s] - q_len + i and sees keys at positions <= its own.
-// Query head h reads KV head h / (num_qo_heads / num_kv_heads).
+// Query head h reads KV head h / (num_qo_heads / num_kv_heads). Scores, softmax and the weighted
+// sum are float32; a bfloat16/float16 output is rounded once.
 //
 // Block-iterator policy (one attention for dense and sparse heads): each (sequence, KV head)
 // walks a list of KV pages and never reads the others.
@@ -21,15 +22,19 @@
 namespace lserve {
 
 struct AttentionArgs {
-  TensorView query;            // (num_tokens, num_qo_heads, head_dim) float32, rows contiguous
+  TensorView query;            // (num_tokens, num_qo_heads, head_dim) f32 | bf16 | f16, rows contiguous
   TensorView k_cache;          // (num_pages, page_size, num_kv_heads, head_dim) float32 | bfloat16
   TensorView v_cache;          // (num_pages, page_size, num_kv_heads, head_dim), k_cache's dtype
   TensorView qo_indptr;        // (num_seqs + 1,) int32, qo_indptr[num_seqs] == num_tokens
   TensorView kv_page_indptr;   // (num_seqs + 1,) int32
   TensorView kv_page_indices;  // (kv_page_indptr[num_seqs],) int32, each in [0, num_pages)
   TensorView kv_lens;          // (num_seqs,) int32, q_len <= kv_len <= num_seq_pages * page_size
-  TensorView output;           // (num_tokens, num_qo_heads, head_dim) float32, rows contiguous
+  TensorView output;           // (num_tokens, num_qo_heads, head_dim) f32 | bf16 | f16, rows contiguous
   float sm_scale = 1.0f;       // usually 1 / sqrt(head_dim)
+  // Host-side hints for device kernels that size their grids on the host (0 = unknown; a backend
+  // then reads the metadata back or takes a slower path): >= every chunk's q_len / kv_len.
+  int32_t max_q_len = 0;
+  int32_t max_kv_len = 0;
   TensorView window_sink;          // optional (num_seqs,) int32
   TensorView window_local;         // optional (num_seqs,) int32
   TensorView head_page_positions;  // optional (num_seqs, num_kv_heads, max_pages) int32
@@ -40,7 +45,7 @@ struct AttentionArgs {
 
   void validate(const Device& device) const {
     const char* op = "attention";
-    TensorCheck(query, op, "query").ndim(3).dtype(DType::kF32).device(device).rows_contiguous();
+    TensorCheck(query, op, "query").ndim(3).float_dtype().device(device).rows_contiguous();
     const int64_t num_tokens = query.size(0), num_qo_heads = query.size(1), head_dim = query.size(2);
     TensorCheck(k_cache, op, "k_cache").ndim(4).dtype_in({DType::kF32, DType::kBF16}).device(device)
         .contiguous().size(3, head_dim);
@@ -57,7 +62,7 @@ struct AttentionArgs {
         .contiguous();
     TensorCheck(kv_lens, op, "kv_lens").ndim(1).dtype(DType::kI32).device(device).contiguous()
         .size(0, num_seqs);
-    TensorCheck(output, op, "output").ndim(3).dtype(DType::kF32).device(device).rows_contiguous()
+    TensorCheck(output, op, "output").ndim(3).float_dtype().device(device).rows_contiguous()
         .size(0, num_tokens).size(1, num_qo_heads).size(2, head_dim);
     LSERVE_CHECK(window_sink.defined() == window_local.defined(), op,
                  ": window_sink and window_local come together");

@@ -37,6 +37,8 @@ class TensorCheck {
     LSERVE_CHECK(found, op_, ": '", name_, "' has unsupported dtype ", dtype_name(view_.dtype));
     return *this;
   }
+  // float32, bfloat16 or float16.
+  TensorCheck& float_dtype() { return dtype_in({DType::kF32, DType::kBF16, DType::kF16}); }
   TensorCheck& device(const Device& expected) {
     LSERVE_CHECK(view_.device == expected, op_, ": '", name_, "' is on ", view_.device.str(), ", expected ",
                  expected.str());

@@ -6,12 +6,12 @@ namespace lserve {
 
 struct EmbedArgs {
   TensorView token_ids;  // (num_tokens,) int32, each in [0, vocab_size)
-  TensorView weight;     // (vocab_size, hidden_size) float32 | bfloat16 | float16, contiguous
+  TensorView weight;     // (vocab_size, hidden_size) f32 | bf16 | f16, contiguous
   TensorView output;     // (num_tokens, hidden_size) float32, rows contiguous
 
   void validate(const Device& device) const {
     TensorCheck(token_ids, "embed", "token_ids").ndim(1).dtype(DType::kI32).device(device).contiguous();
-    TensorCheck(weight, "embed", "weight").ndim(2).dtype_in({DType::kF32, DType::kBF16, DType::kF16})
+    TensorCheck(weight, "embed", "weight").ndim(2).float_dtype()
         .device(device).contiguous();
     TensorCheck(output, "embed", "output").ndim(2).dtype(DType::kF32).device(device).rows_contiguous()
         .size(0, token_ids.size(0)).size(1, weight.size(1));

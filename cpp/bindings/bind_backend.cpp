@@ -1,0 +1,155 @@
+// _C.Backend("cpu" | "cuda[:N]"): any backend's ops for tests and tools, one .def per op. Tensors
+// are numpy arrays or torch tensors (DLPack) on the backend's device or the host where the op
+// allows; outputs are preallocated by the caller and written in place. Each call synchronises the
+// backend before returning, so results are readable and errors surface at the op that caused them.
+// _C.has_cuda_backend says whether this build registered the CUDA backend.
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bindings.h"
+#include "dlpack.h"
+#include "lserve/backend.h"
+
+namespace lserve::bindings {
+
+namespace {
+
+struct PyBackend {
+  std::unique_ptr<Backend> backend;
+};
+
+// Runs op() with the GIL released, then waits for the device.
+template <typename Fn>
+void run(PyBackend& self, Fn&& op) {
+  py::gil_scoped_release release;
+  op();
+  self.backend->synchronize();
+}
+
+}  // namespace
+
+void bind_backend(py::module_& m) {
+  m.attr("has_cuda_backend") = has_backend_factory(DeviceType::kCUDA);
+
+  py::class_<PyBackend>(m, "Backend",
+                        "A backend by device name ('cpu', 'cuda', 'cuda:N'). Ops write preallocated outputs in "
+                        "place; invalid inputs raise ValueError.")
+      .def(py::init([](const std::string& device, int num_threads) {
+             return PyBackend{make_backend(device, num_threads)};
+           }),
+           py::arg("device") = "cpu", py::arg("num_threads") = 0)
+      .def_property_readonly("name", [](const PyBackend& self) { return self.backend->name(); })
+      .def_property_readonly("device", [](const PyBackend& self) { return self.backend->device().str(); })
+      .def_property_readonly("low_precision_activations",
+                             [](const PyBackend& self) { return self.backend->low_precision_activations(); })
+      .def("memory_info", [](PyBackend& self) { return self.backend->memory_info(); },
+           "(free, total) device bytes, or (-1, -1) on the host")
+      .def("synchronize", [](PyBackend& self) { run(self, [] {}); })
+      .def(
+          "copy",
+          [](PyBackend& self, py::handle dst, py::handle src) {
+            DlpackTensor dst_t(dst, "dst"), src_t(src, "src");
+            run(self, [&] { self.backend->copy(dst_t.writable_view("dst"), src_t.view()); });
+          },
+          py::arg("dst"), py::arg("src"), "dst[...] = src, converting between float32/bfloat16/float16.")
+      .def(
+          "fill_zero",
+          [](PyBackend& self, py::handle dst) {
+            DlpackTensor dst_t(dst, "dst");
+            run(self, [&] { self.backend->fill_zero(dst_t.writable_view("dst")); });
+          },
+          py::arg("dst"))
+      .def(
+          "embed",
+          [](PyBackend& self, py::handle token_ids, py::handle weight, py::handle output) {
+            DlpackTensor ids_t(token_ids, "token_ids"), weight_t(weight, "weight"), output_t(output, "output");
+            const EmbedArgs args{ids_t.view(), weight_t.view(), output_t.writable_view("output")};
+            run(self, [&] { self.backend->embed(args); });
+          },
+          py::arg("token_ids"), py::arg("weight"), py::arg("output"))
+      .def(
+          "rms_norm",
+          [](PyBackend& self, py::handle input, py::handle residual, py::handle weight, py::handle output,
+             float eps) {
+            std::vector<DlpackTensor> keep;
+            DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
+            const RmsNormArgs args{input_t.view(), optional_view(residual, keep, "residual"), weight_t.view(),
+                                   output_t.writable_view("output"), eps};
+            run(self, [&] { self.backend->rms_norm(args); });
+          },
+          py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("output"), py::arg("eps") = 1e-6f)
+      .def(
+          "gemm",
+          [](PyBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output, int repeat) {
+            std::vector<DlpackTensor> keep;
+            DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
+            const GemmArgs args{input_t.view(), weight_t.view(), optional_view(bias, keep, "bias"),
+                                output_t.writable_view("output")};
+            if (repeat < 1) throw py::value_error("repeat must be >= 1");
+            run(self, [&] {
+              for (int i = 0; i < repeat; ++i) self.backend->gemm(args);
+            });
+          },
+          py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"), py::arg("repeat") = 1,
+          "output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait "
+          "(benchmarks)")
+      .def(
+          "silu_mul",
+          [](PyBackend& self, py::handle input, py::handle output) {
+            DlpackTensor input_t(input, "input"), output_t(output, "output");
+            const SiluMulArgs args{input_t.view(), output_t.writable_view("output")};
+            run(self, [&] { self.backend->silu_mul(args); });
+          },
+          py::arg("input"), py::arg("output"))
+      .def(
+          "rope_kv_append",
+          [](PyBackend& self, py::handle query, py::handle key, py::handle value, py::handle positions,
+             py::handle cos_sin_cache, py::handle k_cache, py::handle v_cache, py::handle slot_mapping) {
+            DlpackTensor query_t(query, "query"), key_t(key, "key"), value_t(value, "value");
+            DlpackTensor positions_t(positions, "positions"), table_t(cos_sin_cache, "cos_sin_cache");
+            DlpackTensor k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
+            DlpackTensor slots_t(slot_mapping, "slot_mapping");
+            const RopeKvAppendArgs args{query_t.writable_view("query"), key_t.writable_view("key"), value_t.view(),
+                                        positions_t.view(), table_t.view(), k_cache_t.writable_view("k_cache"),
+                                        v_cache_t.writable_view("v_cache"), slots_t.view()};
+            run(self, [&] { self.backend->rope_kv_append(args); });
+          },
+          py::arg("query"), py::arg("key"), py::arg("value"), py::arg("positions"), py::arg("cos_sin_cache"),
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"))
+      .def(
+          "attention",
+          [](PyBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
+             py::handle kv_page_indptr, py::handle kv_page_indices, py::handle kv_lens, py::handle output,
+             float sm_scale, int max_q_len, int max_kv_len, int repeat) {
+            DlpackTensor query_t(query, "query"), k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
+            DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), page_indptr_t(kv_page_indptr, "kv_page_indptr");
+            DlpackTensor page_indices_t(kv_page_indices, "kv_page_indices"), kv_lens_t(kv_lens, "kv_lens");
+            DlpackTensor output_t(output, "output");
+            AttentionArgs args{query_t.view(),     k_cache_t.view(),      v_cache_t.view(),
+                               qo_indptr_t.view(), page_indptr_t.view(),  page_indices_t.view(),
+                               kv_lens_t.view(),   output_t.writable_view("output"), sm_scale};
+            if (max_q_len < 0 || max_kv_len < 0) throw py::value_error("max_q_len and max_kv_len must be >= 0");
+            args.max_q_len = max_q_len;  // host hints (0 = unknown): the device kernels need them
+            args.max_kv_len = max_kv_len;
+            if (repeat < 1) throw py::value_error("repeat must be >= 1");
+            run(self, [&] {
+              for (int i = 0; i < repeat; ++i) self.backend->attention(args);
+            });
+          },
+          py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
+          py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"),
+          py::arg("max_q_len") = 0, py::arg("max_kv_len") = 0, py::arg("repeat") = 1)
+      .def(
+          "gather_rows",
+          [](PyBackend& self, py::handle input, py::handle indices, py::handle output) {
+            DlpackTensor input_t(input, "input"), indices_t(indices, "indices"), output_t(output, "output");
+            const GatherRowsArgs args{input_t.view(), indices_t.view(), output_t.writable_view("output")};
+            run(self, [&] { self.backend->gather_rows(args); });
+          },
+          py::arg("input"), py::arg("indices"), py::arg("output"));
+}
+
+}  // namespace lserve::bindings

@@ -1,0 +1,6 @@
+// decode kernels for fp16.
+#include "../decode.cuh"
+
+namespace lserve::cuda {
+template cudaError_t decode_run<cute::half_t>(const AttentionParams&, int, float*, float*, cudaStream_t);
+}  // namespace lserve::cuda

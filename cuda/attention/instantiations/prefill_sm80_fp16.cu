@@ -1,0 +1,6 @@
+// prefill_sm80 kernels for fp16.
+#include "../prefill_sm80.cuh"
+
+namespace lserve::cuda {
+template cudaError_t prefill_sm80_run<cute::half_t>(const AttentionParams&, cudaStream_t);
+}  // namespace lserve::cuda

@@ -1,0 +1,91 @@
+// attention on CUDA: picks the kernel for a batch. bfloat16/float16 queries over a cache of the same
+// dtype, head_dim 64 or 128, dense heads, with the host's length hints: the tensor-core kernels of
+// cuda/attention/ (decode: split-KV + combine when every chunk's q_len x GQA group fits one 16-row
+// tile, i.e. decode steps; otherwise the prefill kernel, TMA + wgmma on sm_90). Everything else
+// (float32, other head sizes, the sparse policies, no hints) runs the reference kernel.
+#include <mutex>
+#include <vector>
+
+#include "attention_kernels.h"
+#include "cuda_backend.h"
+#include "cuda_check.h"
+
+namespace lserve {
+
+namespace {
+
+int multiprocessor_count(int device_index) {
+  static std::mutex mutex;
+  static std::vector<int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device_index >= static_cast<int>(counts.size())) counts.resize(device_index + 1, 0);
+  if (counts[device_index] == 0) {
+    LSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device_index], cudaDevAttrMultiProcessorCount, device_index));
+  }
+  return counts[device_index];
+}
+
+bool tensor_core_path(const AttentionArgs& args) {
+  const DType dtype = args.query.dtype;
+  if (dtype != DType::kBF16 && dtype != DType::kF16) return false;
+  if (args.output.dtype != dtype || args.k_cache.dtype != dtype || args.v_cache.dtype != dtype) return false;
+  const int64_t head_dim = args.query.size(2);
+  if (head_dim != 64 && head_dim != 128) return false;
+  if (args.max_q_len <= 0 || args.max_kv_len <= 0) return false;
+  return args.query.stride(2) == 1 && args.output.stride(2) == 1 && args.k_cache.is_contiguous() &&
+         args.v_cache.is_contiguous();
+}
+
+}  // namespace
+
+void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
+  LSERVE_CHECK(!args.has_window() && !args.has_head_pages(),
+               "attention on CUDA: the sparse block-iterator policies (window_sink/window_local, "
+               "head_page_positions/head_num_pages) are not implemented on the cuda backend yet");
+  if (!tensor_core_path(args)) {
+    cuda_attention_reference(backend, args);
+    return;
+  }
+  cuda::AttentionParams p;
+  p.dtype = args.query.dtype == DType::kBF16 ? cuda::AttnDType::kBF16 : cuda::AttnDType::kF16;
+  p.head_dim = static_cast<int32_t>(args.query.size(2));
+  p.num_qo_heads = static_cast<int32_t>(args.query.size(1));
+  p.num_kv_heads = static_cast<int32_t>(args.k_cache.size(2));
+  p.page_size = static_cast<int32_t>(args.k_cache.size(1));
+  p.num_pages = static_cast<int32_t>(args.k_cache.size(0));
+  p.num_seqs = static_cast<int32_t>(args.qo_indptr.size(0) - 1);
+  p.num_tokens = static_cast<int32_t>(args.query.size(0));
+  p.max_q_len = args.max_q_len;
+  p.max_kv_len = args.max_kv_len;
+  if (p.num_seqs <= 0 || p.num_tokens == 0) return;
+  p.q = args.query.data;
+  p.q_stride_token = args.query.stride(0);
+  p.q_stride_head = args.query.stride(1);
+  p.o = args.output.data;
+  p.o_stride_token = args.output.stride(0);
+  p.o_stride_head = args.output.stride(1);
+  p.k_cache = args.k_cache.data;
+  p.v_cache = args.v_cache.data;
+  p.kv_stride_page = args.k_cache.stride(0);
+  p.kv_stride_token = args.k_cache.stride(1);
+  p.kv_stride_head = args.k_cache.stride(2);
+  p.qo_indptr = args.qo_indptr.data_ptr<int32_t>();
+  p.kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
+  p.kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
+  p.kv_lens = args.kv_lens.data_ptr<int32_t>();
+  p.sm_scale = args.sm_scale;
+
+  const int group = p.num_qo_heads / p.num_kv_heads;
+  if (p.max_q_len * group <= cuda::decode_max_group_rows()) {
+    const int num_splits = cuda::decode_num_splits(p, multiprocessor_count(backend.device().index));
+    const size_t bytes = cuda::decode_workspace_bytes(p, num_splits);
+    Tensor workspace;
+    if (bytes > 0) workspace = backend.empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32);
+    LSERVE_CUDA_CHECK(cuda::attention_decode(p, num_splits, bytes > 0 ? workspace.data() : nullptr, bytes,
+                                             backend.stream()));
+  } else {
+    LSERVE_CUDA_CHECK(cuda::attention_prefill(p, backend.stream()));
+  }
+}
+
+}  // namespace lserve

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network): install the carried wheels, build lserve with the CUDA backend
+# forced on, run the device suite (pytest -m cuda), and print a short table last.
+# Usage, from the repository root: bash scripts/gpu_check.sh [WHEEL_DIR] [PYTEST ARGS...]
+#   WHEEL_DIR (default .whl): the wheels the machine lacks (nvidia-cutlass; see shared/device/README.md).
+#   Logs go to $OUT (the device tool's folder) or /tmp/lserve_gpu_check: build.log, pytest.log, junit.xml.
+# LSERVE_CUDA_ARCHITECTURES (default 90a) limits the build to the GPU at hand; CI builds 90a and 80.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+wheels=${1:-.whl}
+shift || true
+out=${OUT:-/tmp/lserve_gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$wheels"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+start=$(date +%s)
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} python3 -m pip install -v --no-build-isolation --no-deps \
+  -Ccmake.define.LSERVE_CUDA=ON -Ccmake.define.LSERVE_CUDA_ARCHITECTURES="${LSERVE_CUDA_ARCHITECTURES:-90a}" \
+  -Cbuild-dir=/tmp/lserve_build . >"$out/build.log" 2>&1
+build_rc=$?
+build_s=$(( $(date +%s) - start ))
+if [ $build_rc -ne 0 ]; then
+  grep -E "error|Error|FAILED" "$out/build.log" | head -40
+  echo "| build | FAILED (rc $build_rc, ${build_s}s) |"
+  exit 1
+fi
+grep -E "lserve: CUDA backend" "$out/build.log" | head -2
+
+start=$(date +%s)
+# Ops first: their results stand even if an end-to-end test brings the process down.
+python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_engine_cuda.py -m cuda -q -rfEs \
+  -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
+test_rc=${PIPESTATUS[0]}
+test_s=$(( $(date +%s) - start ))
+
+python3 - "$out/junit.xml" "$build_s" "$test_s" <<'PY'
+import collections, os, sys, xml.etree.ElementTree as ET
+path, build_s, test_s = sys.argv[1:]
+if not os.path.exists(path):
+    sys.exit(f"| pytest | crashed before writing {path}: see pytest.log | (build {build_s}s, tests {test_s}s)")
+counts = collections.defaultdict(lambda: collections.Counter())
+for case in ET.parse(path).iter("testcase"):
+    group = case.get("classname", "?").split(".")[-1]
+    outcome = "passed"
+    for child in case:
+        if child.tag in ("failure", "error"):
+            outcome = "failed"
+        elif child.tag == "skipped":
+            outcome = "skipped"
+    counts[group][outcome] += 1
+print(f"\n| group | passed | failed | skipped |   (build {build_s}s, tests {test_s}s)")
+print("|---|---|---|---|")
+for group, c in sorted(counts.items()):
+    print(f"| {group} | {c['passed']} | {c['failed']} | {c['skipped']} |")
+PY
+exit $test_rc
