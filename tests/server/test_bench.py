@@ -47,3 +47,16 @@ def test_bench_serve(tmp_path, capsys, endpoint):
     assert all(n > 0 for n in result["input_lens"])
     for key in ("mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "p50_e2el_ms", "request_throughput"):
         assert result[key] > 0, key
+
+
+def test_bench_serve_without_a_server_is_a_clear_error():
+    import socket
+
+    from lserve.bench.serve import main
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = build_parser().parse_args(["bench", "serve", "--port", str(port), "--num-prompts", "2", "--disable-tqdm"])
+    with pytest.raises(ValueError, match="no server answers"):
+        main(args)

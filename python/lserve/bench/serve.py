@@ -120,10 +120,17 @@ async def send_request(client, url: str, payload: dict) -> RequestResult:
 
 
 async def _resolve_model(client, base_url: str, model: Optional[str]) -> str:
+    import httpx
+
+    try:
+        response = await client.get(f"{base_url}/v1/models")
+    except httpx.HTTPError as error:
+        raise ValueError(f"no server answers at {base_url} ({type(error).__name__}: {error}); start one with "
+                         f"`lserve serve` or pass --base-url/--host/--port") from None
     if model:
         return model
-    response = await client.get(f"{base_url}/v1/models")
-    response.raise_for_status()
+    if response.status_code != 200:
+        raise ValueError(f"{base_url}/v1/models answered {response.status_code}: {response.text[:200]}")
     return response.json()["data"][0]["id"]
 
 
