@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network): install the carried wheels, build lserve with the CUDA backend
-# forced on, run the device suite (pytest -m cuda), and print a short table last.
+# forced on, run the device suite (pytest -m cuda: ops, engine, attention kernels), then the
+# benchmarks (lserve bench kernels / latency; LSERVE_BENCH=0 skips them), and print short tables last.
 # Usage, from the repository root: bash scripts/gpu_check.sh [WHEEL_DIR] [PYTEST ARGS...]
 #   WHEEL_DIR (default .whl): the wheels the machine lacks (nvidia-cutlass; see shared/device/README.md).
 #   Logs go to $OUT (the device tool's folder) or /tmp/lserve_gpu_check: build.log, pytest.log, junit.xml.
@@ -35,7 +36,8 @@ grep -E "lserve: CUDA backend" "$out/build.log" | head -2
 
 start=$(date +%s)
 # Ops first: their results stand even if an end-to-end test brings the process down.
-python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_engine_cuda.py -m cuda -q -rfEs \
+python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_engine_cuda.py \
+  tests/cuda/test_attention_kernels.py -m cuda -q -rfEs \
   -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
 test_rc=${PIPESTATUS[0]}
 test_s=$(( $(date +%s) - start ))
@@ -60,4 +62,14 @@ print("|---|---|---|---|")
 for group, c in sorted(counts.items()):
     print(f"| {group} | {c['passed']} | {c['failed']} | {c['skipped']} |")
 PY
+if [ "${LSERVE_BENCH:-1}" != "0" ]; then
+  (cd /tmp && timeout "${LSERVE_BENCH_KERNELS_TIMEOUT:-240}" python3 -m lserve.cli bench kernels \
+     --out "$out/kernels.json" --plot "$out/kernels.png" > "$out/kernels.log" 2>&1) || echo "bench kernels failed: $out/kernels.log"
+  (cd /tmp && timeout "${LSERVE_BENCH_LATENCY_TIMEOUT:-420}" python3 -m lserve.cli bench latency \
+     --lengths "${LSERVE_BENCH_LENGTHS:-8192,32768,131072}" --out "$out/latency.json" --plot "$out/latency.png" \
+     > "$out/latency.log" 2>&1) || echo "bench latency failed: $out/latency.log"
+  echo
+  grep -E "^(prefill|decode|gemm)" "$out/kernels.log" 2>/dev/null
+  grep -E "TTFT" "$out/latency.log" 2>/dev/null
+fi
 exit $test_rc
