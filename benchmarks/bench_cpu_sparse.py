@@ -19,26 +19,16 @@ import numpy as np
 
 
 def run(path: str, sparsity, context: int, decode_steps: int) -> dict:
-    from lserve import Engine, SamplingParams
+    from lserve import Engine
+    from lserve.bench.latency import time_request
 
     engine = Engine(path, max_model_len=context + decode_steps + 8, max_num_batched_tokens=2048,
                     show_progress=False, sparsity=sparsity)
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 49000, size=context)]
-    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True))
-    start = time.perf_counter()
-    generated = 0
-    while generated == 0:  # prefill chunks until the first token
-        generated += sum(len(out.new_token_ids) for out in engine._core.step())
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    steps = 0
-    stats = None
-    while engine._core.has_unfinished_requests():
-        engine._core.step()
-        steps += 1
-        if steps == 1:
-            stats = engine._core.stats()  # while the request still holds its pages
-    decode = time.perf_counter() - start
+    first_step = []
+    prefill, steps, decode = time_request(engine, prompt, decode_steps,
+                                          on_first_decode_step=lambda e: first_step.append(e._core.stats()))
+    stats = first_step[0]
     return {"prefill_s": prefill, "prefill_tok_per_s": context / prefill, "decode_tok_per_s": steps / decode,
             "decode_steps": steps, "streaming_kv_bytes_in_use": int(stats.streaming_kv_bytes_in_use),
             "first_decode_step_pages_selected": int(stats.last_step_pages_selected),

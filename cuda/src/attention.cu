@@ -1,11 +1,8 @@
 // attention on CUDA: picks the kernel for a batch. bfloat16/float16 queries over a cache of the same
 // dtype, head_dim 64 or 128, dense heads, with the host's length hints: the tensor-core kernels of
 // cuda/attention/ (decode: split-KV + combine when every chunk's q_len x GQA group fits one 16-row
-// tile, i.e. decode steps; otherwise the prefill kernel, TMA + wgmma on sm_90). Everything else
-// (float32, other head sizes, the sparse policies, no hints) runs the reference kernel.
-#include <mutex>
-#include <vector>
-
+// tile, i.e. decode steps; otherwise the prefill kernel, TMA + wgmma on sm_90). float32, other head
+// sizes and calls without hints run the reference kernel; the sparse policies are refused.
 #include "attention_kernels.h"
 #include "cuda_backend.h"
 #include "cuda_check.h"
@@ -13,17 +10,6 @@
 namespace lserve {
 
 namespace {
-
-int multiprocessor_count(int device_index) {
-  static std::mutex mutex;
-  static std::vector<int> counts;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (device_index >= static_cast<int>(counts.size())) counts.resize(device_index + 1, 0);
-  if (counts[device_index] == 0) {
-    LSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device_index], cudaDevAttrMultiProcessorCount, device_index));
-  }
-  return counts[device_index];
-}
 
 bool tensor_core_path(const AttentionArgs& args) {
   const DType dtype = args.query.dtype;
@@ -77,7 +63,7 @@ void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
 
   const int group = p.num_qo_heads / p.num_kv_heads;
   if (p.max_q_len * group <= cuda::decode_max_group_rows()) {
-    const int num_splits = cuda::decode_num_splits(p, multiprocessor_count(backend.device().index));
+    const int num_splits = cuda::decode_num_splits(p, backend.num_sms());
     const size_t bytes = cuda::decode_workspace_bytes(p, num_splits);
     Tensor workspace;
     if (bytes > 0) workspace = backend.empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32);

@@ -30,6 +30,7 @@ CudaBackend::CudaBackend(int device_index) {
   LSERVE_CHECK(device_index >= 0 && device_index < num_devices, "device 'cuda:", device_index,
                "' requested, but this machine has ", num_devices, " CUDA device(s)");
   LSERVE_CUDA_CHECK(cudaSetDevice(device_index));
+  LSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_index));
   auto context = std::make_shared<CudaContext>();
   context->device_index = device_index;
   LSERVE_CUDA_CHECK(cudaStreamCreateWithFlags(&context->stream, cudaStreamDefault));

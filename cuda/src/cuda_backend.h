@@ -39,6 +39,7 @@ class CudaBackend : public Backend {
   bool low_precision_activations() const override { return true; }
 
   cudaStream_t stream() const { return context_->stream; }
+  int num_sms() const { return num_sms_; }  // streaming multiprocessors (kernel grid heuristics)
   // Makes this backend's GPU current on the calling thread (engine steps may change threads).
   void activate() const;
   CublasLtGemm& cublaslt() { return *cublaslt_; }
@@ -59,6 +60,7 @@ class CudaBackend : public Backend {
  private:
   std::shared_ptr<CudaContext> context_;
   std::unique_ptr<CublasLtGemm> cublaslt_;
+  int num_sms_ = 0;
 };
 
 // Per-op glue (cuda/src/<op>.cu): Args -> params, dtype dispatch, launch on backend.stream().

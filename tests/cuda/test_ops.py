@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from attention_lib import check_attention
 from cuda_testing import DEVICE, STANDIN, as_f32, ints, on_gpu, on_host, poisoned, randn, torch
 from lserve_testing import assert_close_fp32, assert_close_lowp, assert_exact, assert_nmse
 
@@ -329,14 +330,9 @@ def test_attention_tensor_cores(cuda_backend, cpu_backend, batch, num_qo_heads, 
     cpu_backend.attention(query, k_cache, v_cache, qo_indptr, page_indptr, page_indices, kv_lens, expected, sm_scale)
     lowp = _torch_lowp_attention(query, k_cache, v_cache, qo_indptr, page_indptr, page_indices, kv_lens, sm_scale,
                                  "bfloat16")
-    got = as_f32(out)
-    what = f"tensor-core attention {batch} heads {num_qo_heads}/{num_kv_heads} d{head_dim} page {page_size}"
-    assert np.isfinite(got).all(), f"{what}: NaN left in the output (unwritten rows?) (seed={seed})"
-    err, err_lowp = np.abs(got - expected), np.abs(lowp - expected)
-    noise = 2 * np.abs(rounded(expected, "bfloat16") - expected).max()
-    assert err.max() <= 2 * err_lowp.max() + noise, (
-        f"{what}: max error {err.max():.3e} > 2 x torch bf16 {err_lowp.max():.3e} + {noise:.1e} (seed={seed})")
-    assert err.mean() <= 2 * err_lowp.mean() + 1e-4, f"{what}: mean error {err.mean():.3e} (seed={seed})"
+    check_attention(out, torch.from_numpy(expected).to(DEVICE), torch.from_numpy(lowp).to(DEVICE), torch.bfloat16,
+                    f"tensor-core attention {batch} heads {num_qo_heads}/{num_kv_heads} d{head_dim} page {page_size} "
+                    f"(seed={seed})")
 
 
 # ---- copies -----------------------------------------------------------------------------------

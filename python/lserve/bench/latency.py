@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 # Shapes of well-known models (config.json fields); weights are random.
 SHAPES: Dict[str, Dict] = {
@@ -62,8 +62,30 @@ def _prompt(length: int, vocab: int) -> List[int]:
     return [int(t) for t in np.random.default_rng(length).integers(100, vocab - 100, size=length)]
 
 
+def time_request(engine, prompt: List[int], decode_steps: int, on_first_decode_step=None) -> Tuple[float, int, float]:
+    """Runs one greedy request alone on `engine` (lserve.Engine): (seconds to the first token, decode
+    steps after it, their seconds). on_first_decode_step(engine) runs after the first decode step,
+    while the request still holds its pages."""
+    from lserve import SamplingParams
+
+    engine.add_request(None, prompt, SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True))
+    start = time.perf_counter()
+    produced = 0
+    while produced == 0:  # prefill chunks until the first token
+        produced += sum(len(out.new_token_ids) for out in engine._core.step())
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    steps = 0
+    while engine._core.has_unfinished_requests():
+        engine._core.step()
+        steps += 1
+        if steps == 1 and on_first_decode_step is not None:
+            on_first_decode_step(engine)
+    return ttft, steps, time.perf_counter() - start
+
+
 def bench_lserve(model_dir: str, config: Dict, lengths: List[int], args) -> Dict:
-    from lserve import Engine, SamplingParams
+    from lserve import Engine
 
     engine = Engine(model_dir, load_format="dummy", device=args.device, dtype="bfloat16",
                     max_model_len=max(lengths) + args.decode_steps + 1, max_num_seqs=1,
@@ -73,20 +95,8 @@ def bench_lserve(model_dir: str, config: Dict, lengths: List[int], args) -> Dict
         prompt = _prompt(length, config["vocab_size"])
         best_ttft, best_tpot = float("inf"), float("inf")
         for _ in range(args.repeats):
-            params = SamplingParams(temperature=0.0, max_tokens=args.decode_steps + 1, ignore_eos=True)
-            engine.add_request(None, prompt, params)
-            start = time.perf_counter()
-            produced = 0
-            while produced == 0:
-                produced += sum(len(out.new_token_ids) for out in engine._core.step())
-            ttft = time.perf_counter() - start
-            start = time.perf_counter()
-            steps = 0
-            while engine._core.has_unfinished_requests():
-                engine._core.step()
-                steps += 1
-            tpot = (time.perf_counter() - start) / max(steps, 1)
-            best_ttft, best_tpot = min(best_ttft, ttft), min(best_tpot, tpot)
+            ttft, steps, seconds = time_request(engine, prompt, args.decode_steps)
+            best_ttft, best_tpot = min(best_ttft, ttft), min(best_tpot, seconds / max(steps, 1))
         results[str(length)] = {"ttft_s": best_ttft, "tpot_s": best_tpot}
         print(f"lserve       {length:>7}: TTFT {best_ttft * 1e3:9.1f} ms  TPOT {best_tpot * 1e3:7.2f} ms", flush=True)
     del engine
