@@ -95,7 +95,9 @@ void bind_engine(py::module_& m) {
       .def_readonly("streaming_kv_bytes", &EngineStats::streaming_kv_bytes)
       .def_readonly("streaming_kv_bytes_in_use", &EngineStats::streaming_kv_bytes_in_use)
       .def_readonly("last_step_pages_selected", &EngineStats::last_step_pages_selected)
-      .def_readonly("last_step_pages_total", &EngineStats::last_step_pages_total);
+      .def_readonly("last_step_pages_total", &EngineStats::last_step_pages_total)
+      .def_readonly("graph_batch_sizes", &EngineStats::graph_batch_sizes)
+      .def_readonly("num_graph_replays", &EngineStats::num_graph_replays);
 
   py::class_<Engine>(m, "Engine")
       .def(py::init<const ModelConfig&, const EngineConfig&>(), py::arg("model_config"), py::arg("config"))

@@ -104,6 +104,10 @@ void Engine::finalize() {
   model_->allocate_kv_cache(static_cast<int>(num_pages), config_.page_size, kv_dtype);
   kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size);
   if (streaming_) model_->allocate_streaming_cache(streaming_->num_pages(), config_.page_size, kv_dtype, num_slots);
+  if (!config_.enforce_eager && backend_->supports_graphs() && !config_.sparsity.enabled &&
+      !model_->config().attention_bias) {
+    model_->capture_decode_graphs(config_.max_num_seqs, config_.max_model_len);
+  }
   scheduler_ = std::make_unique<Scheduler>(
       SchedulerConfig{config_.max_num_seqs, config_.max_num_batched_tokens, config_.max_model_len}, *kv_cache_,
       streaming_.get());
@@ -298,6 +302,8 @@ EngineStats Engine::stats() const {
   }
   stats.last_step_pages_selected = model_->last_pages_selected();
   stats.last_step_pages_total = model_->last_pages_total();
+  stats.graph_batch_sizes = model_->decode_graph_batch_sizes();
+  stats.num_graph_replays = model_->num_graph_replays();
   return stats;
 }
 

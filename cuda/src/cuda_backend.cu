@@ -76,6 +76,8 @@ std::pair<int64_t, int64_t> CudaBackend::memory_info() {
 
 std::shared_ptr<void> CudaBackend::allocate_bytes(size_t num_bytes) {
   activate();
+  LSERVE_CHECK(!capturing_, "allocating ", num_bytes, " bytes of GPU memory while capturing a CUDA graph: every "
+               "buffer a captured step uses must exist before capture");
   void* data = nullptr;
   cudaError_t status = cudaMallocFromPoolAsync(&data, num_bytes, context_->pool, context_->stream);
   if (status == cudaErrorMemoryAllocation) {  // give cached blocks back to the device and retry once

@@ -37,6 +37,16 @@ class CudaBackend : public Backend {
   void synchronize() override;
   std::pair<int64_t, int64_t> memory_info() override;
   bool low_precision_activations() const override { return true; }
+  // CUDA graphs (cuda_graph.cu): stream capture in relaxed mode on this backend's stream.
+  bool supports_graphs() const override { return true; }
+  void begin_capture() override;
+  std::shared_ptr<void> end_capture() override;
+  void replay_graph(const std::shared_ptr<void>& graph) override;
+  bool capturing() const { return capturing_; }
+  // A persistent scratch buffer of at least num_bytes for the decode attention's split-KV partials.
+  // It grows only outside capture and before the first graph (graphs keep its address); returns
+  // nullptr when it is too small and may not grow (outside capture: use a per-call buffer).
+  void* attention_workspace(size_t num_bytes);
 
   cudaStream_t stream() const { return context_->stream; }
   int num_sms() const { return num_sms_; }  // streaming multiprocessors (kernel grid heuristics)
@@ -61,6 +71,10 @@ class CudaBackend : public Backend {
   std::shared_ptr<CudaContext> context_;
   std::unique_ptr<CublasLtGemm> cublaslt_;
   int num_sms_ = 0;
+  bool capturing_ = false;
+  int num_graphs_ = 0;                   // graphs captured so far (they hold the workspace's address)
+  Tensor attention_workspace_;
+  size_t attention_workspace_bytes_ = 0;
 };
 
 // Per-op glue (cuda/src/<op>.cu): Args -> params, dtype dispatch, launch on backend.stream().

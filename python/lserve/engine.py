@@ -90,7 +90,9 @@ class Engine:
             no GPU is usable).
         gpu_memory_utilization: fraction of the GPU's memory the engine may fill (weights, step
             buffers and KV cache), vLLM's meaning; default 0.9.
-        enforce_eager: accepted for vLLM compatibility; CUDA graphs are not captured yet.
+        enforce_eager: False (default) captures CUDA graphs of decode steps at start-up (CUDA,
+            dense attention; batch sizes 1, 2, 4, 8, 16, ... up to max_num_seqs) and replays them;
+            True runs every step eagerly. No effect on the CPU.
         load_format: "auto" reads the weights; "dummy" draws random weights of the right shapes.
         seed: draws the seeds of requests that carry none.
         sparsity: LServe sparse attention: None or "dense" (off), "lserve" (the paper's settings and

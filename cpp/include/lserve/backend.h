@@ -54,6 +54,18 @@ class Backend {
     return low_precision_activations() ? weight_dtype : DType::kF32;
   }
 
+  // Graph capture (CUDA graphs for decode steps): the ops enqueued between begin_capture() and
+  // end_capture() are recorded, not run, and replay_graph() runs them again on the same buffers.
+  // While capturing nothing may allocate, copy to the host or synchronise. Backends without
+  // graphs answer false to supports_graphs() and throw from the other three.
+  virtual bool supports_graphs() const { return false; }
+  virtual void begin_capture() { throw Error(name() + " backend: no graph capture"); }
+  virtual std::shared_ptr<void> end_capture() { throw Error(name() + " backend: no graph capture"); }
+  virtual void replay_graph(const std::shared_ptr<void>& graph) {
+    (void)graph;
+    throw Error(name() + " backend: no graph replay");
+  }
+
   // Capability query: can this backend run `op` with these dtypes? (tests skip through it)
   virtual bool supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const = 0;
 

@@ -35,7 +35,9 @@ struct EngineConfig {
   // of the device's memory after weights, other processes and the step buffers; on the CPU the
   // default is 1 GiB. Either way no more than max_num_seqs sequences of max_model_len need.
   double gpu_memory_utilization = 0.9;
-  bool enforce_eager = false;              // accepted; CUDA graphs are not captured yet (TODO(#5))
+  // Decode steps replay CUDA graphs captured at finalize() (dense attention on a backend with graphs);
+  // true runs every step eagerly.
+  bool enforce_eager = false;
   int num_kv_pages = 0;                    // overrides kv_cache_memory when > 0
   int page_size = 16;
   int num_threads = 0;                     // CPU threads; 0: all cores
@@ -80,6 +82,9 @@ struct EngineStats {
   int64_t streaming_kv_bytes_in_use = 0;
   int64_t last_step_pages_selected = 0;
   int64_t last_step_pages_total = 0;
+  // CUDA graphs: the decode batch sizes captured (empty: none) and the steps that replayed one.
+  std::vector<int> graph_batch_sizes;
+  int64_t num_graph_replays = 0;
 };
 
 class Engine {

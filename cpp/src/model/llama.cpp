@@ -24,19 +24,19 @@ LengthHints length_hints(const ForwardBatch& batch) {
 }
 
 AttentionArgs attention_args(const TensorView& query, const Tensor& k_cache, const Tensor& v_cache,
-                             const Tensor& qo_indptr, const Tensor& page_indptr, const Tensor& page_indices,
-                             const Tensor& kv_lens, const TensorView& output, float sm_scale,
-                             const LengthHints& hints) {
+                             const TensorView& qo_indptr, const TensorView& page_indptr,
+                             const TensorView& page_indices, const TensorView& kv_lens, const TensorView& output,
+                             float sm_scale, const LengthHints& hints) {
   AttentionArgs args;
   args.max_q_len = hints.max_q_len;
   args.max_kv_len = hints.max_kv_len;
   args.query = query;
   args.k_cache = k_cache.view();
   args.v_cache = v_cache.view();
-  args.qo_indptr = qo_indptr.view();
-  args.kv_page_indptr = page_indptr.view();
-  args.kv_page_indices = page_indices.view();
-  args.kv_lens = kv_lens.view();
+  args.qo_indptr = qo_indptr;
+  args.kv_page_indptr = page_indptr;
+  args.kv_page_indices = page_indices;
+  args.kv_lens = kv_lens;
   args.output = output;
   args.sm_scale = sm_scale;
   return args;
@@ -403,11 +403,13 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   LSERVE_CHECK(!sparsity_.enabled || num_slots_ > 0, "sparse forward() before allocate_streaming_cache()");
   const int64_t num_tokens = static_cast<int64_t>(batch.token_ids.size());
   const int64_t hidden = config_.hidden_size, head_dim = config_.head_dim;
-  const int64_t num_qo_heads = config_.num_qo_heads, num_kv_heads = config_.num_kv_heads;
-  const int64_t q_width = num_qo_heads * head_dim, kv_width = num_kv_heads * head_dim;
+  const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
   const int64_t num_logits = static_cast<int64_t>(batch.logits_rows.size());
-  const int64_t group = num_qo_heads / num_kv_heads;
+  const int64_t inter = config_.intermediate_size, vocab = config_.vocab_size;
   if (num_tokens == 0) return {};
+  last_pages_selected_ = 0;
+  last_pages_total_ = 0;
+  if (graphs_ && graph_eligible(batch)) return forward_graph(batch);
 
   Tensor token_ids = upload_i32(batch.token_ids);
   Tensor positions = upload_i32(batch.positions);
@@ -417,9 +419,8 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   Tensor kv_page_indices = upload_i32(batch.kv_page_indices);
   Tensor kv_lens = upload_i32(batch.kv_lens);
   Tensor logits_rows = upload_i32(batch.logits_rows);
-  const bool sparse = sparsity_.enabled;
   Tensor stream_slot_mapping, stream_page_indptr, stream_page_indices, window_sink, window_local;
-  if (sparse) {
+  if (sparsity_.enabled) {
     const size_t num_seqs = batch.kv_lens.size();
     LSERVE_CHECK(batch.stream_slot_mapping.size() == batch.token_ids.size() &&
                  batch.stream_page_indptr.size() == num_seqs + 1 && batch.window_sink.size() == num_seqs &&
@@ -432,8 +433,6 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
     window_sink = upload_i32(batch.window_sink);
     window_local = upload_i32(batch.window_local);
   }
-  last_pages_selected_ = 0;
-  last_pages_total_ = 0;
 
   const DType act_dtype = activation_dtype_;
   Tensor residual = backend_.empty({num_tokens, hidden}, DType::kF32);
@@ -441,54 +440,108 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   Tensor qkv = backend_.empty({num_tokens, q_width + 2 * kv_width}, act_dtype);
   Tensor attn_out = backend_.empty({num_tokens, q_width}, act_dtype);
   Tensor proj_out = backend_.empty({num_tokens, hidden}, act_dtype);
-  Tensor gate_up = backend_.empty({num_tokens, 2 * static_cast<int64_t>(config_.intermediate_size)}, act_dtype);
-  Tensor act = backend_.empty({num_tokens, static_cast<int64_t>(config_.intermediate_size)}, act_dtype);
+  Tensor gate_up = backend_.empty({num_tokens, 2 * inter}, act_dtype);
+  Tensor act = backend_.empty({num_tokens, inter}, act_dtype);
+  Tensor selected, logits;
+  if (num_logits > 0) {
+    selected = backend_.empty({num_logits, hidden}, act_dtype);
+    logits = backend_.empty({num_logits, vocab}, DType::kF32);
+  }
+  StepTensors t;
+  t.token_ids = token_ids.view();
+  t.positions = positions.view();
+  t.slot_mapping = slot_mapping.view();
+  t.qo_indptr = qo_indptr.view();
+  t.kv_page_indptr = kv_page_indptr.view();
+  t.kv_page_indices = kv_page_indices.view();
+  t.kv_lens = kv_lens.view();
+  t.logits_rows = logits_rows.view();
+  t.residual = residual.view();
+  t.normed = normed.view();
+  t.qkv = qkv.view();
+  t.attn_out = attn_out.view();
+  t.proj_out = proj_out.view();
+  t.gate_up = gate_up.view();
+  t.act = act.view();
+  if (num_logits > 0) {
+    t.selected = selected.view();
+    t.logits = logits.view();
+  }
+  if (sparsity_.enabled) {
+    t.stream_slot_mapping = stream_slot_mapping.view();
+    t.stream_page_indptr = stream_page_indptr.view();
+    t.stream_page_indices = stream_page_indices.view();
+    t.window_sink = window_sink.view();
+    t.window_local = window_local.view();
+  }
+  const LengthHints hints = length_hints(batch);
+  enqueue_forward(t, &batch, hints.max_q_len, hints.max_kv_len);
 
-  backend_.embed({token_ids, embed_tokens_, residual});
+  if (num_logits == 0) return {};
+  std::vector<float> host(static_cast<size_t>(num_logits * vocab));
+  backend_.copy(TensorView(host.data(), DType::kF32, {num_logits, vocab}), logits);
+  backend_.synchronize();
+  return host;
+}
+
+void LlamaModel::enqueue_forward(const StepTensors& t, const ForwardBatch* batch, int32_t max_q_len,
+                                 int32_t max_kv_len) {
+  const int64_t num_tokens = t.token_ids.size(0);
+  const int64_t head_dim = config_.head_dim;
+  const int64_t num_qo_heads = config_.num_qo_heads, num_kv_heads = config_.num_kv_heads;
+  const int64_t q_width = num_qo_heads * head_dim, kv_width = num_kv_heads * head_dim;
+  const int64_t group = num_qo_heads / num_kv_heads;
+  const bool sparse = sparsity_.enabled;
+  LSERVE_CHECK(!sparse || batch != nullptr, "sparse forward needs the host batch (page selection)");
+  LengthHints hints;
+  hints.max_q_len = max_q_len;
+  hints.max_kv_len = max_kv_len;
+
+  backend_.embed({t.token_ids, embed_tokens_, t.residual});
   const float sm_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const float eps = static_cast<float>(config_.rms_norm_eps);
 
   // qkv rows hold [q heads | k heads | v heads]; views split them without copies.
   auto head_view = [&](int64_t column_start, int64_t num_heads) {
-    TensorView view = qkv.view().slice(1, column_start, column_start + num_heads * head_dim);
+    TensorView view = t.qkv.slice(1, column_start, column_start + num_heads * head_dim);
     view.ndim = 3;
     view.shape = {num_tokens, num_heads, head_dim, 0, 0, 0};
-    view.strides = {qkv.view().strides[0], head_dim, 1, 0, 0, 0};
+    view.strides = {t.qkv.strides[0], head_dim, 1, 0, 0, 0};
     return view;
   };
   const TensorView query = head_view(0, num_qo_heads);
   const TensorView key = head_view(q_width, num_kv_heads);
   const TensorView value = head_view(q_width + kv_width, num_kv_heads);
-  TensorView attn_out_3d = attn_out.view().reshape({num_tokens, num_qo_heads, head_dim});
+  TensorView attn_out_3d = t.attn_out.reshape({num_tokens, num_qo_heads, head_dim});
 
-  const LengthHints hints = length_hints(batch);
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     Layer& layer = layers_[layer_idx];
     if (layer_idx == 0) {
-      backend_.rms_norm({residual, TensorView(), layer.input_norm, normed, eps});
+      backend_.rms_norm({t.residual, TensorView(), layer.input_norm, t.normed, eps});
     } else {  // residual += mlp output of the previous layer; normed = norm(residual)
-      backend_.rms_norm({proj_out, residual, layer.input_norm, normed, eps});
+      backend_.rms_norm({t.proj_out, t.residual, layer.input_norm, t.normed, eps});
     }
-    backend_.gemm({normed, layer.qkv_weight, config_.attention_bias ? layer.qkv_bias.view() : TensorView(), qkv});
+    backend_.gemm({t.normed, layer.qkv_weight, config_.attention_bias ? layer.qkv_bias.view() : TensorView(), t.qkv});
     if (!sparse) {
-      backend_.rope_kv_append({query, key, value, positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
-                               slot_mapping});
-      backend_.attention(attention_args(query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
-                                        kv_page_indices, kv_lens, attn_out_3d, sm_scale, hints));
+      backend_.rope_kv_append({query, key, value, t.positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
+                               t.slot_mapping});
+      backend_.attention(attention_args(query, layer.k_cache, layer.v_cache, t.qo_indptr, t.kv_page_indptr,
+                                        t.kv_page_indices, t.kv_lens, attn_out_3d, sm_scale, hints));
     } else {
       // Heads are served reordered: KV heads [0, nd) are dense, [nd, num_kv_heads) stream; their
       // query heads are [0, nd * group) and the rest.
       const int64_t nd = layer.num_dense_kv, nq_dense = nd * group;
       if (nd > 0) {
         const TensorView dense_query = query.slice(1, 0, nq_dense), dense_key = key.slice(1, 0, nd);
-        backend_.rope_kv_append({dense_query, dense_key, value.slice(1, 0, nd), positions, cos_sin_cache_,
-                                 layer.k_cache, layer.v_cache, slot_mapping});
-        backend_.page_stats_append({dense_key, slot_mapping, layer.kmax, layer.kmin, sparsity_.physical_page_size});
-        AttentionArgs args = attention_args(dense_query, layer.k_cache, layer.v_cache, qo_indptr, kv_page_indptr,
-                                            kv_page_indices, kv_lens, attn_out_3d.slice(1, 0, nq_dense), sm_scale,
-                                            hints);
+        backend_.rope_kv_append({dense_query, dense_key, value.slice(1, 0, nd), t.positions, cos_sin_cache_,
+                                 layer.k_cache, layer.v_cache, t.slot_mapping});
+        backend_.page_stats_append({dense_key, t.slot_mapping, layer.kmax, layer.kmin,
+                                    sparsity_.physical_page_size});
+        AttentionArgs args = attention_args(dense_query, layer.k_cache, layer.v_cache, t.qo_indptr,
+                                            t.kv_page_indptr, t.kv_page_indices, t.kv_lens,
+                                            attn_out_3d.slice(1, 0, nq_dense), sm_scale, hints);
         Tensor head_pages, head_counts;
-        select_pages(static_cast<int>(layer_idx), layer, batch, dense_query, &head_pages, &head_counts);
+        select_pages(static_cast<int>(layer_idx), layer, *batch, dense_query, &head_pages, &head_counts);
         if (head_counts.defined()) {
           args.head_page_positions = head_pages.view();
           args.head_num_pages = head_counts.view();
@@ -498,31 +551,190 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
       if (nd < num_kv_heads) {
         const TensorView stream_query = query.slice(1, nq_dense, num_qo_heads);
         backend_.rope_kv_append({stream_query, key.slice(1, nd, num_kv_heads), value.slice(1, nd, num_kv_heads),
-                                 positions, cos_sin_cache_, layer.ks_cache, layer.vs_cache, stream_slot_mapping});
-        AttentionArgs args = attention_args(stream_query, layer.ks_cache, layer.vs_cache, qo_indptr,
-                                            stream_page_indptr, stream_page_indices, kv_lens,
+                                 t.positions, cos_sin_cache_, layer.ks_cache, layer.vs_cache, t.stream_slot_mapping});
+        AttentionArgs args = attention_args(stream_query, layer.ks_cache, layer.vs_cache, t.qo_indptr,
+                                            t.stream_page_indptr, t.stream_page_indices, t.kv_lens,
                                             attn_out_3d.slice(1, nq_dense, num_qo_heads), sm_scale, hints);
-        args.window_sink = window_sink.view();
-        args.window_local = window_local.view();
+        args.window_sink = t.window_sink;
+        args.window_local = t.window_local;
         backend_.attention(args);
       }
     }
-    backend_.gemm({attn_out, layer.o_weight, TensorView(), proj_out});
-    backend_.rms_norm({proj_out, residual, layer.post_norm, normed, eps});
-    backend_.gemm({normed, layer.gate_up_weight, TensorView(), gate_up});
-    backend_.silu_mul({gate_up, act});
-    backend_.gemm({act, layer.down_weight, TensorView(), proj_out});
+    backend_.gemm({t.attn_out, layer.o_weight, TensorView(), t.proj_out});
+    backend_.rms_norm({t.proj_out, t.residual, layer.post_norm, t.normed, eps});
+    backend_.gemm({t.normed, layer.gate_up_weight, TensorView(), t.gate_up});
+    backend_.silu_mul({t.gate_up, t.act});
+    backend_.gemm({t.act, layer.down_weight, TensorView(), t.proj_out});
   }
-  backend_.rms_norm({proj_out, residual, final_norm_, normed, eps});
+  backend_.rms_norm({t.proj_out, t.residual, final_norm_, t.normed, eps});
+  if (!t.logits.defined()) return;
+  backend_.gather_rows({t.normed, t.logits_rows, t.selected});
+  backend_.gemm({t.selected, lm_head_, TensorView(), t.logits});
+}
 
-  if (num_logits == 0) return {};
-  Tensor selected = backend_.empty({num_logits, hidden}, act_dtype);
-  backend_.gather_rows({normed, logits_rows, selected});
-  Tensor logits = backend_.empty({num_logits, static_cast<int64_t>(config_.vocab_size)}, DType::kF32);
-  backend_.gemm({selected, lm_head_, TensorView(), logits});
-  std::vector<float> host(static_cast<size_t>(logits.numel()));
-  backend_.copy(TensorView(host.data(), DType::kF32, {num_logits, static_cast<int64_t>(config_.vocab_size)}),
-                logits);
+std::vector<int> LlamaModel::decode_graph_batch_sizes() const {
+  std::vector<int> sizes;
+  if (!graphs_) return sizes;
+  for (const auto& entry : graphs_->graphs) sizes.push_back(entry.first);
+  return sizes;
+}
+
+void LlamaModel::capture_decode_graphs(int max_batch, int max_kv_len) {
+  LSERVE_CHECK(finalized_ && kv_allocated_, "capture_decode_graphs() before the weights and KV cache are ready");
+  LSERVE_CHECK(backend_.supports_graphs(), "the ", backend_.name(), " backend has no graph capture");
+  LSERVE_CHECK(!sparsity_.enabled, "decode graphs serve dense attention only (sparse decode selects pages on the host)");
+  LSERVE_CHECK(!config_.attention_bias, "decode graphs do not cover models with attention biases yet");
+  LSERVE_CHECK(max_batch >= 1 && max_kv_len >= 1, "capture_decode_graphs: max_batch and max_kv_len must be >= 1");
+  const int page_size = static_cast<int>(layers_[0].k_cache.view().size(1));
+  auto graphs = std::make_unique<DecodeGraphs>();
+  DecodeGraphs& g = *graphs;
+  g.max_batch = max_batch;
+  g.max_kv_len = max_kv_len;
+  g.max_pages_per_seq = (max_kv_len + page_size - 1) / page_size;
+  const int64_t rows = max_batch, hidden = config_.hidden_size, head_dim = config_.head_dim;
+  const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
+  const int64_t inter = config_.intermediate_size, vocab = config_.vocab_size;
+  const DType act_dtype = activation_dtype_;
+  g.token_ids = backend_.empty({rows}, DType::kI32);
+  g.positions = backend_.empty({rows}, DType::kI32);
+  g.slot_mapping = backend_.empty({rows}, DType::kI64);
+  g.qo_indptr = backend_.empty({rows + 1}, DType::kI32);
+  g.kv_page_indptr = backend_.empty({rows + 1}, DType::kI32);
+  g.kv_page_indices = backend_.empty({rows * g.max_pages_per_seq}, DType::kI32);
+  g.kv_lens = backend_.empty({rows}, DType::kI32);
+  g.logits_rows = backend_.empty({rows}, DType::kI32);
+  g.residual = backend_.empty({rows, hidden}, DType::kF32);
+  g.normed = backend_.empty({rows, hidden}, act_dtype);
+  g.qkv = backend_.empty({rows, q_width + 2 * kv_width}, act_dtype);
+  g.attn_out = backend_.empty({rows, q_width}, act_dtype);
+  g.proj_out = backend_.empty({rows, hidden}, act_dtype);
+  g.gate_up = backend_.empty({rows, 2 * inter}, act_dtype);
+  g.act = backend_.empty({rows, inter}, act_dtype);
+  g.selected = backend_.empty({rows, hidden}, act_dtype);
+  g.logits = backend_.empty({rows, vocab}, DType::kF32);
+  std::vector<int> buckets;
+  for (int size : {1, 2, 4}) {
+    if (size < max_batch) buckets.push_back(size);
+  }
+  for (int size = 8; size < max_batch; size += 8) buckets.push_back(size);
+  buckets.push_back(max_batch);
+  graphs_ = std::move(graphs);
+  try {
+    // Run every bucket once eagerly on an all-padding batch (nothing is written to the cache) so
+    // that kernel loading, cuBLASLt's algorithm choice and the attention workspace's size are
+    // settled; then capture, largest first.
+    for (auto it = buckets.rbegin(); it != buckets.rend(); ++it) {
+      upload_graph_batch(nullptr, *it);
+      enqueue_forward(graph_tensors(*it), nullptr, 1, max_kv_len);
+    }
+    backend_.synchronize();
+    for (auto it = buckets.rbegin(); it != buckets.rend(); ++it) {
+      const StepTensors t = graph_tensors(*it);
+      backend_.begin_capture();
+      try {
+        enqueue_forward(t, nullptr, 1, max_kv_len);
+      } catch (...) {
+        try {
+          backend_.end_capture();
+        } catch (...) {
+        }
+        throw;
+      }
+      g.graphs[*it] = backend_.end_capture();
+    }
+  } catch (...) {
+    graphs_.reset();
+    throw;
+  }
+}
+
+bool LlamaModel::graph_eligible(const ForwardBatch& batch) const {
+  const size_t num_seqs = batch.kv_lens.size();
+  if (sparsity_.enabled || num_seqs == 0 || static_cast<int64_t>(num_seqs) > graphs_->max_batch) return false;
+  if (batch.token_ids.size() != num_seqs || batch.logits_rows.size() != num_seqs) return false;
+  for (size_t s = 0; s < num_seqs; ++s) {
+    if (batch.logits_rows[s] != static_cast<int32_t>(s) || batch.qo_indptr[s + 1] != static_cast<int32_t>(s + 1)) {
+      return false;
+    }
+    if (batch.kv_lens[s] > graphs_->max_kv_len ||
+        batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s] > graphs_->max_pages_per_seq) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void LlamaModel::upload_graph_batch(const ForwardBatch* batch, int bucket) {
+  DecodeGraphs& g = *graphs_;
+  const int num_seqs = batch ? static_cast<int>(batch->kv_lens.size()) : 0;
+  // Padding rows: token 0 at position 0, nothing written to the cache (slot -1), attending to
+  // one token of page 0; their outputs are never read.
+  std::vector<int32_t> token_ids(bucket, 0), positions(bucket, 0), kv_lens(bucket, 1), rows(bucket);
+  std::vector<int64_t> slots(bucket, -1);
+  std::vector<int32_t> qo_indptr(bucket + 1), page_indptr(bucket + 1, 0), page_indices;
+  if (batch) page_indices = batch->kv_page_indices;
+  for (int i = 0; i < bucket; ++i) {
+    qo_indptr[i + 1] = i + 1;
+    rows[i] = i;
+    if (i < num_seqs) {
+      token_ids[i] = batch->token_ids[i];
+      positions[i] = batch->positions[i];
+      slots[i] = batch->slot_mapping[i];
+      kv_lens[i] = batch->kv_lens[i];
+      page_indptr[i + 1] = batch->kv_page_indptr[i + 1];
+    } else {
+      page_indices.push_back(0);
+      page_indptr[i + 1] = static_cast<int32_t>(page_indices.size());
+    }
+  }
+  auto put_i32 = [&](const Tensor& dst, const std::vector<int32_t>& values) {
+    backend_.copy(dst.view().slice(0, 0, static_cast<int64_t>(values.size())),
+                  TensorView(const_cast<int32_t*>(values.data()), DType::kI32, {static_cast<int64_t>(values.size())}));
+  };
+  put_i32(g.token_ids, token_ids);
+  put_i32(g.positions, positions);
+  backend_.copy(g.slot_mapping.view().slice(0, 0, bucket), TensorView(slots.data(), DType::kI64, {bucket}));
+  put_i32(g.qo_indptr, qo_indptr);
+  put_i32(g.kv_page_indptr, page_indptr);
+  put_i32(g.kv_page_indices, page_indices);
+  put_i32(g.kv_lens, kv_lens);
+  put_i32(g.logits_rows, rows);
+}
+
+LlamaModel::StepTensors LlamaModel::graph_tensors(int bucket) const {
+  const DecodeGraphs& g = *graphs_;
+  auto rows = [bucket](const Tensor& tensor, int64_t extra = 0) { return tensor.view().slice(0, 0, bucket + extra); };
+  StepTensors t;
+  t.token_ids = rows(g.token_ids);
+  t.positions = rows(g.positions);
+  t.slot_mapping = rows(g.slot_mapping);
+  t.qo_indptr = rows(g.qo_indptr, 1);
+  t.kv_page_indptr = rows(g.kv_page_indptr, 1);
+  t.kv_page_indices = g.kv_page_indices.view();
+  t.kv_lens = rows(g.kv_lens);
+  t.logits_rows = rows(g.logits_rows);
+  t.residual = rows(g.residual);
+  t.normed = rows(g.normed);
+  t.qkv = rows(g.qkv);
+  t.attn_out = rows(g.attn_out);
+  t.proj_out = rows(g.proj_out);
+  t.gate_up = rows(g.gate_up);
+  t.act = rows(g.act);
+  t.selected = rows(g.selected);
+  t.logits = rows(g.logits);
+  return t;
+}
+
+std::vector<float> LlamaModel::forward_graph(const ForwardBatch& batch) {
+  const int num_seqs = static_cast<int>(batch.kv_lens.size());
+  auto it = graphs_->graphs.lower_bound(num_seqs);
+  LSERVE_CHECK(it != graphs_->graphs.end(), "no decode graph holds ", num_seqs, " sequences");
+  upload_graph_batch(&batch, it->first);
+  backend_.replay_graph(it->second);
+  ++num_graph_replays_;
+  const int64_t vocab = config_.vocab_size;
+  std::vector<float> host(static_cast<size_t>(num_seqs * vocab));
+  backend_.copy(TensorView(host.data(), DType::kF32, {num_seqs, vocab}), graphs_->logits.view().slice(0, 0, num_seqs));
   backend_.synchronize();
   return host;
 }

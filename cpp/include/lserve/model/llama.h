@@ -8,6 +8,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -90,6 +91,16 @@ class LlamaModel {
   // Returns the logits of batch.logits_rows, (num_logits, vocab_size) float32 on the host.
   std::vector<float> forward(const ForwardBatch& batch);
 
+  // CUDA graphs for decode steps (backends with supports_graphs(), dense attention, no attention
+  // bias): captures one graph per batch-size bucket (1, 2, 4, 8, then multiples of 8 up to
+  // max_batch) over persistent buffers; afterwards forward() replays the smallest bucket that
+  // holds a batch of single-token sequences that all sample, padding the rest, and runs every
+  // other batch eagerly. max_kv_len bounds the sequences a replay serves (the attention's split
+  // count is fixed at capture for it).
+  void capture_decode_graphs(int max_batch, int max_kv_len);
+  std::vector<int> decode_graph_batch_sizes() const;
+  int64_t num_graph_replays() const { return num_graph_replays_; }
+
  private:
   struct Slot {  // where a Hugging Face tensor lands
     Tensor* tensor;
@@ -107,6 +118,28 @@ class LlamaModel {
     std::vector<int32_t> selection;
     std::vector<int32_t> selection_count;
   };
+
+  // Device tensors of one forward pass, sized to its tokens (metadata per sequence) and sampled rows.
+  struct StepTensors {
+    TensorView token_ids, positions, slot_mapping, qo_indptr, kv_page_indptr, kv_page_indices, kv_lens, logits_rows;
+    TensorView residual, normed, qkv, attn_out, proj_out, gate_up, act, selected, logits;
+    TensorView stream_slot_mapping, stream_page_indptr, stream_page_indices, window_sink, window_local;  // sparse
+  };
+  // Persistent buffers (sized for max_batch sequences) and the captured graphs, by batch size.
+  struct DecodeGraphs {
+    int max_batch = 0, max_kv_len = 0, max_pages_per_seq = 0;
+    Tensor token_ids, positions, slot_mapping, qo_indptr, kv_page_indptr, kv_page_indices, kv_lens, logits_rows;
+    Tensor residual, normed, qkv, attn_out, proj_out, gate_up, act, selected, logits;
+    std::map<int, std::shared_ptr<void>> graphs;
+  };
+  // Enqueues the whole forward pass on t (no host synchronisation, no allocation on the dense path);
+  // `batch` is needed only for the sparse path's page selection.
+  void enqueue_forward(const StepTensors& t, const ForwardBatch* batch, int32_t max_q_len, int32_t max_kv_len);
+  bool graph_eligible(const ForwardBatch& batch) const;
+  // Copies a decode batch (or none: all padding) padded to `bucket` rows into the graph buffers.
+  void upload_graph_batch(const ForwardBatch* batch, int bucket);
+  StepTensors graph_tensors(int bucket) const;
+  std::vector<float> forward_graph(const ForwardBatch& batch);
 
   // Reorders a q/k/v/o tensor of layer_idx by its KV head order (host tensors only).
   std::vector<uint8_t> permute_heads(int layer_idx, const std::string& kind, const TensorView& tensor) const;
@@ -131,6 +164,8 @@ class LlamaModel {
   int num_slots_ = 0;
   int num_select_ = 0;  // pages per selection: decode_token_budget / physical_page_size
   int64_t last_pages_selected_ = 0, last_pages_total_ = 0;
+  std::unique_ptr<DecodeGraphs> graphs_;
+  int64_t num_graph_replays_ = 0;
 };
 
 }  // namespace lserve
