@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="lserve without CUDA graphs")
     parser.add_argument("--out", default="latency.json")
     parser.add_argument("--plot", default=None, help="PNG of TTFT and TPOT per length (needs matplotlib)")
 
@@ -89,7 +90,8 @@ def bench_lserve(model_dir: str, config: Dict, lengths: List[int], args) -> Dict
 
     engine = Engine(model_dir, load_format="dummy", device=args.device, dtype="bfloat16",
                     max_model_len=max(lengths) + args.decode_steps + 1, max_num_seqs=1,
-                    max_num_batched_tokens=args.chunk, page_size=args.page_size, show_progress=False)
+                    max_num_batched_tokens=args.chunk, page_size=args.page_size, show_progress=False,
+                    enforce_eager=getattr(args, "enforce_eager", False))
     results = {}
     for length in lengths:
         prompt = _prompt(length, config["vocab_size"])
