@@ -20,6 +20,9 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 PRESETS = ("dense", "lserve")
+# Logical page scores of the decode page selection (cpp/include/lserve/ops/page_select.h):
+# "bound" = sum_d max(q_d kmax_d, q_d kmin_d) (the paper's), "center" = sum_d q_d (kmax_d + kmin_d) / 2.
+PAGE_SCORES = ("bound", "center")
 
 
 def read_head_scores(path: Union[str, os.PathLike]) -> np.ndarray:
@@ -87,7 +90,9 @@ class SparsityConfig:
     scores. Token counts: prefill sink/local (Lambda mask in prefill), decode sink/local
     (streaming heads at decode), physical/logical page sizes (hierarchical paging), the decode
     token budget of dense heads, the selection reuse interval, and a context length below which a
-    sequence runs dense.
+    sequence runs dense. page_score: how a logical page is scored from its kmax/kmin, "bound" (the
+    paper's upper bound sum_d max(q_d kmax_d, q_d kmin_d)) or "center" (sum_d q_d (kmax_d + kmin_d) / 2,
+    the bound without its spread term; same statistics, no extra memory).
     """
 
     enabled: bool = True
@@ -104,6 +109,7 @@ class SparsityConfig:
     selection_reuse_interval: int = 4
     dense_below_tokens: int = 0
     always_select_sink_page: bool = True
+    page_score: str = "bound"
     _scores: Optional[np.ndarray] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +124,8 @@ class SparsityConfig:
         if self.decode_token_budget < self.physical_page_size:
             raise ValueError(f"decode_token_budget {self.decode_token_budget} is below one physical page "
                              f"({self.physical_page_size} tokens)")
+        if self.page_score not in PAGE_SCORES:
+            raise ValueError(f"page_score must be one of {', '.join(PAGE_SCORES)}, got {self.page_score!r}")
         if not 0.0 <= self.streaming_fraction <= 1.0:
             raise ValueError(f"streaming_fraction must be in [0, 1], got {self.streaming_fraction}")
         if self.head_pattern is not None and self.streaming_heads is not None:
@@ -177,7 +185,7 @@ class SparsityConfig:
 
     _CORE_FIELDS = ("prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens", "decode_local_tokens",
                     "physical_page_size", "logical_page_size", "decode_token_budget", "selection_reuse_interval",
-                    "dense_below_tokens", "always_select_sink_page")
+                    "dense_below_tokens", "always_select_sink_page", "page_score")
 
     def to_core(self, num_layers: int, num_kv_heads: int):
         """The C++ mirror (lserve._C.SparsityConfig) for a model of this shape."""

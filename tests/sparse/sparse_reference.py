@@ -31,20 +31,26 @@ class SparseSpec:
     budget: int
     reuse_interval: int = 1
     keep_first_page: bool = True
+    page_score: str = "bound"
     # per (layer, kv head): (selected physical pages, steps since made, pages when made)
     state: Dict[Tuple[int, int], Tuple[List[int], int, int]] = field(default_factory=dict)
     selections: List[Tuple[int, int, List[int]]] = field(default_factory=list)  # (layer, head, pages) per decode
 
 
-def page_scores(q_group: np.ndarray, keys: np.ndarray, page_size: int, logical: int) -> np.ndarray:
-    """Physical page scores for one KV head: q_group (group, d), keys (kv_len, d)."""
+def page_scores(q_group: np.ndarray, keys: np.ndarray, page_size: int, logical: int,
+                page_score: str = "bound") -> np.ndarray:
+    """Physical page scores for one KV head: q_group (group, d), keys (kv_len, d). "bound":
+    sum max(q kmax, q kmin) per logical page; "center": sum q (kmax + kmin) / 2."""
     kv_len = keys.shape[0]
     num_pages = -(-kv_len // page_size)
     scores = np.full(num_pages, -np.inf)
     for start in range(0, kv_len, logical):
         block = keys[start:start + logical]
         kmax, kmin = block.max(axis=0), block.min(axis=0)
-        s = np.maximum(q_group * kmax, q_group * kmin).sum()
+        if page_score == "center":
+            s = (q_group * ((kmax + kmin) / 2)).sum()
+        else:
+            s = np.maximum(q_group * kmax, q_group * kmin).sum()
         page = start // page_size
         scores[page] = max(scores[page], s)
     return scores
@@ -90,7 +96,8 @@ def make_attention(spec: SparseSpec):
                     prev = spec.state.get((layer, h))
                     if prev is None or prev[1] >= spec.reuse_interval:
                         qg = q64[h * group:(h + 1) * group, 0].numpy()
-                        pages = select_pages(page_scores(qg, k64[h].numpy(), spec.page_size, spec.logical_page_size),
+                        pages = select_pages(page_scores(qg, k64[h].numpy(), spec.page_size, spec.logical_page_size,
+                                                         spec.page_score),
                                              num_select, spec.keep_first_page)
                         spec.state[(layer, h)] = (pages, 1, num_pages)
                     else:

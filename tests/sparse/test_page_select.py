@@ -21,7 +21,7 @@ def numpy_stats(keys_by_page, logical_page_size):
         return np.nanmax(grouped, axis=2), np.nanmin(grouped, axis=2)
 
 
-def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_select, keep_first):
+def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_select, keep_first, page_score="bound"):
     num_qo, head_dim = query.shape
     num_kv = kmax.shape[2]
     group = num_qo // num_kv
@@ -36,7 +36,11 @@ def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_selec
         for position, page in enumerate(pages):
             n_tokens = min(page_size, kv_len - position * page_size)
             n_logical = -(-n_tokens // logical)
-            s = np.maximum(q[:, None, :] * kmax[page, :n_logical, h][None], q[:, None, :] * kmin[page, :n_logical, h][None])
+            if page_score == "center":
+                s = q[:, None, :] * ((kmax[page, :n_logical, h][None] + kmin[page, :n_logical, h][None]) / 2)
+            else:
+                s = np.maximum(q[:, None, :] * kmax[page, :n_logical, h][None],
+                               q[:, None, :] * kmin[page, :n_logical, h][None])
             scores.append(s.sum(axis=(0, 2)).max())
         forced = {num_pages - 1} | ({0} if keep_first else set())
         rest = sorted((p for p in range(num_pages) if p not in forced), key=lambda p: (-scores[p], p))
@@ -77,17 +81,19 @@ def test_page_select_matches_numpy(num_qo, num_kv, seed):
     assert_close_fp32(kmin[written], ref_min[written], what="kmin", seed=seed)
 
     query = rng.standard_normal((len(kv_lens), num_qo, head_dim)).astype(np.float32)
-    for keep_first in (True, False):
+    for keep_first, page_score in ((True, "bound"), (False, "bound"), (True, "center"), (False, "center")):
         selected = np.full((len(kv_lens), num_kv, num_select), -1, dtype=np.int32)
         num_selected = np.zeros((len(kv_lens), num_kv), dtype=np.int32)
         _C.page_select(query, kmax, kmin, np.array(indptr, dtype=np.int32),
                        np.array(sum(pages, []), dtype=np.int32), np.array(kv_lens, dtype=np.int32),
-                       selected, num_selected, page_size, keep_first)
+                       selected, num_selected, page_size, keep_first, page_score)
         for s, (seq_pages, kv_len) in enumerate(zip(pages, kv_lens)):
-            expected = numpy_select(query[s], kmax, kmin, seq_pages, kv_len, page_size, logical, num_select, keep_first)
+            expected = numpy_select(query[s], kmax, kmin, seq_pages, kv_len, page_size, logical, num_select, keep_first,
+                                    page_score)
             for h in range(num_kv):
                 got = selected[s, h, :num_selected[s, h]].tolist()
-                assert_exact(got, expected[h], what=f"seq {s} (len {kv_len}) head {h} keep_first={keep_first}",
+                assert_exact(got, expected[h], what=f"seq {s} (len {kv_len}) head {h} keep_first={keep_first} "
+                                                   f"{page_score}",
                              seed=seed)
 
 
@@ -115,3 +121,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple"):
         _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
                        np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 66, True)
+    with pytest.raises(ValueError, match="page_score must be 'bound' or 'center'"):
+        _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
+                       np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "median")

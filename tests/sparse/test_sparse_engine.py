@@ -56,7 +56,7 @@ def _spec(config: SparsityConfig) -> SparseSpec:
                       decode_local=config.decode_local_tokens, page_size=config.physical_page_size,
                       logical_page_size=config.logical_page_size, budget=config.decode_token_budget,
                       reuse_interval=config.selection_reuse_interval,
-                      keep_first_page=config.always_select_sink_page)
+                      keep_first_page=config.always_select_sink_page, page_score=config.page_score)
 
 
 def _engine(directory, sparsity, **kwargs) -> Engine:
@@ -117,8 +117,9 @@ def test_streaming_heads_and_selection_match_reference(tiny, chunk):
     assert stats.last_step_pages_selected < stats.last_step_pages_total
 
 
-def test_selection_reuse_matches_reference(tiny):
-    config = _config(selection_reuse_interval=4, always_select_sink_page=False)
+@pytest.mark.parametrize("page_score", ["bound", "center"])
+def test_selection_reuse_matches_reference(tiny, page_score):
+    config = _config(selection_reuse_interval=4, always_select_sink_page=False, page_score=page_score)
     ids = _prompt(120, seed=3)
     tokens, logits = _run(_engine(tiny, config), ids, 60)
     expected, spec = _reference(tiny, config, ids, tokens)

@@ -22,7 +22,7 @@ def test_presets():
     (dict(logical_page_size=24), "divide"), (dict(decode_token_budget=32), "below one physical page"),
     (dict(selection_reuse_interval=0), "selection_reuse_interval"), (dict(streaming_fraction=1.5), "streaming_fraction"),
     (dict(decode_local_tokens=0), "decode_local_tokens"), (dict(prefill_sink_tokens=-1), "prefill_sink_tokens"),
-    (dict(head_pattern=[[0.1]], streaming_heads=[[0]]), "not both"),
+    (dict(head_pattern=[[0.1]], streaming_heads=[[0]]), "not both"), (dict(page_score="mean"), "page_score"),
 ])
 def test_invalid_combinations(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):

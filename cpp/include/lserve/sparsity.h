@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "lserve/ops/page_select.h"
+
 namespace lserve {
 
 struct SparsityConfig {
@@ -24,6 +26,7 @@ struct SparsityConfig {
   int selection_reuse_interval = 4;        // decode steps a page selection is reused
   int dense_below_tokens = 0;              // contexts shorter than this run dense
   bool always_select_sink_page = true;     // keep page 0 in every selection
+  PageScore page_score = PageScore::kBound;  // logical page score (ops/page_select.h)
 
   // Throws lserve::Error naming the field and the rule it breaks.
   void validate(int num_layers, int num_kv_heads) const;

@@ -74,8 +74,12 @@ void cpu_page_select(const PageSelectArgs& args) {
           for (int64_t g = 0; g < group; ++g) {
             const float* q = args.query.data_ptr<float>() + s * args.query.stride(0) +
                              (kv_head * group + g) * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) {
-              score += std::max(q[d] * kmax[base + d], q[d] * kmin[base + d]);
+            if (args.score == PageScore::kCenter) {
+              for (int64_t d = 0; d < head_dim; ++d) score += q[d] * (0.5f * (kmax[base + d] + kmin[base + d]));
+            } else {
+              for (int64_t d = 0; d < head_dim; ++d) {
+                score += std::max(q[d] * kmax[base + d], q[d] * kmin[base + d]);
+              }
             }
           }
           page_scores[position] = std::max(page_scores[position], score);

@@ -350,7 +350,7 @@ void LlamaModel::select_pages(int layer_idx, Layer& layer, const ForwardBatch& b
     Tensor selected = backend_.empty({n, nd, num_select_}, DType::kI32);
     Tensor counts = backend_.empty({n, nd}, DType::kI32);
     backend_.page_select({q, layer.kmax, layer.kmin, indptr_t, indices_t, lens_t, selected, counts,
-                          static_cast<int>(page_size), sparsity_.always_select_sink_page});
+                          static_cast<int>(page_size), sparsity_.always_select_sink_page, sparsity_.page_score});
     std::vector<int32_t> host_selected(static_cast<size_t>(n * nd * num_select_)), host_counts(static_cast<size_t>(n * nd));
     backend_.copy(TensorView(host_selected.data(), DType::kI32, {n, nd, static_cast<int64_t>(num_select_)}), selected);
     backend_.copy(TensorView(host_counts.data(), DType::kI32, {n, nd}), counts);

@@ -101,7 +101,7 @@ def layer_selection_recall(query: np.ndarray, keys: np.ndarray, dense_heads: Seq
     counts = np.zeros((1, len(dense_heads)), dtype=np.int32)
     _C.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32), np.arange(num_pages, dtype=np.int32),
                    np.array([num_keys], dtype=np.int32), selected, counts, page_size,
-                   bool(sparsity.always_select_sink_page))
+                   bool(sparsity.always_select_sink_page), getattr(sparsity, "page_score", "bound"))
     dense_probs = np.concatenate([probs[h * group:(h + 1) * group] for h in dense_heads])
     return selection_recall(dense_probs, selected[0], page_size, counts[0])
 

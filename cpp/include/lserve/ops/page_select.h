@@ -1,6 +1,9 @@
 // page_select: LServe's hierarchical page selection for decode (Quest-style bounds).
 // Each logical page (logical_page_size tokens) of a dense KV head keeps per-channel kmax/kmin of
-// its keys; for a decode query q the logical page scores S = sum_d max(q_d * kmax_d, q_d * kmin_d),
+// its keys; for a decode query q the logical page scores S = sum_d max(q_d * kmax_d, q_d * kmin_d)
+// (PageScore::kBound, the paper's: an upper bound of q.k over the page's keys), or, with
+// PageScore::kCenter, S = sum_d q_d * (kmax_d + kmin_d) / 2 (q against the centre of the page's
+// bounding box: the bound without its spread term sum_d |q_d| * (kmax_d - kmin_d) / 2). S is
 // summed over the query heads of the GQA group so the group shares one selection; a physical page
 // scores the max of its logical pages. Per (sequence, KV head) the top num_select physical pages win
 // (ties: the earlier page), always including the newest page and, if asked, page 0 (the sinks).
@@ -10,6 +13,8 @@
 #include "lserve/ops/common.h"
 
 namespace lserve {
+
+enum class PageScore : int32_t { kBound = 0, kCenter = 1 };
 
 struct PageSelectArgs {
   TensorView query;            // (num_seqs, num_qo_heads, head_dim) float32, one decode query per sequence
@@ -22,9 +27,12 @@ struct PageSelectArgs {
   TensorView num_selected;     // (num_seqs, num_kv_heads) int32 out
   int physical_page_size = 64;
   bool keep_first_page = true;
+  PageScore score = PageScore::kBound;
 
   void validate(const Device& device) const {
     const char* op = "page_select";
+    LSERVE_CHECK(score == PageScore::kBound || score == PageScore::kCenter, op, ": unknown page score ",
+                 static_cast<int>(score));
     TensorCheck(query, op, "query").ndim(3).dtype(DType::kF32).device(device).rows_contiguous();
     TensorCheck(kmax, op, "kmax").ndim(4).dtype(DType::kF32).device(device).contiguous().size(3, query.size(2));
     TensorCheck(kmin, op, "kmin").ndim(4).dtype(DType::kF32).device(device).contiguous()
