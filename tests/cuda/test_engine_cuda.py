@@ -231,7 +231,8 @@ def test_decode_graphs_match_eager(smollm2_dir):
 
     graph_logits, graph_tokens = run(graphs)
     eager_logits, eager_tokens = run(eager)
-    assert graphs._core.stats().num_graph_replays >= max(max_tokens) - 1
+    # Every step once the prompts are in (~1700 tokens in chunks of 256) is a pure decode batch.
+    assert graphs._core.stats().num_graph_replays >= max(max_tokens) - 8
     assert eager._core.stats().num_graph_replays == 0
     for i in range(len(prompts)):
         assert len(graph_tokens[i]) == max_tokens[i]
