@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (no network): install the carried wheels, build lserve with the CUDA backend
 # forced on, run the device suite (pytest -m cuda: ops, engine, attention kernels), then the
-# benchmarks (lserve bench kernels / latency; LSERVE_BENCH=0 skips them), and print short tables last.
+# benchmarks (lserve bench kernels / latency; LSERVE_BENCH=0 skips them, LSERVE_BENCH_EAGER=1 adds a latency run
+# without CUDA graphs), and print short tables last.
 # Usage, from the repository root: bash scripts/gpu_check.sh [WHEEL_DIR] [PYTEST ARGS...]
 #   WHEEL_DIR (default .whl): the wheels the machine lacks (nvidia-cutlass; see shared/device/README.md).
 #   Logs go to $OUT (the device tool's folder) or /tmp/lserve_gpu_check: build.log, pytest.log, junit.xml.
@@ -36,7 +37,7 @@ grep -E "lserve: CUDA backend" "$out/build.log" | head -2
 
 start=$(date +%s)
 # Ops first: their results stand even if an end-to-end test brings the process down.
-python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_engine_cuda.py \
+python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_sample_cuda.py tests/cuda/test_engine_cuda.py \
   tests/cuda/test_attention_kernels.py -m cuda -q -rfEs \
   -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
 test_rc=${PIPESTATUS[0]}
@@ -68,8 +69,14 @@ if [ "${LSERVE_BENCH:-1}" != "0" ]; then
   (cd /tmp && timeout "${LSERVE_BENCH_LATENCY_TIMEOUT:-420}" python3 -m lserve.cli bench latency \
      --lengths "${LSERVE_BENCH_LENGTHS:-8192,32768,131072}" --out "$out/latency.json" --plot "$out/latency.png" \
      > "$out/latency.log" 2>&1) || echo "bench latency failed: $out/latency.log"
+  if [ "${LSERVE_BENCH_EAGER:-0}" != "0" ]; then  # the same without CUDA graphs, lserve only
+    (cd /tmp && timeout "${LSERVE_BENCH_LATENCY_TIMEOUT:-420}" python3 -m lserve.cli bench latency --enforce-eager \
+       --skip-transformers --lengths "${LSERVE_BENCH_LENGTHS:-8192,32768,131072}" --out "$out/latency_eager.json" \
+       > "$out/latency_eager.log" 2>&1) || echo "bench latency (eager) failed: $out/latency_eager.log"
+  fi
   echo
   grep -E "^(prefill|decode|gemm)" "$out/kernels.log" 2>/dev/null
   grep -E "TTFT" "$out/latency.log" 2>/dev/null
+  grep -E "TTFT" "$out/latency_eager.log" 2>/dev/null | sed 's/^lserve /eager  /'
 fi
 exit $test_rc

@@ -149,7 +149,49 @@ void bind_backend(py::module_& m) {
             const GatherRowsArgs args{input_t.view(), indices_t.view(), output_t.writable_view("output")};
             run(self, [&] { self.backend->gather_rows(args); });
           },
-          py::arg("input"), py::arg("indices"), py::arg("output"));
+          py::arg("input"), py::arg("indices"), py::arg("output"))
+      .def(
+          "sample",
+          [](PyBackend& self, py::handle logits, py::handle temperature, py::handle top_k, py::handle top_p,
+             py::handle min_p, py::handle seed, py::handle offset, py::handle output, py::handle history_indptr,
+             py::handle history_token_ids, py::handle num_prompt_tokens, py::handle repetition_penalty,
+             py::handle presence_penalty, py::handle frequency_penalty, py::handle workspace,
+             py::handle banned_indptr, py::handle banned_token_ids) {
+            DlpackTensor logits_t(logits, "logits"), temperature_t(temperature, "temperature");
+            DlpackTensor top_k_t(top_k, "top_k"), top_p_t(top_p, "top_p"), min_p_t(min_p, "min_p");
+            DlpackTensor seed_t(seed, "seed"), offset_t(offset, "offset"), output_t(output, "output");
+            std::vector<DlpackTensor> keep;
+            SampleArgs args;
+            args.logits = logits_t.writable_view("logits");
+            args.temperature = temperature_t.view();
+            args.top_k = top_k_t.view();
+            args.top_p = top_p_t.view();
+            args.min_p = min_p_t.view();
+            args.seed = seed_t.view();
+            args.offset = offset_t.view();
+            args.output = output_t.writable_view("output");
+            args.history_indptr = optional_view(history_indptr, keep, "history_indptr");
+            args.history_token_ids = optional_view(history_token_ids, keep, "history_token_ids");
+            args.num_prompt_tokens = optional_view(num_prompt_tokens, keep, "num_prompt_tokens");
+            args.repetition_penalty = optional_view(repetition_penalty, keep, "repetition_penalty");
+            args.presence_penalty = optional_view(presence_penalty, keep, "presence_penalty");
+            args.frequency_penalty = optional_view(frequency_penalty, keep, "frequency_penalty");
+            args.workspace = optional_view(workspace, keep, "workspace");
+            if (args.workspace.defined()) keep.back().writable_view("workspace");
+            args.banned_indptr = optional_view(banned_indptr, keep, "banned_indptr");
+            args.banned_token_ids = optional_view(banned_token_ids, keep, "banned_token_ids");
+            run(self, [&] { self.backend->sample(args); });
+          },
+          py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+          py::arg("seed"), py::arg("offset"), py::arg("output"), py::kw_only(),
+          py::arg("history_indptr") = py::none(), py::arg("history_token_ids") = py::none(),
+          py::arg("num_prompt_tokens") = py::none(), py::arg("repetition_penalty") = py::none(),
+          py::arg("presence_penalty") = py::none(), py::arg("frequency_penalty") = py::none(),
+          py::arg("workspace") = py::none(), py::arg("banned_indptr") = py::none(),
+          py::arg("banned_token_ids") = py::none(),
+          "output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see "
+          "ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of "
+          "sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.");
 }
 
 }  // namespace lserve::bindings

@@ -40,6 +40,7 @@ OpKind op_kind_from_string(const std::string& name) {
   if (name == "rope_kv_append") return OpKind::kRopeKvAppend;
   if (name == "attention") return OpKind::kAttention;
   if (name == "gather_rows") return OpKind::kGatherRows;
+  if (name == "sample") return OpKind::kSample;
   LSERVE_THROW("unknown op '", name, "'");
 }
 
@@ -233,6 +234,8 @@ void bind_ops(py::module_& m) {
           },
           py::arg("input"), py::arg("indices"), py::arg("output"), "output = input[indices]");
 
+  m.def("sample_workspace_bytes", &sample_workspace_bytes, py::arg("num_rows"), py::arg("vocab_size"),
+        "Bytes of the sample op's workspace (uint8) for num_rows rows of vocab_size logits.");
   m.def(
       "rope_cos_sin_cache",
       [](int head_dim, double rope_theta, int max_positions, double partial_rotary_factor, py::object rope_scaling,

@@ -136,7 +136,8 @@ void Engine::add_request(int64_t request_id, const std::vector<int32_t>& prompt_
   request->request_id = request_id;
   request->prompt_token_ids = prompt_token_ids;
   request->params = params;
-  request->rng.seed(params.seed >= 0 ? static_cast<uint64_t>(params.seed) : seed_rng_());
+  request->sample_seed = params.seed >= 0 ? static_cast<uint64_t>(params.seed) : seed_rng_();
+  request->rng.seed(request->sample_seed);
   scheduler_->add_request(std::move(request));
 }
 
@@ -237,7 +238,19 @@ std::vector<RequestOutput> Engine::step() {
     if (streaming_) add_sparse_metadata(chunk, kv_len, num_pages, &batch);
   }
 
-  std::vector<float> logits = model_->forward(batch);
+  // On a device, sample there and bring back only token ids, unless logits or logprobs are wanted.
+  bool device_sampling = backend_->device().type != DeviceType::kCPU && !config_.capture_logits;
+  for (const ScheduledChunk& chunk : scheduled.chunks) {
+    if (chunk.samples && chunk.request->params.logprobs >= 0) device_sampling = false;
+  }
+  std::vector<float> logits;
+  std::vector<int32_t> device_tokens;
+  if (device_sampling) {
+    const TensorView device_logits = model_->forward_logits(batch);
+    if (device_logits.defined()) device_tokens = sample_on_device(scheduled, device_logits);
+  } else {
+    logits = model_->forward(batch);
+  }
   scheduler_->commit(scheduled);
   ++num_steps_;
 
@@ -246,13 +259,20 @@ std::vector<RequestOutput> Engine::step() {
   for (const ScheduledChunk& chunk : scheduled.chunks) {
     if (!chunk.samples) continue;
     Request& request = *chunk.request;
-    float* row = logits.data() + logits_row * static_cast<size_t>(vocab_size);
-    ++logits_row;
     RequestOutput output;
     output.request_id = request.request_id;
-    if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
-    SampledToken sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids,
-                                        request.output_token_ids, eos_token_ids_, request.rng);
+    SampledToken sampled;
+    if (device_sampling) {
+      sampled.token_id = device_tokens[logits_row++];
+      LSERVE_CHECK(sampled.token_id >= 0 && sampled.token_id < vocab_size, "request ", request.request_id,
+                   ": the device sampler found its logits row invalid (NaN logits, or every token masked)");
+    } else {
+      float* row = logits.data() + logits_row * static_cast<size_t>(vocab_size);
+      ++logits_row;
+      if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
+      sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids, request.output_token_ids,
+                             eos_token_ids_, request.rng);
+    }
     request.output_token_ids.push_back(sampled.token_id);
     output.new_token_ids.push_back(sampled.token_id);
     if (request.params.logprobs >= 0) {
@@ -281,6 +301,83 @@ std::vector<RequestOutput> Engine::step() {
     outputs.push_back(std::move(output));
   }
   return outputs;
+}
+
+std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, const TensorView& logits) {
+  std::vector<float> temperature, top_p, min_p, repetition, presence, frequency;
+  std::vector<int32_t> top_k, history_indptr = {0}, history, num_prompt, banned_indptr = {0}, banned;
+  std::vector<int64_t> seeds, offsets;
+  bool any_penalty = false;
+  for (const ScheduledChunk& chunk : scheduled.chunks) {
+    if (!chunk.samples) continue;
+    const Request& request = *chunk.request;
+    const SamplingParams& p = request.params;
+    temperature.push_back(p.temperature);
+    top_k.push_back(p.top_k);
+    top_p.push_back(p.top_p);
+    min_p.push_back(p.min_p);
+    seeds.push_back(static_cast<int64_t>(request.sample_seed));
+    offsets.push_back(static_cast<int64_t>(request.output_token_ids.size()));
+    const bool penalised = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+    if (penalised) {
+      any_penalty = true;
+      history.insert(history.end(), request.prompt_token_ids.begin(), request.prompt_token_ids.end());
+      history.insert(history.end(), request.output_token_ids.begin(), request.output_token_ids.end());
+    }
+    num_prompt.push_back(penalised ? static_cast<int32_t>(request.prompt_token_ids.size()) : 0);
+    history_indptr.push_back(static_cast<int32_t>(history.size()));
+    repetition.push_back(p.repetition_penalty);
+    presence.push_back(p.presence_penalty);
+    frequency.push_back(p.frequency_penalty);
+    if (static_cast<int64_t>(request.output_token_ids.size()) < p.min_tokens) {  // min_tokens masking
+      banned.insert(banned.end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
+      if (!p.ignore_eos) banned.insert(banned.end(), eos_token_ids_.begin(), eos_token_ids_.end());
+    }
+    banned_indptr.push_back(static_cast<int32_t>(banned.size()));
+  }
+  const int64_t num_rows = static_cast<int64_t>(temperature.size());
+  LSERVE_CHECK(num_rows == logits.size(0), "sample_on_device: ", num_rows, " sampling rows, ", logits.size(0),
+               " logits rows");
+  std::vector<Tensor> keep;  // device copies, alive until the op has been enqueued
+  auto upload = [&](const void* data, DType dtype, size_t count) {
+    Tensor tensor = backend_->empty({static_cast<int64_t>(std::max<size_t>(count, 1))}, dtype);
+    if (count > 0) {
+      backend_->copy(tensor.view().slice(0, 0, static_cast<int64_t>(count)),
+                     TensorView(const_cast<void*>(data), dtype, {static_cast<int64_t>(count)}));
+    }
+    keep.push_back(tensor);
+    return tensor.view().slice(0, 0, static_cast<int64_t>(count));
+  };
+  SampleArgs args;
+  args.logits = logits;
+  args.temperature = upload(temperature.data(), DType::kF32, temperature.size());
+  args.top_k = upload(top_k.data(), DType::kI32, top_k.size());
+  args.top_p = upload(top_p.data(), DType::kF32, top_p.size());
+  args.min_p = upload(min_p.data(), DType::kF32, min_p.size());
+  args.seed = upload(seeds.data(), DType::kI64, seeds.size());
+  args.offset = upload(offsets.data(), DType::kI64, offsets.size());
+  Tensor output = backend_->empty({num_rows}, DType::kI32);
+  args.output = output.view();
+  if (any_penalty) {
+    args.history_indptr = upload(history_indptr.data(), DType::kI32, history_indptr.size());
+    args.history_token_ids = upload(history.data(), DType::kI32, history.size());
+    args.num_prompt_tokens = upload(num_prompt.data(), DType::kI32, num_prompt.size());
+    args.repetition_penalty = upload(repetition.data(), DType::kF32, repetition.size());
+    args.presence_penalty = upload(presence.data(), DType::kF32, presence.size());
+    args.frequency_penalty = upload(frequency.data(), DType::kF32, frequency.size());
+    Tensor workspace = backend_->empty({sample_workspace_bytes(num_rows, logits.size(1))}, DType::kU8);
+    keep.push_back(workspace);
+    args.workspace = workspace.view();
+  }
+  if (!banned.empty()) {
+    args.banned_indptr = upload(banned_indptr.data(), DType::kI32, banned_indptr.size());
+    args.banned_token_ids = upload(banned.data(), DType::kI32, banned.size());
+  }
+  backend_->sample(args);
+  std::vector<int32_t> tokens(static_cast<size_t>(num_rows));
+  backend_->copy(TensorView(tokens.data(), DType::kI32, {num_rows}), output);
+  backend_->synchronize();
+  return tokens;
 }
 
 EngineStats Engine::stats() const {

@@ -164,6 +164,7 @@ void CudaBackend::silu_mul_impl(const SiluMulArgs& args) { activate(); cuda_silu
 void CudaBackend::rope_kv_append_impl(const RopeKvAppendArgs& args) { activate(); cuda_rope_kv_append(*this, args); }
 void CudaBackend::attention_impl(const AttentionArgs& args) { activate(); cuda_attention(*this, args); }
 void CudaBackend::gather_rows_impl(const GatherRowsArgs& args) { activate(); cuda_gather_rows(*this, args); }
+void CudaBackend::sample_impl(const SampleArgs& args) { activate(); cuda_sample(*this, args); }
 
 std::unique_ptr<Backend> make_cuda_backend(int device_index) { return std::make_unique<CudaBackend>(device_index); }
 

@@ -66,6 +66,7 @@ class CudaBackend : public Backend {
   void rope_kv_append_impl(const RopeKvAppendArgs& args) override;
   void attention_impl(const AttentionArgs& args) override;
   void gather_rows_impl(const GatherRowsArgs& args) override;
+  void sample_impl(const SampleArgs& args) override;
 
  private:
   std::shared_ptr<CudaContext> context_;
@@ -85,6 +86,7 @@ void cuda_silu_mul(CudaBackend& backend, const SiluMulArgs& args);
 void cuda_rope_kv_append(CudaBackend& backend, const RopeKvAppendArgs& args);
 void cuda_attention(CudaBackend& backend, const AttentionArgs& args);
 void cuda_gather_rows(CudaBackend& backend, const GatherRowsArgs& args);
+void cuda_sample(CudaBackend& backend, const SampleArgs& args);
 // The simple paged attention every faster kernel is checked against (attention_reference.cu).
 void cuda_attention_reference(CudaBackend& backend, const AttentionArgs& args);
 // dst = src over (num_rows, num_cols) matrices with row strides, converting dtypes, on the device.

@@ -243,3 +243,42 @@ def test_decode_graphs_match_eager(smollm2_dir):
             if graph_tokens[i][step] != eager_tokens[i][step]:
                 assert _margin(e) <= 2 * tol, f"request {i} step {step}: tokens differ at margin {_margin(e):.3e}"
                 break
+
+
+def _generate(engine, prompts, params):
+    """Token lists per prompt through the public API (no captured logits: sampling on the device)."""
+    return [out.outputs[0].token_ids for out in engine.generate(prompts, params)]
+
+
+def test_device_sampling(smollm2_dir):
+    """Without capture_logits or logprobs the GPU engine samples on the device and copies back only
+    token ids: greedy equals the host sampler's greedy (same logits, lowest id on ties); seeded
+    sampling with temperature/top-k/top-p/min-p/penalties repeats under the same seeds and changes
+    with them; min_tokens masks a stop token on the device."""
+    device = engine_device()
+    if device == "cpu":
+        pytest.skip("standing in: the CPU engine samples on the host")
+    common = dict(device=device, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=8,
+                  show_progress=False, seed=3)
+    device_engine = Engine(str(smollm2_dir), **common)
+    host_engine = Engine(str(smollm2_dir), capture_logits=True, **common)
+    rng = np.random.default_rng(11)
+    prompts = [[int(t) for t in rng.integers(3, SMOLLM2_135M["vocab_size"], size=n)] for n in (5, 40, 200)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert _generate(device_engine, prompts, greedy) == _generate(host_engine, prompts, greedy)
+
+    def sampled(seed):
+        params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
+                                presence_penalty=0.2, frequency_penalty=0.1, max_tokens=16, ignore_eos=True,
+                                seed=seed)
+        return _generate(device_engine, prompts, params)
+
+    first, again, other = sampled(1), sampled(1), sampled(2)
+    assert first == again, "the same seeds drew different tokens"
+    assert first != other, "different seeds drew the same 48 tokens"
+    assert all(len(tokens) == 16 and all(0 <= t < SMOLLM2_135M["vocab_size"] for t in tokens) for tokens in first)
+
+    banned = _generate(device_engine, prompts[:1], greedy)[0][0]
+    params = SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, stop_token_ids=[banned], ignore_eos=True)
+    tokens = _generate(device_engine, prompts[:1], params)[0]
+    assert tokens[0] != banned and len(tokens) >= 2, f"min_tokens did not mask the stop token: {tokens}"

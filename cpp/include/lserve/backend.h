@@ -21,12 +21,13 @@
 #include "lserve/ops/page_select.h"
 #include "lserve/ops/rms_norm.h"
 #include "lserve/ops/rope_kv_append.h"
+#include "lserve/ops/sample.h"
 #include "lserve/ops/silu_mul.h"
 #include "lserve/tensor.h"
 
 namespace lserve {
 
-enum class OpKind { kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows };
+enum class OpKind { kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows, kSample };
 
 class Backend {
  public:
@@ -77,6 +78,8 @@ class Backend {
   void rope_kv_append(const RopeKvAppendArgs& args);
   void attention(const AttentionArgs& args);
   void gather_rows(const GatherRowsArgs& args);
+  // One token per logits row on the device (ops/sample.h); float32 logits, used as scratch.
+  void sample(const SampleArgs& args) { args.validate(device()); sample_impl(args); }
   // Sparse attention (LServe): hierarchical page selection and the kmax/kmin statistics (float32).
   void page_select(const PageSelectArgs& args) { args.validate(device()); page_select_impl(args); }
   void page_stats_append(const PageStatsAppendArgs& args) { args.validate(device()); page_stats_append_impl(args); }
@@ -93,6 +96,7 @@ class Backend {
   virtual void rope_kv_append_impl(const RopeKvAppendArgs& args) = 0;
   virtual void attention_impl(const AttentionArgs& args) = 0;
   virtual void gather_rows_impl(const GatherRowsArgs& args) = 0;
+  virtual void sample_impl(const SampleArgs& args) = 0;
   virtual void page_select_impl(const PageSelectArgs& args);
   virtual void page_stats_append_impl(const PageStatsAppendArgs& args);
 };

@@ -118,6 +118,9 @@ class Engine {
  private:
   bool is_eos(int32_t token_id) const;
   void add_sparse_metadata(const ScheduledChunk& chunk, int64_t kv_len, int64_t num_pages, ForwardBatch* batch);
+  // Samples the rows of `logits` (device, one per sampling chunk in order) with Backend::sample and
+  // returns the token ids (-1 where the device found the row invalid).
+  std::vector<int32_t> sample_on_device(const SchedulerOutput& scheduled, const TensorView& logits);
 
   EngineConfig config_;
   std::unique_ptr<Backend> backend_;

@@ -55,7 +55,8 @@ bool CpuBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) c
     case OpKind::kRopeKvAppend:
     case OpKind::kAttention: return float_cache;
     case OpKind::kSiluMul:
-    case OpKind::kGatherRows: return true;
+    case OpKind::kGatherRows:
+    case OpKind::kSample: return true;
   }
   return false;
 }

@@ -28,6 +28,7 @@ void silu_mul(const CpuContext& context, const SiluMulArgs& args);
 void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args);
 void attention(const CpuContext& context, const AttentionArgs& args);
 void gather_rows(const CpuContext& context, const GatherRowsArgs& args);
+void sample(const CpuContext& context, const SampleArgs& args);
 // Backend::copy for host tensors: same-dtype bytes, or float32/bfloat16/float16 conversion.
 void copy(const CpuContext& context, const TensorView& dst, const TensorView& src);
 
@@ -55,6 +56,7 @@ class CpuBackend final : public Backend {
   void rope_kv_append_impl(const RopeKvAppendArgs& args) override { cpu::rope_kv_append(context_, args); }
   void attention_impl(const AttentionArgs& args) override { cpu::attention(context_, args); }
   void gather_rows_impl(const GatherRowsArgs& args) override { cpu::gather_rows(context_, args); }
+  void sample_impl(const SampleArgs& args) override { cpu::sample(context_, args); }
   void page_select_impl(const PageSelectArgs& args) override { cpu_page_select(args); }
   void page_stats_append_impl(const PageStatsAppendArgs& args) override { cpu_page_stats_append(args); }
 

@@ -398,6 +398,15 @@ void LlamaModel::select_pages(int layer_idx, Layer& layer, const ForwardBatch& b
 }
 
 std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
+  const TensorView logits = forward_logits(batch);
+  if (!logits.defined() || logits.numel() == 0) return {};
+  std::vector<float> host(static_cast<size_t>(logits.numel()));
+  backend_.copy(TensorView(host.data(), DType::kF32, {logits.size(0), logits.size(1)}), logits);
+  backend_.synchronize();
+  return host;
+}
+
+TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
   LSERVE_CHECK(finalized_, "forward() before finalize(): weights are not all loaded");
   LSERVE_CHECK(kv_allocated_, "forward() before allocate_kv_cache()");
   LSERVE_CHECK(!sparsity_.enabled || num_slots_ > 0, "sparse forward() before allocate_streaming_cache()");
@@ -406,7 +415,8 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
   const int64_t num_logits = static_cast<int64_t>(batch.logits_rows.size());
   const int64_t inter = config_.intermediate_size, vocab = config_.vocab_size;
-  if (num_tokens == 0) return {};
+  step_logits_ = Tensor();
+  if (num_tokens == 0) return TensorView();
   last_pages_selected_ = 0;
   last_pages_total_ = 0;
   if (graphs_ && graph_eligible(batch)) return forward_graph(batch);
@@ -476,12 +486,9 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
   }
   const LengthHints hints = length_hints(batch);
   enqueue_forward(t, &batch, hints.max_q_len, hints.max_kv_len);
-
-  if (num_logits == 0) return {};
-  std::vector<float> host(static_cast<size_t>(num_logits * vocab));
-  backend_.copy(TensorView(host.data(), DType::kF32, {num_logits, vocab}), logits);
-  backend_.synchronize();
-  return host;
+  if (num_logits == 0) return TensorView();
+  step_logits_ = logits;
+  return step_logits_.view();
 }
 
 void LlamaModel::enqueue_forward(const StepTensors& t, const ForwardBatch* batch, int32_t max_q_len,
@@ -725,18 +732,14 @@ LlamaModel::StepTensors LlamaModel::graph_tensors(int bucket) const {
   return t;
 }
 
-std::vector<float> LlamaModel::forward_graph(const ForwardBatch& batch) {
+TensorView LlamaModel::forward_graph(const ForwardBatch& batch) {
   const int num_seqs = static_cast<int>(batch.kv_lens.size());
   auto it = graphs_->graphs.lower_bound(num_seqs);
   LSERVE_CHECK(it != graphs_->graphs.end(), "no decode graph holds ", num_seqs, " sequences");
   upload_graph_batch(&batch, it->first);
   backend_.replay_graph(it->second);
   ++num_graph_replays_;
-  const int64_t vocab = config_.vocab_size;
-  std::vector<float> host(static_cast<size_t>(num_seqs * vocab));
-  backend_.copy(TensorView(host.data(), DType::kF32, {num_seqs, vocab}), graphs_->logits.view().slice(0, 0, num_seqs));
-  backend_.synchronize();
-  return host;
+  return graphs_->logits.view().slice(0, 0, num_seqs);
 }
 
 }  // namespace lserve

@@ -90,6 +90,8 @@ class LlamaModel {
 
   // Returns the logits of batch.logits_rows, (num_logits, vocab_size) float32 on the host.
   std::vector<float> forward(const ForwardBatch& batch);
+  // The same logits left on the backend's device, valid until the next forward (empty without rows).
+  TensorView forward_logits(const ForwardBatch& batch);
 
   // CUDA graphs for decode steps (backends with supports_graphs(), dense attention, no attention
   // bias): captures one graph per batch-size bucket (1, 2, 4, 8, then multiples of 8 up to
@@ -139,7 +141,7 @@ class LlamaModel {
   // Copies a decode batch (or none: all padding) padded to `bucket` rows into the graph buffers.
   void upload_graph_batch(const ForwardBatch* batch, int bucket);
   StepTensors graph_tensors(int bucket) const;
-  std::vector<float> forward_graph(const ForwardBatch& batch);
+  TensorView forward_graph(const ForwardBatch& batch);
 
   // Reorders a q/k/v/o tensor of layer_idx by its KV head order (host tensors only).
   std::vector<uint8_t> permute_heads(int layer_idx, const std::string& kind, const TensorView& tensor) const;
@@ -165,6 +167,7 @@ class LlamaModel {
   int num_select_ = 0;  // pages per selection: decode_token_budget / physical_page_size
   int64_t last_pages_selected_ = 0, last_pages_total_ = 0;
   std::unique_ptr<DecodeGraphs> graphs_;
+  Tensor step_logits_;  // the last eager forward's logits (forward_logits returns a view of them)
   int64_t num_graph_replays_ = 0;
 };
 
