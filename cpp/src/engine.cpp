@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lserve/packed_upload.h"
+
 namespace lserve {
 
 void EngineConfig::validate() const {
@@ -338,40 +340,50 @@ std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, 
   const int64_t num_rows = static_cast<int64_t>(temperature.size());
   LSERVE_CHECK(num_rows == logits.size(0), "sample_on_device: ", num_rows, " sampling rows, ", logits.size(0),
                " logits rows");
-  std::vector<Tensor> keep;  // device copies, alive until the op has been enqueued
-  auto upload = [&](const void* data, DType dtype, size_t count) {
-    Tensor tensor = backend_->empty({static_cast<int64_t>(std::max<size_t>(count, 1))}, dtype);
-    if (count > 0) {
-      backend_->copy(tensor.view().slice(0, 0, static_cast<int64_t>(count)),
-                     TensorView(const_cast<void*>(data), dtype, {static_cast<int64_t>(count)}));
-    }
-    keep.push_back(tensor);
-    return tensor.view().slice(0, 0, static_cast<int64_t>(count));
-  };
+  // Parameters: one host -> device copy.
+  PackedUpload pack;
+  const int i_temperature = pack.add(temperature, DType::kF32), i_top_k = pack.add(top_k, DType::kI32);
+  const int i_top_p = pack.add(top_p, DType::kF32), i_min_p = pack.add(min_p, DType::kF32);
+  const int i_seed = pack.add(seeds, DType::kI64), i_offset = pack.add(offsets, DType::kI64);
+  int i_history_indptr = -1, i_history = -1, i_num_prompt = -1, i_repetition = -1, i_presence = -1,
+      i_frequency = -1, i_banned_indptr = -1, i_banned = -1;
+  if (any_penalty) {
+    i_history_indptr = pack.add(history_indptr, DType::kI32);
+    i_history = pack.add(history, DType::kI32);
+    i_num_prompt = pack.add(num_prompt, DType::kI32);
+    i_repetition = pack.add(repetition, DType::kF32);
+    i_presence = pack.add(presence, DType::kF32);
+    i_frequency = pack.add(frequency, DType::kF32);
+  }
+  if (!banned.empty()) {
+    i_banned_indptr = pack.add(banned_indptr, DType::kI32);
+    i_banned = pack.add(banned, DType::kI32);
+  }
+  const Tensor block = pack.upload(*backend_);
   SampleArgs args;
   args.logits = logits;
-  args.temperature = upload(temperature.data(), DType::kF32, temperature.size());
-  args.top_k = upload(top_k.data(), DType::kI32, top_k.size());
-  args.top_p = upload(top_p.data(), DType::kF32, top_p.size());
-  args.min_p = upload(min_p.data(), DType::kF32, min_p.size());
-  args.seed = upload(seeds.data(), DType::kI64, seeds.size());
-  args.offset = upload(offsets.data(), DType::kI64, offsets.size());
+  args.temperature = pack.view(i_temperature, block);
+  args.top_k = pack.view(i_top_k, block);
+  args.top_p = pack.view(i_top_p, block);
+  args.min_p = pack.view(i_min_p, block);
+  args.seed = pack.view(i_seed, block);
+  args.offset = pack.view(i_offset, block);
   Tensor output = backend_->empty({num_rows}, DType::kI32);
   args.output = output.view();
+  Tensor workspace;
   if (any_penalty) {
-    args.history_indptr = upload(history_indptr.data(), DType::kI32, history_indptr.size());
-    args.history_token_ids = upload(history.data(), DType::kI32, history.size());
-    args.num_prompt_tokens = upload(num_prompt.data(), DType::kI32, num_prompt.size());
-    args.repetition_penalty = upload(repetition.data(), DType::kF32, repetition.size());
-    args.presence_penalty = upload(presence.data(), DType::kF32, presence.size());
-    args.frequency_penalty = upload(frequency.data(), DType::kF32, frequency.size());
-    Tensor workspace = backend_->empty({sample_workspace_bytes(num_rows, logits.size(1))}, DType::kU8);
-    keep.push_back(workspace);
+    args.history_indptr = pack.view(i_history_indptr, block);
+    args.history_token_ids = pack.view(i_history, block);
+    args.num_prompt_tokens = pack.view(i_num_prompt, block);
+    args.repetition_penalty = pack.view(i_repetition, block);
+    args.presence_penalty = pack.view(i_presence, block);
+    args.frequency_penalty = pack.view(i_frequency, block);
+    workspace = backend_->empty({sample_workspace_bytes(num_rows, logits.size(1))}, DType::kU8);
     args.workspace = workspace.view();
   }
   if (!banned.empty()) {
-    args.banned_indptr = upload(banned_indptr.data(), DType::kI32, banned_indptr.size());
-    args.banned_token_ids = upload(banned.data(), DType::kI32, banned.size());
+    args.banned_indptr = pack.view(i_banned_indptr, block);
+    args.banned_token_ids = pack.view(i_banned, block);
   }
   backend_->sample(args);
   std::vector<int32_t> tokens(static_cast<size_t>(num_rows));

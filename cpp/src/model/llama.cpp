@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "lserve/model/rope.h"
+#include "lserve/packed_upload.h"
 
 namespace lserve {
 
@@ -421,15 +422,18 @@ TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
   last_pages_total_ = 0;
   if (graphs_ && graph_eligible(batch)) return forward_graph(batch);
 
-  Tensor token_ids = upload_i32(batch.token_ids);
-  Tensor positions = upload_i32(batch.positions);
-  Tensor slot_mapping = upload_i64(batch.slot_mapping);
-  Tensor qo_indptr = upload_i32(batch.qo_indptr);
-  Tensor kv_page_indptr = upload_i32(batch.kv_page_indptr);
-  Tensor kv_page_indices = upload_i32(batch.kv_page_indices);
-  Tensor kv_lens = upload_i32(batch.kv_lens);
-  Tensor logits_rows = upload_i32(batch.logits_rows);
-  Tensor stream_slot_mapping, stream_page_indptr, stream_page_indices, window_sink, window_local;
+  // Metadata: one host -> device copy.
+  PackedUpload pack;
+  const int token_ids = pack.add(batch.token_ids, DType::kI32);
+  const int positions = pack.add(batch.positions, DType::kI32);
+  const int slot_mapping = pack.add(batch.slot_mapping, DType::kI64);
+  const int qo_indptr = pack.add(batch.qo_indptr, DType::kI32);
+  const int kv_page_indptr = pack.add(batch.kv_page_indptr, DType::kI32);
+  const int kv_page_indices = pack.add(batch.kv_page_indices, DType::kI32);
+  const int kv_lens = pack.add(batch.kv_lens, DType::kI32);
+  const int logits_rows = pack.add(batch.logits_rows, DType::kI32);
+  int stream_slot_mapping = -1, stream_page_indptr = -1, stream_page_indices = -1, window_sink = -1,
+      window_local = -1;
   if (sparsity_.enabled) {
     const size_t num_seqs = batch.kv_lens.size();
     LSERVE_CHECK(batch.stream_slot_mapping.size() == batch.token_ids.size() &&
@@ -437,12 +441,13 @@ TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
                  batch.window_local.size() == num_seqs && batch.seq_slots.size() == num_seqs &&
                  batch.select_mode.size() == num_seqs && batch.select_base_pages.size() == num_seqs,
                  "forward(): sparse batch metadata is incomplete");
-    stream_slot_mapping = upload_i64(batch.stream_slot_mapping);
-    stream_page_indptr = upload_i32(batch.stream_page_indptr);
-    stream_page_indices = upload_i32(batch.stream_page_indices);
-    window_sink = upload_i32(batch.window_sink);
-    window_local = upload_i32(batch.window_local);
+    stream_slot_mapping = pack.add(batch.stream_slot_mapping, DType::kI64);
+    stream_page_indptr = pack.add(batch.stream_page_indptr, DType::kI32);
+    stream_page_indices = pack.add(batch.stream_page_indices, DType::kI32);
+    window_sink = pack.add(batch.window_sink, DType::kI32);
+    window_local = pack.add(batch.window_local, DType::kI32);
   }
+  const Tensor metadata = pack.upload(backend_);
 
   const DType act_dtype = activation_dtype_;
   Tensor residual = backend_.empty({num_tokens, hidden}, DType::kF32);
@@ -458,14 +463,14 @@ TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
     logits = backend_.empty({num_logits, vocab}, DType::kF32);
   }
   StepTensors t;
-  t.token_ids = token_ids.view();
-  t.positions = positions.view();
-  t.slot_mapping = slot_mapping.view();
-  t.qo_indptr = qo_indptr.view();
-  t.kv_page_indptr = kv_page_indptr.view();
-  t.kv_page_indices = kv_page_indices.view();
-  t.kv_lens = kv_lens.view();
-  t.logits_rows = logits_rows.view();
+  t.token_ids = pack.view(token_ids, metadata);
+  t.positions = pack.view(positions, metadata);
+  t.slot_mapping = pack.view(slot_mapping, metadata);
+  t.qo_indptr = pack.view(qo_indptr, metadata);
+  t.kv_page_indptr = pack.view(kv_page_indptr, metadata);
+  t.kv_page_indices = pack.view(kv_page_indices, metadata);
+  t.kv_lens = pack.view(kv_lens, metadata);
+  t.logits_rows = pack.view(logits_rows, metadata);
   t.residual = residual.view();
   t.normed = normed.view();
   t.qkv = qkv.view();
@@ -478,11 +483,11 @@ TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
     t.logits = logits.view();
   }
   if (sparsity_.enabled) {
-    t.stream_slot_mapping = stream_slot_mapping.view();
-    t.stream_page_indptr = stream_page_indptr.view();
-    t.stream_page_indices = stream_page_indices.view();
-    t.window_sink = window_sink.view();
-    t.window_local = window_local.view();
+    t.stream_slot_mapping = pack.view(stream_slot_mapping, metadata);
+    t.stream_page_indptr = pack.view(stream_page_indptr, metadata);
+    t.stream_page_indices = pack.view(stream_page_indices, metadata);
+    t.window_sink = pack.view(window_sink, metadata);
+    t.window_local = pack.view(window_local, metadata);
   }
   const LengthHints hints = length_hints(batch);
   enqueue_forward(t, &batch, hints.max_q_len, hints.max_kv_len);
@@ -602,14 +607,27 @@ void LlamaModel::capture_decode_graphs(int max_batch, int max_kv_len) {
   const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
   const int64_t inter = config_.intermediate_size, vocab = config_.vocab_size;
   const DType act_dtype = activation_dtype_;
-  g.token_ids = backend_.empty({rows}, DType::kI32);
-  g.positions = backend_.empty({rows}, DType::kI32);
-  g.slot_mapping = backend_.empty({rows}, DType::kI64);
-  g.qo_indptr = backend_.empty({rows + 1}, DType::kI32);
-  g.kv_page_indptr = backend_.empty({rows + 1}, DType::kI32);
-  g.kv_page_indices = backend_.empty({rows * g.max_pages_per_seq}, DType::kI32);
-  g.kv_lens = backend_.empty({rows}, DType::kI32);
-  g.logits_rows = backend_.empty({rows}, DType::kI32);
+  {  // the metadata block at its largest: the layout upload_graph_batch repeats every step
+    PackedUpload layout;
+    const int64_t max_pages = rows * g.max_pages_per_seq;
+    const int i_tokens = layout.add(nullptr, 0, DType::kI32, rows);
+    const int i_positions = layout.add(nullptr, 0, DType::kI32, rows);
+    const int i_slots = layout.add(nullptr, 0, DType::kI64, rows);
+    const int i_qo = layout.add(nullptr, 0, DType::kI32, rows + 1);
+    const int i_page_indptr = layout.add(nullptr, 0, DType::kI32, rows + 1);
+    const int i_kv_lens = layout.add(nullptr, 0, DType::kI32, rows);
+    const int i_rows = layout.add(nullptr, 0, DType::kI32, rows);
+    const int i_pages = layout.add(nullptr, 0, DType::kI32, max_pages);
+    g.metadata = backend_.empty({layout.num_bytes()}, DType::kU8);
+    g.token_ids = layout.view(i_tokens, g.metadata, rows);
+    g.positions = layout.view(i_positions, g.metadata, rows);
+    g.slot_mapping = layout.view(i_slots, g.metadata, rows);
+    g.qo_indptr = layout.view(i_qo, g.metadata, rows + 1);
+    g.kv_page_indptr = layout.view(i_page_indptr, g.metadata, rows + 1);
+    g.kv_lens = layout.view(i_kv_lens, g.metadata, rows);
+    g.logits_rows = layout.view(i_rows, g.metadata, rows);
+    g.kv_page_indices = layout.view(i_pages, g.metadata, max_pages);
+  }
   g.residual = backend_.empty({rows, hidden}, DType::kF32);
   g.normed = backend_.empty({rows, hidden}, act_dtype);
   g.qkv = backend_.empty({rows, q_width + 2 * kv_width}, act_dtype);
@@ -694,30 +712,30 @@ void LlamaModel::upload_graph_batch(const ForwardBatch* batch, int bucket) {
       page_indptr[i + 1] = static_cast<int32_t>(page_indices.size());
     }
   }
-  auto put_i32 = [&](const Tensor& dst, const std::vector<int32_t>& values) {
-    backend_.copy(dst.view().slice(0, 0, static_cast<int64_t>(values.size())),
-                  TensorView(const_cast<int32_t*>(values.data()), DType::kI32, {static_cast<int64_t>(values.size())}));
-  };
-  put_i32(g.token_ids, token_ids);
-  put_i32(g.positions, positions);
-  backend_.copy(g.slot_mapping.view().slice(0, 0, bucket), TensorView(slots.data(), DType::kI64, {bucket}));
-  put_i32(g.qo_indptr, qo_indptr);
-  put_i32(g.kv_page_indptr, page_indptr);
-  put_i32(g.kv_page_indices, page_indices);
-  put_i32(g.kv_lens, kv_lens);
-  put_i32(g.logits_rows, rows);
+  // The same order and capacities as the block's layout (capture_decode_graphs): one copy.
+  const int64_t max_rows = g.max_batch;
+  PackedUpload pack;
+  pack.add(token_ids, DType::kI32, max_rows);
+  pack.add(positions, DType::kI32, max_rows);
+  pack.add(slots, DType::kI64, max_rows);
+  pack.add(qo_indptr, DType::kI32, max_rows + 1);
+  pack.add(page_indptr, DType::kI32, max_rows + 1);
+  pack.add(kv_lens, DType::kI32, max_rows);
+  pack.add(rows, DType::kI32, max_rows);
+  pack.add(page_indices, DType::kI32, max_rows * g.max_pages_per_seq);
+  pack.copy_into(backend_, g.metadata);
 }
 
 LlamaModel::StepTensors LlamaModel::graph_tensors(int bucket) const {
   const DecodeGraphs& g = *graphs_;
-  auto rows = [bucket](const Tensor& tensor, int64_t extra = 0) { return tensor.view().slice(0, 0, bucket + extra); };
+  auto rows = [bucket](const TensorView& view, int64_t extra = 0) { return view.slice(0, 0, bucket + extra); };
   StepTensors t;
   t.token_ids = rows(g.token_ids);
   t.positions = rows(g.positions);
   t.slot_mapping = rows(g.slot_mapping);
   t.qo_indptr = rows(g.qo_indptr, 1);
   t.kv_page_indptr = rows(g.kv_page_indptr, 1);
-  t.kv_page_indices = g.kv_page_indices.view();
+  t.kv_page_indices = g.kv_page_indices;
   t.kv_lens = rows(g.kv_lens);
   t.logits_rows = rows(g.logits_rows);
   t.residual = rows(g.residual);

@@ -130,7 +130,8 @@ class LlamaModel {
   // Persistent buffers (sized for max_batch sequences) and the captured graphs, by batch size.
   struct DecodeGraphs {
     int max_batch = 0, max_kv_len = 0, max_pages_per_seq = 0;
-    Tensor token_ids, positions, slot_mapping, qo_indptr, kv_page_indptr, kv_page_indices, kv_lens, logits_rows;
+    Tensor metadata;  // one block (PackedUpload layout of upload_graph_batch), views below at full size
+    TensorView token_ids, positions, slot_mapping, qo_indptr, kv_page_indptr, kv_page_indices, kv_lens, logits_rows;
     Tensor residual, normed, qkv, attn_out, proj_out, gate_up, act, selected, logits;
     std::map<int, std::shared_ptr<void>> graphs;
   };
