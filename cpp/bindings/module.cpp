@@ -11,7 +11,7 @@ PYBIND11_MODULE(_C, m) {
   lserve::bindings::bind_kv(m);
   lserve::bindings::bind_sampling(m);
   lserve::bindings::bind_gguf(m);
+  lserve::bindings::bind_sparse(m);  // before bind_engine: EngineConfig.sparsity is a SparsityConfig
   lserve::bindings::bind_engine(m);
-  lserve::bindings::bind_sparse(m);
   lserve::bindings::bind_backend(m);
 }

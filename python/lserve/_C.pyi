@@ -1,0 +1,749 @@
+"""
+lserve C++ core
+"""
+from __future__ import annotations
+import collections.abc
+import numpy
+import numpy.typing
+import typing
+__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'Generator', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_token', 'sample_workspace_bytes']
+class Error(ValueError):
+    pass
+class CpuBackend:
+    """
+    The CPU reference backend. Ops take numpy arrays or torch tensors and write their preallocated outputs in place; invalid inputs raise ValueError.
+    """
+    def __init__(self, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        """
+        num_threads <= 0 uses every hardware thread.
+        """
+    def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, window_sink: typing.Any = None, window_local: typing.Any = None, head_page_positions: typing.Any = None, head_num_pages: typing.Any = None) -> None:
+        """
+        Causal GQA of each sequence's query chunk over its KV pages, with the optional block-iterator policy: window_sink/window_local (Lambda mask) and head_page_positions/head_num_pages (see ops/attention.h).
+        """
+    def copy(self, dst: typing.Any, src: typing.Any) -> None:
+        """
+        dst[...] = src, converting between float32/bfloat16/float16.
+        """
+    def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any) -> None:
+        """
+        output (num_tokens, hidden_size) f32 = weight[token_ids]
+        """
+    def fill_zero(self, dst: typing.Any) -> None:
+        ...
+    def gather_rows(self, input: typing.Any, indices: typing.Any, output: typing.Any) -> None:
+        """
+        output = input[indices]
+        """
+    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any) -> None:
+        """
+        output (num_tokens, out_features) = input @ weight.T (+ bias)
+        """
+    def rms_norm(self, input: typing.Any, residual: typing.Any, weight: typing.Any, output: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex = 9.999999974752427e-07) -> None:
+        """
+        output = rms_norm(input [+ residual, written back to residual]) * weight
+        """
+    def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any) -> None:
+        """
+        Rotates query and key in place, then stores key and value at slot_mapping (slot < 0: skipped).
+        """
+    def silu_mul(self, input: typing.Any, output: typing.Any) -> None:
+        """
+        output = silu(input[:, :d]) * input[:, d:]
+        """
+    def supports(self, op: str, weight_dtype: str = 'float32', kv_cache_dtype: str = 'float32') -> bool:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+class PagePool:
+    """
+    Fixed pool of KV pages with reference counts; LIFO free list.
+    """
+    def __init__(self, num_pages: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def allocate(self) -> int:
+        """
+        A free page with reference count 1, or -1 when none is left.
+        """
+    def decref(self, page_idx: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Drops one reference; the page returns to the free list at zero.
+        """
+    def incref(self, page_idx: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def num_free(self) -> int:
+        ...
+    def num_pages(self) -> int:
+        ...
+    def refcount(self, page_idx: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+class KvCacheManager:
+    """
+    Per-sequence page tables over a PagePool, sized in tokens.
+    
+    Example: kv = KvCacheManager(num_pages=8, page_size=16); kv.reserve(0, 20);
+    kv.pages(0) == [0, 1]; kv.slot(0, 17) == 1 * 16 + 1
+    """
+    def __init__(self, num_pages: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def fork(self, src_seq_id: typing.SupportsInt | typing.SupportsIndex, dst_seq_id: typing.SupportsInt | typing.SupportsIndex, num_tokens: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        New sequence dst shares the pages that src's first num_tokens tokens fill completely.
+        """
+    def has(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def num_free_pages(self) -> int:
+        ...
+    def num_seqs(self) -> int:
+        ...
+    def num_total_pages(self) -> int:
+        ...
+    def page_size(self) -> int:
+        ...
+    def pages(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
+        """
+        seq_id's pages in token order, as a new list (empty for an unknown sequence).
+        """
+    def pages_needed(self, seq_id: typing.SupportsInt | typing.SupportsIndex, num_tokens: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        Pages seq_id still needs to hold num_tokens tokens (0 if it has them).
+        """
+    def pool(self) -> PagePool:
+        """
+        A snapshot of the underlying PagePool (refcounts, free count).
+        """
+    def release(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Releases every page of seq_id (no-op for an unknown sequence).
+        """
+    def reserve(self, seq_id: typing.SupportsInt | typing.SupportsIndex, num_tokens: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        """
+        Grows seq_id's page table to hold num_tokens tokens; False (and no change) when the pool has too few free pages.
+        """
+    def slot(self, seq_id: typing.SupportsInt | typing.SupportsIndex, position: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        Cache slot of token `position`: page_idx * page_size + position % page_size.
+        """
+class SamplingParams:
+    """
+    vLLM-style sampling parameters; the constructor validates (ValueError).
+    """
+    ignore_eos: bool
+    def __init__(self, *, temperature: typing.SupportsFloat | typing.SupportsIndex = 1.0, top_p: typing.SupportsFloat | typing.SupportsIndex = 1.0, top_k: typing.SupportsInt | typing.SupportsIndex = 0, min_p: typing.SupportsFloat | typing.SupportsIndex = 0.0, repetition_penalty: typing.SupportsFloat | typing.SupportsIndex = 1.0, presence_penalty: typing.SupportsFloat | typing.SupportsIndex = 0.0, frequency_penalty: typing.SupportsFloat | typing.SupportsIndex = 0.0, max_tokens: typing.SupportsInt | typing.SupportsIndex = 16, min_tokens: typing.SupportsInt | typing.SupportsIndex = 0, stop_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], ignore_eos: bool = False, logprobs: typing.SupportsInt | typing.SupportsIndex = -1, seed: typing.SupportsInt | typing.SupportsIndex = -1) -> None:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def validate(self) -> None:
+        """
+        Raises ValueError naming the parameter and its range.
+        """
+    def validate_for_model(self, vocab_size: typing.SupportsInt | typing.SupportsIndex, eos_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
+        """
+        validate(), and that min_tokens masking leaves some token of the vocabulary to sample.
+        """
+    @property
+    def frequency_penalty(self) -> float:
+        ...
+    @frequency_penalty.setter
+    def frequency_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def logprobs(self) -> int:
+        ...
+    @logprobs.setter
+    def logprobs(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_tokens(self) -> int:
+        ...
+    @max_tokens.setter
+    def max_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def min_p(self) -> float:
+        ...
+    @min_p.setter
+    def min_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def min_tokens(self) -> int:
+        ...
+    @min_tokens.setter
+    def min_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def presence_penalty(self) -> float:
+        ...
+    @presence_penalty.setter
+    def presence_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def repetition_penalty(self) -> float:
+        ...
+    @repetition_penalty.setter
+    def repetition_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def seed(self) -> int:
+        ...
+    @seed.setter
+    def seed(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """
+        A copy as a list: assign a new list to change it.
+        """
+    @stop_token_ids.setter
+    def stop_token_ids(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def temperature(self) -> float:
+        ...
+    @temperature.setter
+    def temperature(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def top_k(self) -> int:
+        ...
+    @top_k.setter
+    def top_k(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def top_p(self) -> float:
+        ...
+    @top_p.setter
+    def top_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+class Generator:
+    """
+    A seeded std::mt19937_64 stream for repeated sampling.
+    """
+    def __init__(self, seed: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def sample(self, logits: typing.Any, params: SamplingParams, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], output_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], eos_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> tuple[int, float, list[tuple[int, float]]]:
+        """
+        Samples one token from logits (vocab_size,) float32, continuing this generator's stream.
+        Returns (token_id, logprob, top_logprobs); see sample_token.
+        """
+class GgufFile:
+    """
+    A GGUF file, memory-mapped read-only; raises ValueError on corrupt input.
+    """
+    def __contains__(self, key: str) -> bool:
+        ...
+    def __init__(self, path: typing.Any) -> None:
+        ...
+    def get(self, key: str) -> typing.Any:
+        """
+        The value of a metadata key (arrays as lists); ValueError when missing.
+        """
+    def has_key(self, key: str) -> bool:
+        ...
+    def keys(self) -> list[str]:
+        """
+        Metadata keys in file order.
+        """
+    def read_f32(self, name: str) -> numpy.typing.NDArray[numpy.float32]:
+        """
+        Dequantised float32 numpy array of the tensor's shape.
+        """
+    def tensor_info(self, name: str) -> dict:
+        """
+        {name, shape (row-major), type, type_name, offset (absolute), nbytes}.
+        """
+    def tensor_names(self) -> list[str]:
+        ...
+    def value_type(self, key: str) -> tuple[str, str]:
+        """
+        (type, item type) names, e.g. ('array', 'string').
+        """
+    @property
+    def alignment(self) -> int:
+        ...
+    @property
+    def data_offset(self) -> int:
+        ...
+    @property
+    def path(self) -> str:
+        ...
+    @property
+    def version(self) -> int:
+        ...
+class SparsityConfig:
+    always_select_sink_page: bool
+    enabled: bool
+    page_score: str
+    def __init__(self) -> None:
+        ...
+    def validate(self, num_layers: typing.SupportsInt | typing.SupportsIndex, num_kv_heads: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def decode_local_tokens(self) -> int:
+        ...
+    @decode_local_tokens.setter
+    def decode_local_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def decode_sink_tokens(self) -> int:
+        ...
+    @decode_sink_tokens.setter
+    def decode_sink_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def decode_token_budget(self) -> int:
+        ...
+    @decode_token_budget.setter
+    def decode_token_budget(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def dense_below_tokens(self) -> int:
+        ...
+    @dense_below_tokens.setter
+    def dense_below_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def logical_page_size(self) -> int:
+        ...
+    @logical_page_size.setter
+    def logical_page_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def physical_page_size(self) -> int:
+        ...
+    @physical_page_size.setter
+    def physical_page_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def prefill_local_tokens(self) -> int:
+        ...
+    @prefill_local_tokens.setter
+    def prefill_local_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def prefill_sink_tokens(self) -> int:
+        ...
+    @prefill_sink_tokens.setter
+    def prefill_sink_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def selection_reuse_interval(self) -> int:
+        ...
+    @selection_reuse_interval.setter
+    def selection_reuse_interval(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def streaming_heads(self) -> list[int]:
+        ...
+    @streaming_heads.setter
+    def streaming_heads(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+class RopeScaling:
+    rope_type: str
+    truncate: bool
+    def __init__(self) -> None:
+        ...
+    @property
+    def attention_factor(self) -> float:
+        ...
+    @attention_factor.setter
+    def attention_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def beta_fast(self) -> float:
+        ...
+    @beta_fast.setter
+    def beta_fast(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def beta_slow(self) -> float:
+        ...
+    @beta_slow.setter
+    def beta_slow(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def factor(self) -> float:
+        ...
+    @factor.setter
+    def factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def high_freq_factor(self) -> float:
+        ...
+    @high_freq_factor.setter
+    def high_freq_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def low_freq_factor(self) -> float:
+        ...
+    @low_freq_factor.setter
+    def low_freq_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def mscale(self) -> float:
+        ...
+    @mscale.setter
+    def mscale(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def mscale_all_dim(self) -> float:
+        ...
+    @mscale_all_dim.setter
+    def mscale_all_dim(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def original_max_position_embeddings(self) -> int:
+        ...
+    @original_max_position_embeddings.setter
+    def original_max_position_embeddings(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+class ModelConfig:
+    architecture: str
+    attention_bias: bool
+    rope_scaling: RopeScaling
+    tie_word_embeddings: bool
+    def __init__(self) -> None:
+        ...
+    def validate(self) -> None:
+        ...
+    @property
+    def bos_token_id(self) -> int:
+        ...
+    @bos_token_id.setter
+    def bos_token_id(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def eos_token_id(self) -> int:
+        ...
+    @eos_token_id.setter
+    def eos_token_id(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def head_dim(self) -> int:
+        ...
+    @head_dim.setter
+    def head_dim(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def hidden_size(self) -> int:
+        ...
+    @hidden_size.setter
+    def hidden_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def intermediate_size(self) -> int:
+        ...
+    @intermediate_size.setter
+    def intermediate_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_position_embeddings(self) -> int:
+        ...
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def num_kv_heads(self) -> int:
+        ...
+    @num_kv_heads.setter
+    def num_kv_heads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def num_layers(self) -> int:
+        ...
+    @num_layers.setter
+    def num_layers(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def num_qo_heads(self) -> int:
+        ...
+    @num_qo_heads.setter
+    def num_qo_heads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def partial_rotary_factor(self) -> float:
+        ...
+    @partial_rotary_factor.setter
+    def partial_rotary_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def rms_norm_eps(self) -> float:
+        ...
+    @rms_norm_eps.setter
+    def rms_norm_eps(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def rope_theta(self) -> float:
+        ...
+    @rope_theta.setter
+    def rope_theta(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def vocab_size(self) -> int:
+        ...
+    @vocab_size.setter
+    def vocab_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+class EngineConfig:
+    capture_logits: bool
+    device: str
+    dtype: str
+    enforce_eager: bool
+    kv_cache_dtype: str
+    sparsity: SparsityConfig
+    def __init__(self) -> None:
+        ...
+    def validate(self) -> None:
+        ...
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ...
+    @eos_token_ids.setter
+    def eos_token_ids(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def gpu_memory_utilization(self) -> float:
+        ...
+    @gpu_memory_utilization.setter
+    def gpu_memory_utilization(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def kv_cache_memory(self) -> int:
+        ...
+    @kv_cache_memory.setter
+    def kv_cache_memory(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_model_len(self) -> int:
+        ...
+    @max_model_len.setter
+    def max_model_len(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_num_batched_tokens(self) -> int:
+        ...
+    @max_num_batched_tokens.setter
+    def max_num_batched_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_num_seqs(self) -> int:
+        ...
+    @max_num_seqs.setter
+    def max_num_seqs(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def num_kv_pages(self) -> int:
+        ...
+    @num_kv_pages.setter
+    def num_kv_pages(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def num_threads(self) -> int:
+        ...
+    @num_threads.setter
+    def num_threads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def page_size(self) -> int:
+        ...
+    @page_size.setter
+    def page_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def seed(self) -> int:
+        ...
+    @seed.setter
+    def seed(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+class TokenLogprob:
+    @property
+    def logprob(self) -> float:
+        ...
+    @property
+    def top_logprobs(self) -> list[tuple[int, float]]:
+        ...
+class StepOutput:
+    @property
+    def finish_reason(self) -> str:
+        ...
+    @property
+    def finished(self) -> bool:
+        ...
+    @property
+    def logits(self) -> typing.Any:
+        ...
+    @property
+    def new_logprobs(self) -> list[TokenLogprob]:
+        ...
+    @property
+    def new_token_ids(self) -> list[int]:
+        ...
+    @property
+    def num_output_tokens(self) -> int:
+        ...
+    @property
+    def num_prompt_tokens(self) -> int:
+        ...
+    @property
+    def request_id(self) -> int:
+        ...
+class EngineStats:
+    @property
+    def graph_batch_sizes(self) -> list[int]:
+        ...
+    @property
+    def last_step_pages_selected(self) -> int:
+        ...
+    @property
+    def last_step_pages_total(self) -> int:
+        ...
+    @property
+    def num_free_pages(self) -> int:
+        ...
+    @property
+    def num_free_stream_slots(self) -> int:
+        ...
+    @property
+    def num_graph_replays(self) -> int:
+        ...
+    @property
+    def num_preemptions(self) -> int:
+        ...
+    @property
+    def num_running(self) -> int:
+        ...
+    @property
+    def num_steps(self) -> int:
+        ...
+    @property
+    def num_stream_slots(self) -> int:
+        ...
+    @property
+    def num_total_pages(self) -> int:
+        ...
+    @property
+    def num_waiting(self) -> int:
+        ...
+    @property
+    def page_size(self) -> int:
+        ...
+    @property
+    def streaming_kv_bytes(self) -> int:
+        ...
+    @property
+    def streaming_kv_bytes_in_use(self) -> int:
+        ...
+class Engine:
+    @staticmethod
+    def from_gguf(path: str, config: EngineConfig) -> Engine:
+        ...
+    def __init__(self, model_config: ModelConfig, config: EngineConfig) -> None:
+        ...
+    def abort_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def add_request(self, request_id: typing.SupportsInt | typing.SupportsIndex, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], params: SamplingParams) -> None:
+        ...
+    def finalize(self) -> None:
+        ...
+    def generate(self, prompts: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], params: SamplingParams) -> list[list[int]]:
+        ...
+    def has_unfinished_requests(self) -> bool:
+        ...
+    def load_weight(self, name: str, tensor: typing.Any) -> None:
+        ...
+    def stats(self) -> EngineStats:
+        ...
+    def step(self) -> list[StepOutput]:
+        ...
+    @property
+    def config(self) -> EngineConfig:
+        ...
+    @property
+    def model_config(self) -> ModelConfig:
+        ...
+    @property
+    def ready(self) -> bool:
+        ...
+class Backend:
+    """
+    A backend by device name ('cpu', 'cuda', 'cuda:N'). Ops write preallocated outputs in place; invalid inputs raise ValueError.
+    """
+    def __init__(self, device: str = 'cpu', num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        ...
+    def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, max_q_len: typing.SupportsInt | typing.SupportsIndex = 0, max_kv_len: typing.SupportsInt | typing.SupportsIndex = 0, repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
+        ...
+    def copy(self, dst: typing.Any, src: typing.Any) -> None:
+        """
+        dst[...] = src, converting between float32/bfloat16/float16.
+        """
+    def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any) -> None:
+        ...
+    def fill_zero(self, dst: typing.Any) -> None:
+        ...
+    def gather_rows(self, input: typing.Any, indices: typing.Any, output: typing.Any) -> None:
+        ...
+    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any, repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
+        """
+        output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait (benchmarks)
+        """
+    def memory_info(self) -> tuple[int, int]:
+        """
+        (free, total) device bytes, or (-1, -1) on the host
+        """
+    def rms_norm(self, input: typing.Any, residual: typing.Any, weight: typing.Any, output: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex = 9.999999974752427e-07) -> None:
+        ...
+    def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any) -> None:
+        ...
+    def sample(self, logits: typing.Any, temperature: typing.Any, top_k: typing.Any, top_p: typing.Any, min_p: typing.Any, seed: typing.Any, offset: typing.Any, output: typing.Any, *, history_indptr: typing.Any = None, history_token_ids: typing.Any = None, num_prompt_tokens: typing.Any = None, repetition_penalty: typing.Any = None, presence_penalty: typing.Any = None, frequency_penalty: typing.Any = None, workspace: typing.Any = None, banned_indptr: typing.Any = None, banned_token_ids: typing.Any = None) -> None:
+        """
+        output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.
+        """
+    def silu_mul(self, input: typing.Any, output: typing.Any) -> None:
+        ...
+    def synchronize(self) -> None:
+        ...
+    @property
+    def device(self) -> str:
+        ...
+    @property
+    def low_precision_activations(self) -> bool:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+def gguf_hf_weights(file: GgufFile, callback: typing.Any = None) -> typing.Any:
+    """
+    Hugging Face-named float32 weights: {name: array}, or callback(name, array) for each.
+    """
+def gguf_model_config_dict(file: GgufFile) -> dict:
+    """
+    ModelConfig fields of a llama GGUF as a dict (rope_scaling nested).
+    """
+def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound') -> None:
+    ...
+def page_stats_append(key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
+    ...
+def rope_cos_sin_cache(head_dim: typing.SupportsInt | typing.SupportsIndex, rope_theta: typing.SupportsFloat | typing.SupportsIndex, max_positions: typing.SupportsInt | typing.SupportsIndex, partial_rotary_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0, rope_scaling: typing.Any = None, max_position_embeddings: typing.SupportsInt | typing.SupportsIndex = 2048) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    (max_positions, rotary_dim) float32: row p = [cos(p * inv_freq) | sin(p * inv_freq)] * attention_scaling; rope_scaling is Hugging Face's dict (rope_type default, linear, llama3 or yarn).
+    """
+def rope_frequencies(head_dim: typing.SupportsInt | typing.SupportsIndex, rope_theta: typing.SupportsFloat | typing.SupportsIndex, partial_rotary_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0, rope_scaling: typing.Any = None, max_position_embeddings: typing.SupportsInt | typing.SupportsIndex = 2048) -> tuple[numpy.typing.NDArray[numpy.float64], float]:
+    """
+    (inv_freq (rotary_dim / 2,) float64, attention_scaling) as transformers' ROPE_INIT_FUNCTIONS return them.
+    """
+def sample_token(logits: typing.Any, params: SamplingParams, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], output_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], eos_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], seed: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[int, float, list[tuple[int, float]]]:
+    """
+    Samples one token from logits (vocab_size,) float32 with a fresh mt19937_64(seed). While
+    len(output_token_ids) < params.min_tokens, params.stop_token_ids and (unless params.ignore_eos)
+    eos_token_ids are masked. Returns (token_id, logprob, top_logprobs): logprob and top_logprobs
+    (best first, params.logprobs entries of (token_id, logprob)) come from log_softmax of the raw
+    logits; logprob is 0 when params.logprobs is -1. The input array is not modified.
+    
+    Example: sample_token(np.array([0., 2., 1.], np.float32), SamplingParams(temperature=0))[0] == 1
+    """
+def sample_workspace_bytes(num_rows: typing.SupportsInt | typing.SupportsIndex, vocab_size: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Bytes of the sample op's workspace (uint8) for num_rows rows of vocab_size logits.
+    """
+has_cuda_backend: bool
