@@ -75,6 +75,7 @@ void bind_engine(py::module_& m) {
       .def_readonly("new_logprobs", &RequestOutput::new_logprobs)
       .def_readonly("finished", &RequestOutput::finished)
       .def_readonly("finish_reason", &RequestOutput::finish_reason)
+      .def_readonly("error", &RequestOutput::error)
       .def_readonly("num_prompt_tokens", &RequestOutput::num_prompt_tokens)
       .def_readonly("num_output_tokens", &RequestOutput::num_output_tokens)
       .def_property_readonly("logits", [](const RequestOutput& self) -> py::object {

@@ -264,16 +264,30 @@ std::vector<RequestOutput> Engine::step() {
     RequestOutput output;
     output.request_id = request.request_id;
     SampledToken sampled;
-    if (device_sampling) {
-      sampled.token_id = device_tokens[logits_row++];
-      LSERVE_CHECK(sampled.token_id >= 0 && sampled.token_id < vocab_size, "request ", request.request_id,
-                   ": the device sampler found its logits row invalid (NaN logits, or every token masked)");
-    } else {
-      float* row = logits.data() + logits_row * static_cast<size_t>(vocab_size);
-      ++logits_row;
-      if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
-      sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids, request.output_token_ids,
-                             eos_token_ids_, request.rng);
+    // A row that cannot be sampled (NaN logits, everything masked) aborts its own request only:
+    // the others in the batch keep their tokens and the engine stays consistent.
+    try {
+      if (device_sampling) {
+        sampled.token_id = device_tokens[logits_row++];
+        LSERVE_CHECK(sampled.token_id >= 0 && sampled.token_id < vocab_size, "request ", request.request_id,
+                     ": the device sampler found its logits row invalid (NaN logits, or every token masked)");
+      } else {
+        float* row = logits.data() + logits_row * static_cast<size_t>(vocab_size);
+        ++logits_row;
+        if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
+        sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids, request.output_token_ids,
+                               eos_token_ids_, request.rng);
+      }
+    } catch (const Error& error) {
+      selection_state_.erase(request.request_id);
+      output.finished = true;
+      output.finish_reason = finish_reason_name(FinishReason::kAbort);
+      output.error = error.what();
+      output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
+      output.num_output_tokens = static_cast<int64_t>(request.output_token_ids.size());
+      scheduler_->finish_request(request.request_id, FinishReason::kAbort);
+      outputs.push_back(std::move(output));
+      continue;
     }
     request.output_token_ids.push_back(sampled.token_id);
     output.new_token_ids.push_back(sampled.token_id);

@@ -565,6 +565,9 @@ class TokenLogprob:
         ...
 class StepOutput:
     @property
+    def error(self) -> str:
+        ...
+    @property
     def finish_reason(self) -> str:
         ...
     @property

@@ -40,6 +40,7 @@ class _Sequence:
     cumulative_logprob: Optional[float] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
+    error: Optional[str] = None
     stop_scan_from: int = 0
 
 
@@ -64,7 +65,7 @@ class _Request:
                 CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.token_ids),
                                  cumulative_logprob=seq.cumulative_logprob,
                                  logprobs=None if seq.logprobs is None else list(seq.logprobs),
-                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error)
                 for seq in self.sequences
             ],
             finished=self.finished,
@@ -305,6 +306,7 @@ class Engine:
                 sequence.text += sequence.decoder.push(token_id)
         if out.finished:
             sequence.finish_reason = out.finish_reason
+            sequence.error = getattr(out, "error", "") or None
             self._core_to_seq.pop(sequence.core_id, None)
             last = sequence.token_ids[-1] if sequence.token_ids else None
             if out.finish_reason == "stop" and last is not None and last in params.stop_token_ids:

@@ -29,6 +29,7 @@ class CompletionOutput:
     logprobs: Optional[List[Dict[int, Logprob]]] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
+    error: Optional[str] = None  # why the engine aborted this sequence (finish_reason "abort"), e.g. NaN logits
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -112,3 +112,37 @@ def test_bad_engine_args(model_dir):
                           (dict(device="tpu"), "device"), (dict(kv_cache_memory=-1), "kv_cache_memory")):
         with pytest.raises(ValueError, match=field):
             Engine(str(model_dir), show_progress=False, **kwargs)
+
+
+def test_nan_logits_abort_only_their_request(model_dir, tmp_path):
+    """A request whose logits turn NaN (here: its prompt holds a token whose embedding row is NaN)
+    ends with finish_reason "abort" and the sampler's error; the request batched with it gets
+    exactly the tokens it gets alone, and the engine frees every page and goes on serving."""
+    from safetensors.numpy import load_file, save_file
+
+    for name in ("config.json", "generation_config.json"):
+        if (model_dir / name).exists():
+            (tmp_path / name).write_text((model_dir / name).read_text())
+    weights = {}
+    for path in model_dir.glob("*.safetensors"):
+        weights.update(load_file(str(path)))
+    poisoned = 7
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].copy()
+    weights["model.embed_tokens.weight"][poisoned] = np.nan
+    save_file(weights, str(tmp_path / "model.safetensors"))
+
+    def make():
+        return Engine(str(tmp_path), max_model_len=64, num_kv_pages=64, page_size=8, show_progress=False)
+
+    bad, good = [5, 9, poisoned, 11], [5, 9, 12, 13, 20]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    alone = make().generate([good], params)[0].outputs[0]
+    engine = make()
+    bad_out, good_out = (out.outputs[0] for out in engine.generate([bad, good], params))
+    assert bad_out.finish_reason == "abort" and "NaN" in (bad_out.error or ""), (bad_out.finish_reason, bad_out.error)
+    assert bad_out.token_ids == []
+    assert good_out.token_ids == alone.token_ids and good_out.finish_reason == alone.finish_reason
+    assert good_out.error is None
+    stats = engine._core.stats()
+    assert stats.num_running == 0 and stats.num_free_pages == stats.num_total_pages
+    assert engine.generate([good], params)[0].outputs[0].token_ids == alone.token_ids

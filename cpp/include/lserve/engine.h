@@ -61,6 +61,7 @@ struct RequestOutput {
   std::vector<TokenLogprob> new_logprobs;  // one per new token when params.logprobs >= 0
   bool finished = false;
   std::string finish_reason;  // "", "stop", "length", "abort"
+  std::string error;          // why the engine aborted the request (e.g. NaN logits); "" otherwise
   int64_t num_prompt_tokens = 0;
   int64_t num_output_tokens = 0;
   std::vector<float> logits;  // (vocab_size,) when capture_logits, for the sampled row
