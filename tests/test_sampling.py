@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lserve import _C
-from lserve_testing import assert_close_fp32, assert_exact
+from lserve_testing import FILTER_CASES, assert_close_fp32, assert_distribution, assert_exact, make_logits
 
 NUM_SAMPLES = 20000
 
@@ -75,47 +75,6 @@ def draw(logits, params, seed, prompt=(), output=(), eos=(), num_samples=NUM_SAM
                      for _ in range(num_samples)])
 
 
-def chi_square_bound(df: int, z: float = 4.75) -> float:
-    """Upper quantile of chi-square(df) at a normal z-score (Wilson-Hilferty); z=4.75 ~ 1e-6."""
-    h = 2.0 / (9.0 * df)
-    return df * (1.0 - h + z * math.sqrt(h)) ** 3
-
-
-def assert_distribution(samples: np.ndarray, expected: np.ndarray, what: str, seed) -> None:
-    counts = np.bincount(samples, minlength=expected.size)
-    disallowed = np.flatnonzero((counts > 0) & (expected == 0))
-    assert disallowed.size == 0, (f"{what}: drew disallowed tokens {disallowed[:10].tolist()} "
-                                  f"(seed={seed}, vocab={expected.size})")
-    expected_counts = expected * samples.size
-    # Cells: every allowed token expected at least 5 times; the rarer ones pooled into one cell,
-    # or folded into the smallest cell when even the pool is expected fewer than 5 times.
-    big = expected_counts >= 5
-    small = (expected > 0) & ~big
-    observed_cells = counts[big].astype(np.float64)
-    expected_cells = expected_counts[big]
-    if small.any():
-        if expected_counts[small].sum() >= 5 or not big.any():
-            observed_cells = np.append(observed_cells, counts[small].sum())
-            expected_cells = np.append(expected_cells, expected_counts[small].sum())
-        else:
-            smallest = int(np.argmin(expected_cells))
-            observed_cells[smallest] += counts[small].sum()
-            expected_cells[smallest] += expected_counts[small].sum()
-    if observed_cells.size < 2:
-        return  # one allowed token: the disallowed check above is the whole test
-    df = observed_cells.size - 1
-    statistic = float(np.sum((observed_cells - expected_cells) ** 2 / expected_cells))
-    bound = chi_square_bound(df)
-    worst = int(np.argmax(np.abs(observed_cells - expected_cells)))
-    assert statistic <= bound, (
-        f"{what}: chi-square {statistic:.1f} > {bound:.1f} (df={df}); worst cell {worst}: observed "
-        f"{observed_cells[worst]} vs expected {expected_cells[worst]:.1f} (seed={seed}, vocab={expected.size})")
-
-
-def make_logits(seed: int, vocab_size: int, scale: float = 2.0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(vocab_size) * scale).astype(np.float32)
-
-
 # ---- greedy ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("vocab_size", [1, 19, 1023, 50257])
@@ -143,21 +102,6 @@ def test_greedy_with_penalties_matches_reference():
 
 
 # ---- filters against the reference distribution -----------------------------------------------------
-
-FILTER_CASES = {
-    "plain": dict(),
-    "temperature 0.5": dict(temperature=0.5),
-    "temperature 1.7": dict(temperature=1.7),
-    "top_k 5": dict(top_k=5),
-    "top_k 1": dict(top_k=1),
-    "top_p 0.6": dict(top_p=0.6),
-    "top_p tiny": dict(top_p=1e-6),
-    "min_p 0.1": dict(min_p=0.1),
-    "top_k + top_p": dict(top_k=10, top_p=0.7),
-    "top_k + top_p + min_p": dict(top_k=12, top_p=0.9, min_p=0.2, temperature=0.8),
-    "top_p + min_p": dict(top_p=0.8, min_p=0.05),
-}
-
 
 @pytest.mark.parametrize("case", sorted(FILTER_CASES))
 def test_filters_match_reference(case):

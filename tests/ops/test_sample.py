@@ -6,13 +6,11 @@ and the counts must pass a chi-square bound at a false-alarm rate of about 1e-6 
 so the outcome is deterministic). The draw itself is pinned to Philox4x32-10's published answers."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 from lserve import _C
-from lserve_testing import assert_exact
+from lserve_testing import FILTER_CASES, assert_distribution, assert_exact, make_logits
 
 NUM_SAMPLES = 20000
 
@@ -105,38 +103,6 @@ def reference_probs(x, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     return out / out.sum()
 
 
-def chi_square_bound(df: int, z: float = 4.75) -> float:
-    """Upper quantile of chi-square(df) at a normal z-score (Wilson-Hilferty); z=4.75 ~ 1e-6."""
-    h = 2.0 / (9.0 * df)
-    return df * (1.0 - h + z * math.sqrt(h)) ** 3
-
-
-def assert_distribution(samples, expected, what: str, seed) -> None:
-    counts = np.bincount(samples, minlength=expected.size)
-    disallowed = np.flatnonzero((counts > 0) & (expected == 0))
-    assert disallowed.size == 0, f"{what}: drew disallowed tokens {disallowed[:10].tolist()} (seed={seed})"
-    expected_counts = expected * samples.size
-    big = expected_counts >= 5  # cells expected fewer than 5 times are pooled into one
-    observed = counts[big].astype(np.float64)
-    wanted = expected_counts[big]
-    small = (expected > 0) & ~big
-    if small.any():
-        observed = np.append(observed, counts[small].sum())
-        wanted = np.append(wanted, expected_counts[small].sum())
-    if observed.size < 2:
-        return  # one allowed token: the disallowed check is the whole test
-    statistic = float(np.sum((observed - wanted) ** 2 / wanted))
-    bound = chi_square_bound(observed.size - 1)
-    worst = int(np.argmax(np.abs(observed - wanted)))
-    assert statistic <= bound, (
-        f"{what}: chi-square {statistic:.1f} > {bound:.1f} (df={observed.size - 1}); worst cell {worst}: "
-        f"observed {observed[worst]} vs expected {wanted[worst]:.1f} (seed={seed})")
-
-
-def make_logits(seed: int, vocab_size: int, scale: float = 2.0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(vocab_size) * scale).astype(np.float32)
-
-
 def draws(backend, row, num_samples=NUM_SAMPLES, seed=0, **kwargs):
     """num_samples draws from one logits row: one batch row per (seed, offset) pair."""
     index = np.arange(num_samples)
@@ -220,20 +186,6 @@ def test_banned_ids_outside_vocab_are_skipped(cpu):
 
 
 # ---- the filtered distribution ---------------------------------------------------------------------
-
-FILTER_CASES = {
-    "plain": dict(),
-    "temperature 0.5": dict(temperature=0.5),
-    "temperature 1.7": dict(temperature=1.7),
-    "top_k 5": dict(top_k=5),
-    "top_k 1": dict(top_k=1),
-    "top_p 0.6": dict(top_p=0.6),
-    "top_p tiny": dict(top_p=1e-6),
-    "min_p 0.1": dict(min_p=0.1),
-    "top_k + top_p": dict(top_k=10, top_p=0.7),
-    "top_k + top_p + min_p": dict(top_k=12, top_p=0.9, min_p=0.2, temperature=0.8),
-    "top_p + min_p": dict(top_p=0.8, min_p=0.05),
-}
 
 
 @pytest.mark.parametrize("case", sorted(FILTER_CASES))
