@@ -30,7 +30,7 @@ class PackedUpload {
     const size_t reserved = static_cast<size_t>(capacity < 0 ? count : capacity) * dtype_size(dtype);
     host_.resize(offset + reserved, 0);
     if (bytes > 0) std::memcpy(host_.data() + offset, values, bytes);
-    entries_.push_back({offset, count, dtype});
+    entries_.push_back({offset, count, capacity < 0 ? count : capacity, dtype});
     used_bytes_ = offset + bytes;
     return static_cast<int>(entries_.size()) - 1;
   }
@@ -57,18 +57,17 @@ class PackedUpload {
     backend.copy(block.view().slice(0, 0, used_bytes()),
                  TensorView(const_cast<uint8_t*>(host_.data()), DType::kU8, {used_bytes()}));
   }
-  // Array `index` as a 1-D view into `block` (of `count` elements instead of the array's own, e.g. a
-  // reservation's full capacity).
-  TensorView view(int index, const Tensor& block, int64_t count = -1) const {
+  // Array `index` as a 1-D view into `block`: its elements, or with full_capacity its reservation.
+  TensorView view(int index, const Tensor& block, bool full_capacity = false) const {
     const Entry& entry = entries_.at(static_cast<size_t>(index));
     return TensorView(static_cast<uint8_t*>(block.data()) + entry.offset, entry.dtype,
-                      {count < 0 ? entry.count : count}, block.view().device);
+                      {full_capacity ? entry.capacity : entry.count}, block.view().device);
   }
 
  private:
   struct Entry {
     size_t offset;
-    int64_t count;
+    int64_t count, capacity;
     DType dtype;
   };
   std::vector<uint8_t> host_;

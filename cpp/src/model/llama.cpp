@@ -295,24 +295,6 @@ void LlamaModel::allocate_streaming_cache(int num_pages, int page_size, DType kv
   }
 }
 
-Tensor LlamaModel::upload_i32(const std::vector<int32_t>& values) {
-  Tensor out = backend_.empty({static_cast<int64_t>(values.size())}, DType::kI32);
-  if (!values.empty()) {
-    backend_.copy(out, TensorView(const_cast<int32_t*>(values.data()), DType::kI32,
-                                  {static_cast<int64_t>(values.size())}));
-  }
-  return out;
-}
-
-Tensor LlamaModel::upload_i64(const std::vector<int64_t>& values) {
-  Tensor out = backend_.empty({static_cast<int64_t>(values.size())}, DType::kI64);
-  if (!values.empty()) {
-    backend_.copy(out, TensorView(const_cast<int64_t*>(values.data()), DType::kI64,
-                                  {static_cast<int64_t>(values.size())}));
-  }
-  return out;
-}
-
 void LlamaModel::select_pages(int layer_idx, Layer& layer, const ForwardBatch& batch, const TensorView& dense_query,
                               Tensor* head_pages, Tensor* head_counts) {
   const int64_t num_seqs = static_cast<int64_t>(batch.kv_lens.size());
@@ -347,7 +329,12 @@ void LlamaModel::select_pages(int layer_idx, Layer& layer, const ForwardBatch& b
       indptr.push_back(static_cast<int32_t>(indices.size()));
       lens.push_back(batch.kv_lens[s]);
     }
-    Tensor indptr_t = upload_i32(indptr), indices_t = upload_i32(indices), lens_t = upload_i32(lens);
+    PackedUpload pack;
+    const int i_indptr = pack.add(indptr, DType::kI32), i_indices = pack.add(indices, DType::kI32);
+    const int i_lens = pack.add(lens, DType::kI32);
+    const Tensor block = pack.upload(backend_);
+    const TensorView indptr_t = pack.view(i_indptr, block), indices_t = pack.view(i_indices, block);
+    const TensorView lens_t = pack.view(i_lens, block);
     Tensor selected = backend_.empty({n, nd, num_select_}, DType::kI32);
     Tensor counts = backend_.empty({n, nd}, DType::kI32);
     backend_.page_select({q, layer.kmax, layer.kmin, indptr_t, indices_t, lens_t, selected, counts,
@@ -607,26 +594,17 @@ void LlamaModel::capture_decode_graphs(int max_batch, int max_kv_len) {
   const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
   const int64_t inter = config_.intermediate_size, vocab = config_.vocab_size;
   const DType act_dtype = activation_dtype_;
-  {  // the metadata block at its largest: the layout upload_graph_batch repeats every step
-    PackedUpload layout;
-    const int64_t max_pages = rows * g.max_pages_per_seq;
-    const int i_tokens = layout.add(nullptr, 0, DType::kI32, rows);
-    const int i_positions = layout.add(nullptr, 0, DType::kI32, rows);
-    const int i_slots = layout.add(nullptr, 0, DType::kI64, rows);
-    const int i_qo = layout.add(nullptr, 0, DType::kI32, rows + 1);
-    const int i_page_indptr = layout.add(nullptr, 0, DType::kI32, rows + 1);
-    const int i_kv_lens = layout.add(nullptr, 0, DType::kI32, rows);
-    const int i_rows = layout.add(nullptr, 0, DType::kI32, rows);
-    const int i_pages = layout.add(nullptr, 0, DType::kI32, max_pages);
+  {  // the metadata block at its largest
+    const PackedUpload layout = pack_graph_batch(g, nullptr, max_batch);
     g.metadata = backend_.empty({layout.num_bytes()}, DType::kU8);
-    g.token_ids = layout.view(i_tokens, g.metadata, rows);
-    g.positions = layout.view(i_positions, g.metadata, rows);
-    g.slot_mapping = layout.view(i_slots, g.metadata, rows);
-    g.qo_indptr = layout.view(i_qo, g.metadata, rows + 1);
-    g.kv_page_indptr = layout.view(i_page_indptr, g.metadata, rows + 1);
-    g.kv_lens = layout.view(i_kv_lens, g.metadata, rows);
-    g.logits_rows = layout.view(i_rows, g.metadata, rows);
-    g.kv_page_indices = layout.view(i_pages, g.metadata, max_pages);
+    g.token_ids = layout.view(kGraphTokens, g.metadata, true);
+    g.positions = layout.view(kGraphPositions, g.metadata, true);
+    g.slot_mapping = layout.view(kGraphSlots, g.metadata, true);
+    g.qo_indptr = layout.view(kGraphQoIndptr, g.metadata, true);
+    g.kv_page_indptr = layout.view(kGraphPageIndptr, g.metadata, true);
+    g.kv_lens = layout.view(kGraphKvLens, g.metadata, true);
+    g.logits_rows = layout.view(kGraphRows, g.metadata, true);
+    g.kv_page_indices = layout.view(kGraphPages, g.metadata, true);
   }
   g.residual = backend_.empty({rows, hidden}, DType::kF32);
   g.normed = backend_.empty({rows, hidden}, act_dtype);
@@ -649,7 +627,7 @@ void LlamaModel::capture_decode_graphs(int max_batch, int max_kv_len) {
     // that kernel loading, cuBLASLt's algorithm choice and the attention workspace's size are
     // settled; then capture, largest first.
     for (auto it = buckets.rbegin(); it != buckets.rend(); ++it) {
-      upload_graph_batch(nullptr, *it);
+      pack_graph_batch(g, nullptr, *it).copy_into(backend_, g.metadata);
       enqueue_forward(graph_tensors(*it), nullptr, 1, max_kv_len);
     }
     backend_.synchronize();
@@ -689,8 +667,7 @@ bool LlamaModel::graph_eligible(const ForwardBatch& batch) const {
   return true;
 }
 
-void LlamaModel::upload_graph_batch(const ForwardBatch* batch, int bucket) {
-  DecodeGraphs& g = *graphs_;
+PackedUpload LlamaModel::pack_graph_batch(const DecodeGraphs& g, const ForwardBatch* batch, int bucket) {
   const int num_seqs = batch ? static_cast<int>(batch->kv_lens.size()) : 0;
   // Padding rows: token 0 at position 0, nothing written to the cache (slot -1), attending to
   // one token of page 0; their outputs are never read.
@@ -712,7 +689,7 @@ void LlamaModel::upload_graph_batch(const ForwardBatch* batch, int bucket) {
       page_indptr[i + 1] = static_cast<int32_t>(page_indices.size());
     }
   }
-  // The same order and capacities as the block's layout (capture_decode_graphs): one copy.
+  // GraphArray order, each at its capacity for max_batch rows.
   const int64_t max_rows = g.max_batch;
   PackedUpload pack;
   pack.add(token_ids, DType::kI32, max_rows);
@@ -723,7 +700,7 @@ void LlamaModel::upload_graph_batch(const ForwardBatch* batch, int bucket) {
   pack.add(kv_lens, DType::kI32, max_rows);
   pack.add(rows, DType::kI32, max_rows);
   pack.add(page_indices, DType::kI32, max_rows * g.max_pages_per_seq);
-  pack.copy_into(backend_, g.metadata);
+  return pack;
 }
 
 LlamaModel::StepTensors LlamaModel::graph_tensors(int bucket) const {
@@ -754,7 +731,7 @@ TensorView LlamaModel::forward_graph(const ForwardBatch& batch) {
   const int num_seqs = static_cast<int>(batch.kv_lens.size());
   auto it = graphs_->graphs.lower_bound(num_seqs);
   LSERVE_CHECK(it != graphs_->graphs.end(), "no decode graph holds ", num_seqs, " sequences");
-  upload_graph_batch(&batch, it->first);
+  pack_graph_batch(*graphs_, &batch, it->first).copy_into(backend_, graphs_->metadata);
   backend_.replay_graph(it->second);
   ++num_graph_replays_;
   return graphs_->logits.view().slice(0, 0, num_seqs);

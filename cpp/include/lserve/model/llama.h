@@ -15,6 +15,7 @@
 
 #include "lserve/backend.h"
 #include "lserve/model/config.h"
+#include "lserve/packed_upload.h"
 #include "lserve/sparsity.h"
 
 namespace lserve {
@@ -130,7 +131,7 @@ class LlamaModel {
   // Persistent buffers (sized for max_batch sequences) and the captured graphs, by batch size.
   struct DecodeGraphs {
     int max_batch = 0, max_kv_len = 0, max_pages_per_seq = 0;
-    Tensor metadata;  // one block (PackedUpload layout of upload_graph_batch), views below at full size
+    Tensor metadata;  // one block laid out by pack_graph_batch; the views below span full capacity
     TensorView token_ids, positions, slot_mapping, qo_indptr, kv_page_indptr, kv_page_indices, kv_lens, logits_rows;
     Tensor residual, normed, qkv, attn_out, proj_out, gate_up, act, selected, logits;
     std::map<int, std::shared_ptr<void>> graphs;
@@ -139,8 +140,12 @@ class LlamaModel {
   // `batch` is needed only for the sparse path's page selection.
   void enqueue_forward(const StepTensors& t, const ForwardBatch* batch, int32_t max_q_len, int32_t max_kv_len);
   bool graph_eligible(const ForwardBatch& batch) const;
-  // Copies a decode batch (or none: all padding) padded to `bucket` rows into the graph buffers.
-  void upload_graph_batch(const ForwardBatch* batch, int bucket);
+  // A decode batch (or none: all padding) padded to `bucket` rows, packed in the graph block's layout:
+  // the metadata arrays in GraphArray order, each at the capacity of max_batch rows, so every step's
+  // block has the layout the graphs were captured with.
+  enum GraphArray { kGraphTokens, kGraphPositions, kGraphSlots, kGraphQoIndptr, kGraphPageIndptr, kGraphKvLens,
+                    kGraphRows, kGraphPages };
+  static PackedUpload pack_graph_batch(const DecodeGraphs& graphs, const ForwardBatch* batch, int bucket);
   StepTensors graph_tensors(int bucket) const;
   TensorView forward_graph(const ForwardBatch& batch);
 
@@ -150,8 +155,6 @@ class LlamaModel {
   void select_pages(int layer_idx, Layer& layer, const ForwardBatch& batch, const TensorView& dense_query,
                     Tensor* head_pages, Tensor* head_counts);
 
-  Tensor upload_i32(const std::vector<int32_t>& values);
-  Tensor upload_i64(const std::vector<int64_t>& values);
 
   ModelConfig config_;
   Backend& backend_;
