@@ -166,4 +166,18 @@ __device__ __forceinline__ auto convert_fragment(const cute::Tensor<Engine, Layo
   return result;
 }
 
+// dst = src converted element by element, written as whole registers: both fragments hold the same
+// number of elements in the same storage order (dst may have another layout over that storage).
+// Copying element by element instead makes the compiler shuffle 16-bit halves between registers.
+template <class EngineS, class LayoutS, class EngineD, class LayoutD>
+__device__ __forceinline__ void convert_into(const cute::Tensor<EngineS, LayoutS>& src, cute::Tensor<EngineD, LayoutD>& dst) {
+  using namespace cute;
+  using From = typename EngineS::value_type;
+  using To = typename EngineD::value_type;
+  constexpr int kN = decltype(size(src))::value;
+  static_assert(kN == decltype(size(dst))::value);
+  cutlass::NumericArrayConverter<To, From, kN> convert;
+  *reinterpret_cast<cutlass::Array<To, kN>*>(dst.data()) = convert(*reinterpret_cast<const cutlass::Array<From, kN>*>(src.data()));
+}
+
 }  // namespace lserve::cuda
