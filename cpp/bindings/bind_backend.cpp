@@ -191,7 +191,41 @@ void bind_backend(py::module_& m) {
           py::arg("banned_token_ids") = py::none(),
           "output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see "
           "ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of "
-          "sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.");
+          "sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.")
+      .def(
+          "page_select",
+          [](PyBackend& self, py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr,
+             py::handle kv_page_indices, py::handle kv_lens, py::handle selected, py::handle num_selected,
+             int physical_page_size, bool keep_first_page, const std::string& page_score) {
+            DlpackTensor query_t(query, "query"), kmax_t(kmax, "kmax"), kmin_t(kmin, "kmin");
+            DlpackTensor indptr_t(kv_page_indptr, "kv_page_indptr"), indices_t(kv_page_indices, "kv_page_indices");
+            DlpackTensor kv_lens_t(kv_lens, "kv_lens"), selected_t(selected, "selected");
+            DlpackTensor num_selected_t(num_selected, "num_selected");
+            const PageSelectArgs args{query_t.view(),     kmax_t.view(),    kmin_t.view(),
+                                      indptr_t.view(),    indices_t.view(), kv_lens_t.view(),
+                                      selected_t.writable_view("selected"),
+                                      num_selected_t.writable_view("num_selected"),
+                                      physical_page_size, keep_first_page, page_score_from_string(page_score)};
+            run(self, [&] { self.backend->page_select(args); });
+          },
+          py::arg("query"), py::arg("kmax"), py::arg("kmin"), py::arg("kv_page_indptr"), py::arg("kv_page_indices"),
+          py::arg("kv_lens"), py::arg("selected"), py::arg("num_selected"), py::arg("physical_page_size"),
+          py::arg("keep_first_page") = true, py::arg("page_score") = "bound",
+          "selected[s, h, :num_selected[s, h]] = the ascending page positions KV head h of sequence s attends; "
+          "see ops/page_select.h. page_score is 'bound' or 'center'.")
+      .def(
+          "page_stats_append",
+          [](PyBackend& self, py::handle key, py::handle slot_mapping, py::handle kmax, py::handle kmin,
+             int physical_page_size) {
+            DlpackTensor key_t(key, "key"), slots_t(slot_mapping, "slot_mapping"), kmax_t(kmax, "kmax");
+            DlpackTensor kmin_t(kmin, "kmin");
+            const PageStatsAppendArgs args{key_t.view(), slots_t.view(), kmax_t.writable_view("kmax"),
+                                           kmin_t.writable_view("kmin"), physical_page_size};
+            run(self, [&] { self.backend->page_stats_append(args); });
+          },
+          py::arg("key"), py::arg("slot_mapping"), py::arg("kmax"), py::arg("kmin"), py::arg("physical_page_size"),
+          "Folds each key into kmax/kmin of its slot's logical page (the first slot of a logical page resets "
+          "it); see ops/page_select.h.");
 }
 
 }  // namespace lserve::bindings

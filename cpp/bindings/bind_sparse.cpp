@@ -10,13 +10,13 @@ namespace lserve::bindings {
 
 namespace py = pybind11;
 
-namespace {
-
 PageScore page_score_from_string(const std::string& name) {
   if (name == "bound") return PageScore::kBound;
   if (name == "center") return PageScore::kCenter;
   throw Error("page_score must be 'bound' or 'center', got '" + name + "'");
 }
+
+namespace {
 
 std::string page_score_name(PageScore score) { return score == PageScore::kCenter ? "center" : "bound"; }
 

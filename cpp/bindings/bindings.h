@@ -4,6 +4,10 @@
 
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "lserve/ops/page_select.h"
+
 namespace lserve::bindings {
 
 void bind_ops(pybind11::module_& m);       // bind_ops.cpp: CPU backend ops for tests
@@ -13,5 +17,8 @@ void bind_gguf(pybind11::module_& m);      // bind_gguf.cpp: GgufFile reader
 void bind_engine(pybind11::module_& m);    // bind_engine.cpp: ModelConfig, EngineConfig, Engine
 void bind_sparse(pybind11::module_& m);    // bind_sparse.cpp: page selection reference ops
 void bind_backend(pybind11::module_& m);   // bind_backend.cpp: Backend("cpu" | "cuda[:N]") ops for tests
+
+// "bound" | "center" -> PageScore, else lserve::Error (bind_sparse.cpp).
+PageScore page_score_from_string(const std::string& name);
 
 }  // namespace lserve::bindings

@@ -47,6 +47,8 @@ class CudaBackend : public Backend {
   // It grows only outside capture and before the first graph (graphs keep its address); returns
   // nullptr when it is too small and may not grow (outside capture: use a per-call buffer).
   void* attention_workspace(size_t num_bytes);
+  // The same for page_select's page score keys (page_select.cu), under the same rules.
+  void* page_select_workspace(size_t num_bytes);
 
   cudaStream_t stream() const { return context_->stream; }
   int num_sms() const { return num_sms_; }  // streaming multiprocessors (kernel grid heuristics)
@@ -67,6 +69,8 @@ class CudaBackend : public Backend {
   void attention_impl(const AttentionArgs& args) override;
   void gather_rows_impl(const GatherRowsArgs& args) override;
   void sample_impl(const SampleArgs& args) override;
+  void page_select_impl(const PageSelectArgs& args) override;
+  void page_stats_append_impl(const PageStatsAppendArgs& args) override;
 
  private:
   std::shared_ptr<CudaContext> context_;
@@ -76,6 +80,8 @@ class CudaBackend : public Backend {
   int num_graphs_ = 0;                   // graphs captured so far (they hold the workspace's address)
   Tensor attention_workspace_;
   size_t attention_workspace_bytes_ = 0;
+  Tensor page_select_workspace_;
+  size_t page_select_workspace_bytes_ = 0;
 };
 
 // Per-op glue (cuda/src/<op>.cu): Args -> params, dtype dispatch, launch on backend.stream().
@@ -87,6 +93,8 @@ void cuda_rope_kv_append(CudaBackend& backend, const RopeKvAppendArgs& args);
 void cuda_attention(CudaBackend& backend, const AttentionArgs& args);
 void cuda_gather_rows(CudaBackend& backend, const GatherRowsArgs& args);
 void cuda_sample(CudaBackend& backend, const SampleArgs& args);
+void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args);
+void cuda_page_stats_append(CudaBackend& backend, const PageStatsAppendArgs& args);
 // The simple paged attention every faster kernel is checked against (attention_reference.cu).
 void cuda_attention_reference(CudaBackend& backend, const AttentionArgs& args);
 // dst = src over (num_rows, num_cols) matrices with row strides, converting dtypes, on the device.

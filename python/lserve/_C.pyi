@@ -694,6 +694,14 @@ class Backend:
         """
         (free, total) device bytes, or (-1, -1) on the host
         """
+    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound') -> None:
+        """
+        selected[s, h, :num_selected[s, h]] = the ascending page positions KV head h of sequence s attends; see ops/page_select.h. page_score is 'bound' or 'center'.
+        """
+    def page_stats_append(self, key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Folds each key into kmax/kmin of its slot's logical page (the first slot of a logical page resets it); see ops/page_select.h.
+        """
     def rms_norm(self, input: typing.Any, residual: typing.Any, weight: typing.Any, output: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex = 9.999999974752427e-07) -> None:
         ...
     def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any) -> None:
