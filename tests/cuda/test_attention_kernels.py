@@ -58,6 +58,22 @@ def test_prefill_dense(lib, case, impl):
                     f"prefill case {case} impl {impl} seed {seed}")
 
 
+# The Hopper launcher runs a persistent grid (one CTA per SM walking rounds of work tiles, the K/V ring
+# running on across them) up to 20 waves of (128-query tile, head, sequence) work tiles, and one CTA per
+# tile beyond (prefill_sm90.cuh). Both with many tiles, empty tiles (short sequences) and chunks.
+SCHEDULE_CASES = {
+    "persistent": [(2000, 2000), (37, 4000), (1000, 1500), (1, 1), (640, 641)],  # 2560 tiles: ~19 per CTA on 132 SMs
+    "one_cta_per_tile": [(2700, 2700), (2700, 3000), (2600, 2600), (2700, 2777), (129, 129), (2700, 2700)],
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULE_CASES))
+def test_prefill_sm90_work_schedules(lib, schedule):
+    batch = PagedBatch(SCHEDULE_CASES[schedule], 32, 8, 128, 64, torch.bfloat16, seed=len(schedule))
+    out = _run_prefill(lib, batch, PREFILL_SM90)
+    check_attention(out, reference(batch, False), reference(batch, True), torch.bfloat16, f"prefill {schedule}")
+
+
 @pytest.mark.parametrize("impl", [PREFILL_SM80, PREFILL_SM90], ids=["sm80", "sm90"])
 def test_prefill_fp16(lib, impl):
     batch = PagedBatch([(333, 333), (64, 1500)], 8, 2, 128, 64, torch.float16, seed=7)
