@@ -65,14 +65,8 @@ void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
   if (p.max_q_len * group <= cuda::decode_max_group_rows()) {
     const int num_splits = cuda::decode_num_splits(p, backend.num_sms());
     const size_t bytes = cuda::decode_workspace_bytes(p, num_splits);
-    // The backend's persistent workspace (a captured graph replays with its address), else a
-    // per-call buffer when it may no longer grow.
-    void* workspace = backend.attention_workspace(bytes);
     Tensor scratch;
-    if (bytes > 0 && workspace == nullptr) {
-      scratch = backend.empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32);
-      workspace = scratch.data();
-    }
+    void* workspace = backend.workspace(CudaBackend::Workspace::kDecodeAttention, bytes, &scratch);
     LSERVE_CUDA_CHECK(cuda::attention_decode(p, num_splits, workspace, bytes, backend.stream()));
   } else {
     LSERVE_CUDA_CHECK(cuda::attention_prefill(p, backend.stream()));

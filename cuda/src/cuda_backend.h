@@ -43,12 +43,12 @@ class CudaBackend : public Backend {
   std::shared_ptr<void> end_capture() override;
   void replay_graph(const std::shared_ptr<void>& graph) override;
   bool capturing() const { return capturing_; }
-  // A persistent scratch buffer of at least num_bytes for the decode attention's split-KV partials.
-  // It grows only outside capture and before the first graph (graphs keep its address); returns
-  // nullptr when it is too small and may not grow (outside capture: use a per-call buffer).
-  void* attention_workspace(size_t num_bytes);
-  // The same for page_select's page score keys (page_select.cu), under the same rules.
-  void* page_select_workspace(size_t num_bytes);
+  // At least num_bytes (16-byte aligned) of device scratch for one op's kernels: a buffer per
+  // Workspace kept across calls, so steps allocate nothing once it has grown. It grows only outside
+  // capture and before the first graph (graphs keep its address); past that, a larger request outside
+  // capture gets a per-call buffer held by *scratch, and inside capture is an error.
+  enum class Workspace { kDecodeAttention, kPageSelect };
+  void* workspace(Workspace which, size_t num_bytes, Tensor* scratch);
 
   cudaStream_t stream() const { return context_->stream; }
   int num_sms() const { return num_sms_; }  // streaming multiprocessors (kernel grid heuristics)
@@ -78,10 +78,7 @@ class CudaBackend : public Backend {
   int num_sms_ = 0;
   bool capturing_ = false;
   int num_graphs_ = 0;                   // graphs captured so far (they hold the workspace's address)
-  Tensor attention_workspace_;
-  size_t attention_workspace_bytes_ = 0;
-  Tensor page_select_workspace_;
-  size_t page_select_workspace_bytes_ = 0;
+  Tensor workspaces_[2];  // by Workspace
 };
 
 // Per-op glue (cuda/src/<op>.cu): Args -> params, dtype dispatch, launch on backend.stream().

@@ -39,16 +39,21 @@ void CudaBackend::replay_graph(const std::shared_ptr<void>& graph) {
   LSERVE_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph.get()), context_->stream));
 }
 
-void* CudaBackend::attention_workspace(size_t num_bytes) {
+void* CudaBackend::workspace(Workspace which, size_t num_bytes, Tensor* scratch) {
   if (num_bytes == 0) return nullptr;
-  if (num_bytes <= attention_workspace_bytes_) return attention_workspace_.data();
-  LSERVE_CHECK(!capturing_, "decode attention needs ", num_bytes, " bytes of split-KV workspace while a CUDA "
-               "graph is being captured, but ", attention_workspace_bytes_, " are reserved: run the step once "
-               "before capturing it");
-  if (num_graphs_ > 0) return nullptr;  // captured graphs hold the current buffer's address
-  attention_workspace_ = empty({static_cast<int64_t>((num_bytes + 15) / 16 * 4)}, DType::kF32);
-  attention_workspace_bytes_ = (num_bytes + 15) / 16 * 16;
-  return attention_workspace_.data();
+  Tensor& buffer = workspaces_[static_cast<int>(which)];
+  const size_t reserved = buffer.defined() ? buffer.nbytes() : 0;
+  if (num_bytes <= reserved) return buffer.data();
+  LSERVE_CHECK(!capturing_, which == Workspace::kPageSelect ? "page_select" : "decode attention", " needs ",
+               num_bytes, " bytes of workspace while a CUDA graph is being captured, but ", reserved,
+               " are reserved: run the step once before capturing it");
+  const int64_t words = static_cast<int64_t>((num_bytes + 15) / 16 * 4);  // float32 words, 16-byte multiple
+  if (num_graphs_ > 0) {  // captured graphs hold the current buffer's address
+    *scratch = empty({words}, DType::kF32);
+    return scratch->data();
+  }
+  buffer = empty({words}, DType::kF32);
+  return buffer.data();
 }
 
 }  // namespace lserve

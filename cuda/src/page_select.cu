@@ -10,18 +10,6 @@
 
 namespace lserve {
 
-void* CudaBackend::page_select_workspace(size_t num_bytes) {
-  if (num_bytes == 0) return nullptr;
-  if (num_bytes <= page_select_workspace_bytes_) return page_select_workspace_.data();
-  LSERVE_CHECK(!capturing_, "page_select needs ", num_bytes, " bytes of page-score workspace while a CUDA graph "
-               "is being captured, but ", page_select_workspace_bytes_, " are reserved: run the step once before "
-               "capturing it");
-  if (num_graphs_ > 0) return nullptr;  // captured graphs hold the current buffer's address
-  page_select_workspace_ = empty({static_cast<int64_t>((num_bytes + 15) / 16 * 4)}, DType::kF32);
-  page_select_workspace_bytes_ = (num_bytes + 15) / 16 * 16;
-  return page_select_workspace_.data();
-}
-
 void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
   cuda::PageSelectParams params;
   params.query = args.query.data_ptr<float>();
@@ -51,16 +39,9 @@ void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
                    params.num_entries * params.logical_per_page * params.num_kv_heads <= INT32_MAX,
                "page_select: ", params.num_seqs, " sequences, ", params.num_entries, " pages exceed the CUDA grid");
 
-  // The backend's persistent workspace (a captured graph replays with its address), else a
-  // per-call buffer when it may no longer grow.
-  const size_t bytes = cuda::page_select_workspace_bytes(params);
-  void* workspace = backend.page_select_workspace(bytes);
   Tensor scratch;
-  if (bytes > 0 && workspace == nullptr) {
-    scratch = backend.empty({static_cast<int64_t>((bytes + 3) / 4)}, DType::kF32);
-    workspace = scratch.data();
-  }
-  params.page_keys = static_cast<uint32_t*>(workspace);
+  params.page_keys = static_cast<uint32_t*>(backend.workspace(CudaBackend::Workspace::kPageSelect,
+                                                              cuda::page_select_workspace_bytes(params), &scratch));
   LSERVE_CUDA_CHECK(cuda::launch_page_select(params, backend.stream()));
 }
 
