@@ -48,6 +48,11 @@ void bind_backend(py::module_& m) {
       .def("memory_info", [](PyBackend& self) { return self.backend->memory_info(); },
            "(free, total) device bytes, or (-1, -1) on the host")
       .def("synchronize", [](PyBackend& self) { run(self, [] {}); })
+      .def("begin_isolated", [](PyBackend& self) { self.backend->begin_isolated(); },
+           "Opens the per-layer region where allocation, copies and synchronisation are counted as violations.")
+      .def("end_isolated", [](PyBackend& self) { self.backend->end_isolated(); })
+      .def_property_readonly("isolation_violations",
+                             [](const PyBackend& self) { return self.backend->isolation_violations(); })
       .def(
           "copy",
           [](PyBackend& self, py::handle dst, py::handle src) {
@@ -107,18 +112,22 @@ void bind_backend(py::module_& m) {
       .def(
           "rope_kv_append",
           [](PyBackend& self, py::handle query, py::handle key, py::handle value, py::handle positions,
-             py::handle cos_sin_cache, py::handle k_cache, py::handle v_cache, py::handle slot_mapping) {
+             py::handle cos_sin_cache, py::handle k_cache, py::handle v_cache, py::handle slot_mapping,
+             py::handle mirror_slot_mapping) {
             DlpackTensor query_t(query, "query"), key_t(key, "key"), value_t(value, "value");
             DlpackTensor positions_t(positions, "positions"), table_t(cos_sin_cache, "cos_sin_cache");
             DlpackTensor k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
             DlpackTensor slots_t(slot_mapping, "slot_mapping");
-            const RopeKvAppendArgs args{query_t.writable_view("query"), key_t.writable_view("key"), value_t.view(),
-                                        positions_t.view(), table_t.view(), k_cache_t.writable_view("k_cache"),
-                                        v_cache_t.writable_view("v_cache"), slots_t.view()};
+            std::vector<DlpackTensor> keep;
+            RopeKvAppendArgs args{query_t.writable_view("query"), key_t.writable_view("key"), value_t.view(),
+                                  positions_t.view(), table_t.view(), k_cache_t.writable_view("k_cache"),
+                                  v_cache_t.writable_view("v_cache"), slots_t.view()};
+            args.mirror_slot_mapping = optional_view(mirror_slot_mapping, keep, "mirror_slot_mapping");
             run(self, [&] { self.backend->rope_kv_append(args); });
           },
           py::arg("query"), py::arg("key"), py::arg("value"), py::arg("positions"), py::arg("cos_sin_cache"),
-          py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"))
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::kw_only(),
+          py::arg("mirror_slot_mapping") = py::none())
       .def(
           "attention",
           [](PyBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
@@ -196,23 +205,31 @@ void bind_backend(py::module_& m) {
           "page_select",
           [](PyBackend& self, py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr,
              py::handle kv_page_indices, py::handle kv_lens, py::handle selected, py::handle num_selected,
-             int physical_page_size, bool keep_first_page, const std::string& page_score) {
+             int physical_page_size, bool keep_first_page, const std::string& page_score, py::handle qo_indptr,
+             py::handle select_mode, py::handle select_slot) {
             DlpackTensor query_t(query, "query"), kmax_t(kmax, "kmax"), kmin_t(kmin, "kmin");
             DlpackTensor indptr_t(kv_page_indptr, "kv_page_indptr"), indices_t(kv_page_indices, "kv_page_indices");
             DlpackTensor kv_lens_t(kv_lens, "kv_lens"), selected_t(selected, "selected");
             DlpackTensor num_selected_t(num_selected, "num_selected");
-            const PageSelectArgs args{query_t.view(),     kmax_t.view(),    kmin_t.view(),
-                                      indptr_t.view(),    indices_t.view(), kv_lens_t.view(),
-                                      selected_t.writable_view("selected"),
-                                      num_selected_t.writable_view("num_selected"),
-                                      physical_page_size, keep_first_page, page_score_from_string(page_score)};
+            std::vector<DlpackTensor> keep;
+            PageSelectArgs args{query_t.view(),     kmax_t.view(),    kmin_t.view(),
+                                indptr_t.view(),    indices_t.view(), kv_lens_t.view(),
+                                selected_t.writable_view("selected"),
+                                num_selected_t.writable_view("num_selected"),
+                                physical_page_size, keep_first_page, page_score_from_string(page_score)};
+            args.qo_indptr = optional_view(qo_indptr, keep, "qo_indptr");
+            args.select_mode = optional_view(select_mode, keep, "select_mode");
+            args.select_slot = optional_view(select_slot, keep, "select_slot");
             run(self, [&] { self.backend->page_select(args); });
           },
           py::arg("query"), py::arg("kmax"), py::arg("kmin"), py::arg("kv_page_indptr"), py::arg("kv_page_indices"),
           py::arg("kv_lens"), py::arg("selected"), py::arg("num_selected"), py::arg("physical_page_size"),
-          py::arg("keep_first_page") = true, py::arg("page_score") = "bound",
-          "selected[s, h, :num_selected[s, h]] = the ascending page positions KV head h of sequence s attends; "
-          "see ops/page_select.h. page_score is 'bound' or 'center'.")
+          py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::kw_only(),
+          py::arg("qo_indptr") = py::none(), py::arg("select_mode") = py::none(), py::arg("select_slot") = py::none(),
+          "The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h "
+          "of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = "
+          "select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is "
+          "'bound' or 'center'.")
       .def(
           "page_stats_append",
           [](PyBackend& self, py::handle key, py::handle slot_mapping, py::handle kmax, py::handle kmin,

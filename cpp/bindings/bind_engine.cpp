@@ -91,14 +91,20 @@ void bind_engine(py::module_& m) {
       .def_readonly("page_size", &EngineStats::page_size)
       .def_readonly("num_preemptions", &EngineStats::num_preemptions)
       .def_readonly("num_steps", &EngineStats::num_steps)
+      .def_readonly("kv_cache_bytes", &EngineStats::kv_cache_bytes)
+      .def_readonly("kv_cache_bytes_in_use", &EngineStats::kv_cache_bytes_in_use)
       .def_readonly("num_stream_slots", &EngineStats::num_stream_slots)
       .def_readonly("num_free_stream_slots", &EngineStats::num_free_stream_slots)
+      .def_readonly("num_prefill_rings", &EngineStats::num_prefill_rings)
+      .def_readonly("num_free_prefill_rings", &EngineStats::num_free_prefill_rings)
+      .def_readonly("streaming_bytes_per_seq", &EngineStats::streaming_bytes_per_seq)
       .def_readonly("streaming_kv_bytes", &EngineStats::streaming_kv_bytes)
       .def_readonly("streaming_kv_bytes_in_use", &EngineStats::streaming_kv_bytes_in_use)
       .def_readonly("last_step_pages_selected", &EngineStats::last_step_pages_selected)
       .def_readonly("last_step_pages_total", &EngineStats::last_step_pages_total)
       .def_readonly("graph_batch_sizes", &EngineStats::graph_batch_sizes)
-      .def_readonly("num_graph_replays", &EngineStats::num_graph_replays);
+      .def_readonly("num_graph_replays", &EngineStats::num_graph_replays)
+      .def_readonly("isolation_violations", &EngineStats::isolation_violations);
 
   py::class_<Engine>(m, "Engine")
       .def(py::init<const ModelConfig&, const EngineConfig&>(), py::arg("model_config"), py::arg("config"))

@@ -189,41 +189,45 @@ void bind_ops(py::module_& m) {
       .def(
           "attention",
           [](PyCpuBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
-             py::handle kv_page_indptr, py::handle kv_page_indices, py::handle kv_lens, py::handle output,
-             float sm_scale, py::object window_sink, py::object window_local, py::object head_page_positions,
-             py::object head_num_pages) {
+             py::object kv_page_indptr, py::object kv_page_indices, py::handle kv_lens, py::handle output,
+             float sm_scale, py::object window_sink, py::object window_local, py::object stream_ring,
+             py::object selection, py::object selection_count, py::object select_slot, py::object select_base) {
             DlpackTensor query_t(query, "query"), k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
-            DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), page_indptr_t(kv_page_indptr, "kv_page_indptr");
-            DlpackTensor page_indices_t(kv_page_indices, "kv_page_indices"), kv_lens_t(kv_lens, "kv_lens");
+            DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), kv_lens_t(kv_lens, "kv_lens");
             DlpackTensor output_t(output, "output");
             AttentionArgs args;
             args.query = query_t.view();
             args.k_cache = k_cache_t.view();
             args.v_cache = v_cache_t.view();
             args.qo_indptr = qo_indptr_t.view();
-            args.kv_page_indptr = page_indptr_t.view();
-            args.kv_page_indices = page_indices_t.view();
             args.kv_lens = kv_lens_t.view();
             args.output = output_t.writable_view("output");
             args.sm_scale = sm_scale;
-            // Optional block-iterator policy (streaming heads' Lambda mask, per-head page lists).
-            std::optional<DlpackTensor> sink_t, local_t, positions_t, counts_t;
-            if (!window_sink.is_none()) args.window_sink = sink_t.emplace(window_sink, "window_sink").view();
-            if (!window_local.is_none()) args.window_local = local_t.emplace(window_local, "window_local").view();
-            if (!head_page_positions.is_none()) {
-              args.head_page_positions = positions_t.emplace(head_page_positions, "head_page_positions").view();
-            }
-            if (!head_num_pages.is_none()) {
-              args.head_num_pages = counts_t.emplace(head_num_pages, "head_num_pages").view();
-            }
+            // Optional: the page list (absent with a stream ring) and the block-iterator policy.
+            std::optional<DlpackTensor> optional_t[9];
+            auto optional = [&](py::object& value, const char* name, int index, TensorView* field) {
+              if (!value.is_none()) *field = optional_t[index].emplace(value, name).view();
+            };
+            optional(kv_page_indptr, "kv_page_indptr", 0, &args.kv_page_indptr);
+            optional(kv_page_indices, "kv_page_indices", 1, &args.kv_page_indices);
+            optional(window_sink, "window_sink", 2, &args.window_sink);
+            optional(window_local, "window_local", 3, &args.window_local);
+            optional(stream_ring, "stream_ring", 4, &args.stream_ring);
+            optional(selection, "selection", 5, &args.selection);
+            optional(selection_count, "selection_count", 6, &args.selection_count);
+            optional(select_slot, "select_slot", 7, &args.select_slot);
+            optional(select_base, "select_base", 8, &args.select_base);
             run_without_gil([&] { self.backend->attention(args); });
           },
           py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
           py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"),
           py::arg("window_sink") = py::none(), py::arg("window_local") = py::none(),
-          py::arg("head_page_positions") = py::none(), py::arg("head_num_pages") = py::none(),
-          "Causal GQA of each sequence's query chunk over its KV pages, with the optional block-iterator "
-          "policy: window_sink/window_local (Lambda mask) and head_page_positions/head_num_pages (see "
+          py::arg("stream_ring") = py::none(), py::arg("selection") = py::none(),
+          py::arg("selection_count") = py::none(), py::arg("select_slot") = py::none(),
+          py::arg("select_base") = py::none(),
+          "Causal GQA of each sequence's query chunk over its KV pages (a page list, or stream_ring with the "
+          "page lists None), with the optional block-iterator policy: window_sink/window_local (Lambda mask) "
+          "and the selection store selection/selection_count read through select_slot/select_base (see "
           "ops/attention.h).")
       .def(
           "gather_rows",

@@ -152,12 +152,14 @@ Tensor Backend::empty(const int64_t* shape, int ndim, DType dtype) {
     LSERVE_CHECK(shape[d] >= 0, "negative extent ", shape[d], " in tensor shape");
     count *= shape[d];
   }
+  note_isolation();
   // Allocate at least one byte so an empty tensor still has a distinct, valid pointer.
   auto storage = allocate_bytes(std::max<size_t>(1, static_cast<size_t>(count) * dtype_size(dtype)));
   return Tensor(storage, TensorView::contiguous(storage.get(), dtype, shape, ndim, device()));
 }
 
 void Backend::copy(const TensorView& dst, const TensorView& src) {
+  note_isolation();
   LSERVE_CHECK(dst.numel() == src.numel(), "copy: dst shape ", dst.shape_str(), " and src shape ",
                src.shape_str(), " differ in size");
   LSERVE_CHECK(dst.is_contiguous() && src.is_contiguous(), "copy: both tensors must be contiguous");
@@ -168,10 +170,35 @@ void Backend::copy(const TensorView& dst, const TensorView& src) {
 }
 
 void Backend::fill_zero(const TensorView& dst) {
+  note_isolation();
   LSERVE_CHECK(dst.device == device(), "fill_zero: tensor is on ", dst.device.str(), ", backend on ",
                device().str());
   LSERVE_CHECK(dst.is_contiguous(), "fill_zero: tensor must be contiguous");
   fill_zero_impl(dst);
+}
+
+void Backend::page_select(const PageSelectArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !is_low_precision(args.query)) {
+    page_select_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  PageSelectArgs staged = args;
+  staged.query = staging.input(args.query);
+  page_select_impl(staged);
+}
+
+void Backend::page_stats_append(const PageStatsAppendArgs& args) {
+  args.validate(device());
+  if (low_precision_activations() || !is_low_precision(args.key)) {
+    page_stats_append_impl(args);
+    return;
+  }
+  Float32Staging staging(*this);
+  PageStatsAppendArgs staged = args;
+  staged.key = staging.input(args.key);
+  page_stats_append_impl(staged);
 }
 
 void Backend::page_select_impl(const PageSelectArgs&) {

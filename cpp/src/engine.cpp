@@ -75,22 +75,13 @@ void Engine::finalize() {
       budget = 1LL << 30;
     }
   }
-  int num_slots = 0;
   if (config_.sparsity.enabled) {
-    // Streaming heads: one slot of sink + ring pages per running sequence, taken from the budget
-    // first (at most half of it); the dense heads' pages get the rest.
-    const SparsityConfig& sp = config_.sparsity;
-    const int page_size = config_.page_size;
-    const int sink_pages = (std::max(sp.prefill_sink_tokens, sp.decode_sink_tokens) + page_size - 1) / page_size;
-    const int ring_pages = StreamingKvCache::ring_pages_for(
-        page_size, std::max(sp.prefill_local_tokens, sp.decode_local_tokens), config_.max_num_batched_tokens);
-    streaming_slot_bytes_ = static_cast<int64_t>(sink_pages + ring_pages) * page_size *
-                            model_->streaming_bytes_per_token(kv_dtype);
-    int64_t slots = config_.max_num_seqs;
-    if (streaming_slot_bytes_ > 0) slots = std::min<int64_t>(slots, std::max<int64_t>(1, budget / 2 / streaming_slot_bytes_));
-    num_slots = static_cast<int>(slots);
-    budget -= num_slots * streaming_slot_bytes_;
-    streaming_ = std::make_unique<StreamingKvCache>(num_slots, page_size, sink_pages, ring_pages);
+    // The page selector takes the streaming heads' memory (prefill rings, decode slots) first.
+    selector_ = std::make_unique<PageSelector>(config_.sparsity, config_.page_size, config_.max_num_seqs,
+                                               config_.max_num_batched_tokens, config_.max_model_len);
+    budget -= selector_->size_memory(budget, model_->streaming_bytes_per_token(kv_dtype),
+                                     model_->kv_bytes_per_token(kv_dtype));
+    budget = std::max<int64_t>(budget, 0);
   }
   int64_t num_pages = config_.num_kv_pages;
   if (num_pages == 0) {
@@ -105,14 +96,32 @@ void Engine::finalize() {
   LSERVE_CHECK(num_pages <= (1LL << 30), "too many KV pages: ", num_pages);
   model_->allocate_kv_cache(static_cast<int>(num_pages), config_.page_size, kv_dtype);
   kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size);
-  if (streaming_) model_->allocate_streaming_cache(streaming_->num_pages(), config_.page_size, kv_dtype, num_slots);
+  dense_page_bytes_ = page_bytes;
+  if (selector_) {
+    model_->allocate_streaming_cache(selector_->num_stream_pages(), config_.page_size, kv_dtype);
+    selector_->allocate_store(*backend_, model_->num_dense_kv_heads());
+    model_->set_page_selector(selector_.get());
+  }
+  // Step capacities: a step's page lists hold each sequence's pages once (no page is in two
+  // lists), plus a padding page per row of a graph replay.
+  const int64_t max_step_pages = std::min<int64_t>(num_pages + config_.max_num_seqs, pages_per_seq * config_.max_num_seqs);
+  model_->prepare_steps(config_.max_num_batched_tokens, config_.max_num_seqs, max_step_pages);
+  batch_.token_ids.reserve(config_.max_num_batched_tokens);
+  batch_.positions.reserve(config_.max_num_batched_tokens);
+  batch_.slot_mapping.reserve(config_.max_num_batched_tokens);
+  batch_.qo_indptr.reserve(config_.max_num_seqs + 1);
+  batch_.kv_page_indptr.reserve(config_.max_num_seqs + 1);
+  batch_.kv_page_indices.reserve(static_cast<size_t>(max_step_pages));
+  batch_.kv_lens.reserve(config_.max_num_seqs);
+  batch_.logits_rows.reserve(config_.max_num_seqs);
+  batch_.sparse.reserve(config_.max_num_batched_tokens, config_.max_num_seqs);
   if (!config_.enforce_eager && backend_->supports_graphs() && !config_.sparsity.enabled &&
       !model_->config().attention_bias) {
     model_->capture_decode_graphs(config_.max_num_seqs, config_.max_model_len);
   }
   scheduler_ = std::make_unique<Scheduler>(
       SchedulerConfig{config_.max_num_seqs, config_.max_num_batched_tokens, config_.max_model_len}, *kv_cache_,
-      streaming_.get());
+      selector_.get());
   ready_ = true;
 }
 
@@ -148,7 +157,6 @@ bool Engine::abort_request(int64_t request_id) {
   if (!ready_) return false;
   auto request = scheduler_->abort_request(request_id);
   if (!request) return false;
-  selection_state_.erase(request_id);
   RequestOutput output;
   output.request_id = request_id;
   output.finished = true;
@@ -168,44 +176,6 @@ bool Engine::is_eos(int32_t token_id) const {
   return std::find(eos_token_ids_.begin(), eos_token_ids_.end(), token_id) != eos_token_ids_.end();
 }
 
-void Engine::add_sparse_metadata(const ScheduledChunk& chunk, int64_t kv_len, int64_t num_pages, ForwardBatch* batch) {
-  const SparsityConfig& sp = config_.sparsity;
-  const Request& request = *chunk.request;
-  const int slot = streaming_->slot(request.request_id);
-  for (int64_t position = chunk.start_position; position < chunk.start_position + chunk.num_new_tokens; ++position) {
-    batch->stream_slot_mapping.push_back(streaming_->token_slot(slot, position));
-  }
-  streaming_->append_page_table(slot, num_pages, &batch->stream_page_indices);
-  batch->stream_page_indptr.push_back(static_cast<int32_t>(batch->stream_page_indices.size()));
-  // A decode step: one new token after the prompt. Prefill chunks (recomputation included) use
-  // the prefill Lambda mask and read every page of the dense heads.
-  const bool decode = chunk.num_new_tokens == 1 &&
-                      chunk.start_position >= static_cast<int64_t>(request.prompt_token_ids.size());
-  const bool short_context = kv_len < sp.dense_below_tokens;
-  const bool decode_window = decode && !short_context;
-  batch->window_sink.push_back(decode_window ? sp.decode_sink_tokens : sp.prefill_sink_tokens);
-  batch->window_local.push_back(decode_window ? sp.decode_local_tokens : sp.prefill_local_tokens);
-  batch->seq_slots.push_back(slot);
-  const int64_t num_select = sp.decode_token_budget / sp.physical_page_size;
-  uint8_t mode = kSelectDense;
-  int32_t base = static_cast<int32_t>(num_pages);
-  if (!decode) {
-    selection_state_.erase(request.request_id);
-  } else if (!short_context && num_pages > num_select) {
-    SelectionState& state = selection_state_[request.request_id];
-    if (state.slot != slot || state.steps == 0 || state.steps >= sp.selection_reuse_interval) {
-      state = SelectionState{slot, 1, static_cast<int32_t>(num_pages)};
-      mode = kSelectFresh;
-    } else {
-      ++state.steps;
-      mode = kSelectReuse;
-      base = state.base_pages;
-    }
-  }
-  batch->select_mode.push_back(mode);
-  batch->select_base_pages.push_back(base);
-}
-
 std::vector<RequestOutput> Engine::step() {
   std::lock_guard<std::mutex> lock(mutex_);
   LSERVE_CHECK(ready_, "step() before finalize()");
@@ -215,12 +185,13 @@ std::vector<RequestOutput> Engine::step() {
   num_preemptions_ += static_cast<int64_t>(scheduled.preempted_request_ids.size());
   if (scheduled.chunks.empty()) return outputs;
 
-  // Batch metadata: each chunk is one sequence in the attention call.
-  ForwardBatch batch;
+  // Batch metadata: each chunk is one sequence in the attention call; the page selector plans the
+  // sparse part (once per step, on the host).
+  ForwardBatch& batch = batch_;
+  batch.clear();
   const int page_size = kv_cache_->page_size();
   batch.qo_indptr.push_back(0);
   batch.kv_page_indptr.push_back(0);
-  if (streaming_) batch.stream_page_indptr.push_back(0);
   for (const ScheduledChunk& chunk : scheduled.chunks) {
     const Request& request = *chunk.request;
     for (int64_t position = chunk.start_position; position < chunk.start_position + chunk.num_new_tokens;
@@ -237,7 +208,10 @@ std::vector<RequestOutput> Engine::step() {
     batch.kv_page_indptr.push_back(static_cast<int32_t>(batch.kv_page_indices.size()));
     batch.kv_lens.push_back(static_cast<int32_t>(kv_len));
     if (chunk.samples) batch.logits_rows.push_back(static_cast<int32_t>(batch.token_ids.size() - 1));
-    if (streaming_) add_sparse_metadata(chunk, kv_len, num_pages, &batch);
+    if (selector_) {
+      selector_->plan_chunk(request.request_id, chunk.start_position, chunk.num_new_tokens, num_pages, chunk.samples,
+                            &batch.sparse);
+    }
   }
 
   // On a device, sample there and bring back only token ids, unless logits or logprobs are wanted.
@@ -254,6 +228,7 @@ std::vector<RequestOutput> Engine::step() {
     logits = model_->forward(batch);
   }
   scheduler_->commit(scheduled);
+  if (selector_) selector_->commit();
   ++num_steps_;
 
   const int vocab_size = model_->config().vocab_size;
@@ -279,7 +254,6 @@ std::vector<RequestOutput> Engine::step() {
                                eos_token_ids_, request.rng);
       }
     } catch (const Error& error) {
-      selection_state_.erase(request.request_id);
       output.finished = true;
       output.finish_reason = finish_reason_name(FinishReason::kAbort);
       output.error = error.what();
@@ -309,7 +283,6 @@ std::vector<RequestOutput> Engine::step() {
     output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
     output.num_output_tokens = num_outputs;
     if (reason != FinishReason::kNone) {
-      selection_state_.erase(request.request_id);
       output.finished = true;
       output.finish_reason = finish_reason_name(reason);
       scheduler_->finish_request(request.request_id, reason);  // frees the pages; `request` dies here
@@ -417,12 +390,22 @@ EngineStats Engine::stats() const {
   stats.page_size = kv_cache_->page_size();
   stats.num_preemptions = num_preemptions_;
   stats.num_steps = num_steps_;
-  if (streaming_) {
-    stats.num_stream_slots = streaming_->num_slots();
-    stats.num_free_stream_slots = streaming_->num_free_slots();
-    stats.streaming_kv_bytes = streaming_->num_slots() * streaming_slot_bytes_;
-    stats.streaming_kv_bytes_in_use = (streaming_->num_slots() - streaming_->num_free_slots()) * streaming_slot_bytes_;
+  stats.kv_cache_bytes = stats.num_total_pages * dense_page_bytes_;
+  stats.kv_cache_bytes_in_use = (stats.num_total_pages - stats.num_free_pages) * dense_page_bytes_;
+  if (selector_) {
+    const PageSelector& sel = *selector_;
+    stats.num_stream_slots = sel.num_slots();
+    stats.num_free_stream_slots = sel.num_free_slots();
+    stats.num_prefill_rings = sel.num_prefill_rings();
+    stats.num_free_prefill_rings = sel.num_free_prefill_rings();
+    stats.streaming_bytes_per_seq = sel.slot_bytes();
+    stats.streaming_kv_bytes = sel.num_slots() * sel.slot_bytes() + sel.num_prefill_rings() * sel.prefill_ring_bytes();
+    stats.streaming_kv_bytes_in_use = (sel.num_slots() - sel.num_free_slots()) * sel.slot_bytes() +
+                                      (sel.num_prefill_rings() - sel.num_free_prefill_rings()) * sel.prefill_ring_bytes();
+    stats.kv_cache_bytes += stats.streaming_kv_bytes;
+    stats.kv_cache_bytes_in_use += stats.streaming_kv_bytes_in_use;
   }
+  stats.isolation_violations = backend_->isolation_violations();
   stats.last_step_pages_selected = model_->last_pages_selected();
   stats.last_step_pages_total = model_->last_pages_total();
   stats.graph_batch_sizes = model_->decode_graph_batch_sizes();

@@ -17,8 +17,8 @@ const char* finish_reason_name(FinishReason reason) {
   return "";
 }
 
-Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache, StreamingKvCache* streaming)
-    : config_(config), kv_cache_(kv_cache), streaming_(streaming) {
+Scheduler::Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache, PageSelector* selector)
+    : config_(config), kv_cache_(kv_cache), selector_(selector) {
   LSERVE_CHECK(config.max_num_seqs >= 1, "max_num_seqs must be >= 1, got ", config.max_num_seqs);
   LSERVE_CHECK(config.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1, got ",
                config.max_num_batched_tokens);
@@ -56,16 +56,17 @@ std::unique_ptr<Request> Scheduler::take(int64_t request_id) {
 }
 
 bool Scheduler::reserve(const Request& request, int64_t num_tokens) {
-  const bool new_slot = streaming_ != nullptr && !streaming_->has(request.request_id);
-  if (new_slot && streaming_->acquire(request.request_id) < 0) return false;
+  const bool new_seq = selector_ != nullptr && !selector_->has(request.request_id);
+  // A sequence without sparse state prefills from position 0 (admission, or recompute).
+  if (new_seq && !selector_->acquire(request.request_id, request.num_tokens())) return false;
   if (kv_cache_.reserve(request.request_id, num_tokens)) return true;
-  if (new_slot) streaming_->release(request.request_id);
+  if (new_seq) selector_->release(request.request_id);
   return false;
 }
 
 void Scheduler::release(int64_t request_id) {
   kv_cache_.release(request_id);
-  if (streaming_ != nullptr) streaming_->release(request_id);
+  if (selector_ != nullptr) selector_->release(request_id);
 }
 
 std::unique_ptr<Request> Scheduler::finish_request(int64_t request_id, FinishReason reason) {

@@ -25,9 +25,9 @@ bool tensor_core_path(const AttentionArgs& args) {
 }  // namespace
 
 void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
-  LSERVE_CHECK(!args.has_window() && !args.has_head_pages(),
+  LSERVE_CHECK(!args.has_window() && !args.has_selection() && !args.has_ring(),
                "attention on CUDA: the sparse block-iterator policies (window_sink/window_local, "
-               "head_page_positions/head_num_pages) are not implemented on the cuda backend yet");
+               "stream_ring, selection) are not implemented on the cuda backend yet");
   if (!tensor_core_path(args)) {
     cuda_attention_reference(backend, args);
     return;

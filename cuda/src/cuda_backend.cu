@@ -57,10 +57,14 @@ void CudaBackend::activate() const { LSERVE_CUDA_CHECK(cudaSetDevice(context_->d
 bool CudaBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const {
   const bool weights_ok = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16;
   const bool kv_ok = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
-  return weights_ok && kv_ok;
+  switch (op) {
+    case OpKind::kSparseAttention: return false;  // TODO(#17): the block-iterator policies on CUDA
+    case OpKind::kPageSelect: return true;
+    default: return weights_ok && kv_ok;
+  }
 }
 
-void CudaBackend::synchronize() {
+void CudaBackend::synchronize_impl() {
   activate();
   LSERVE_CUDA_CHECK(cudaStreamSynchronize(context_->stream));
   LSERVE_CUDA_CHECK(cudaGetLastError());

@@ -34,7 +34,7 @@ class CudaBackend : public Backend {
   Device device() const override { return Device{DeviceType::kCUDA, context_->device_index}; }
   std::string name() const override { return "cuda"; }
   bool supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const override;
-  void synchronize() override;
+  void synchronize_impl() override;
   std::pair<int64_t, int64_t> memory_info() override;
   bool low_precision_activations() const override { return true; }
   // CUDA graphs (cuda_graph.cu): stream capture in relaxed mode on this backend's stream.

@@ -16,6 +16,7 @@ void cuda_rope_kv_append(CudaBackend& backend, const RopeKvAppendArgs& args) {
   params.k_cache = args.k_cache.data;
   params.v_cache = args.v_cache.data;
   params.slot_mapping = args.slot_mapping.data_ptr<int64_t>();
+  if (args.mirror_slot_mapping.defined()) params.mirror_slot_mapping = args.mirror_slot_mapping.data_ptr<int64_t>();
   params.num_tokens = args.query.size(0);
   params.num_qo_heads = args.query.size(1);
   params.num_kv_heads = args.key.size(1);

@@ -5,9 +5,11 @@ releases them as ``full_attention_heads.tsv`` (one row per layer, one tab-separa
 head, gate values in [0, 1]); lserve writes the same layout with ``#`` comment lines on top.
 The streaming heads are the lowest-scoring ``streaming_fraction`` of all heads of all layers
 together (DuoAttention's global quantile); ties go to the lower (layer, head) index.
+Streaming heads (streaming_fraction > 0) need a pattern: the user's, or the one lserve ships for the
+model (resolve_sparsity fills it in); without either, building the mask raises ValueError.
 
 Example:
-    >>> cfg = SparsityConfig.preset("lserve", head_scores=[[0.9, 0.1], [0.2, 0.8]])
+    >>> cfg = SparsityConfig.preset("lserve", head_pattern=[[0.9, 0.1], [0.2, 0.8]])
     >>> cfg.streaming_mask(num_layers=2, num_kv_heads=2)
     [[False, True], [True, False]]
 """
@@ -85,9 +87,13 @@ def streaming_mask_from_scores(scores: np.ndarray, streaming_fraction: float) ->
 class SparsityConfig:
     """LServe sparse attention settings (the C++ mirror is lserve::SparsityConfig).
 
-    head_pattern: a TSV path, a (num_layers, num_kv_heads) array of scores, or None (no streaming
-    heads). streaming_heads: an explicit per-layer list of streaming KV head indices, instead of
-    scores. Token counts: prefill sink/local (Lambda mask in prefill), decode sink/local
+    head_pattern: a TSV path or a (num_layers, num_kv_heads) array of scores; the lowest-scoring
+    streaming_fraction of the heads stream. streaming_heads: an explicit per-layer list of
+    streaming KV head indices, instead of scores. With neither, the Engine (resolve_sparsity) takes
+    the pattern lserve ships for the model; when there is none and streaming_fraction > 0,
+    streaming_mask and to_core raise ValueError (pass head_pattern= from `lserve calibrate`, or
+    streaming_heads=, or set streaming_fraction=0.0 for page selection alone, no streaming heads).
+    Token counts: prefill sink/local (Lambda mask in prefill), decode sink/local
     (streaming heads at decode), physical/logical page sizes (hierarchical paging), the decode
     token budget of dense heads, the selection reuse interval, and a context length below which a
     sequence runs dense. page_score: how a logical page is scored from its kmax/kmin, "bound" (the
@@ -145,22 +151,40 @@ class SparsityConfig:
 
     @classmethod
     def preset(cls, name: str, model: Optional[str] = None, **overrides) -> "SparsityConfig":
-        """"dense": sparsity off. "lserve": the paper's settings (half the heads streaming,
-        prefill sink/local 128/8192, decode sink/local 128/256, pages 64/16, budget 4096, reuse 4).
-        With `model` and neither head_pattern nor streaming_heads given, "lserve" takes the head
-        pattern lserve ships for that model (default_head_pattern), if any."""
+        """"dense": sparsity off (never needs a pattern). "lserve": the paper's settings (half the
+        heads streaming, prefill sink/local 128/8192, decode sink/local 128/256, pages 64/16, budget
+        4096, reuse 4). With `model` and neither head_pattern nor streaming_heads given, "lserve"
+        takes the head pattern lserve ships for that model (default_head_pattern); without one,
+        streaming_mask and to_core raise ValueError unless streaming_fraction=0.0.
+
+        Example:
+            >>> SparsityConfig.preset("lserve", model="smollm2-135m-instruct").head_pattern.endswith(".tsv")
+            True
+            >>> SparsityConfig.preset("lserve", streaming_fraction=0.0).streaming_mask(1, 2)  # selection only
+            [[False, False]]
+        """
         if name == "dense":
             return cls(enabled=False, **overrides)
         if name == "lserve":
-            if model is not None and "head_pattern" not in overrides and "streaming_heads" not in overrides:
-                pattern = default_head_pattern(model)
-                if pattern is not None:
-                    overrides["head_pattern"] = str(pattern)
-            return cls(enabled=True, **overrides)
+            return cls(enabled=True, **overrides)._with_shipped_pattern(model)
         raise ValueError(f"unknown sparsity preset {name!r} (known: {', '.join(PRESETS)})")
 
     def with_overrides(self, **overrides) -> "SparsityConfig":
         return replace(self, **overrides)
+
+    def _needs_head_pattern(self) -> bool:
+        """True when streaming heads are asked for (enabled, streaming_fraction > 0) and neither
+        head_pattern nor streaming_heads says which."""
+        return (self.enabled and self.streaming_fraction > 0.0 and self.head_pattern is None
+                and self.streaming_heads is None)
+
+    def _with_shipped_pattern(self, model: Optional[str]) -> "SparsityConfig":
+        """This config, or a copy with the pattern lserve ships for `model` (a name, a .gguf file or
+        a Hugging Face directory) when _needs_head_pattern() and there is one; self is not changed."""
+        if not self._needs_head_pattern():
+            return self
+        pattern = default_head_pattern(model)
+        return self if pattern is None else replace(self, head_pattern=str(pattern))
 
     def streaming_mask(self, num_layers: int, num_kv_heads: int) -> List[List[bool]]:
         """(num_layers, num_kv_heads) flags, True for a streaming head."""
@@ -177,6 +201,13 @@ class SparsityConfig:
                     mask[layer_idx][head] = True
             return mask
         if self._scores is None:
+            if self._needs_head_pattern():
+                raise ValueError(
+                    f"streaming_fraction={self.streaming_fraction} asks for streaming heads, but no head pattern "
+                    "was given and lserve ships none for this model (lserve/patterns/): pass head_pattern= "
+                    "(a TSV made by `lserve calibrate --model M --out pattern.tsv`, or a (layers, KV heads) "
+                    "array of scores) or streaming_heads= (per-layer lists of KV head indices), or set "
+                    "streaming_fraction=0.0 for selection-only sparsity (no streaming heads)")
             return [[False] * num_kv_heads for _ in range(num_layers)]
         if self._scores.shape != (num_layers, num_kv_heads):
             raise ValueError(f"head pattern has shape {self._scores.shape}, the model has "
@@ -188,7 +219,8 @@ class SparsityConfig:
                     "dense_below_tokens", "always_select_sink_page", "page_score")
 
     def to_core(self, num_layers: int, num_kv_heads: int):
-        """The C++ mirror (lserve._C.SparsityConfig) for a model of this shape."""
+        """The C++ mirror (lserve._C.SparsityConfig) for a model of this shape. Raises ValueError as
+        streaming_mask does (streaming heads asked for without a pattern)."""
         from lserve import _C
 
         core = _C.SparsityConfig()
@@ -203,14 +235,24 @@ class SparsityConfig:
 
 
 def resolve_sparsity(sparsity: Union[None, str, SparsityConfig], model: object = None) -> SparsityConfig:
-    """Engine(sparsity=...): None / "dense" / "lserve" / a SparsityConfig. A preset name takes the head
-    pattern lserve ships for `model` (a name or a path), when there is one."""
+    """Engine(sparsity=...): None / "dense" / "lserve" / a SparsityConfig, for `model` (a name or a
+    path). A config that asks for streaming heads without a pattern (enabled, streaming_fraction > 0,
+    neither head_pattern nor streaming_heads; the "lserve" preset, or e.g.
+    SparsityConfig(decode_token_budget=1024)) gets the pattern lserve ships for the model, in a copy
+    (the caller's object is not changed). Without a shipped pattern it is returned as is, and its
+    streaming_mask / to_core raise ValueError. None, "dense" and disabled configs never need one.
+
+    Example:
+        >>> cfg = resolve_sparsity(SparsityConfig(decode_token_budget=1024), "smollm2-135m-instruct")
+        >>> cfg.head_pattern.endswith("patterns/smollm2-135m-instruct.tsv")
+        True
+    """
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if sparsity is None:
         return SparsityConfig.preset("dense")
     if isinstance(sparsity, SparsityConfig):
-        return sparsity
+        return sparsity._with_shipped_pattern(name)
     if isinstance(sparsity, str):
-        name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         return SparsityConfig.preset(sparsity, model=name)
     raise ValueError(f"sparsity must be None, a preset name ({', '.join(PRESETS)}) or a SparsityConfig, "
                      f"got {type(sparsity).__name__}")

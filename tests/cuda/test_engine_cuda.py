@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 from lserve import Engine, SamplingParams  # noqa: E402
 
 SMOLLM2_135M = {
+    "_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",  # the shipped head pattern applies
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
     "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,

@@ -141,7 +141,7 @@ def test_head_page_lists(backend, num_qo_heads, num_kv_heads):
                     page = int(b["kv_page_indices"][b["kv_page_indptr"][s] + p])
                     b["k_cache"][page, :, kh] = float("nan")
                     b["v_cache"][page, :, kh] = float("nan")
-    got = _run(backend, b, head_page_positions=torch.from_numpy(positions), head_num_pages=torch.from_numpy(counts))
+    got = _run(backend, b, selection=torch.from_numpy(positions), selection_count=torch.from_numpy(counts))
     want = _reference(seqs, b, head_pages=(positions, counts))
     assert np.isfinite(got).all()
     assert_close_fp32(got, want, what=f"per-head page lists gqa={num_qo_heads // num_kv_heads}")
@@ -153,4 +153,98 @@ def test_policy_arguments_are_checked(backend):
         _run(backend, b, window_sink=torch.zeros(1, dtype=torch.int32))
     bad = torch.tensor([[[1, 0]] * 2], dtype=torch.int32)  # not ascending
     with pytest.raises(ValueError, match="ascend"):
-        _run(backend, b, head_page_positions=bad, head_num_pages=torch.full((1, 2), 2, dtype=torch.int32))
+        _run(backend, b, selection=bad, selection_count=torch.full((1, 2), 2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(4, 4), (8, 2)])
+def test_selection_store_with_slots_and_base(backend, num_qo_heads, num_kv_heads):
+    """The page selector's store: sequences read slot select_slot[s] (-1: dense), stored positions
+    below select_base[s] plus every page from the base on; a slot whose count is -1 (no selection)
+    reads every page. Pages nobody may read hold NaN for that head."""
+    seqs = [(1, 161), (1, 100), (1, 47), (1, 130), (2, 90)]
+    b = _batch(7 + num_qo_heads, seqs, num_qo_heads, num_kv_heads, 16)
+    rng = np.random.default_rng(3)
+    num_slots, capacity = 7, 5
+    selection = np.full((num_slots, num_kv_heads, capacity), 999, dtype=np.int32)
+    counts = np.full((num_slots, num_kv_heads), -1, dtype=np.int32)
+    select_slot = np.array([5, 2, -1, 0, 3], dtype=np.int32)     # sequence 2 dense, slot 3 never selected
+    num_pages = [math.ceil(kv / PAGE) for _, kv in seqs]
+    select_base = np.array([num_pages[0], 4, num_pages[2], 6, num_pages[4]], dtype=np.int32)
+    allowed_positions = {}
+    for s in (0, 1, 3):
+        slot, base = select_slot[s], select_base[s]
+        for kh in range(num_kv_heads):
+            # A selection made when the sequence had `base` pages (positions < base), padded with
+            # positions >= base that a reuse must ignore.
+            chosen = sorted(set(rng.choice(base - 1, size=2, replace=False).tolist()) | {base - 1})
+            stored = chosen + [p for p in (base, base + 1) if p < num_pages[s]][:capacity - len(chosen)]
+            selection[slot, kh, :len(stored)] = stored
+            counts[slot, kh] = len(stored)
+            allowed = set(chosen) | set(range(base, num_pages[s]))
+            allowed_positions[(s, kh)] = allowed
+            for p in range(num_pages[s]):
+                if p not in allowed:
+                    page = int(b["kv_page_indices"][b["kv_page_indptr"][s] + p])
+                    b["k_cache"][page, :, kh] = float("nan")
+                    b["v_cache"][page, :, kh] = float("nan")
+    # The reference's per-(sequence, head) page lists: -1 = every page (dense, or slot 3 never selected).
+    max_listed = max(num_pages)
+    positions = np.zeros((len(seqs), num_kv_heads, max_listed), dtype=np.int32)
+    listed = np.full((len(seqs), num_kv_heads), -1, dtype=np.int32)
+    for (s, kh), allowed in allowed_positions.items():
+        positions[s, kh, :len(allowed)] = sorted(allowed)
+        listed[s, kh] = len(allowed)
+    got = _run(backend, b, selection=torch.from_numpy(selection), selection_count=torch.from_numpy(counts),
+               select_slot=torch.from_numpy(select_slot), select_base=torch.from_numpy(select_base))
+    want = _reference(seqs, b, head_pages=(positions, listed))
+    assert np.isfinite(got).all()
+    assert_close_fp32(got, want, what=f"selection store gqa={num_qo_heads // num_kv_heads}")
+
+
+@pytest.mark.parametrize("page_size_sink, local", [(1, 24), (2, 40), (0, 17)])
+def test_stream_ring_addresses_pages_arithmetically(backend, page_size_sink, local):
+    """A stream ring (sink pages + a ring of pages reused modulo its length) gives what the same keys
+    give through a full page list with the Lambda mask; ring pages hold only the window's tokens,
+    everything else (evicted tokens) is overwritten by later ones or NaN."""
+    num_qo_heads, num_kv_heads, head_dim = 8, 2, 16
+    seqs = [(1, 200), (9, 75), (1, 33), (4, 120)]
+    b = _batch(11 + local, seqs, num_qo_heads, num_kv_heads, head_dim)
+    sink = page_size_sink * PAGE
+    sinks = torch.full((len(seqs),), sink, dtype=torch.int32)
+    locals_ = torch.full((len(seqs),), local, dtype=torch.int32)
+    want = _reference(seqs, b, sinks.numpy(), locals_.numpy())
+    # Ring caches: per sequence num_sink sink pages then num_ring ring pages; tokens written in order
+    # (later tokens overwrite earlier ones on the same ring page), then the pages of the chunk's window
+    # must all be present. Ring length: the window plus the chunk, as the page selector sizes it.
+    rings, caches_k, caches_v, base = [], [], [], 0
+    total_pages = 0
+    for q_len, kv_len in seqs:
+        num_ring = math.ceil((local + q_len - 1) / PAGE) + 1
+        rings.append((total_pages, page_size_sink, total_pages + page_size_sink, num_ring))
+        total_pages += page_size_sink + num_ring
+    ring_k = torch.full((total_pages, PAGE, num_kv_heads, head_dim), float("nan"))
+    ring_v = torch.full((total_pages, PAGE, num_kv_heads, head_dim), float("nan"))
+    for s, (q_len, kv_len) in enumerate(seqs):
+        pages = b["kv_page_indices"][b["kv_page_indptr"][s]:b["kv_page_indptr"][s + 1]]
+        sink_base, num_sink, ring_base, num_ring = rings[s]
+        for t in range(kv_len):
+            lp = t // PAGE
+            dst = sink_base + lp if lp < num_sink else ring_base + (lp - num_sink) % num_ring
+            ring_k[dst, t % PAGE] = b["k_cache"][pages[lp], t % PAGE]
+            ring_v[dst, t % PAGE] = b["v_cache"][pages[lp], t % PAGE]
+    ring = torch.tensor(rings, dtype=torch.int32)
+    out = torch.full(b["query"].shape, float("nan"))
+    backend.attention(b["query"], ring_k, ring_v, b["qo_indptr"], None, None, b["kv_lens"], out,
+                      1.0 / math.sqrt(head_dim), window_sink=sinks, window_local=locals_, stream_ring=ring)
+    got = out.numpy()
+    assert np.isfinite(got).all()
+    assert_close_fp32(got, want, what=f"stream ring sink pages={page_size_sink} local={local}")
+    # A ring too short for the chunk's window is refused, not read past.
+    short = ring.clone()
+    short[1, 3] = 1
+    with pytest.raises(ValueError, match="more than its ring"):
+        backend.attention(b["query"], ring_k, ring_v, b["qo_indptr"], None, None, b["kv_lens"], out,
+                          1.0 / math.sqrt(head_dim), window_sink=sinks, window_local=locals_, stream_ring=short)
+    with pytest.raises(ValueError, match="left undefined"):
+        backend.attention(b["query"], ring_k, ring_v, b["qo_indptr"], b["kv_page_indptr"], b["kv_page_indices"],
+                          b["kv_lens"], out, 1.0, window_sink=sinks, window_local=locals_, stream_ring=ring)

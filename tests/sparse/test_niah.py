@@ -145,7 +145,7 @@ def test_harness_end_to_end_with_a_tiny_model(tmp_path):
     _tiny_model_with_char_tokenizer(tmp_path)
     lines, partials = [], []
     report = run_niah(str(tmp_path), lengths=[300, 2000], depths=[0.0, 1.0], configs=["dense", "lserve"],
-                      seed=0, max_tokens=4, engine_kwargs=dict(num_threads=2), log=lines.append,
+                      sparsity_args=dict(streaming_fraction=0.0), seed=0, max_tokens=4, engine_kwargs=dict(num_threads=2), log=lines.append,
                       on_result=lambda partial: partials.append(len(partial["results"])))
     dense = [r for r in report["results"] if r["config"] == "dense"]
     assert len(dense) == 4
@@ -244,11 +244,12 @@ def test_model_selection_recall_matches_numpy_on_a_real_forward(tmp_path):
     query, keys = records[1]
     assert query.shape == (4, 16) and keys.shape == (333, 2, 16)
 
-    wide = SparsityConfig(enabled=True, physical_page_size=16, logical_page_size=4, decode_token_budget=512)
+    wide = SparsityConfig(enabled=True, physical_page_size=16, logical_page_size=4, decode_token_budget=512,
+                          streaming_fraction=0.0)
     assert model_selection_recall(capture, prompt, wide)["mean"] == pytest.approx(1.0)
     for keep_first in (True, False):
         tight = SparsityConfig(enabled=True, physical_page_size=16, logical_page_size=4, decode_token_budget=64,
-                               always_select_sink_page=keep_first)
+                               always_select_sink_page=keep_first, streaming_fraction=0.0)
         report = model_selection_recall(capture, prompt, tight)
         expected = np.concatenate([_numpy_recall(*records[layer], 64, 16, 4, keep_first) for layer in (0, 1)])
         assert report["num_heads"] == 8
@@ -266,7 +267,8 @@ def test_harness_records_selection_recall_for_sparse_configs(tmp_path):
     pytest.importorskip("transformers")
     _tiny_model_with_char_tokenizer(tmp_path)
     report = run_niah(str(tmp_path), lengths=[300], depths=[0.5], configs=["dense", "lserve"],
-                      sparsity_args=dict(physical_page_size=16, logical_page_size=4, decode_token_budget=64),
+                      sparsity_args=dict(physical_page_size=16, logical_page_size=4, decode_token_budget=64,
+                                         streaming_fraction=0.0),
                       max_tokens=2, engine_kwargs=dict(num_threads=2), log=lambda *a: None, recall=True)
     dense, sparse = report["results"]
     assert "recall_mean" not in dense

@@ -91,3 +91,54 @@ def test_engine_preset_takes_the_shipped_pattern_for_the_model():
     assert resolve_sparsity("lserve", "smollm2-135m-instruct").head_pattern == str(shipped)
     assert resolve_sparsity("lserve", "/models/other-model").head_pattern is None
     assert not resolve_sparsity("dense", gguf).enabled
+
+
+# Streaming heads asked for without a pattern: the model's shipped pattern, or a ValueError.
+SMOLLM2 = "smollm2-135m-instruct"  # 30 layers x 3 KV heads; pattern in lserve/patterns/, no model file needed
+
+
+def test_config_without_pattern_takes_the_shipped_pattern_for_the_model():
+    from lserve.sparsity import resolve_sparsity
+
+    user = SparsityConfig(decode_token_budget=1024, streaming_fraction=0.5)
+    resolved = resolve_sparsity(user, SMOLLM2)
+    expected = SparsityConfig.preset("lserve", model=SMOLLM2).streaming_mask(30, 3)
+    assert resolved.streaming_mask(30, 3) == expected
+    assert sum(map(sum, expected)) == 45  # half of 90 heads stream
+    assert resolved.decode_token_budget == 1024
+    assert user.head_pattern is None  # the user's object is left alone
+    # An explicit pattern or list is kept.
+    scores = np.random.default_rng(5).random((30, 3))
+    explicit = resolve_sparsity(SparsityConfig(head_pattern=scores), SMOLLM2)
+    assert explicit.streaming_mask(30, 3) == streaming_mask_from_scores(scores, 0.5).tolist()
+    lists = resolve_sparsity(SparsityConfig(streaming_heads=[[0]] * 30), SMOLLM2)
+    assert lists.head_pattern is None and lists.streaming_mask(30, 3) == [[True, False, False]] * 30
+
+
+@pytest.mark.parametrize("sparsity", ["lserve", SparsityConfig(decode_token_budget=1024)])
+def test_streaming_without_any_pattern_raises(tmp_path, sparsity):
+    from lserve.sparsity import resolve_sparsity
+
+    resolved = resolve_sparsity(sparsity, tmp_path)  # a model lserve ships no pattern for
+    with pytest.raises(ValueError, match=r"lserve calibrate.*head_pattern=|head_pattern=.*lserve calibrate") as info:
+        resolved.streaming_mask(2, 2)
+    assert "streaming_heads=" in str(info.value) and "streaming_fraction=0" in str(info.value)
+    with pytest.raises(ValueError, match="lserve calibrate"):
+        SparsityConfig.preset("lserve").streaming_mask(2, 2)  # no model given at all
+
+
+def test_selection_only_needs_no_pattern(tmp_path):
+    from lserve.sparsity import resolve_sparsity
+
+    for model in (tmp_path, SMOLLM2, None):
+        cfg = resolve_sparsity(SparsityConfig(streaming_fraction=0.0, decode_token_budget=1024), model)
+        assert cfg.enabled and cfg.streaming_mask(30, 3) == [[False] * 3] * 30
+    assert SparsityConfig.preset("lserve", streaming_fraction=0.0).streaming_mask(2, 2) == [[False] * 2] * 2
+
+
+def test_dense_never_needs_a_pattern(tmp_path):
+    from lserve.sparsity import resolve_sparsity
+
+    for cfg in (resolve_sparsity(None, tmp_path), resolve_sparsity("dense", tmp_path), SparsityConfig.preset("dense"),
+                resolve_sparsity(SparsityConfig(enabled=False), tmp_path)):
+        assert not cfg.enabled and cfg.streaming_mask(2, 2) == [[False] * 2] * 2

@@ -27,7 +27,11 @@
 
 namespace lserve {
 
-enum class OpKind { kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows, kSample };
+enum class OpKind {
+  kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows, kSample,
+  kSparseAttention,  // attention with a block-iterator policy (windows, stream rings, selections)
+  kPageSelect,       // page_select and page_stats_append
+};
 
 class Backend {
  public:
@@ -43,9 +47,20 @@ class Backend {
   // between float32, bfloat16 and float16 when the dtypes differ. dst must be contiguous.
   void copy(const TensorView& dst, const TensorView& src);
   void fill_zero(const TensorView& dst);
-  virtual void synchronize() {}
+  void synchronize() {
+    note_isolation();
+    synchronize_impl();
+  }
   // (free, total) bytes of device memory, or (-1, -1) where unknown (the host).
   virtual std::pair<int64_t, int64_t> memory_info() { return {-1, -1}; }
+
+  // Step isolation (STYLE.md 2b): a model's per-layer work runs between begin_isolated() and
+  // end_isolated(), where nothing may allocate (empty), copy, fill or synchronise. Such calls still
+  // run, and are counted: tests assert the count stays zero (on a device, a workspace growing on
+  // the first step shows up here too).
+  void begin_isolated() { isolated_ = true; }
+  void end_isolated() { isolated_ = false; }
+  int64_t isolation_violations() const { return isolation_violations_; }
 
   // True when the *_impl ops take bfloat16/float16 activations themselves; otherwise the
   // public entries stage them through float32 copies (correct, slow; tests only).
@@ -80,11 +95,16 @@ class Backend {
   void gather_rows(const GatherRowsArgs& args);
   // One token per logits row on the device (ops/sample.h); float32 logits, used as scratch.
   void sample(const SampleArgs& args) { args.validate(device()); sample_impl(args); }
-  // Sparse attention (LServe): hierarchical page selection and the kmax/kmin statistics (float32).
-  void page_select(const PageSelectArgs& args) { args.validate(device()); page_select_impl(args); }
-  void page_stats_append(const PageStatsAppendArgs& args) { args.validate(device()); page_stats_append_impl(args); }
+  // Sparse attention (LServe): hierarchical page selection into the selector's store and the
+  // kmax/kmin statistics (float32; queries and keys in the activation dtype).
+  void page_select(const PageSelectArgs& args);
+  void page_stats_append(const PageStatsAppendArgs& args);
 
  protected:
+  void note_isolation() {
+    if (isolated_) ++isolation_violations_;
+  }
+  virtual void synchronize_impl() {}
   virtual std::shared_ptr<void> allocate_bytes(size_t num_bytes) = 0;
   virtual void copy_impl(const TensorView& dst, const TensorView& src) = 0;
   virtual void fill_zero_impl(const TensorView& dst) = 0;
@@ -99,6 +119,10 @@ class Backend {
   virtual void sample_impl(const SampleArgs& args) = 0;
   virtual void page_select_impl(const PageSelectArgs& args);
   virtual void page_stats_append_impl(const PageStatsAppendArgs& args);
+
+ private:
+  bool isolated_ = false;
+  int64_t isolation_violations_ = 0;
 };
 
 // The reference backend. num_threads <= 0 picks the hardware concurrency.

@@ -14,7 +14,7 @@
 
 #include "lserve/backend.h"
 #include "lserve/kv/page_pool.h"
-#include "lserve/kv/streaming_cache.h"
+#include "lserve/kv/page_selector.h"
 #include "lserve/model/config.h"
 #include "lserve/model/llama.h"
 #include "lserve/sampling.h"
@@ -75,10 +75,18 @@ struct EngineStats {
   int page_size = 0;
   int64_t num_preemptions = 0;
   int64_t num_steps = 0;
-  // Sparse attention: streaming-head slots and bytes, and the dense heads' pages read in the last
-  // step (summed over layers and heads) next to the pages dense attention would have read.
+  // KV memory in bytes: dense pages plus, with sparse attention, the streaming heads' tiers.
+  int64_t kv_cache_bytes = 0;
+  int64_t kv_cache_bytes_in_use = 0;
+  // Sparse attention (kv/page_selector.h): decode slots (one per running sequence, constant bytes
+  // each: streaming_bytes_per_seq), prefill rings (held while a long prompt prefills), their bytes,
+  // and the dense heads' pages read in the last step (summed over layers and heads) next to the
+  // pages dense attention would have read.
   int num_stream_slots = 0;
   int num_free_stream_slots = 0;
+  int num_prefill_rings = 0;
+  int num_free_prefill_rings = 0;
+  int64_t streaming_bytes_per_seq = 0;
   int64_t streaming_kv_bytes = 0;
   int64_t streaming_kv_bytes_in_use = 0;
   int64_t last_step_pages_selected = 0;
@@ -86,6 +94,9 @@ struct EngineStats {
   // CUDA graphs: the decode batch sizes captured (empty: none) and the steps that replayed one.
   std::vector<int> graph_batch_sizes;
   int64_t num_graph_replays = 0;
+  // Allocations, copies or synchronisations inside the model's per-layer work so far (STYLE.md 2b;
+  // Backend::begin_isolated): zero on the CPU; a device counts its first-step workspace growth.
+  int64_t isolation_violations = 0;
 };
 
 class Engine {
@@ -118,7 +129,6 @@ class Engine {
 
  private:
   bool is_eos(int32_t token_id) const;
-  void add_sparse_metadata(const ScheduledChunk& chunk, int64_t kv_len, int64_t num_pages, ForwardBatch* batch);
   // Samples the rows of `logits` (device, one per sampling chunk in order) with Backend::sample and
   // returns the token ids (-1 where the device found the row invalid).
   std::vector<int32_t> sample_on_device(const SchedulerOutput& scheduled, const TensorView& logits);
@@ -127,14 +137,9 @@ class Engine {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<KvCacheManager> kv_cache_;
-  std::unique_ptr<StreamingKvCache> streaming_;  // sparse attention only
-  struct SelectionState {  // a decode sequence's page selection (sparse attention)
-    int slot = -1;
-    int steps = 0;          // steps since it was made
-    int32_t base_pages = 0; // the sequence's pages then
-  };
-  std::unordered_map<int64_t, SelectionState> selection_state_;
-  int64_t streaming_slot_bytes_ = 0;
+  std::unique_ptr<PageSelector> selector_;  // sparse attention only
+  ForwardBatch batch_;                      // the step's metadata, host buffers reserved at finalize()
+  int64_t dense_page_bytes_ = 0;
   std::unique_ptr<Scheduler> scheduler_;
   std::vector<int32_t> eos_token_ids_;
   std::mt19937_64 seed_rng_;

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "lserve/kv/page_pool.h"
-#include "lserve/kv/streaming_cache.h"
+#include "lserve/kv/page_selector.h"
 #include "lserve/sampling.h"
 
 namespace lserve {
@@ -64,8 +64,8 @@ struct SchedulerOutput {
 
 class Scheduler {
  public:
-  // streaming: the streaming heads' slots (sparse attention), or nullptr.
-  Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache, StreamingKvCache* streaming = nullptr);
+  // selector: the sparse-attention state (streaming slots, prefill rings), or nullptr.
+  Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache, PageSelector* selector = nullptr);
 
   void add_request(std::unique_ptr<Request> request);
   // Removes a waiting or running request and frees its pages; returns it (finish reason abort),
@@ -85,15 +85,16 @@ class Scheduler {
 
  private:
   void preempt(std::unique_ptr<Request> request, SchedulerOutput& output);
-  // Grows the request's pages to num_tokens tokens and gives it a streaming slot; false (and no
-  // change) when pages or slots run out.
+  // Grows the request's pages to num_tokens tokens and, with sparse attention, takes what the page
+  // selector says it needs (a decode slot, a prefill ring for a long prompt); false (and no change)
+  // when pages, slots or rings run out.
   bool reserve(const Request& request, int64_t num_tokens);
   void release(int64_t request_id);
   std::unique_ptr<Request> take(int64_t request_id);
 
   SchedulerConfig config_;
   KvCacheManager& kv_cache_;
-  StreamingKvCache* streaming_;
+  PageSelector* selector_;
   std::vector<std::unique_ptr<Request>> running_;  // admission order
   std::deque<std::unique_ptr<Request>> waiting_;   // preempted requests go to the front
 };

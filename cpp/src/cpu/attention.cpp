@@ -5,10 +5,11 @@
 // update, O += P V. Index arrays are validated on the host first. Reference: dense softmax
 // attention with an explicit causal mask (tests/ops/test_attention.py).
 // Block-iterator policy (lserve/ops/attention.h): an item walks key ranges, not all keys: the
-// whole causal prefix (dense), the pages listed for its KV head (sparse decode), or the sink and
-// window pages (Lambda mask, streaming heads), with adjacent pages merged into one range. Keys
-// outside the ranges are never read; the Lambda mask is applied token-exactly inside them
-// (tests/sparse/test_block_sparse_attention.py).
+// whole causal prefix (dense), its KV head's stored selection plus the pages made since (sparse
+// decode), or the sink and window pages (Lambda mask, streaming heads), with adjacent pages merged
+// into one range. Keys outside the ranges are never read; the Lambda mask is applied token-exactly
+// inside them (tests/sparse/test_block_sparse_attention.py). Pages come from the page list or, for a
+// stream ring, from (slot, logical page) arithmetic.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -68,9 +69,30 @@ struct Problem {
   float sm_scale;
   const int32_t* window_sink = nullptr;          // (num_seqs,) or null
   const int32_t* window_local = nullptr;         // (num_seqs,) or null
-  const int32_t* head_page_positions = nullptr;  // (num_seqs, num_kv_heads, max_listed) or null
-  const int32_t* head_num_pages = nullptr;       // (num_seqs, num_kv_heads) or null
-  int64_t max_listed = 0;
+  const int32_t* stream_ring = nullptr;       // (num_seqs, 4) or null
+  const int32_t* selection = nullptr;         // (num_slots, num_kv_heads, capacity) or null
+  const int32_t* selection_count = nullptr;   // (num_slots, num_kv_heads) or null
+  const int32_t* select_slot = nullptr;       // (num_seqs,) or null: slot = sequence
+  const int32_t* select_base = nullptr;       // (num_seqs,) or null: base = page count
+  int64_t capacity = 0;
+
+  // Physical page of logical page lp of sequence s.
+  int64_t page_of(int64_t s, int64_t lp) const {
+    if (stream_ring == nullptr) return kv_page_indices[kv_page_indptr[s] + lp];
+    const int32_t* ring = stream_ring + 4 * s;
+    return lp < ring[1] ? ring[0] + lp : ring[2] + (lp - ring[1]) % ring[3];
+  }
+  // The stored selection sequence s's KV head reads: (positions, count, base); count < 0 = dense.
+  void selection_of(int64_t s, int64_t kv_head, int64_t num_seq_pages, const int32_t** listed, int64_t* count,
+                    int64_t* base) const {
+    *count = -1;
+    if (selection_count == nullptr) return;
+    const int64_t slot = select_slot != nullptr ? select_slot[s] : s;
+    if (slot < 0) return;
+    *count = selection_count[slot * num_kv_heads + kv_head];
+    *listed = selection + (slot * num_kv_heads + kv_head) * capacity;
+    *base = select_base != nullptr ? select_base[s] : num_seq_pages;
+  }
 };
 
 // Appends [begin, end) to ranges, merging it with the previous range when they touch.
@@ -234,7 +256,6 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
   const int64_t head_dim = problem.head_dim, group_size = problem.group_size;
   const int64_t q_len = problem.qo_indptr[item.seq_idx + 1] - problem.qo_indptr[item.seq_idx];
   const int64_t kv_len = problem.kv_lens[item.seq_idx];
-  const int32_t* pages = problem.kv_page_indices + problem.kv_page_indptr[item.seq_idx];
   const int64_t num_rows = (item.q_end - item.q_begin) * group_size;  // row = query row * group + head
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -256,18 +277,20 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
   const int64_t token_stride = problem.num_kv_heads * head_dim;
 
   // The key ranges this item walks.
-  const int64_t seq_head = static_cast<int64_t>(item.seq_idx) * problem.num_kv_heads + item.kv_head;
   const int64_t sink = problem.window_local != nullptr ? problem.window_sink[item.seq_idx] : 0;
   const int64_t local = problem.window_local != nullptr ? problem.window_local[item.seq_idx] : 0;
-  const int64_t num_listed = problem.head_num_pages != nullptr ? problem.head_num_pages[seq_head] : -1;
   const int64_t first_pos = kv_len - q_len + item.q_begin, page_size = problem.page_size;
+  const int64_t num_seq_pages = (kv_len + page_size - 1) / page_size;
+  const int32_t* listed = nullptr;
+  int64_t num_listed = -1, base = num_seq_pages;
+  problem.selection_of(item.seq_idx, item.kv_head, num_seq_pages, &listed, &num_listed, &base);
   thread_local std::vector<std::pair<int64_t, int64_t>> ranges;
   ranges.clear();
   if (num_listed >= 0) {
-    const int32_t* listed = problem.head_page_positions + seq_head * problem.max_listed;
-    for (int64_t k = 0; k < num_listed; ++k) {
+    for (int64_t k = 0; k < num_listed && listed[k] < base; ++k) {
       add_range(ranges, listed[k] * page_size, std::min<int64_t>((listed[k] + 1) * page_size, kv_end));
     }
+    add_range(ranges, std::min(base * page_size, kv_end), kv_end);
   } else if (local > 0) {
     for (int64_t begin = 0; begin < kv_end; begin += page_size) {
       const int64_t end = std::min(begin + page_size, kv_end);
@@ -287,7 +310,7 @@ LSERVE_CPU_INLINE void run_item(const Problem<CacheT>& problem, const WorkItem& 
         continue;
       }
       const int64_t key = key0 + c;
-      const int64_t slot = static_cast<int64_t>(pages[key / problem.page_size]) * problem.page_size +
+      const int64_t slot = problem.page_of(item.seq_idx, key / problem.page_size) * problem.page_size +
                            key % problem.page_size;
       const CacheT* k_src = problem.k_cache + slot * token_stride + item.kv_head * head_dim;  // (head_dim,)
       const CacheT* v_src = problem.v_cache + slot * token_stride + item.kv_head * head_dim;  // (head_dim,)
@@ -353,45 +376,76 @@ void validate_indices(const AttentionArgs& args) {
   const char* op = "attention";
   const int64_t num_tokens = args.query.size(0);
   const int64_t num_pages = args.k_cache.size(0), page_size = args.k_cache.size(1);
+  const int64_t num_kv_heads = args.k_cache.size(2);
   const int64_t num_seqs = args.qo_indptr.size(0) - 1;
   const int32_t* qo_indptr = args.qo_indptr.data_ptr<int32_t>();
-  const int32_t* kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
-  const int32_t* kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
   const int32_t* kv_lens = args.kv_lens.data_ptr<int32_t>();
-  const int64_t num_indices = args.kv_page_indices.size(0);
   LSERVE_CHECK(qo_indptr[0] == 0, op, ": qo_indptr[0] must be 0, got ", qo_indptr[0]);
   LSERVE_CHECK(qo_indptr[num_seqs] == num_tokens, op, ": qo_indptr[num_seqs] = ", qo_indptr[num_seqs],
                " must equal num_tokens = ", num_tokens);
-  LSERVE_CHECK(kv_page_indptr[0] == 0, op, ": kv_page_indptr[0] must be 0, got ", kv_page_indptr[0]);
-  LSERVE_CHECK(kv_page_indptr[num_seqs] <= num_indices, op, ": kv_page_indptr[num_seqs] = ",
-               kv_page_indptr[num_seqs], " exceeds the ", num_indices, " entries of kv_page_indices");
+  const int32_t* kv_page_indptr = nullptr;
+  const int32_t* kv_page_indices = nullptr;
+  int64_t num_indices = 0;
+  if (!args.has_ring()) {
+    kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
+    kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
+    num_indices = args.kv_page_indices.size(0);
+    LSERVE_CHECK(kv_page_indptr[0] == 0, op, ": kv_page_indptr[0] must be 0, got ", kv_page_indptr[0]);
+    LSERVE_CHECK(kv_page_indptr[num_seqs] <= num_indices, op, ": kv_page_indptr[num_seqs] = ",
+                 kv_page_indptr[num_seqs], " exceeds the ", num_indices, " entries of kv_page_indices");
+  }
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = static_cast<int64_t>(qo_indptr[s + 1]) - qo_indptr[s];
-    const int64_t num_seq_pages = static_cast<int64_t>(kv_page_indptr[s + 1]) - kv_page_indptr[s];
     LSERVE_CHECK(q_len >= 0, op, ": qo_indptr must be non-decreasing, but qo_indptr[", s + 1, "] = ",
                  qo_indptr[s + 1], " < qo_indptr[", s, "] = ", qo_indptr[s]);
-    LSERVE_CHECK(num_seq_pages >= 0, op, ": kv_page_indptr must be non-decreasing, but kv_page_indptr[", s + 1,
-                 "] = ", kv_page_indptr[s + 1], " < kv_page_indptr[", s, "] = ", kv_page_indptr[s]);
     LSERVE_CHECK(kv_lens[s] >= q_len, op, ": sequence ", s, " has kv_len ", kv_lens[s], " < q_len ", q_len,
                  " (the chunk's own keys must be appended first)");
+    if (args.has_ring()) {
+      const int32_t* ring = args.stream_ring.data_ptr<int32_t>() + 4 * s;
+      LSERVE_CHECK(ring[0] >= 0 && ring[1] >= 0 && ring[0] + static_cast<int64_t>(ring[1]) <= num_pages && ring[2] >= 0 &&
+                       ring[3] >= 1 && ring[2] + static_cast<int64_t>(ring[3]) <= num_pages,
+                   op, ": stream_ring[", s, "] = (", ring[0], ", ", ring[1], ", ", ring[2], ", ", ring[3],
+                   ") is outside the ", num_pages, " pages or has an empty ring");
+      // Every key the chunk can see must sit on its own page: sinks on sink pages, the window's
+      // pages (from the first query's oldest visible local key to the last key) within the ring.
+      const int64_t sink = args.has_window() ? args.window_sink.data_ptr<int32_t>()[s] : 0;
+      const int64_t local = args.has_window() ? args.window_local.data_ptr<int32_t>()[s] : 0;
+      const int64_t first_pos = kv_lens[s] - q_len, last_page = (kv_lens[s] - 1) / page_size;
+      const int64_t first_local_page =
+          std::max<int64_t>(ring[1], local > 0 ? std::max<int64_t>(first_pos - local + 1, 0) / page_size : 0);
+      LSERVE_CHECK(local > 0 ? sink <= static_cast<int64_t>(ring[1]) * page_size : true, op, ": sequence ", s,
+                   " has window_sink ", sink, " beyond its ", ring[1], " sink pages");
+      LSERVE_CHECK(kv_lens[s] == 0 || last_page - first_local_page + 1 <= ring[3], op, ": sequence ", s,
+                   "'s window spans pages ", first_local_page, "..", last_page, ", more than its ring of ", ring[3]);
+      continue;
+    }
+    const int64_t num_seq_pages = static_cast<int64_t>(kv_page_indptr[s + 1]) - kv_page_indptr[s];
+    LSERVE_CHECK(num_seq_pages >= 0, op, ": kv_page_indptr must be non-decreasing, but kv_page_indptr[", s + 1,
+                 "] = ", kv_page_indptr[s + 1], " < kv_page_indptr[", s, "] = ", kv_page_indptr[s]);
     LSERVE_CHECK(kv_lens[s] <= num_seq_pages * page_size, op, ": sequence ", s, " has kv_len ", kv_lens[s],
                  " but only ", num_seq_pages, " pages of ", page_size, " tokens");
     for (int64_t i = kv_page_indptr[s]; i < kv_page_indptr[s + 1]; ++i) {
       LSERVE_CHECK(kv_page_indices[i] >= 0 && kv_page_indices[i] < num_pages, op, ": kv_page_indices[", i,
                    "] = ", kv_page_indices[i], " (sequence ", s, ") is out of range [0, ", num_pages, ")");
     }
-    if (args.has_head_pages()) {
-      const int64_t num_kv_heads = args.k_cache.size(2), max_listed = args.head_page_positions.size(2);
-      for (int64_t h = 0; h < num_kv_heads; ++h) {
-        const int64_t count = args.head_num_pages.data_ptr<int32_t>()[s * num_kv_heads + h];
-        LSERVE_CHECK(count <= max_listed, op, ": head_num_pages[", s, ", ", h, "] = ", count, " exceeds the ",
-                     max_listed, " entries of head_page_positions");
-        const int32_t* listed = args.head_page_positions.data_ptr<int32_t>() + (s * num_kv_heads + h) * max_listed;
-        for (int64_t k = 0; k < count; ++k) {
-          LSERVE_CHECK(listed[k] >= 0 && listed[k] < num_seq_pages && (k == 0 || listed[k] > listed[k - 1]), op,
-                       ": head_page_positions[", s, ", ", h, "] must ascend within [0, ", num_seq_pages,
-                       "), entry ", k, " is ", listed[k]);
-        }
+    if (!args.has_selection()) continue;
+    const int64_t num_slots = args.selection.size(0), capacity = args.selection.size(2);
+    const int64_t slot = args.select_slot.defined() ? args.select_slot.data_ptr<int32_t>()[s] : s;
+    if (slot < 0) continue;  // dense
+    LSERVE_CHECK(slot < num_slots, op, ": select_slot[", s, "] = ", slot, " is outside the ", num_slots,
+                 " slots of the selection store");
+    const int64_t needed_pages = (kv_lens[s] + page_size - 1) / page_size;
+    const int64_t base = args.select_base.defined() ? args.select_base.data_ptr<int32_t>()[s] : needed_pages;
+    LSERVE_CHECK(base >= 0 && base <= needed_pages, op, ": select_base[", s, "] = ", base, " is outside [0, ",
+                 needed_pages, "] (the sequence's pages)");
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      const int64_t count = args.selection_count.data_ptr<int32_t>()[slot * num_kv_heads + h];
+      LSERVE_CHECK(count <= capacity, op, ": selection_count[", slot, ", ", h, "] = ", count, " exceeds the ",
+                   capacity, " entries of the selection");
+      const int32_t* listed = args.selection.data_ptr<int32_t>() + (slot * num_kv_heads + h) * capacity;
+      for (int64_t k = 0; k < count && listed[k] < base; ++k) {
+        LSERVE_CHECK(listed[k] >= 0 && (k == 0 || listed[k] > listed[k - 1]), op, ": selection[", slot, ", ", h,
+                     "] must ascend within [0, ", needed_pages, "), entry ", k, " is ", listed[k]);
       }
     }
   }
@@ -432,17 +486,22 @@ void attention(const CpuContext& context, const AttentionArgs& args) {
   auto run = [&](auto* k_cache) {
     using CacheT = std::remove_const_t<std::remove_pointer_t<decltype(k_cache)>>;
     Problem<CacheT> problem{&args.query, &args.output, k_cache, static_cast<const CacheT*>(args.v_cache.data),
-                            qo_indptr, args.kv_page_indptr.data_ptr<int32_t>(),
-                            args.kv_page_indices.data_ptr<int32_t>(), kv_lens, args.k_cache.size(1),
-                            num_kv_heads, head_dim, group_size, args.sm_scale};
+                            qo_indptr, args.has_ring() ? nullptr : args.kv_page_indptr.data_ptr<int32_t>(),
+                            args.has_ring() ? nullptr : args.kv_page_indices.data_ptr<int32_t>(), kv_lens,
+                            args.k_cache.size(1), num_kv_heads, head_dim, group_size, args.sm_scale};
+    if (args.has_ring()) problem.stream_ring = args.stream_ring.data_ptr<int32_t>();
     if (args.has_window()) {
       problem.window_sink = args.window_sink.data_ptr<int32_t>();
       problem.window_local = args.window_local.data_ptr<int32_t>();
     }
-    if (args.has_head_pages()) {
-      problem.head_page_positions = args.head_page_positions.data_ptr<int32_t>();
-      problem.head_num_pages = args.head_num_pages.data_ptr<int32_t>();
-      problem.max_listed = args.head_page_positions.size(2);
+    if (args.has_selection()) {
+      problem.selection = args.selection.data_ptr<int32_t>();
+      problem.selection_count = args.selection_count.data_ptr<int32_t>();
+      problem.capacity = args.selection.size(2);
+      if (args.select_slot.defined()) {
+        problem.select_slot = args.select_slot.data_ptr<int32_t>();
+        problem.select_base = args.select_base.data_ptr<int32_t>();
+      }
     }
     context.pool->parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end,
                                                                             int thread_idx) {

@@ -53,7 +53,9 @@ bool CpuBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) c
     case OpKind::kRmsNorm:
     case OpKind::kGemm: return float_weight;
     case OpKind::kRopeKvAppend:
-    case OpKind::kAttention: return float_cache;
+    case OpKind::kAttention:
+    case OpKind::kSparseAttention: return float_cache;
+    case OpKind::kPageSelect:
     case OpKind::kSiluMul:
     case OpKind::kGatherRows:
     case OpKind::kSample: return true;

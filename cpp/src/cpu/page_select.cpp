@@ -35,7 +35,9 @@ void cpu_page_stats_append(const PageStatsAppendArgs& args) {
 }
 
 void cpu_page_select(const PageSelectArgs& args) {
-  const int64_t num_seqs = args.query.size(0), num_qo_heads = args.query.size(1), head_dim = args.query.size(2);
+  const int64_t num_seqs = args.kv_page_indptr.size(0) - 1;
+  const int64_t num_qo_heads = args.query.size(1), head_dim = args.query.size(2);
+  const int64_t num_slots = args.selected.size(0);
   const int64_t num_pages_total = args.kmax.size(0), logical_per_page = args.kmax.size(1);
   const int64_t num_kv_heads = args.kmax.size(2), group = num_qo_heads / num_kv_heads;
   const int64_t logical_page_size = args.physical_page_size / logical_per_page;
@@ -47,18 +49,28 @@ void cpu_page_select(const PageSelectArgs& args) {
   const float* kmin = args.kmin.data_ptr<float>();
   int32_t* selected = args.selected.data_ptr<int32_t>();
   int32_t* num_selected = args.num_selected.data_ptr<int32_t>();
+  const int32_t* qo_indptr = args.qo_indptr.defined() ? args.qo_indptr.data_ptr<int32_t>() : nullptr;
+  const int32_t* modes = args.select_mode.defined() ? args.select_mode.data_ptr<int32_t>() : nullptr;
+  const int32_t* slots = args.select_slot.defined() ? args.select_slot.data_ptr<int32_t>() : nullptr;
 
   for (int64_t s = 0; s < num_seqs; ++s) {
+    if (modes != nullptr && modes[s] != kSelectFresh) continue;  // dense or reused: the store stays
+    const int64_t slot = slots != nullptr ? slots[s] : s;
+    LSERVE_CHECK(slot >= 0 && slot < num_slots, "page_select: sequence ", s, " writes slot ", slot, ", outside [0, ",
+                 num_slots, ")");
+    const int64_t row = qo_indptr != nullptr ? static_cast<int64_t>(qo_indptr[s + 1]) - 1 : s;
+    LSERVE_CHECK(row >= 0 && row < args.query.size(0) && (qo_indptr == nullptr || qo_indptr[s + 1] > qo_indptr[s]),
+                 "page_select: sequence ", s, " has no query row");
     const int64_t num_pages = indptr[s + 1] - indptr[s];
     LSERVE_CHECK(num_pages >= 0 && kv_lens[s] >= 1 && kv_lens[s] <= num_pages * args.physical_page_size &&
                      kv_lens[s] > (num_pages - 1) * args.physical_page_size,
                  "page_select: sequence ", s, " holds ", kv_lens[s], " tokens in ", num_pages, " pages of ",
                  args.physical_page_size);
     for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
-      int32_t* out = selected + (s * num_kv_heads + kv_head) * num_select;
+      int32_t* out = selected + (slot * num_kv_heads + kv_head) * num_select;
       if (num_pages <= num_select) {
         std::iota(out, out + num_pages, 0);
-        num_selected[s * num_kv_heads + kv_head] = static_cast<int32_t>(num_pages);
+        num_selected[slot * num_kv_heads + kv_head] = static_cast<int32_t>(num_pages);
         continue;
       }
       std::vector<float> page_scores(static_cast<size_t>(num_pages), -std::numeric_limits<float>::infinity());
@@ -72,7 +84,7 @@ void cpu_page_select(const PageSelectArgs& args) {
           const int64_t base = ((page * logical_per_page + logical) * num_kv_heads + kv_head) * head_dim;
           float score = 0.0f;
           for (int64_t g = 0; g < group; ++g) {
-            const float* q = args.query.data_ptr<float>() + s * args.query.stride(0) +
+            const float* q = args.query.data_ptr<float>() + row * args.query.stride(0) +
                              (kv_head * group + g) * head_dim;
             if (args.score == PageScore::kCenter) {
               for (int64_t d = 0; d < head_dim; ++d) score += q[d] * (0.5f * (kmax[base + d] + kmin[base + d]));
@@ -96,7 +108,7 @@ void cpu_page_select(const PageSelectArgs& args) {
       });
       std::sort(order.begin(), order.begin() + num_select);
       std::copy(order.begin(), order.begin() + num_select, out);
-      num_selected[s * num_kv_heads + kv_head] = static_cast<int32_t>(num_select);
+      num_selected[slot * num_kv_heads + kv_head] = static_cast<int32_t>(num_select);
     }
   }
 }

@@ -32,7 +32,10 @@ void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args) {
   const int64_t num_slots = args.k_cache.size(0) * args.k_cache.size(1);
   const int32_t* positions = args.positions.data_ptr<int32_t>();     // (num_tokens,)
   const int64_t* slot_mapping = args.slot_mapping.data_ptr<int64_t>();  // (num_tokens,)
+  const int64_t* mirror = args.mirror_slot_mapping.defined() ? args.mirror_slot_mapping.data_ptr<int64_t>() : nullptr;
   for (int64_t t = 0; t < num_tokens; ++t) {
+    LSERVE_CHECK(mirror == nullptr || mirror[t] < num_slots, op, ": mirror_slot_mapping[", t, "] = ", mirror[t],
+                 " is beyond the cache's ", num_slots, " slots (num_pages * page_size)");
     LSERVE_CHECK(positions[t] >= 0 && positions[t] < max_positions, op, ": positions[", t, "] = ", positions[t],
                  " is out of range [0, ", max_positions, ") of cos_sin_cache");
     LSERVE_CHECK(slot_mapping[t] < num_slots, op, ": slot_mapping[", t, "] = ", slot_mapping[t],
@@ -55,9 +58,11 @@ void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args) {
         const float* value = row_ptr<const float>(args.value, t);     // (num_kv_heads, head_dim)
         for (int64_t h = 0; h < num_qo_heads; ++h) rotate(query + h * head_dim, cos, sin, half);
         for (int64_t h = 0; h < num_kv_heads; ++h) rotate(key + h * head_dim, cos, sin, half);
-        if (slot_mapping[t] < 0) continue;
-        store_row(key, k_cache + slot_mapping[t] * slot_stride, slot_stride);
-        store_row(value, v_cache + slot_mapping[t] * slot_stride, slot_stride);
+        for (const int64_t slot : {slot_mapping[t], mirror != nullptr ? mirror[t] : int64_t{-1}}) {
+          if (slot < 0) continue;
+          store_row(key, k_cache + slot * slot_stride, slot_stride);
+          store_row(value, v_cache + slot * slot_stride, slot_stride);
+        }
       }
     });
   });

@@ -136,7 +136,6 @@ void LlamaModel::set_sparsity(const SparsityConfig& sparsity) {
   LSERVE_CHECK(loaded_.empty(), "set_sparsity() after load_weight(): the head order is fixed at loading");
   sparsity.validate(config_.num_layers, config_.num_kv_heads);
   sparsity_ = sparsity;
-  num_select_ = sparsity.enabled ? sparsity.decode_token_budget / sparsity.physical_page_size : 0;
   for (int layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     Layer& layer = layers_[layer_idx];
     layer.kv_order.clear();
@@ -278,10 +277,15 @@ void LlamaModel::allocate_kv_cache(int num_pages, int page_size, DType kv_cache_
   kv_allocated_ = true;
 }
 
-void LlamaModel::allocate_streaming_cache(int num_pages, int page_size, DType kv_cache_dtype, int num_slots) {
+std::vector<int> LlamaModel::num_dense_kv_heads() const {
+  std::vector<int> heads;
+  for (const Layer& layer : layers_) heads.push_back(layer.num_dense_kv);
+  return heads;
+}
+
+void LlamaModel::allocate_streaming_cache(int num_pages, int page_size, DType kv_cache_dtype) {
   LSERVE_CHECK(sparsity_.enabled, "allocate_streaming_cache() without sparse attention");
-  LSERVE_CHECK(num_pages >= 1 && page_size >= 1 && num_slots >= 1, "streaming cache needs pages and slots");
-  num_slots_ = num_slots;
+  LSERVE_CHECK(num_pages >= 1 && page_size >= 1, "streaming cache needs pages");
   for (Layer& layer : layers_) {
     const int num_stream = config_.num_kv_heads - layer.num_dense_kv;
     if (num_stream > 0) {
@@ -290,99 +294,14 @@ void LlamaModel::allocate_streaming_cache(int num_pages, int page_size, DType kv
       backend_.fill_zero(layer.ks_cache);
       backend_.fill_zero(layer.vs_cache);
     }
-    layer.selection.assign(static_cast<size_t>(num_slots) * layer.num_dense_kv * num_select_, 0);
-    layer.selection_count.assign(static_cast<size_t>(num_slots) * layer.num_dense_kv, 0);
   }
+  streaming_allocated_ = true;
 }
 
-void LlamaModel::select_pages(int layer_idx, Layer& layer, const ForwardBatch& batch, const TensorView& dense_query,
-                              Tensor* head_pages, Tensor* head_counts) {
-  const int64_t num_seqs = static_cast<int64_t>(batch.kv_lens.size());
-  const int64_t nd = layer.num_dense_kv, page_size = sparsity_.physical_page_size;
-  std::vector<int64_t> fresh;
-  bool any_selection = false;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t num_pages = batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s];
-    last_pages_total_ += num_pages * nd;
-    if (batch.select_mode[s] == kSelectDense) last_pages_selected_ += num_pages * nd;
-    if (batch.select_mode[s] == kSelectFresh) fresh.push_back(s);
-    if (batch.select_mode[s] != kSelectDense) {
-      any_selection = true;
-      LSERVE_CHECK(batch.qo_indptr[s + 1] - batch.qo_indptr[s] == 1, "page selection of sequence ", s,
-                   " needs a single decode query");
-      LSERVE_CHECK(batch.seq_slots[s] >= 0 && batch.seq_slots[s] < num_slots_, "sequence ", s, " has slot ",
-                   batch.seq_slots[s], " outside [0, ", num_slots_, ")");
-    }
-  }
-  if (!any_selection) return;
-
-  // 1. Score and select for the sequences that select afresh; keep the result in their slots.
-  if (!fresh.empty()) {
-    const int64_t n = static_cast<int64_t>(fresh.size());
-    Tensor q = backend_.empty({n, dense_query.size(1), dense_query.size(2)}, DType::kF32);
-    std::vector<int32_t> indptr = {0}, indices, lens;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t s = fresh[static_cast<size_t>(i)], row = batch.qo_indptr[s + 1] - 1;
-      backend_.copy(q.view().slice(0, i, i + 1), dense_query.slice(0, row, row + 1));
-      indices.insert(indices.end(), batch.kv_page_indices.begin() + batch.kv_page_indptr[s],
-                     batch.kv_page_indices.begin() + batch.kv_page_indptr[s + 1]);
-      indptr.push_back(static_cast<int32_t>(indices.size()));
-      lens.push_back(batch.kv_lens[s]);
-    }
-    PackedUpload pack;
-    const int i_indptr = pack.add(indptr, DType::kI32), i_indices = pack.add(indices, DType::kI32);
-    const int i_lens = pack.add(lens, DType::kI32);
-    const Tensor block = pack.upload(backend_);
-    const TensorView indptr_t = pack.view(i_indptr, block), indices_t = pack.view(i_indices, block);
-    const TensorView lens_t = pack.view(i_lens, block);
-    Tensor selected = backend_.empty({n, nd, num_select_}, DType::kI32);
-    Tensor counts = backend_.empty({n, nd}, DType::kI32);
-    backend_.page_select({q, layer.kmax, layer.kmin, indptr_t, indices_t, lens_t, selected, counts,
-                          static_cast<int>(page_size), sparsity_.always_select_sink_page, sparsity_.page_score});
-    std::vector<int32_t> host_selected(static_cast<size_t>(n * nd * num_select_)), host_counts(static_cast<size_t>(n * nd));
-    backend_.copy(TensorView(host_selected.data(), DType::kI32, {n, nd, static_cast<int64_t>(num_select_)}), selected);
-    backend_.copy(TensorView(host_counts.data(), DType::kI32, {n, nd}), counts);
-    backend_.synchronize();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t slot = batch.seq_slots[fresh[static_cast<size_t>(i)]];
-      std::copy_n(host_selected.begin() + i * nd * num_select_, nd * num_select_,
-                  layer.selection.begin() + slot * nd * num_select_);
-      std::copy_n(host_counts.begin() + i * nd, nd, layer.selection_count.begin() + slot * nd);
-    }
-  }
-
-  // 2. Per (sequence, dense head) page lists: the slot's selection plus every page made since.
-  int64_t max_pages = num_select_;
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    if (batch.select_mode[s] != kSelectReuse) continue;
-    const int64_t num_pages = batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s];
-    max_pages = std::max<int64_t>(max_pages, num_select_ + num_pages - batch.select_base_pages[s]);
-  }
-  std::vector<int32_t> positions(static_cast<size_t>(num_seqs * nd * max_pages), 0);
-  std::vector<int32_t> counts(static_cast<size_t>(num_seqs * nd), -1);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    if (batch.select_mode[s] == kSelectDense) continue;
-    const int64_t num_pages = batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s], slot = batch.seq_slots[s];
-    const int64_t base = batch.select_mode[s] == kSelectReuse ? batch.select_base_pages[s] : num_pages;
-    LSERVE_CHECK(base >= 1 && base <= num_pages, "sequence ", s, ": selection made at ", base,
-                 " pages, it now has ", num_pages);
-    for (int64_t h = 0; h < nd; ++h) {
-      int32_t* out = &positions[static_cast<size_t>((s * nd + h) * max_pages)];
-      const int32_t* kept = &layer.selection[static_cast<size_t>((slot * nd + h) * num_select_)];
-      int64_t count = 0;
-      for (int64_t k = 0; k < layer.selection_count[static_cast<size_t>(slot * nd + h)]; ++k) {
-        if (kept[k] < base) out[count++] = kept[k];  // positions are ascending
-      }
-      for (int64_t p = base; p < num_pages; ++p) out[count++] = static_cast<int32_t>(p);
-      counts[static_cast<size_t>(s * nd + h)] = static_cast<int32_t>(count);
-      last_pages_selected_ += count;
-    }
-  }
-  *head_pages = backend_.empty({num_seqs, nd, max_pages}, DType::kI32);
-  backend_.copy(*head_pages, TensorView(positions.data(), DType::kI32, {num_seqs, nd, max_pages}));
-  *head_counts = backend_.empty({num_seqs, nd}, DType::kI32);
-  backend_.copy(*head_counts, TensorView(counts.data(), DType::kI32, {num_seqs, nd}));
-  (void)layer_idx;
+void LlamaModel::prepare_steps(int64_t max_tokens, int64_t max_seqs, int64_t max_pages) {
+  LSERVE_CHECK(max_tokens >= 1 && max_seqs >= 1 && max_pages >= 1, "prepare_steps: capacities must be >= 1");
+  step_layout_ = StepLayout{max_tokens, max_seqs, max_pages, sparsity_.enabled};
+  step_metadata_ = backend_.empty({step_layout_.num_bytes()}, DType::kU8);
 }
 
 std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
@@ -397,45 +316,27 @@ std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
 TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
   LSERVE_CHECK(finalized_, "forward() before finalize(): weights are not all loaded");
   LSERVE_CHECK(kv_allocated_, "forward() before allocate_kv_cache()");
-  LSERVE_CHECK(!sparsity_.enabled || num_slots_ > 0, "sparse forward() before allocate_streaming_cache()");
-  const int64_t num_tokens = static_cast<int64_t>(batch.token_ids.size());
+  LSERVE_CHECK(step_metadata_.defined(), "forward() before prepare_steps()");
+  LSERVE_CHECK(!sparsity_.enabled || (streaming_allocated_ && selector_ != nullptr),
+               "sparse forward() before allocate_streaming_cache() and set_page_selector()");
+  const int64_t num_tokens = batch.num_tokens();
   const int64_t hidden = config_.hidden_size, head_dim = config_.head_dim;
   const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
   const int64_t num_logits = static_cast<int64_t>(batch.logits_rows.size());
   const int64_t inter = config_.intermediate_size, vocab = config_.vocab_size;
   step_logits_ = Tensor();
-  if (num_tokens == 0) return TensorView();
   last_pages_selected_ = 0;
   last_pages_total_ = 0;
-  if (graphs_ && graph_eligible(batch)) return forward_graph(batch);
-
-  // Metadata: one host -> device copy.
-  PackedUpload pack;
-  const int token_ids = pack.add(batch.token_ids, DType::kI32);
-  const int positions = pack.add(batch.positions, DType::kI32);
-  const int slot_mapping = pack.add(batch.slot_mapping, DType::kI64);
-  const int qo_indptr = pack.add(batch.qo_indptr, DType::kI32);
-  const int kv_page_indptr = pack.add(batch.kv_page_indptr, DType::kI32);
-  const int kv_page_indices = pack.add(batch.kv_page_indices, DType::kI32);
-  const int kv_lens = pack.add(batch.kv_lens, DType::kI32);
-  const int logits_rows = pack.add(batch.logits_rows, DType::kI32);
-  int stream_slot_mapping = -1, stream_page_indptr = -1, stream_page_indices = -1, window_sink = -1,
-      window_local = -1;
+  if (num_tokens == 0) return TensorView();
   if (sparsity_.enabled) {
-    const size_t num_seqs = batch.kv_lens.size();
-    LSERVE_CHECK(batch.stream_slot_mapping.size() == batch.token_ids.size() &&
-                 batch.stream_page_indptr.size() == num_seqs + 1 && batch.window_sink.size() == num_seqs &&
-                 batch.window_local.size() == num_seqs && batch.seq_slots.size() == num_seqs &&
-                 batch.select_mode.size() == num_seqs && batch.select_base_pages.size() == num_seqs,
-                 "forward(): sparse batch metadata is incomplete");
-    stream_slot_mapping = pack.add(batch.stream_slot_mapping, DType::kI64);
-    stream_page_indptr = pack.add(batch.stream_page_indptr, DType::kI32);
-    stream_page_indices = pack.add(batch.stream_page_indices, DType::kI32);
-    window_sink = pack.add(batch.window_sink, DType::kI32);
-    window_local = pack.add(batch.window_local, DType::kI32);
+    int64_t dense_heads = 0;
+    for (const Layer& layer : layers_) dense_heads += layer.num_dense_kv;
+    last_pages_selected_ = batch.sparse.pages_read_per_head * dense_heads;
+    last_pages_total_ = batch.sparse.pages_total_per_head * dense_heads;
   }
-  const Tensor metadata = pack.upload(backend_);
+  if (graphs_ && graphs_->eligible(batch)) return graphs_->replay(batch);
 
+  // Activations, then the metadata in one copy into the persistent block; then only ops.
   const DType act_dtype = activation_dtype_;
   Tensor residual = backend_.empty({num_tokens, hidden}, DType::kF32);
   Tensor normed = backend_.empty({num_tokens, hidden}, act_dtype);
@@ -449,15 +350,10 @@ TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
     selected = backend_.empty({num_logits, hidden}, act_dtype);
     logits = backend_.empty({num_logits, vocab}, DType::kF32);
   }
+  const PackedUpload packed = step_layout_.pack(batch);
+  packed.copy_into(backend_, step_metadata_);
   StepTensors t;
-  t.token_ids = pack.view(token_ids, metadata);
-  t.positions = pack.view(positions, metadata);
-  t.slot_mapping = pack.view(slot_mapping, metadata);
-  t.qo_indptr = pack.view(qo_indptr, metadata);
-  t.kv_page_indptr = pack.view(kv_page_indptr, metadata);
-  t.kv_page_indices = pack.view(kv_page_indices, metadata);
-  t.kv_lens = pack.view(kv_lens, metadata);
-  t.logits_rows = pack.view(logits_rows, metadata);
+  step_layout_.views(packed, step_metadata_, &t);
   t.residual = residual.view();
   t.normed = normed.view();
   t.qkv = qkv.view();
@@ -469,36 +365,23 @@ TensorView LlamaModel::forward_logits(const ForwardBatch& batch) {
     t.selected = selected.view();
     t.logits = logits.view();
   }
-  if (sparsity_.enabled) {
-    t.stream_slot_mapping = pack.view(stream_slot_mapping, metadata);
-    t.stream_page_indptr = pack.view(stream_page_indptr, metadata);
-    t.stream_page_indices = pack.view(stream_page_indices, metadata);
-    t.window_sink = pack.view(window_sink, metadata);
-    t.window_local = pack.view(window_local, metadata);
-  }
   const LengthHints hints = length_hints(batch);
-  enqueue_forward(t, &batch, hints.max_q_len, hints.max_kv_len);
+  enqueue_forward(t, hints.max_q_len, hints.max_kv_len);
   if (num_logits == 0) return TensorView();
   step_logits_ = logits;
   return step_logits_.view();
 }
 
-void LlamaModel::enqueue_forward(const StepTensors& t, const ForwardBatch* batch, int32_t max_q_len,
-                                 int32_t max_kv_len) {
+void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_t max_kv_len) {
   const int64_t num_tokens = t.token_ids.size(0);
   const int64_t head_dim = config_.head_dim;
   const int64_t num_qo_heads = config_.num_qo_heads, num_kv_heads = config_.num_kv_heads;
   const int64_t q_width = num_qo_heads * head_dim, kv_width = num_kv_heads * head_dim;
   const int64_t group = num_qo_heads / num_kv_heads;
   const bool sparse = sparsity_.enabled;
-  LSERVE_CHECK(!sparse || batch != nullptr, "sparse forward needs the host batch (page selection)");
   LengthHints hints;
   hints.max_q_len = max_q_len;
   hints.max_kv_len = max_kv_len;
-
-  backend_.embed({t.token_ids, embed_tokens_, t.residual});
-  const float sm_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  const float eps = static_cast<float>(config_.rms_norm_eps);
 
   // qkv rows hold [q heads | k heads | v heads]; views split them without copies.
   auto head_view = [&](int64_t column_start, int64_t num_heads) {
@@ -512,7 +395,16 @@ void LlamaModel::enqueue_forward(const StepTensors& t, const ForwardBatch* batch
   const TensorView key = head_view(q_width, num_kv_heads);
   const TensorView value = head_view(q_width + kv_width, num_kv_heads);
   TensorView attn_out_3d = t.attn_out.reshape({num_tokens, num_qo_heads, head_dim});
+  const float sm_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const float eps = static_cast<float>(config_.rms_norm_eps);
 
+  struct Isolated {  // the per-layer region: ops only (Backend::begin_isolated)
+    Backend& backend;
+    explicit Isolated(Backend& b) : backend(b) { backend.begin_isolated(); }
+    ~Isolated() { backend.end_isolated(); }
+  } isolated(backend_);
+
+  backend_.embed({t.token_ids, embed_tokens_, t.residual});
   for (size_t layer_idx = 0; layer_idx < layers_.size(); ++layer_idx) {
     Layer& layer = layers_[layer_idx];
     if (layer_idx == 0) {
@@ -523,7 +415,7 @@ void LlamaModel::enqueue_forward(const StepTensors& t, const ForwardBatch* batch
     backend_.gemm({t.normed, layer.qkv_weight, config_.attention_bias ? layer.qkv_bias.view() : TensorView(), t.qkv});
     if (!sparse) {
       backend_.rope_kv_append({query, key, value, t.positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
-                               t.slot_mapping});
+                               t.slot_mapping, {}});
       backend_.attention(attention_args(query, layer.k_cache, layer.v_cache, t.qo_indptr, t.kv_page_indptr,
                                         t.kv_page_indices, t.kv_lens, attn_out_3d, sm_scale, hints));
     } else {
@@ -533,27 +425,44 @@ void LlamaModel::enqueue_forward(const StepTensors& t, const ForwardBatch* batch
       if (nd > 0) {
         const TensorView dense_query = query.slice(1, 0, nq_dense), dense_key = key.slice(1, 0, nd);
         backend_.rope_kv_append({dense_query, dense_key, value.slice(1, 0, nd), t.positions, cos_sin_cache_,
-                                 layer.k_cache, layer.v_cache, t.slot_mapping});
+                                 layer.k_cache, layer.v_cache, t.slot_mapping, {}});
         backend_.page_stats_append({dense_key, t.slot_mapping, layer.kmax, layer.kmin,
                                     sparsity_.physical_page_size});
+        // Fresh sequences score their pages into the selector's store; the others keep theirs.
+        PageSelectArgs select{dense_query,
+                              layer.kmax,
+                              layer.kmin,
+                              t.kv_page_indptr,
+                              t.kv_page_indices,
+                              t.kv_lens,
+                              selector_->selection(static_cast<int>(layer_idx)),
+                              selector_->selection_count(static_cast<int>(layer_idx)),
+                              sparsity_.physical_page_size,
+                              sparsity_.always_select_sink_page,
+                              sparsity_.page_score,
+                              t.qo_indptr,
+                              t.select_mode,
+                              t.select_slot};
+        backend_.page_select(select);
         AttentionArgs args = attention_args(dense_query, layer.k_cache, layer.v_cache, t.qo_indptr,
                                             t.kv_page_indptr, t.kv_page_indices, t.kv_lens,
                                             attn_out_3d.slice(1, 0, nq_dense), sm_scale, hints);
-        Tensor head_pages, head_counts;
-        select_pages(static_cast<int>(layer_idx), layer, *batch, dense_query, &head_pages, &head_counts);
-        if (head_counts.defined()) {
-          args.head_page_positions = head_pages.view();
-          args.head_num_pages = head_counts.view();
-        }
+        args.selection = select.selected;
+        args.selection_count = select.num_selected;
+        args.select_slot = t.select_slot;
+        args.select_base = t.select_base;
         backend_.attention(args);
       }
       if (nd < num_kv_heads) {
         const TensorView stream_query = query.slice(1, nq_dense, num_qo_heads);
-        backend_.rope_kv_append({stream_query, key.slice(1, nd, num_kv_heads), value.slice(1, nd, num_kv_heads),
-                                 t.positions, cos_sin_cache_, layer.ks_cache, layer.vs_cache, t.stream_slot_mapping});
-        AttentionArgs args = attention_args(stream_query, layer.ks_cache, layer.vs_cache, t.qo_indptr,
-                                            t.stream_page_indptr, t.stream_page_indices, t.kv_lens,
-                                            attn_out_3d.slice(1, nq_dense, num_qo_heads), sm_scale, hints);
+        RopeKvAppendArgs append{stream_query, key.slice(1, nd, num_kv_heads), value.slice(1, nd, num_kv_heads),
+                                t.positions, cos_sin_cache_, layer.ks_cache, layer.vs_cache, t.stream_slot_mapping,
+                                t.stream_mirror_mapping};
+        backend_.rope_kv_append(append);
+        AttentionArgs args = attention_args(stream_query, layer.ks_cache, layer.vs_cache, t.qo_indptr, TensorView(),
+                                            TensorView(), t.kv_lens, attn_out_3d.slice(1, nq_dense, num_qo_heads),
+                                            sm_scale, hints);
+        args.stream_ring = t.stream_ring;
         args.window_sink = t.window_sink;
         args.window_local = t.window_local;
         backend_.attention(args);
@@ -572,169 +481,21 @@ void LlamaModel::enqueue_forward(const StepTensors& t, const ForwardBatch* batch
 }
 
 std::vector<int> LlamaModel::decode_graph_batch_sizes() const {
-  std::vector<int> sizes;
-  if (!graphs_) return sizes;
-  for (const auto& entry : graphs_->graphs) sizes.push_back(entry.first);
-  return sizes;
+  return graphs_ ? graphs_->batch_sizes() : std::vector<int>{};
 }
 
 void LlamaModel::capture_decode_graphs(int max_batch, int max_kv_len) {
-  LSERVE_CHECK(finalized_ && kv_allocated_, "capture_decode_graphs() before the weights and KV cache are ready");
-  LSERVE_CHECK(backend_.supports_graphs(), "the ", backend_.name(), " backend has no graph capture");
-  LSERVE_CHECK(!sparsity_.enabled, "decode graphs serve dense attention only (sparse decode selects pages on the host)");
+  LSERVE_CHECK(finalized_ && kv_allocated_ && step_metadata_.defined(),
+               "capture_decode_graphs() before the weights, KV cache and step buffers are ready");
+  LSERVE_CHECK(!sparsity_.enabled, "decode graphs serve dense attention only for now (TODO(#17): sparse plans)");
   LSERVE_CHECK(!config_.attention_bias, "decode graphs do not cover models with attention biases yet");
-  LSERVE_CHECK(max_batch >= 1 && max_kv_len >= 1, "capture_decode_graphs: max_batch and max_kv_len must be >= 1");
   const int page_size = static_cast<int>(layers_[0].k_cache.view().size(1));
-  auto graphs = std::make_unique<DecodeGraphs>();
-  DecodeGraphs& g = *graphs;
-  g.max_batch = max_batch;
-  g.max_kv_len = max_kv_len;
-  g.max_pages_per_seq = (max_kv_len + page_size - 1) / page_size;
-  const int64_t rows = max_batch, hidden = config_.hidden_size, head_dim = config_.head_dim;
-  const int64_t q_width = config_.num_qo_heads * head_dim, kv_width = config_.num_kv_heads * head_dim;
-  const int64_t inter = config_.intermediate_size, vocab = config_.vocab_size;
-  const DType act_dtype = activation_dtype_;
-  {  // the metadata block at its largest
-    const PackedUpload layout = pack_graph_batch(g, nullptr, max_batch);
-    g.metadata = backend_.empty({layout.num_bytes()}, DType::kU8);
-    g.token_ids = layout.view(kGraphTokens, g.metadata, true);
-    g.positions = layout.view(kGraphPositions, g.metadata, true);
-    g.slot_mapping = layout.view(kGraphSlots, g.metadata, true);
-    g.qo_indptr = layout.view(kGraphQoIndptr, g.metadata, true);
-    g.kv_page_indptr = layout.view(kGraphPageIndptr, g.metadata, true);
-    g.kv_lens = layout.view(kGraphKvLens, g.metadata, true);
-    g.logits_rows = layout.view(kGraphRows, g.metadata, true);
-    g.kv_page_indices = layout.view(kGraphPages, g.metadata, true);
-  }
-  g.residual = backend_.empty({rows, hidden}, DType::kF32);
-  g.normed = backend_.empty({rows, hidden}, act_dtype);
-  g.qkv = backend_.empty({rows, q_width + 2 * kv_width}, act_dtype);
-  g.attn_out = backend_.empty({rows, q_width}, act_dtype);
-  g.proj_out = backend_.empty({rows, hidden}, act_dtype);
-  g.gate_up = backend_.empty({rows, 2 * inter}, act_dtype);
-  g.act = backend_.empty({rows, inter}, act_dtype);
-  g.selected = backend_.empty({rows, hidden}, act_dtype);
-  g.logits = backend_.empty({rows, vocab}, DType::kF32);
-  std::vector<int> buckets;
-  for (int size : {1, 2, 4}) {
-    if (size < max_batch) buckets.push_back(size);
-  }
-  for (int size = 8; size < max_batch; size += 8) buckets.push_back(size);
-  buckets.push_back(max_batch);
+  auto graphs = std::make_unique<DecodeGraphRunner>(backend_, config_, activation_dtype_, step_layout_, step_metadata_,
+                                                    page_size, max_batch, max_kv_len);
+  graphs->capture([this](const StepTensors& t, int32_t max_q_len, int32_t max_kv) {
+    enqueue_forward(t, max_q_len, max_kv);
+  });
   graphs_ = std::move(graphs);
-  try {
-    // Run every bucket once eagerly on an all-padding batch (nothing is written to the cache) so
-    // that kernel loading, cuBLASLt's algorithm choice and the attention workspace's size are
-    // settled; then capture, largest first.
-    for (auto it = buckets.rbegin(); it != buckets.rend(); ++it) {
-      pack_graph_batch(g, nullptr, *it).copy_into(backend_, g.metadata);
-      enqueue_forward(graph_tensors(*it), nullptr, 1, max_kv_len);
-    }
-    backend_.synchronize();
-    for (auto it = buckets.rbegin(); it != buckets.rend(); ++it) {
-      const StepTensors t = graph_tensors(*it);
-      backend_.begin_capture();
-      try {
-        enqueue_forward(t, nullptr, 1, max_kv_len);
-      } catch (...) {
-        try {
-          backend_.end_capture();
-        } catch (...) {
-        }
-        throw;
-      }
-      g.graphs[*it] = backend_.end_capture();
-    }
-  } catch (...) {
-    graphs_.reset();
-    throw;
-  }
-}
-
-bool LlamaModel::graph_eligible(const ForwardBatch& batch) const {
-  const size_t num_seqs = batch.kv_lens.size();
-  if (sparsity_.enabled || num_seqs == 0 || static_cast<int64_t>(num_seqs) > graphs_->max_batch) return false;
-  if (batch.token_ids.size() != num_seqs || batch.logits_rows.size() != num_seqs) return false;
-  for (size_t s = 0; s < num_seqs; ++s) {
-    if (batch.logits_rows[s] != static_cast<int32_t>(s) || batch.qo_indptr[s + 1] != static_cast<int32_t>(s + 1)) {
-      return false;
-    }
-    if (batch.kv_lens[s] > graphs_->max_kv_len ||
-        batch.kv_page_indptr[s + 1] - batch.kv_page_indptr[s] > graphs_->max_pages_per_seq) {
-      return false;
-    }
-  }
-  return true;
-}
-
-PackedUpload LlamaModel::pack_graph_batch(const DecodeGraphs& g, const ForwardBatch* batch, int bucket) {
-  const int num_seqs = batch ? static_cast<int>(batch->kv_lens.size()) : 0;
-  // Padding rows: token 0 at position 0, nothing written to the cache (slot -1), attending to
-  // one token of page 0; their outputs are never read.
-  std::vector<int32_t> token_ids(bucket, 0), positions(bucket, 0), kv_lens(bucket, 1), rows(bucket);
-  std::vector<int64_t> slots(bucket, -1);
-  std::vector<int32_t> qo_indptr(bucket + 1), page_indptr(bucket + 1, 0), page_indices;
-  if (batch) page_indices = batch->kv_page_indices;
-  for (int i = 0; i < bucket; ++i) {
-    qo_indptr[i + 1] = i + 1;
-    rows[i] = i;
-    if (i < num_seqs) {
-      token_ids[i] = batch->token_ids[i];
-      positions[i] = batch->positions[i];
-      slots[i] = batch->slot_mapping[i];
-      kv_lens[i] = batch->kv_lens[i];
-      page_indptr[i + 1] = batch->kv_page_indptr[i + 1];
-    } else {
-      page_indices.push_back(0);
-      page_indptr[i + 1] = static_cast<int32_t>(page_indices.size());
-    }
-  }
-  // GraphArray order, each at its capacity for max_batch rows.
-  const int64_t max_rows = g.max_batch;
-  PackedUpload pack;
-  pack.add(token_ids, DType::kI32, max_rows);
-  pack.add(positions, DType::kI32, max_rows);
-  pack.add(slots, DType::kI64, max_rows);
-  pack.add(qo_indptr, DType::kI32, max_rows + 1);
-  pack.add(page_indptr, DType::kI32, max_rows + 1);
-  pack.add(kv_lens, DType::kI32, max_rows);
-  pack.add(rows, DType::kI32, max_rows);
-  pack.add(page_indices, DType::kI32, max_rows * g.max_pages_per_seq);
-  return pack;
-}
-
-LlamaModel::StepTensors LlamaModel::graph_tensors(int bucket) const {
-  const DecodeGraphs& g = *graphs_;
-  auto rows = [bucket](const TensorView& view, int64_t extra = 0) { return view.slice(0, 0, bucket + extra); };
-  StepTensors t;
-  t.token_ids = rows(g.token_ids);
-  t.positions = rows(g.positions);
-  t.slot_mapping = rows(g.slot_mapping);
-  t.qo_indptr = rows(g.qo_indptr, 1);
-  t.kv_page_indptr = rows(g.kv_page_indptr, 1);
-  t.kv_page_indices = g.kv_page_indices;
-  t.kv_lens = rows(g.kv_lens);
-  t.logits_rows = rows(g.logits_rows);
-  t.residual = rows(g.residual);
-  t.normed = rows(g.normed);
-  t.qkv = rows(g.qkv);
-  t.attn_out = rows(g.attn_out);
-  t.proj_out = rows(g.proj_out);
-  t.gate_up = rows(g.gate_up);
-  t.act = rows(g.act);
-  t.selected = rows(g.selected);
-  t.logits = rows(g.logits);
-  return t;
-}
-
-TensorView LlamaModel::forward_graph(const ForwardBatch& batch) {
-  const int num_seqs = static_cast<int>(batch.kv_lens.size());
-  auto it = graphs_->graphs.lower_bound(num_seqs);
-  LSERVE_CHECK(it != graphs_->graphs.end(), "no decode graph holds ", num_seqs, " sequences");
-  pack_graph_batch(*graphs_, &batch, it->first).copy_into(backend_, graphs_->metadata);
-  backend_.replay_graph(it->second);
-  ++num_graph_replays_;
-  return graphs_->logits.view().slice(0, 0, num_seqs);
 }
 
 }  // namespace lserve

@@ -4,7 +4,9 @@
 // The cos/sin table comes from lserve::rope_cos_sin_cache (cpp/include/lserve/model/rope.h),
 // which applies the scaling (default, linear, llama3, yarn) of the model config. The rotation is
 // computed in float32; bfloat16/float16 query and key are rounded once when stored, and the
-// cache receives the float32 rotated key rounded to the cache's dtype.
+// cache receives the float32 rotated key rounded to the cache's dtype. An optional second slot
+// mapping stores each token once more (a streaming head's decode ring filled while the sequence
+// prefills through its larger prefill ring); the two mappings must not share a slot.
 #pragma once
 #include "lserve/ops/common.h"
 
@@ -19,6 +21,7 @@ struct RopeKvAppendArgs {
   TensorView k_cache;        // (num_pages, page_size, num_kv_heads, head_dim) float32 | bfloat16
   TensorView v_cache;        // (num_pages, page_size, num_kv_heads, head_dim), k_cache's dtype
   TensorView slot_mapping;   // (num_tokens,) int64
+  TensorView mirror_slot_mapping;  // optional (num_tokens,) int64: a second slot per token (< 0 skips)
 
   void validate(const Device& device) const {
     const char* op = "rope_kv_append";
@@ -43,6 +46,10 @@ struct RopeKvAppendArgs {
         .size(0, k_cache.size(0)).size(1, k_cache.size(1)).size(2, num_kv_heads).size(3, head_dim);
     TensorCheck(slot_mapping, op, "slot_mapping").ndim(1).dtype(DType::kI64).device(device).contiguous()
         .size(0, num_tokens);
+    if (mirror_slot_mapping.defined()) {
+      TensorCheck(mirror_slot_mapping, op, "mirror_slot_mapping").ndim(1).dtype(DType::kI64).device(device)
+          .contiguous().size(0, num_tokens);
+    }
   }
 };
 

@@ -1,12 +1,16 @@
 // page_stats_append and page_select (contract: cpp/include/lserve/ops/page_select.h; reference:
 // cpp/src/cpu/page_select.cpp, matched bit for bit: the same sequential float32 folds and sums,
-// IEEE-rounded through the _rn intrinsics, which nvcc never contracts into FMAs).
+// IEEE-rounded through the _rn intrinsics, which nvcc never contracts into FMAs). Queries and keys
+// come as float32, bfloat16 or float16 (QueryT/KeyT); a low-precision element converts to float
+// exactly, so the values are those the CPU backend computes on after its float32 staging.
 // page_stats_append: one CTA per token; only the call's last token on a logical page writes it,
 // folding that page's tokens in token order (so resets, NaN and +-0 come out as on the CPU).
-// page_select: a memset and two launches. Scores: one thread per (page-list entry, logical page, KV
-// head) runs the CPU's sequential loop and atomicMax-es an order-preserving key into the entry's
-// physical page key. Selection: one CTA per (sequence, KV head), a radix select of the top keys
-// then ordered block scans that break ties by position and write the positions ascending.
+// page_select writes the page selector's store (one row per slot) for the step's fresh sequences
+// only: a memset and two launches. Scores: one thread per (page-list entry, logical page, KV head)
+// of a fresh sequence runs the CPU's sequential loop and atomicMax-es an order-preserving key into
+// the entry's physical page key. Selection: one CTA per (sequence, KV head), a radix select of the
+// top keys then ordered block scans that break ties by position and write the positions ascending
+// into row select_slot[s]. Dense and reuse sequences' store rows are never touched.
 // Nothing allocates or synchronises: graph-capturable. Metadata is never read back to the host;
 // device-side guards keep bad metadata in bounds (see PageSelectParams for what it yields).
 #pragma once
@@ -22,7 +26,7 @@ namespace lserve::cuda {
 // ---- page_stats_append -------------------------------------------------------------------------
 
 struct PageStatsAppendParams {
-  const float* key = nullptr;             // (num_tokens, num_kv_heads, head_dim), row stride key_stride
+  const void* key = nullptr;              // (num_tokens, num_kv_heads, head_dim) KeyT, row stride key_stride
   const int64_t* slot_mapping = nullptr;  // (num_tokens,); < 0 or >= num_slots: skipped
   float* kmax = nullptr;                  // (num_slots / logical_page_size, num_kv_heads, head_dim)
   float* kmin = nullptr;                  // same shape
@@ -49,7 +53,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // the tokens of a prefill run) and the earlier ones back to a reset, then reads the key rows of
 // its page's tokens. Floor: the key rows plus one kmax/kmin row pair per written logical page;
 // the owner scans cost O(num_tokens) slot reads per written logical page (L2-resident).
-template <int kThreads>
+template <typename KeyT, int kThreads>
 __global__ void __launch_bounds__(kThreads) page_stats_append_kernel(const PageStatsAppendParams params) {
   __shared__ long long reset_token, first_token;
   const int64_t token = blockIdx.x;
@@ -93,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) page_stats_append_kernel(const PageS
 
   // 3. The fold, one (head, channel) per thread; the row is contiguous: (num_kv_heads, head_dim).
   const int64_t row_size = params.num_kv_heads * params.head_dim;
+  const KeyT* keys = static_cast<const KeyT*>(params.key);
   float* kmax = params.kmax + slot / params.logical_page_size * row_size;
   float* kmin = params.kmin + slot / params.logical_page_size * row_size;
   for (int64_t i = threadIdx.x; i < row_size; i += kThreads) {
@@ -100,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) page_stats_append_kernel(const PageS
     for (int64_t other = begin; other <= token; ++other) {
       const int64_t other_slot = slots[other];
       if (other_slot < page_begin || other_slot >= page_end) continue;
-      const float k = params.key[other * params.key_stride + i];
+      const float k = to_float(keys[other * params.key_stride + i]);
       if (other_slot == page_begin) {
         high = k;
         low = k;
@@ -116,32 +121,47 @@ __global__ void __launch_bounds__(kThreads) page_stats_append_kernel(const PageS
 
 }  // namespace page_select_detail
 
-inline cudaError_t launch_page_stats_append(const PageStatsAppendParams& params, cudaStream_t stream) {
+// KeyT: float, __nv_bfloat16 or __half, the dtype of params.key.
+template <typename KeyT>
+cudaError_t launch_page_stats_append(const PageStatsAppendParams& params, cudaStream_t stream) {
   using namespace page_select_detail;
   if (params.num_tokens == 0 || params.num_slots == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(params.num_tokens));
-  page_stats_append_kernel<kStatsThreads><<<grid, kStatsThreads, 0, stream>>>(params);
+  page_stats_append_kernel<KeyT, kStatsThreads><<<grid, kStatsThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 
 // ---- page_select -------------------------------------------------------------------------------
 
-// Rows the CPU reference would reject (its LSERVE_CHECKs: a sequence's page count or kv_len
-// inconsistent, a page id out of range when it scores pages) and rows whose indptr range leaves
-// the page list get num_selected = -1 and no positions. The per-row checks imply an ascending
-// indptr; when a batch breaks it, the other rows' selections are unspecified (still in bounds).
+// The selector's store: row select_slot[s] of selected/num_selected holds sequence s's selection
+// (one row per slot; a slot is a decode sequence of the engine). Only fresh sequences
+// (select_mode[s] == kSelectFresh) are scored and written; the rows of the others stay as they are
+// (not even marked). num_selected = -1 means "no selection": attention reads every page of the
+// sequence (the contract of cpp/include/lserve/ops/attention.h). A fresh row gets -1 and no positions
+// when the CPU reference would reject it (its LSERVE_CHECKs: no query row, a page count or kv_len
+// inconsistent, a page id out of range when it scores pages) or its indptr range leaves the page
+// list. A fresh sequence whose slot lies outside [0, num_slots) (the CPU raises) writes nothing:
+// there is no row to mark. Two fresh sequences naming one slot: the later one's selection is stored,
+// as on the CPU. The per-row checks imply an ascending indptr; when a batch breaks it, the other rows'
+// selections are unspecified (still in bounds).
 struct PageSelectParams {
-  const float* query = nullptr;            // (num_seqs, num_qo_heads, head_dim), row stride query_stride
+  const void* query = nullptr;             // (num_rows, num_qo_heads, head_dim) QueryT, row stride query_stride
   const float* kmax = nullptr;             // (num_pages, logical_per_page, num_kv_heads, head_dim)
   const float* kmin = nullptr;             // same shape
   const int32_t* kv_page_indptr = nullptr;   // (num_seqs + 1,)
   const int32_t* kv_page_indices = nullptr;  // (num_entries,)
   const int32_t* kv_lens = nullptr;          // (num_seqs,)
-  int32_t* selected = nullptr;             // (num_seqs, num_kv_heads, num_select)
-  int32_t* num_selected = nullptr;         // (num_seqs, num_kv_heads)
+  const int32_t* qo_indptr = nullptr;      // (num_seqs + 1,) or null: sequence s's query is row
+                                           // qo_indptr[s+1] - 1 (null: row s)
+  const int32_t* select_mode = nullptr;    // (num_seqs,) SelectMode or null: every sequence fresh
+  const int32_t* select_slot = nullptr;    // (num_seqs,) store row of each sequence or null: row s
+  int32_t* selected = nullptr;             // (num_slots, num_kv_heads, num_select) store
+  int32_t* num_selected = nullptr;         // (num_slots, num_kv_heads) store
   uint32_t* page_keys = nullptr;           // (num_kv_heads, num_entries) scratch, any contents
   int64_t query_stride = 0;
-  int64_t num_seqs = 0;
+  int64_t num_rows = 0;   // query.size(0)
+  int64_t num_seqs = 0;   // kv_page_indptr.size(0) - 1
+  int64_t num_slots = 0;  // selected.size(0)
   int64_t num_kv_heads = 0;
   int64_t group = 0;  // num_qo_heads / num_kv_heads
   int64_t head_dim = 0;
@@ -154,6 +174,9 @@ struct PageSelectParams {
   bool keep_first_page = true;
   bool center = false;  // PageScore::kCenter
 };
+
+// SelectMode::kSelectFresh of ops/page_select.h (cuda/src/page_select.cu asserts they agree).
+constexpr int32_t kSelectFresh = 1;
 
 namespace page_select_detail {
 
@@ -204,14 +227,46 @@ __device__ __forceinline__ int64_t sequence_of(const int32_t* indptr, int64_t nu
   return seq >= 0 && seq < num_seqs && entry < indptr[seq + 1] ? seq : -1;
 }
 
+__device__ __forceinline__ bool is_fresh(const PageSelectParams& params, int64_t seq) {
+  return params.select_mode == nullptr || params.select_mode[seq] == kSelectFresh;
+}
+
+// The store row sequence s writes (not range-checked).
+__device__ __forceinline__ int64_t store_slot(const PageSelectParams& params, int64_t seq) {
+  return params.select_slot != nullptr ? params.select_slot[seq] : seq;
+}
+
+// Sequence s's query row, or -1 where the CPU finds none (an empty or out-of-range chunk).
+__device__ __forceinline__ int64_t query_row(const PageSelectParams& params, int64_t seq) {
+  if (params.qo_indptr == nullptr) return seq < params.num_rows ? seq : -1;
+  const int64_t begin = params.qo_indptr[seq], end = params.qo_indptr[seq + 1];
+  return end > begin && end - 1 < params.num_rows && end >= 1 ? end - 1 : -1;
+}
+
+// Four consecutive query elements as floats (exact conversions); q is 4-element aligned.
+__device__ __forceinline__ float4 load_query4(const float* q) { return __ldg(reinterpret_cast<const float4*>(q)); }
+__device__ __forceinline__ float4 load_query4(const __nv_bfloat16* q) {
+  const float2 lo = __bfloat1622float2(__ldg(reinterpret_cast<const __nv_bfloat162*>(q)));
+  const float2 hi = __bfloat1622float2(__ldg(reinterpret_cast<const __nv_bfloat162*>(q) + 1));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ float4 load_query4(const __half* q) {
+  const float2 lo = __half22float2(__ldg(reinterpret_cast<const __half2*>(q)));
+  const float2 hi = __half22float2(__ldg(reinterpret_cast<const __half2*>(q) + 1));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
 // Thread = (entry, logical page, KV head), the head fastest so that a warp reads adjacent rows of
-// one page. The sum runs over g then d, sequentially, as the CPU's does (no reassociation: the
-// scores must be bit-identical for the selections to be). kVec4 loads float4s (head_dim % 4 == 0,
-// 16-byte aligned rows) and adds their lanes in order.
-// Floor: every logical page row of kmax and kmin once, num_entries * logical_per_page *
-// num_kv_heads * head_dim * 8 bytes (1 sequence, 16384 pages of 64 tokens, 16-token logical
-// pages, 8 KV heads, head_dim 128: 537 MB, ~0.11 ms at H200 HBM bandwidth). Not yet measured.
-template <bool kCenter, bool kVec4>
+// one page; the grid spans the whole page list, and the threads of entries of sequences that are not
+// fresh (or have no query row) return after reading their sequence's metadata. The sum runs over g
+// then d, sequentially, as the CPU's does (no reassociation: the scores must be bit-identical for
+// the selections to be). kVec4 loads kmax/kmin as float4s and the query as 4-element vectors
+// (head_dim % 4 == 0, aligned rows) and adds their lanes in order.
+// Floor: every logical page row of kmax and kmin of the fresh sequences once, num_fresh_entries *
+// logical_per_page * num_kv_heads * head_dim * 8 bytes (1 sequence, 16384 pages of 64 tokens,
+// 16-token logical pages, 8 KV heads, head_dim 128: 537 MB, ~0.11 ms at H200 HBM bandwidth). Not
+// yet measured.
+template <typename QueryT, bool kCenter, bool kVec4>
 __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSelectParams params) {
   const int64_t num_kv_heads = params.num_kv_heads, logical_per_page = params.logical_per_page;
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * kScoreThreads + threadIdx.x;
@@ -222,7 +277,9 @@ __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSel
   const int kv_head = index % heads, logical = index / heads % static_cast<int>(logical_per_page);
   const int64_t entry = index / (heads * static_cast<int>(logical_per_page));
   const int64_t seq = sequence_of(params.kv_page_indptr, params.num_seqs, entry);
-  if (seq < 0) return;
+  if (seq < 0 || !is_fresh(params, seq)) return;  // dense and reuse sequences keep their store rows
+  const int64_t query_idx = query_row(params, seq);
+  if (query_idx < 0) return;  // the selection kernel marks the row -1
   uint32_t* page_key = params.page_keys + kv_head * params.num_entries + entry;
   const int64_t page = params.kv_page_indices[entry];
   if (page < 0 || page >= params.num_pages) {
@@ -239,13 +296,14 @@ __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSel
   const float* high = params.kmax + row * head_dim;  // (head_dim,)
   const float* low = params.kmin + row * head_dim;   // (head_dim,)
   // (group, head_dim): the query heads of this KV head's group.
-  const float* query = params.query + seq * params.query_stride + kv_head * params.group * head_dim;
+  const QueryT* query = static_cast<const QueryT*>(params.query) + query_idx * params.query_stride +
+                        kv_head * params.group * head_dim;
   float score = 0.0f;
   for (int64_t g = 0; g < params.group; ++g) {
-    const float* q = query + g * head_dim;
+    const QueryT* q = query + g * head_dim;
     if constexpr (kVec4) {
       for (int64_t d = 0; d < head_dim; d += 4) {
-        const float4 qv = __ldg(reinterpret_cast<const float4*>(q + d));
+        const float4 qv = load_query4(q + d);
         const float4 hv = __ldg(reinterpret_cast<const float4*>(high + d));
         const float4 lv = __ldg(reinterpret_cast<const float4*>(low + d));
         score = __fadd_rn(score, score_term<kCenter>(qv.x, hv.x, lv.x));
@@ -255,7 +313,7 @@ __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSel
       }
     } else {
       for (int64_t d = 0; d < head_dim; ++d) {
-        score = __fadd_rn(score, score_term<kCenter>(__ldg(q + d), __ldg(high + d), __ldg(low + d)));
+        score = __fadd_rn(score, score_term<kCenter>(to_float(__ldg(q + d)), __ldg(high + d), __ldg(low + d)));
       }
     }
   }

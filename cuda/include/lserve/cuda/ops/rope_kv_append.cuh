@@ -1,7 +1,8 @@
 // rope_kv_append: rotate query and key in place (NeoX "rotate_half" over the first rotary_dim
 // channels, cos/sin read from the model's table, so every RoPE scaling is the table's business),
 // then store key and value at slot_mapping[t] of the paged caches (slot < 0 or beyond the cache:
-// skipped). The rotation is float32; the cache gets the float32 rotated key rounded to Cache.
+// skipped), and once more at mirror_slot_mapping[t] when given. The rotation is float32; the cache
+// gets the float32 rotated key rounded to Cache.
 // One block per token: threads walk (head, channel pair) for q and k, then (head, channel) for the
 // unrotated key channels and the value. Reference: cpp/src/cpu/rope_kv_append.cpp.
 #pragma once
@@ -19,6 +20,7 @@ struct RopeKvAppendParams {
   void* k_cache;              // (num_slots, num_kv_heads, head_dim) = (num_pages * page_size, ...)
   void* v_cache;              // (num_slots, num_kv_heads, head_dim)
   const int64_t* slot_mapping;  // (num_tokens,)
+  const int64_t* mirror_slot_mapping = nullptr;  // (num_tokens,) or null: a second slot per token
   int64_t num_tokens = 0;
   int64_t num_qo_heads = 0;
   int64_t num_kv_heads = 0;
@@ -42,6 +44,9 @@ __global__ void rope_kv_append_kernel(RopeKvAppendParams params) {
   const int64_t slot = params.slot_mapping[token];
   const bool store = slot >= 0 && slot < params.num_slots;
   const int64_t slot_offset = slot * params.num_kv_heads * head_dim;
+  const int64_t mirror = params.mirror_slot_mapping != nullptr ? params.mirror_slot_mapping[token] : -1;
+  const bool store_mirror = mirror >= 0 && mirror < params.num_slots;
+  const int64_t mirror_offset = mirror * params.num_kv_heads * head_dim;
 
   T* query = static_cast<T*>(params.query) + token * params.q_stride_token;
   for (int64_t idx = threadIdx.x; idx < params.num_qo_heads * half; idx += blockDim.x) {
@@ -54,6 +59,7 @@ __global__ void rope_kv_append_kernel(RopeKvAppendParams params) {
   }
   T* key = static_cast<T*>(params.key) + token * params.k_stride_token;
   Cache* k_cache = static_cast<Cache*>(params.k_cache) + slot_offset;
+  Cache* k_mirror = static_cast<Cache*>(params.k_cache) + mirror_offset;
   for (int64_t idx = threadIdx.x; idx < params.num_kv_heads * half; idx += blockDim.x) {
     const int64_t head = idx / half, i = idx % half;
     T* k = key + head * params.k_stride_head;
@@ -66,14 +72,24 @@ __global__ void rope_kv_append_kernel(RopeKvAppendParams params) {
       k_cache[head * head_dim + i] = from_float<Cache>(rotated_a);
       k_cache[head * head_dim + i + half] = from_float<Cache>(rotated_b);
     }
+    if (store_mirror) {
+      k_mirror[head * head_dim + i] = from_float<Cache>(rotated_a);
+      k_mirror[head * head_dim + i + half] = from_float<Cache>(rotated_b);
+    }
   }
-  if (!store) return;
+  if (!store && !store_mirror) return;
   const T* value = static_cast<const T*>(params.value) + token * params.v_stride_token;
   Cache* v_cache = static_cast<Cache*>(params.v_cache) + slot_offset;
+  Cache* v_mirror = static_cast<Cache*>(params.v_cache) + mirror_offset;
   for (int64_t idx = threadIdx.x; idx < params.num_kv_heads * head_dim; idx += blockDim.x) {
     const int64_t head = idx / head_dim, d = idx % head_dim;
-    if (d >= params.rotary_dim) k_cache[idx] = from_float<Cache>(to_float(key[head * params.k_stride_head + d]));
-    v_cache[idx] = from_float<Cache>(to_float(value[head * params.v_stride_head + d]));
+    const Cache v_value = from_float<Cache>(to_float(value[head * params.v_stride_head + d]));
+    if (store) v_cache[idx] = v_value;
+    if (store_mirror) v_mirror[idx] = v_value;
+    if (d < params.rotary_dim) continue;  // the rotated channels were stored above
+    const Cache k_value = from_float<Cache>(to_float(key[head * params.k_stride_head + d]));
+    if (store) k_cache[idx] = k_value;
+    if (store_mirror) k_mirror[idx] = k_value;
   }
 }
 

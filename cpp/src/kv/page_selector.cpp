@@ -1,0 +1,223 @@
+// PageSelector: streaming-head memory tiers, the selection store, the reuse policy and the step plan.
+#include "lserve/kv/page_selector.h"
+
+#include <algorithm>
+
+#include "lserve/check.h"
+#include "lserve/ops/page_select.h"
+
+namespace lserve {
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Pages a ring needs so that queries of a chunk of max_chunk_tokens, each seeing window_tokens back,
+// never read a page the chunk itself overwrote: positions (c0 - window, c1) on distinct pages, i.e.
+// window + chunk - 1 tokens, which straddle at most ceil((window + chunk - 1) / page_size) + 1 pages.
+int ring_pages_for(int page_size, int64_t window_tokens, int64_t max_chunk_tokens) {
+  return static_cast<int>(ceil_div(window_tokens + max_chunk_tokens - 1, page_size) + 1);
+}
+
+}  // namespace
+
+void SparsePlan::clear() {
+  stream_slot_mapping.clear();
+  stream_mirror_mapping.clear();
+  stream_ring.clear();
+  window_sink.clear();
+  window_local.clear();
+  select_mode.clear();
+  select_slot.clear();
+  select_base.clear();
+  any_mirror = false;
+  any_selection = false;
+  pages_read_per_head = 0;
+  pages_total_per_head = 0;
+}
+
+void SparsePlan::reserve(int64_t max_tokens, int64_t max_seqs) {
+  stream_slot_mapping.reserve(static_cast<size_t>(max_tokens));
+  stream_mirror_mapping.reserve(static_cast<size_t>(max_tokens));
+  stream_ring.reserve(static_cast<size_t>(4 * max_seqs));
+  for (auto* v : {&window_sink, &window_local, &select_mode, &select_slot, &select_base}) {
+    v->reserve(static_cast<size_t>(max_seqs));
+  }
+}
+
+PageSelector::PageSelector(const SparsityConfig& sparsity, int page_size, int max_num_seqs, int max_num_batched_tokens,
+                           int max_model_len)
+    : sparsity_(sparsity),
+      page_size_(page_size),
+      max_num_seqs_(max_num_seqs),
+      max_num_batched_tokens_(max_num_batched_tokens),
+      max_model_len_(max_model_len) {
+  LSERVE_CHECK(sparsity.enabled, "PageSelector: sparsity is off");
+  LSERVE_CHECK(page_size >= 1 && max_num_seqs >= 1 && max_num_batched_tokens >= 1 && max_model_len >= 1,
+               "PageSelector: page_size, max_num_seqs, max_num_batched_tokens and max_model_len must be >= 1");
+  num_sink_pages_ = static_cast<int>(
+      ceil_div(std::max(sparsity.prefill_sink_tokens, sparsity.decode_sink_tokens), page_size));
+  decode_ring_pages_ = ring_pages_for(page_size, sparsity.decode_local_tokens, 1);
+  // A prefill ring never needs more pages than the longest sequence has past its sinks.
+  const int64_t max_pages = ceil_div(max_model_len, page_size);
+  prefill_ring_pages_ = static_cast<int>(std::max<int64_t>(
+      2, std::min<int64_t>(ring_pages_for(page_size, sparsity.prefill_local_tokens, max_num_batched_tokens),
+                           max_pages - num_sink_pages_)));
+  num_select_ = std::max(1, sparsity.decode_token_budget / page_size);
+}
+
+int64_t PageSelector::size_memory(int64_t budget, int64_t stream_bytes_per_token, int64_t dense_bytes_per_token) {
+  LSERVE_CHECK(num_slots_ == 0, "PageSelector::size_memory called twice");
+  slot_bytes_ = static_cast<int64_t>(slot_pages()) * page_size_ * stream_bytes_per_token;
+  prefill_ring_bytes_ = static_cast<int64_t>(prefill_ring_pages_) * page_size_ * stream_bytes_per_token;
+  // One prefill ring: a prompt longer than the decode slot prefills in chunks of the step's whole
+  // token budget, so a second one would rarely get tokens in the same step; shorter prompts need none.
+  const bool rings_needed = std::max<int64_t>(max_model_len_, sparsity_.dense_below_tokens) > decode_slot_tokens();
+  num_prefill_rings_ = rings_needed ? 1 : 0;
+  const int64_t remaining = budget - num_prefill_rings_ * prefill_ring_bytes_;
+  const int64_t reference_tokens = ceil_div(std::max(1, max_model_len_ / 2), page_size_) * page_size_;
+  const int64_t per_seq = slot_bytes_ + dense_bytes_per_token * reference_tokens;
+  int64_t slots = max_num_seqs_;
+  if (per_seq > 0) slots = std::clamp<int64_t>(remaining / per_seq, 1, max_num_seqs_);
+  num_slots_ = static_cast<int>(slots);
+  free_slots_.clear();
+  for (int s = num_slots_ - 1; s >= 0; --s) free_slots_.push_back(s);
+  free_rings_.clear();
+  for (int r = num_prefill_rings_ - 1; r >= 0; --r) free_rings_.push_back(r);
+  return num_prefill_rings_ * prefill_ring_bytes_ + num_slots_ * slot_bytes_;
+}
+
+void PageSelector::allocate_store(Backend& backend, const std::vector<int>& num_dense_kv_heads) {
+  LSERVE_CHECK(num_slots_ > 0, "PageSelector::allocate_store before size_memory");
+  store_.assign(num_dense_kv_heads.size(), Store{});
+  for (size_t layer = 0; layer < num_dense_kv_heads.size(); ++layer) {
+    const int64_t nd = num_dense_kv_heads[layer];
+    if (nd == 0) continue;
+    Store& store = store_[layer];
+    store.selection = backend.empty({num_slots_, nd, num_select_}, DType::kI32);
+    backend.fill_zero(store.selection);
+    store.count = backend.empty({num_slots_, nd}, DType::kI32);
+    std::vector<int32_t> none(static_cast<size_t>(num_slots_ * nd), -1);
+    backend.copy(store.count, TensorView(none.data(), DType::kI32, {num_slots_, nd}));
+  }
+  backend.synchronize();
+}
+
+bool PageSelector::acquire(int64_t seq_id, int64_t prefill_tokens) {
+  if (seqs_.count(seq_id) != 0) return true;
+  const bool needs_ring = std::max<int64_t>(prefill_tokens, sparsity_.dense_below_tokens) > decode_slot_tokens();
+  if (free_slots_.empty() || (needs_ring && free_rings_.empty())) return false;
+  SeqState state;
+  state.slot = free_slots_.back();
+  free_slots_.pop_back();
+  if (needs_ring) {
+    state.prefill_ring = free_rings_.back();
+    free_rings_.pop_back();
+  }
+  seqs_[seq_id] = state;
+  return true;
+}
+
+void PageSelector::release(int64_t seq_id) {
+  const auto it = seqs_.find(seq_id);
+  if (it == seqs_.end()) return;
+  free_slots_.push_back(it->second.slot);
+  if (it->second.prefill_ring >= 0) free_rings_.push_back(it->second.prefill_ring);
+  seqs_.erase(it);
+}
+
+int PageSelector::slot_of(int64_t seq_id) const {
+  const auto it = seqs_.find(seq_id);
+  LSERVE_CHECK(it != seqs_.end(), "page selector: sequence ", seq_id, " holds no slot");
+  return it->second.slot;
+}
+
+int32_t PageSelector::page_of(const int32_t* ring, int64_t logical_page) const {
+  return static_cast<int32_t>(logical_page < ring[1] ? ring[0] + logical_page
+                                                     : ring[2] + (logical_page - ring[1]) % ring[3]);
+}
+
+void PageSelector::plan_chunk(int64_t seq_id, int64_t start_position, int64_t num_new_tokens, int64_t num_pages,
+                              bool samples, SparsePlan* plan) {
+  const auto it = seqs_.find(seq_id);
+  LSERVE_CHECK(it != seqs_.end(), "page selector: sequence ", seq_id, " was scheduled without a slot");
+  SeqState& state = it->second;
+  const int64_t end_position = start_position + num_new_tokens;
+  LSERVE_CHECK(!state.decoding || num_new_tokens == 1, "page selector: sequence ", seq_id, " decodes ",
+               num_new_tokens, " tokens in one step");
+
+  // Where its streaming heads' keys live this step.
+  const int32_t slot_base = state.slot * slot_pages();
+  const int32_t decode_ring[4] = {slot_base, num_sink_pages_, slot_base + num_sink_pages_, decode_ring_pages_};
+  int32_t ring[4] = {decode_ring[0], decode_ring[1], decode_ring[2], decode_ring[3]};
+  if (state.prefill_ring >= 0) {
+    ring[2] = num_slots_ * slot_pages() + state.prefill_ring * prefill_ring_pages_;
+    ring[3] = prefill_ring_pages_;
+  }
+  plan->stream_ring.insert(plan->stream_ring.end(), ring, ring + 4);
+  const int64_t sink_end = static_cast<int64_t>(num_sink_pages_) * page_size_;
+  const int64_t mirror_from = std::max(sink_end, end_position - static_cast<int64_t>(decode_ring_pages_) * page_size_);
+  for (int64_t position = start_position; position < end_position; ++position) {
+    const int64_t in_page = position % page_size_;
+    plan->stream_slot_mapping.push_back(static_cast<int64_t>(page_of(ring, position / page_size_)) * page_size_ +
+                                        in_page);
+    int64_t mirror = -1;
+    if (state.prefill_ring >= 0 && position >= mirror_from) {
+      mirror = static_cast<int64_t>(page_of(decode_ring, position / page_size_)) * page_size_ + in_page;
+      plan->any_mirror = true;
+    }
+    plan->stream_mirror_mapping.push_back(mirror);
+  }
+  plan->window_sink.push_back(state.decoding ? sparsity_.decode_sink_tokens : sparsity_.prefill_sink_tokens);
+  plan->window_local.push_back(state.decoding ? sparsity_.decode_local_tokens : sparsity_.prefill_local_tokens);
+
+  // Dense heads: every page while prefilling or within the budget; past it a fresh selection every
+  // selection_reuse_interval steps, the stored one in between.
+  int32_t mode = kSelectDense, slot = -1, base = static_cast<int32_t>(num_pages);
+  int64_t pages_read = num_pages;
+  if (!state.decoding) {
+    state.steps = 0;
+  } else if (num_pages > num_select_) {
+    slot = state.slot;
+    if (state.steps == 0 || state.steps >= sparsity_.selection_reuse_interval) {
+      state.steps = 1;
+      state.base_pages = static_cast<int32_t>(num_pages);
+      mode = kSelectFresh;
+    } else {
+      ++state.steps;
+      mode = kSelectReuse;
+      base = state.base_pages;
+    }
+    pages_read = num_select_ + num_pages - base;
+    plan->any_selection = true;
+  }
+  plan->select_mode.push_back(mode);
+  plan->select_slot.push_back(slot);
+  plan->select_base.push_back(base);
+  plan->pages_read_per_head += pages_read;
+  plan->pages_total_per_head += num_pages;
+
+  state.ends_prefill = !state.decoding && samples;
+  state.next_position = end_position;
+  planned_.push_back(seq_id);
+}
+
+void PageSelector::commit() {
+  for (const int64_t seq_id : planned_) {
+    const auto it = seqs_.find(seq_id);
+    if (it == seqs_.end()) continue;  // released meanwhile
+    SeqState& state = it->second;
+    // The next step's query sits at next_position, with a context of next_position + 1 tokens.
+    if (state.ends_prefill && state.next_position + 1 >= sparsity_.dense_below_tokens) {
+      state.decoding = true;
+      if (state.prefill_ring >= 0) {
+        free_rings_.push_back(state.prefill_ring);
+        state.prefill_ring = -1;
+      }
+    }
+    state.ends_prefill = false;
+  }
+  planned_.clear();
+}
+
+}  // namespace lserve
