@@ -40,12 +40,15 @@ def smollm2_gguf_path() -> str:
     return path
 
 
+_UNPATCHED = {}  # gguf.GGUFReader before shared_gguf_reader replaced it
+
+
 @functools.lru_cache(maxsize=2)
 def gguf_py_reader(path: str):
     """gguf-py's GGUFReader for `path`, parsed once per session."""
     import gguf
 
-    return gguf.GGUFReader(path)
+    return _UNPATCHED.get("reader", gguf.GGUFReader)(path)
 
 
 @contextlib.contextmanager
@@ -53,7 +56,7 @@ def shared_gguf_reader(path: str):
     """Within the block, gguf.GGUFReader(path) returns the cached reader (other paths parse as usual)."""
     import gguf
 
-    original = gguf.GGUFReader
+    original = _UNPATCHED.setdefault("reader", gguf.GGUFReader)
     target = os.path.realpath(path)
 
     def reader(file_path, *args, **kwargs):

@@ -1,5 +1,5 @@
 // C ABI over the attention launchers for standalone tests (ctypes) and benchmarks: one flat struct
-// of fixed-width fields, mirrored by tests/cuda/test_attention_kernels.py. Not used by the engine.
+// of fixed-width fields, mirrored by AttnArgs in tests/cuda/attention_lib.py. Not used by the engine.
 #include <cstdint>
 
 #include "attention_kernels.h"
@@ -8,7 +8,7 @@ extern "C" {
 
 struct LserveAttnArgs {
   int32_t dtype, head_dim, num_qo_heads, num_kv_heads, page_size, num_pages, num_seqs, num_tokens;
-  int32_t max_q_len, max_kv_len, sink_tokens, local_tokens, selected_stride, selected_block_size;
+  int32_t max_q_len, max_kv_len, num_slots, capacity;
   float sm_scale;
   int32_t reserved;
   int64_t q_stride_token, q_stride_head, o_stride_token, o_stride_head;
@@ -21,9 +21,14 @@ struct LserveAttnArgs {
   const int32_t* kv_page_indptr;
   const int32_t* kv_page_indices;
   const int32_t* kv_lens;
-  const uint8_t* streaming_heads;
-  const int32_t* selected_blocks;
-  const int32_t* num_selected;
+  // The sparse policy, KvBlockSparsity's fields (attention_kernels.h); null = absent.
+  const int32_t* window_sink;      // (num_seqs,)
+  const int32_t* window_local;     // (num_seqs,)
+  const int32_t* stream_ring;      // (num_seqs, 4); the launchers refuse it for now (TODO(#17))
+  const int32_t* selection;        // (num_slots, num_kv_heads, capacity)
+  const int32_t* selection_count;  // (num_slots, num_kv_heads)
+  const int32_t* select_slot;      // (num_seqs,)
+  const int32_t* select_base;      // (num_seqs,)
 };
 
 }  // extern "C"
@@ -58,13 +63,15 @@ lserve::cuda::AttentionParams to_params(const LserveAttnArgs& a) {
   p.kv_page_indices = a.kv_page_indices;
   p.kv_lens = a.kv_lens;
   p.sm_scale = a.sm_scale;
-  p.sparsity.streaming_heads = a.streaming_heads;
-  p.sparsity.sink_tokens = a.sink_tokens;
-  p.sparsity.local_tokens = a.local_tokens;
-  p.sparsity.selected_blocks = a.selected_blocks;
-  p.sparsity.num_selected = a.num_selected;
-  p.sparsity.selected_stride = a.selected_stride;
-  p.sparsity.selected_block_size = a.selected_block_size;
+  p.sparsity.window_sink = a.window_sink;
+  p.sparsity.window_local = a.window_local;
+  p.sparsity.stream_ring = a.stream_ring;
+  p.sparsity.selection = a.selection;
+  p.sparsity.selection_count = a.selection_count;
+  p.sparsity.select_slot = a.select_slot;
+  p.sparsity.select_base = a.select_base;
+  p.sparsity.num_slots = a.num_slots;
+  p.sparsity.capacity = a.capacity;
   return p;
 }
 

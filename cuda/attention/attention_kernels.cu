@@ -13,10 +13,31 @@ namespace {
 bool common_args_ok(const AttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.num_qo_heads % p.num_kv_heads != 0 || p.page_size <= 0) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
-  if (p.sparsity.streaming_heads != nullptr && (p.sparsity.local_tokens < 1 || p.sparsity.sink_tokens < 0)) {
-    return false;
+  return true;
+}
+
+// The pairings and sizes of AttentionArgs::validate that the host can check without reading device
+// memory; the per-sequence values are guarded on the device (KvBlockSparsity).
+bool sparsity_ok(const AttentionParams& p) {
+  const KvBlockSparsity& sp = p.sparsity;
+  if ((sp.window_sink != nullptr) != (sp.window_local != nullptr)) return false;
+  if (sp.selection != nullptr && sp.selection_count == nullptr) return false;
+  if (sp.selection == nullptr && sp.selection_count != nullptr && sp.capacity != 0) return false;  // empty store: no pointer
+  if ((sp.select_slot != nullptr) != (sp.select_base != nullptr)) return false;
+  if (sp.select_slot != nullptr && !sp.has_selection()) return false;
+  if (sp.has_selection()) {
+    if (sp.num_slots < 0 || sp.capacity < 0) return false;
+    if (sp.select_slot == nullptr && sp.num_slots != p.num_seqs) return false;  // one row per sequence
   }
   return true;
+}
+
+// The launchers' copy of the params: the block iterator's page arithmetic takes the page size
+// from the sparsity params, so callers never set it twice.
+AttentionParams with_iterator_fields(const AttentionParams& p) {
+  AttentionParams q = p;
+  q.sparsity.page_size = p.page_size;
+  return q;
 }
 
 // The TMA boxes need 16-byte aligned rows and pages that tile a 128-token KV tile in 8-row steps.
@@ -31,10 +52,13 @@ bool prefill_sm90_supported(const AttentionParams& p) {
 
 }  // namespace
 
-cudaError_t attention_prefill(const AttentionParams& p, cudaStream_t stream, PrefillImpl impl) {
-  if (p.num_seqs == 0) return cudaSuccess;
-  if (!common_args_ok(p) || p.max_q_len <= 0) return cudaErrorInvalidValue;
-  if (p.sparsity.selected_blocks != nullptr) return cudaErrorInvalidValue;  // decode only
+cudaError_t attention_prefill(const AttentionParams& params, cudaStream_t stream, PrefillImpl impl) {
+  if (params.num_seqs == 0) return cudaSuccess;
+  if (!common_args_ok(params) || !sparsity_ok(params) || params.max_q_len <= 0) return cudaErrorInvalidValue;
+  // TODO(#17): stream_ring needs page-address arithmetic in the TMA and cp.async page lookups.
+  if (params.sparsity.has_ring()) return cudaErrorInvalidValue;
+  if (params.sparsity.has_selection()) return cudaErrorInvalidValue;  // decode only
+  const AttentionParams p = with_iterator_fields(params);
   bool hopper = false;
   if (impl != PrefillImpl::kSm80) {
     int device = 0, major = 0, minor = 0;
@@ -78,15 +102,18 @@ size_t decode_workspace_bytes(const AttentionParams& p, int num_splits) {
   return o_bytes + rows * sizeof(float);
 }
 
-cudaError_t attention_decode(const AttentionParams& p, int num_splits, void* workspace, size_t workspace_bytes,
+cudaError_t attention_decode(const AttentionParams& params, int num_splits, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream) {
-  if (p.num_seqs == 0) return cudaSuccess;
-  if (!common_args_ok(p) || num_splits < 1 || num_splits > 256) return cudaErrorInvalidValue;
-  if (p.max_q_len * (p.num_qo_heads / p.num_kv_heads) > decode_max_group_rows()) return cudaErrorInvalidValue;
-  if (p.sparsity.selected_blocks != nullptr &&
-      (p.sparsity.num_selected == nullptr || p.sparsity.selected_block_size < 1)) {
+  if (params.num_seqs == 0) return cudaSuccess;
+  if (!common_args_ok(params) || !sparsity_ok(params) || num_splits < 1 || num_splits > 256) {
     return cudaErrorInvalidValue;
   }
+  if (params.max_q_len * (params.num_qo_heads / params.num_kv_heads) > decode_max_group_rows()) {
+    return cudaErrorInvalidValue;
+  }
+  // TODO(#17): stream_ring needs page-address arithmetic in the cp.async page lookups.
+  if (params.sparsity.has_ring()) return cudaErrorInvalidValue;
+  const AttentionParams p = with_iterator_fields(params);
   float* partial_o = nullptr;
   float* partial_lse = nullptr;
   if (num_splits > 1) {

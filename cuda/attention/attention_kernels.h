@@ -2,8 +2,9 @@
 // Contract: cpp/include/lserve/ops/attention.h. Sequence s owns query rows [qo_indptr[s],
 // qo_indptr[s+1]) and kv_lens[s] tokens in pages kv_page_indices[kv_page_indptr[s] ..]; query row i
 // of a chunk of q_len rows sits at position kv_len - q_len + i. Dense and block-sparse attention are
-// one kernel family: each (query tile, KV head) walks a list of KV blocks given by KvBlockSparsity
-// (block_iterator.cuh). Plain C++: raw device pointers, strides in elements, no engine types.
+// one kernel family: each (query tile, KV head) walks a list of KV tiles given by KvBlockSparsity,
+// the contract's sparse policy (block_iterator.cuh). Plain C++: raw device pointers, strides in
+// elements, no engine types.
 #pragma once
 
 #include <cstddef>
@@ -15,19 +16,38 @@ namespace lserve::cuda {
 
 enum class AttnDType : int32_t { kF16 = 0, kBF16 = 1 };
 
-// Which KV blocks each (query tile, KV head) visits. Everything null/zero = dense causal.
-// Streaming ("Lambda") KV heads see key k from query q iff k <= q and (k < sink_tokens or
-// q - k < local_tokens), token-exact. Other heads are dense, or at decode read only the selected
-// blocks: block j of the sequence holds tokens [j * selected_block_size, (j+1) * selected_block_size).
+// Which KV tiles each (query tile, KV head) visits: AttentionArgs' sparse policy
+// (cpp/include/lserve/ops/attention.h), field for field, same names and meanings. Everything null =
+// dense causal. Per (sequence s, KV head g), the first rule that applies:
+//  1. selection: with a store, sequence s reads slot select_slot[s] (null: slot s). If the slot is
+//     >= 0 ("dense" otherwise) and its selection_count[slot, g] is >= 0 ("no selection" otherwise),
+//     g reads the stored positions (in the sequence's page list, ascending) that are < base =
+//     select_base[s] (null: the page count), then every position in [base, ceil(kv_len / page_size)):
+//     the pages made since the selection. Decode only (attention_prefill refuses a store).
+//  2. window: window_local[s] > 0 gives the Lambda mask, token-exact: key k is visible from query q
+//     iff k <= q and (k < window_sink[s] or q - k < window_local[s]); tiles wholly outside are skipped.
+//  3. every causal tile ("dense" and "no selection" read every page, never nothing).
+// Device guards where the CPU reference raises (no host readback): a slot >= num_slots is taken as
+// dense; a count above capacity reads capacity entries; base is clamped to [0, page count]; a
+// negative stored position reads nothing. With stored positions not ascending (the contract broken)
+// the pages read are unspecified but in bounds.
 struct KvBlockSparsity {
-  const uint8_t* streaming_heads = nullptr;   // (num_kv_heads,) nonzero = streaming; null = none
-  int32_t sink_tokens = 0;                    // >= 0
-  int32_t local_tokens = 0;                   // >= 1 when streaming_heads is set
-  const int32_t* selected_blocks = nullptr;   // (num_seqs, num_kv_heads, selected_stride), ascending
-                                              // block ids; decode only; null = all blocks
-  const int32_t* num_selected = nullptr;      // (num_seqs, num_kv_heads)
-  int32_t selected_stride = 0;                // >= max num_selected
-  int32_t selected_block_size = 0;            // tokens per selected block (e.g. page_size)
+  const int32_t* window_sink = nullptr;      // (num_seqs,) or null (with window_local)
+  const int32_t* window_local = nullptr;     // (num_seqs,) or null; <= 0: no window for that sequence
+  // TODO(#17): the stream ring addresses pages arithmetically inside the mainloops (TMA and cp.async
+  // page lookups); until then the launchers refuse it (cudaErrorInvalidValue).
+  const int32_t* stream_ring = nullptr;      // (num_seqs, 4) [sink_base, num_sink, ring_base, num_ring] or null
+  const int32_t* selection = nullptr;        // (num_slots, num_kv_heads, capacity) or null (with selection_count)
+  const int32_t* selection_count = nullptr;  // (num_slots, num_kv_heads) or null; < 0: no selection
+  const int32_t* select_slot = nullptr;      // (num_seqs,) or null: slot s; < 0: dense (with select_base)
+  const int32_t* select_base = nullptr;      // (num_seqs,) or null: base = the sequence's page count
+  int32_t num_slots = 0;                     // selection.size(0); == num_seqs without select_slot
+  int32_t capacity = 0;                      // selection.size(2)
+  int32_t page_size = 0;                     // set by the launchers (= AttentionParams::page_size)
+
+  bool has_window() const { return window_local != nullptr; }
+  bool has_ring() const { return stream_ring != nullptr; }
+  bool has_selection() const { return selection_count != nullptr; }
 };
 
 struct AttentionParams {
@@ -71,7 +91,7 @@ inline void set_contiguous_strides(AttentionParams& p) {
 }
 
 // ---- prefill ----------------------------------------------------------------------------------
-// Any chunk lengths (q_len >= 1). Dense or streaming heads; selected_blocks must be null.
+// Any chunk lengths (q_len >= 1). Dense or windowed sequences; no selection store (decode only).
 // Hopper (sm_90a build, device cc 9.0): wgmma + TMA warp-specialised kernel when page_size is a
 // multiple of 8 that divides 128 or is a multiple of 128 and strides are 16-byte aligned; otherwise
 // the mma.sync kernel. `impl` forces one: 0 = auto, 1 = mma.sync (SM80 path), 2 = Hopper.
@@ -84,6 +104,7 @@ cudaError_t attention_prefill(const AttentionParams& params, cudaStream_t stream
 // heads of a GQA group share each KV page read. With num_splits > 1 (at most 256) each (sequence,
 // KV head) is split over the KV length into num_splits parts whose partial results a combine kernel
 // merges; the workspace then holds decode_workspace_bytes(params, num_splits) bytes (16-byte aligned).
+// Dense, windowed and selected sequences (every policy of KvBlockSparsity but the stream ring).
 int decode_max_group_rows();  // 16
 int decode_num_splits(const AttentionParams& params, int num_sms);  // a heuristic, >= 1
 size_t decode_workspace_bytes(const AttentionParams& params, int num_splits);

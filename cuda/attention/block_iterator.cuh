@@ -37,40 +37,68 @@ struct DenseCausalBlocks {
   __device__ bool visible(int q, int k) const { return k <= q; }
 };
 
-// Per KV head: streaming heads walk the sink tiles and the local window (Lambda shape, masked
-// token-exactly); other heads walk every causal tile, or at decode (kAllowSelected) only the
-// selected blocks when a selection is given.
+// The sparse policy of KvBlockSparsity (attention_kernels.h), per sequence: a (sequence, KV head)
+// with a stored selection (decode only: kAllowSelected) walks the pages at its stored positions below
+// base, then the pages from base on, page_size keys each, kBlockN keys to a tile (a tile may span
+// several pages; a page longer than kBlockN spans several tiles); a windowed sequence walks the sink
+// tiles and the local window (Lambda shape, masked token-exactly); any other, every causal tile.
 template <int kBlockN, bool kAllowSelected>
 struct SparseBlocks {
   static constexpr bool contiguous = !kAllowSelected;
-  static constexpr int kDense = 0, kStreaming = 1, kSelected = 2;
+  static constexpr int kDense = 0, kWindow = 1, kSelected = 2;
   int mode;
   int q_first, q_last, kv_len;
-  int sink, local;
+  int sink, local;                                  // kWindow: the sequence's window
   int num_sink_tiles, first_local_tile, num_tiles_;
-  const int32_t* selected;  // (num_selected,) this (sequence, KV head)'s block ids
-  int num_selected, block_size;
+  const int32_t* listed;  // kSelected: (num_listed,) the (slot, KV head)'s stored positions below base
+  int num_listed, base, page_size;
 
   __device__ SparseBlocks(const KvBlockSparsity& sp, int num_kv_heads, int seq_idx, int kv_head_idx,
                           int q_first_, int q_last_, int kv_len_)
-      : mode(kDense), q_first(q_first_), q_last(q_last_), kv_len(kv_len_), sink(sp.sink_tokens),
-        local(sp.local_tokens), num_sink_tiles(0), first_local_tile(0), selected(nullptr),
-        num_selected(0), block_size(1) {
+      : mode(kDense), q_first(q_first_), q_last(q_last_), kv_len(kv_len_), sink(0), local(0),
+        num_sink_tiles(0), first_local_tile(0), listed(nullptr), num_listed(0), base(0), page_size(1) {
     const int last_tile = q_last / kBlockN;
     num_tiles_ = last_tile + 1;
-    if (sp.streaming_heads != nullptr && sp.streaming_heads[kv_head_idx] != 0) {
-      mode = kStreaming;
+    if constexpr (kAllowSelected) {
+      if (read_selection(sp, num_kv_heads, seq_idx, kv_head_idx)) return;
+    }
+    if (sp.window_local != nullptr && sp.window_local[seq_idx] > 0) {
+      mode = kWindow;
+      sink = min(max(sp.window_sink[seq_idx], 0), kv_len);  // a negative sink is none; beyond kv_len, all
+      local = sp.window_local[seq_idx];
       num_sink_tiles = min((sink + kBlockN - 1) / kBlockN, last_tile + 1);
       first_local_tile = max(num_sink_tiles, max(q_first - local + 1, 0) / kBlockN);
       num_tiles_ = num_sink_tiles + (last_tile - first_local_tile + 1);
-    } else if (kAllowSelected && sp.selected_blocks != nullptr) {
-      mode = kSelected;
-      const int64_t pair = int64_t(seq_idx) * num_kv_heads + kv_head_idx;
-      selected = sp.selected_blocks + pair * sp.selected_stride;
-      num_selected = sp.num_selected[pair];
-      block_size = sp.selected_block_size;
-      num_tiles_ = (num_selected * block_size + kBlockN - 1) / kBlockN;
     }
+  }
+
+  // Rule 1 of KvBlockSparsity: true when this (sequence, KV head) reads a stored selection.
+  __device__ bool read_selection(const KvBlockSparsity& sp, int num_kv_heads, int seq_idx, int kv_head_idx) {
+    if (sp.selection_count == nullptr) return false;
+    const int slot = sp.select_slot != nullptr ? sp.select_slot[seq_idx] : seq_idx;
+    if (slot < 0 || slot >= sp.num_slots) return false;  // dense (or a slot the CPU rejects)
+    const int64_t row = int64_t(slot) * num_kv_heads + kv_head_idx;
+    const int count = min(sp.selection_count[row], sp.capacity);
+    if (count < 0) return false;  // no selection
+    mode = kSelected;
+    page_size = sp.page_size;
+    const int num_pages = (kv_len + page_size - 1) / page_size;
+    base = sp.select_base != nullptr ? min(max(sp.select_base[seq_idx], 0), num_pages) : num_pages;
+    listed = sp.selection + row * sp.capacity;
+    // The stored positions below base: a prefix of the ascending list (the CPU reads up to the first
+    // one >= base), found by bisection; at most base of them are distinct positions below base.
+    int lo = 0, hi = count;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (__ldg(listed + mid) < base) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    num_listed = min(lo, base);
+    num_tiles_ = int((int64_t(num_listed + num_pages - base) * page_size + kBlockN - 1) / kBlockN);
+    return true;
   }
 
   __device__ int num_tiles() const { return num_tiles_; }
@@ -80,10 +108,10 @@ struct SparseBlocks {
   __device__ int kv_pos(int i, int r) const {
     if (kAllowSelected && mode == kSelected) {
       const int idx = i * kBlockN + r;
-      const int b = idx / block_size;
-      if (b >= num_selected) return -1;
-      const int k = __ldg(selected + b) * block_size + (idx - b * block_size);
-      return k < kv_len ? k : -1;
+      const int b = idx / page_size;  // the b-th page walked: listed[b], then base, base + 1, ...
+      const int position = b < num_listed ? __ldg(listed + b) : base + (b - num_listed);
+      const int64_t k = int64_t(position) * page_size + (idx - b * page_size);
+      return k >= 0 && k < kv_len ? int(k) : -1;
     }
     const int k = tile_start(i) + r;
     return k < kv_len ? k : -1;
@@ -91,11 +119,11 @@ struct SparseBlocks {
   __device__ bool needs_mask(int i) const {
     if (mode == kSelected) return true;
     const int t0 = tile_start(i);
-    if (t0 + kBlockN - 1 > q_first) return true;                              // diagonal, kv_len
-    return mode == kStreaming && t0 + kBlockN - 1 >= sink && t0 <= q_last - local;  // window edge
+    if (t0 + kBlockN - 1 > q_first) return true;                                 // diagonal, kv_len
+    return mode == kWindow && t0 + kBlockN - 1 >= sink && t0 <= q_last - local;  // window edge
   }
   __device__ bool visible(int q, int k) const {
-    return k <= q && (mode != kStreaming || k < sink || q - k < local);
+    return k <= q && (mode != kWindow || k < sink || q - k < local);
   }
 };
 

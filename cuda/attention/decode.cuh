@@ -333,7 +333,7 @@ cudaError_t launch_decode(const AttentionParams& p, int num_splits, float* parti
 template <class Element>
 cudaError_t decode_run(const AttentionParams& p, int num_splits, float* partial_o, float* partial_lse,
                        cudaStream_t stream) {
-  const bool dense = p.sparsity.streaming_heads == nullptr && p.sparsity.selected_blocks == nullptr;
+  const bool dense = !p.sparsity.has_window() && !p.sparsity.has_selection();
   return dispatch_head_dim(p.head_dim, [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     constexpr int kBlockN = DecodeTraits<Element, kHeadDim, 3>::kBlockN;

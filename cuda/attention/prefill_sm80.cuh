@@ -237,7 +237,7 @@ cudaError_t prefill_sm80_run(const AttentionParams& p, cudaStream_t stream) {
   return dispatch_head_dim(p.head_dim, [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     constexpr int kBlockN = 64;
-    if (p.sparsity.streaming_heads == nullptr) {
+    if (!p.sparsity.has_window()) {
       return launch_prefill_sm80<Element, kHeadDim, DenseCausalBlocks<kBlockN>>(p, stream);
     }
     return launch_prefill_sm80<Element, kHeadDim, SparseBlocks<kBlockN, false>>(p, stream);

@@ -485,7 +485,7 @@ cudaError_t prefill_sm90_run(const AttentionParams& p, cudaStream_t stream) {
   return dispatch_head_dim(p.head_dim, [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     constexpr int kBlockN = Sm90PrefillTraits<Element, kHeadDim>::kBlockN;
-    if (p.sparsity.streaming_heads == nullptr) {
+    if (!p.sparsity.has_window()) {
       return launch_prefill_sm90<Element, kHeadDim, DenseCausalBlocks<kBlockN>>(p, stream);
     }
     return launch_prefill_sm90<Element, kHeadDim, SparseBlocks<kBlockN, false>>(p, stream);

@@ -1,7 +1,9 @@
-// page_select and page_stats_append on CUDA: Args -> params, launches on the backend's stream. No
-// host sync and no per-call allocation once the page-score workspace has grown (graph-capturable).
-// Device metadata is never read back: rows the CPU reference would reject get num_selected = -1,
-// slots beyond the pages are skipped (see ops/page_select.cuh).
+// page_select and page_stats_append on CUDA: Args -> params, dispatch on the query/key dtype
+// (float32, bfloat16, float16: CudaBackend has low-precision activations, so Backend passes them as
+// they are), launches on the backend's stream. No host sync and no per-call allocation once the
+// page-score workspace has grown (graph-capturable). Device metadata is never read back: fresh rows
+// the CPU reference would reject get num_selected = -1, rows of dense and reuse sequences are left
+// alone, slots beyond the pages are skipped (see ops/page_select.cuh).
 #include <climits>
 
 #include "cuda_backend.h"
@@ -10,18 +12,25 @@
 
 namespace lserve {
 
+static_assert(cuda::kSelectFresh == kSelectFresh, "the device kernels' fresh mode is SelectMode::kSelectFresh");
+
 void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
   cuda::PageSelectParams params;
-  params.query = args.query.data_ptr<float>();
+  params.query = args.query.data;
   params.kmax = args.kmax.data_ptr<float>();
   params.kmin = args.kmin.data_ptr<float>();
   params.kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
   params.kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
   params.kv_lens = args.kv_lens.data_ptr<int32_t>();
+  params.qo_indptr = args.qo_indptr.defined() ? args.qo_indptr.data_ptr<int32_t>() : nullptr;
+  params.select_mode = args.select_mode.defined() ? args.select_mode.data_ptr<int32_t>() : nullptr;
+  params.select_slot = args.select_slot.defined() ? args.select_slot.data_ptr<int32_t>() : nullptr;
   params.selected = args.selected.data_ptr<int32_t>();
   params.num_selected = args.num_selected.data_ptr<int32_t>();
   params.query_stride = args.query.stride(0);
-  params.num_seqs = args.query.size(0);
+  params.num_rows = args.query.size(0);
+  params.num_seqs = args.kv_page_indptr.size(0) - 1;
+  params.num_slots = args.selected.size(0);
   params.num_kv_heads = args.kmax.size(2);
   params.group = args.query.size(1) / params.num_kv_heads;  // validate: a multiple
   params.head_dim = args.query.size(2);
@@ -42,12 +51,14 @@ void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
   Tensor scratch;
   params.page_keys = static_cast<uint32_t*>(backend.workspace(CudaBackend::Workspace::kPageSelect,
                                                               cuda::page_select_workspace_bytes(params), &scratch));
-  LSERVE_CUDA_CHECK(cuda::launch_page_select(params, backend.stream()));
+  dispatch_float(args.query.dtype, "page_select", [&](auto query_tag) {
+    LSERVE_CUDA_CHECK(cuda::launch_page_select<decltype(query_tag)>(params, backend.stream()));
+  });
 }
 
 void cuda_page_stats_append(CudaBackend& backend, const PageStatsAppendArgs& args) {
   cuda::PageStatsAppendParams params;
-  params.key = args.key.data_ptr<float>();
+  params.key = args.key.data;
   params.slot_mapping = args.slot_mapping.data_ptr<int64_t>();
   params.kmax = args.kmax.data_ptr<float>();
   params.kmin = args.kmin.data_ptr<float>();
@@ -59,7 +70,9 @@ void cuda_page_stats_append(CudaBackend& backend, const PageStatsAppendArgs& arg
   params.logical_page_size = args.physical_page_size / args.kmax.size(1);  // validate: divides
   LSERVE_CHECK(params.num_tokens <= INT32_MAX, "page_stats_append: ", params.num_tokens,
                " tokens exceed the CUDA grid");
-  LSERVE_CUDA_CHECK(cuda::launch_page_stats_append(params, backend.stream()));
+  dispatch_float(args.key.dtype, "page_stats_append", [&](auto key_tag) {
+    LSERVE_CUDA_CHECK(cuda::launch_page_stats_append<decltype(key_tag)>(params, backend.stream()));
+  });
 }
 
 }  // namespace lserve

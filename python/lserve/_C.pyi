@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'Generator', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_token', 'sample_workspace_bytes']
+__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'Generator', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_token', 'sample_workspace_bytes']
 class Error(ValueError):
     pass
 class CpuBackend:
@@ -17,9 +17,9 @@ class CpuBackend:
         """
         num_threads <= 0 uses every hardware thread.
         """
-    def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, window_sink: typing.Any = None, window_local: typing.Any = None, head_page_positions: typing.Any = None, head_num_pages: typing.Any = None) -> None:
+    def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, window_sink: typing.Any = None, window_local: typing.Any = None, stream_ring: typing.Any = None, selection: typing.Any = None, selection_count: typing.Any = None, select_slot: typing.Any = None, select_base: typing.Any = None) -> None:
         """
-        Causal GQA of each sequence's query chunk over its KV pages, with the optional block-iterator policy: window_sink/window_local (Lambda mask) and head_page_positions/head_num_pages (see ops/attention.h).
+        Causal GQA of each sequence's query chunk over its KV pages (a page list, or stream_ring with the page lists None), with the optional block-iterator policy: window_sink/window_local (Lambda mask) and the selection store selection/selection_count read through select_slot/select_base (see ops/attention.h).
         """
     def copy(self, dst: typing.Any, src: typing.Any) -> None:
         """
@@ -339,6 +339,61 @@ class SparsityConfig:
     @streaming_heads.setter
     def streaming_heads(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
+class PageSelector:
+    """
+    The sparse-attention state owner (kv/page_selector.h), bound for tests of its policy.
+    """
+    def __init__(self, sparsity: SparsityConfig, page_size: typing.SupportsInt | typing.SupportsIndex, max_num_seqs: typing.SupportsInt | typing.SupportsIndex, max_num_batched_tokens: typing.SupportsInt | typing.SupportsIndex, max_model_len: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def acquire(self, seq_id: typing.SupportsInt | typing.SupportsIndex, prefill_tokens: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def commit(self) -> None:
+        ...
+    def has(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def plan_chunk(self, seq_id: typing.SupportsInt | typing.SupportsIndex, start_position: typing.SupportsInt | typing.SupportsIndex, num_new_tokens: typing.SupportsInt | typing.SupportsIndex, num_pages: typing.SupportsInt | typing.SupportsIndex, samples: bool) -> dict:
+        """
+        One chunk's plan (what Engine::step appends to the step's SparsePlan), as a dict.
+        """
+    def release(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def size_memory(self, budget: typing.SupportsInt | typing.SupportsIndex, stream_bytes_per_token: typing.SupportsInt | typing.SupportsIndex, dense_bytes_per_token: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def slot_of(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    @property
+    def decode_ring_pages(self) -> int:
+        ...
+    @property
+    def decode_slot_tokens(self) -> int:
+        ...
+    @property
+    def num_free_prefill_rings(self) -> int:
+        ...
+    @property
+    def num_free_slots(self) -> int:
+        ...
+    @property
+    def num_prefill_rings(self) -> int:
+        ...
+    @property
+    def num_select(self) -> int:
+        ...
+    @property
+    def num_sink_pages(self) -> int:
+        ...
+    @property
+    def num_slots(self) -> int:
+        ...
+    @property
+    def num_stream_pages(self) -> int:
+        ...
+    @property
+    def prefill_ring_pages(self) -> int:
+        ...
+    @property
+    def slot_pages(self) -> int:
+        ...
 class RopeScaling:
     rope_type: str
     truncate: bool
@@ -596,6 +651,15 @@ class EngineStats:
     def graph_batch_sizes(self) -> list[int]:
         ...
     @property
+    def isolation_violations(self) -> int:
+        ...
+    @property
+    def kv_cache_bytes(self) -> int:
+        ...
+    @property
+    def kv_cache_bytes_in_use(self) -> int:
+        ...
+    @property
     def last_step_pages_selected(self) -> int:
         ...
     @property
@@ -605,6 +669,9 @@ class EngineStats:
     def num_free_pages(self) -> int:
         ...
     @property
+    def num_free_prefill_rings(self) -> int:
+        ...
+    @property
     def num_free_stream_slots(self) -> int:
         ...
     @property
@@ -612,6 +679,9 @@ class EngineStats:
         ...
     @property
     def num_preemptions(self) -> int:
+        ...
+    @property
+    def num_prefill_rings(self) -> int:
         ...
     @property
     def num_running(self) -> int:
@@ -630,6 +700,9 @@ class EngineStats:
         ...
     @property
     def page_size(self) -> int:
+        ...
+    @property
+    def streaming_bytes_per_seq(self) -> int:
         ...
     @property
     def streaming_kv_bytes(self) -> int:
@@ -676,11 +749,17 @@ class Backend:
         ...
     def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, max_q_len: typing.SupportsInt | typing.SupportsIndex = 0, max_kv_len: typing.SupportsInt | typing.SupportsIndex = 0, repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
         ...
+    def begin_isolated(self) -> None:
+        """
+        Opens the per-layer region where allocation, copies and synchronisation are counted as violations.
+        """
     def copy(self, dst: typing.Any, src: typing.Any) -> None:
         """
         dst[...] = src, converting between float32/bfloat16/float16.
         """
     def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any) -> None:
+        ...
+    def end_isolated(self) -> None:
         ...
     def fill_zero(self, dst: typing.Any) -> None:
         ...
@@ -694,9 +773,9 @@ class Backend:
         """
         (free, total) device bytes, or (-1, -1) on the host
         """
-    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound') -> None:
+    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
         """
-        selected[s, h, :num_selected[s, h]] = the ascending page positions KV head h of sequence s attends; see ops/page_select.h. page_score is 'bound' or 'center'.
+        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound' or 'center'.
         """
     def page_stats_append(self, key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
@@ -704,7 +783,7 @@ class Backend:
         """
     def rms_norm(self, input: typing.Any, residual: typing.Any, weight: typing.Any, output: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex = 9.999999974752427e-07) -> None:
         ...
-    def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any) -> None:
+    def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any, *, mirror_slot_mapping: typing.Any = None) -> None:
         ...
     def sample(self, logits: typing.Any, temperature: typing.Any, top_k: typing.Any, top_p: typing.Any, min_p: typing.Any, seed: typing.Any, offset: typing.Any, output: typing.Any, *, history_indptr: typing.Any = None, history_token_ids: typing.Any = None, num_prompt_tokens: typing.Any = None, repetition_penalty: typing.Any = None, presence_penalty: typing.Any = None, frequency_penalty: typing.Any = None, workspace: typing.Any = None, banned_indptr: typing.Any = None, banned_token_ids: typing.Any = None) -> None:
         """
@@ -716,6 +795,9 @@ class Backend:
         ...
     @property
     def device(self) -> str:
+        ...
+    @property
+    def isolation_violations(self) -> int:
         ...
     @property
     def low_precision_activations(self) -> bool:
@@ -731,7 +813,7 @@ def gguf_model_config_dict(file: GgufFile) -> dict:
     """
     ModelConfig fields of a llama GGUF as a dict (rope_scaling nested).
     """
-def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound') -> None:
+def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
     ...
 def page_stats_append(key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...

@@ -1,14 +1,16 @@
 """page_select and page_stats_append on CUDA against the CPU reference on the same Args
 (ops/page_select.h). Exact: the kernels sum the page scores in the CPU's order with IEEE-rounded
-steps, so the selections (ties included) and the kmax/kmin bits must be identical. Outputs start
-poisoned on both backends, so an entry only one of them writes shows up.
+steps, so the selections (ties included) and the kmax/kmin bits must be identical; bfloat16/float16
+queries and keys are compared with the CPU run on the same low-precision values. Outputs start
+poisoned on both backends, so an entry only one of them writes shows up; store tests (slots, modes)
+start from a sentinel store and check that the rows no fresh sequence names keep it bit for bit.
 (The basename differs from tests/sparse/test_page_select.py: pytest's default import mode needs unique ones.)"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cuda_testing import DEVICE, STANDIN, ints, on_gpu, torch
+from cuda_testing import DEVICE, STANDIN, TORCH_DTYPES, ints, on_gpu, on_host, torch
 from lserve_testing import assert_exact
 
 pytestmark = pytest.mark.cuda
@@ -50,25 +52,32 @@ def make_select_case(seed: int, kv_lens, num_kv: int, group: int, head_dim: int,
 
 
 def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page_score: str, on_device: bool,
-               strided_query: bool = False) -> tuple:
-    num_seqs, num_kv = host["query"].shape[0], host["kmax"].shape[2]
+               strided_query: bool = False, query_dtype: str = "float32", store=None) -> tuple:
+    """The store (selected, num_selected) after page_select. host may hold qo_indptr, select_mode and
+    select_slot; store: its starting contents (default: POISON, one row per sequence)."""
+    num_seqs, num_kv = host["kv_lens"].shape[0], host["kmax"].shape[2]
     args = {}
     for key, value in host.items():
-        if key == "physical_page_size" or not on_device:
-            args[key] = value.copy() if isinstance(value, np.ndarray) else value
+        if key == "physical_page_size":
+            args[key] = value
+        elif key == "query":
+            if on_device:
+                args[key] = on_gpu(value, query_dtype)
+            else:  # numpy has no bfloat16: torch CPU tensors for the low-precision runs
+                args[key] = value.copy() if query_dtype == "float32" else on_host(value, query_dtype)
+        elif not on_device:
+            args[key] = value.copy()
         else:
             args[key] = on_gpu(value) if value.dtype == np.float32 else ints(value)
     if strided_query and on_device:  # rows inside a wider buffer, at an odd offset: the scalar-load kernel
-        num_qo, head_dim = host["query"].shape[1:]
-        wide = torch.full((num_seqs, num_qo * head_dim + 3), float("nan"), device=DEVICE)
-        wide[:, 1:1 + num_qo * head_dim] = args["query"].reshape(num_seqs, -1)
-        args["query"] = wide[:, 1:1 + num_qo * head_dim].view(num_seqs, num_qo, head_dim)
-    if on_device:
-        selected = torch.full((num_seqs, num_kv, num_select), POISON, dtype=torch.int32, device=DEVICE)
-        num_selected = torch.full((num_seqs, num_kv), POISON, dtype=torch.int32, device=DEVICE)
-    else:
-        selected = np.full((num_seqs, num_kv, num_select), POISON, np.int32)
-        num_selected = np.full((num_seqs, num_kv), POISON, np.int32)
+        num_rows, num_qo, head_dim = host["query"].shape
+        wide = torch.full((num_rows, num_qo * head_dim + 3), float("nan"), device=DEVICE,
+                          dtype=TORCH_DTYPES[query_dtype])
+        wide[:, 1:1 + num_qo * head_dim] = args["query"].reshape(num_rows, -1)
+        args["query"] = wide[:, 1:1 + num_qo * head_dim].view(num_rows, num_qo, head_dim)
+    if store is None:
+        store = (np.full((num_seqs, num_kv, num_select), POISON, np.int32), np.full((num_seqs, num_kv), POISON, np.int32))
+    selected, num_selected = (ints(store[0]), ints(store[1])) if on_device else (store[0].copy(), store[1].copy())
     backend.page_select(selected=selected, num_selected=num_selected, keep_first_page=keep_first_page,
                         page_score=page_score, **args)
     if on_device:
@@ -77,14 +86,19 @@ def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page
 
 
 def check_select(cuda_backend, cpu_backend, host: dict, num_select: int, keep_first_page: bool, page_score: str,
-                 what: str, seed, strided_query: bool = False) -> None:
-    expected = run_select(cpu_backend, host, num_select, keep_first_page, page_score, on_device=False)
+                 what: str, seed, strided_query: bool = False, query_dtype: str = "float32", store=None) -> tuple:
+    """CUDA against the CPU on the same Args and the same starting store, exactly; returns the store."""
+    expected = run_select(cpu_backend, host, num_select, keep_first_page, page_score, on_device=False,
+                          query_dtype=query_dtype, store=store)
     actual = run_select(cuda_backend, host, num_select, keep_first_page, page_score, on_device=True,
-                        strided_query=strided_query)
-    what = f"{what} num_select={num_select} keep_first={keep_first_page} {page_score}"
-    assert not (actual[1] == POISON).any(), f"{what}: num_selected unwritten at {np.argwhere(actual[1] == POISON)[:5]}"
+                        strided_query=strided_query, query_dtype=query_dtype, store=store)
+    what = f"{what} num_select={num_select} keep_first={keep_first_page} {page_score} query {query_dtype}"
+    if store is None:
+        assert not (actual[1] == POISON).any(), (
+            f"{what}: num_selected unwritten at {np.argwhere(actual[1] == POISON)[:5]}")
     assert_exact(actual[1], expected[1], f"{what}: num_selected", seed)
     assert_exact(actual[0], expected[0], f"{what}: selected", seed)
+    return actual
 
 
 # Lengths: 1 token, exact pages, one past, a partial last page, num_pages around num_select.
@@ -144,6 +158,8 @@ def test_page_select_ties(cuda_backend, cpu_backend, duplicate_pages):
         for keep_first in (True, False):
             for page_score in ("bound", "center"):
                 check_select(cuda_backend, cpu_backend, host, num_select, keep_first, page_score, "ties", seed)
+    for num_select in (9, 40):  # half-integers are exact in bfloat16: the same ties from a bf16 query
+        check_select(cuda_backend, cpu_backend, host, num_select, True, "bound", "ties", seed, query_dtype="bfloat16")
 
 
 def test_page_select_special_values(cuda_backend, cpu_backend):
@@ -215,6 +231,145 @@ def test_page_select_pages_outside_the_list(cuda_backend):
     assert_exact(num_selected[:, 0], np.array([4, -1], np.int32), "indptr past the list", 600)
 
 
+# ---- the selector's store: slots, modes, query chunks, low-precision queries ----------------------
+
+SELECT_DENSE, SELECT_FRESH, SELECT_REUSE = 0, 1, 2  # SelectMode (ops/page_select.h)
+
+
+def sentinel_store(seed: int, num_slots: int, num_kv: int, num_select: int) -> tuple:
+    """A store full of values no selection writes (positions >= 10**6; counts -1, POISON, 10**6): the
+    rows a step does not select for must keep them bit for bit, "no selection" (-1) included."""
+    rng = np.random.default_rng(seed + 7)
+    selected = rng.integers(10**6, 2 * 10**6, (num_slots, num_kv, num_select)).astype(np.int32)
+    num_selected = rng.choice(np.array([-1, POISON, 10**6], np.int32), (num_slots, num_kv))
+    return selected, num_selected
+
+
+def chunked(host: dict, seed: int, q_lens) -> dict:
+    """host with sequence s's query row moved to the last row of a chunk of q_lens[s] rows (qo_indptr);
+    the other rows hold another random draw, so reading a wrong row changes the scores."""
+    rng = np.random.default_rng(seed + 11)
+    _, num_qo, head_dim = host["query"].shape
+    qo_indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    query = (3 * rng.standard_normal((int(qo_indptr[-1]), num_qo, head_dim))).astype(np.float32)
+    for s, q_len in enumerate(q_lens):
+        if q_len > 0:
+            query[qo_indptr[s + 1] - 1] = host["query"][s]
+    return dict(host, query=query, qo_indptr=qo_indptr)
+
+
+def check_store(actual: tuple, initial: tuple, host: dict, what: str, seed) -> None:
+    """Independently of the CPU: rows no fresh sequence names are untouched; the rows fresh sequences
+    name hold a selection (1 <= num_selected <= num_select, positions in range)."""
+    num_seqs, num_slots, num_select = host["kv_lens"].shape[0], initial[1].shape[0], initial[0].shape[2]
+    modes = host.get("select_mode", np.full(num_seqs, SELECT_FRESH, np.int32))
+    slots = host.get("select_slot", np.arange(num_seqs, dtype=np.int32))
+    fresh = (modes == SELECT_FRESH) & (slots >= 0) & (slots < num_slots)
+    written = np.zeros(num_slots, bool)
+    written[slots[fresh]] = True
+    assert_exact(actual[0][~written], initial[0][~written], f"{what}: store rows of no fresh sequence (selected)", seed)
+    assert_exact(actual[1][~written], initial[1][~written], f"{what}: store rows of no fresh sequence (num_selected)",
+                 seed)
+    counts = actual[1][written]
+    assert ((counts >= 1) & (counts <= num_select)).all(), f"{what}: fresh rows hold counts {np.unique(counts)}"
+
+
+@pytest.mark.parametrize("query_dtype", ["float32", "bfloat16"])
+def test_page_select_store_slots(cuda_backend, cpu_backend, query_dtype):
+    """More slots than sequences, each sequence writing the slot a permutation gives it."""
+    seed = 700 + (query_dtype == "bfloat16")
+    kv_lens = [1, 640, 4097, 130, 9000, 65, 1153]
+    host = make_select_case(seed, kv_lens, num_kv=2, group=4, head_dim=128)
+    num_slots = 12
+    host["select_slot"] = np.random.default_rng(seed).permutation(num_slots)[:len(kv_lens)].astype(np.int32)
+    for num_select in (2, 17, 80):
+        store = sentinel_store(seed + num_select, num_slots, 2, num_select)
+        what = f"{num_slots} slots {host['select_slot'].tolist()}"
+        actual = check_select(cuda_backend, cpu_backend, host, num_select, True, "bound", what, seed,
+                              strided_query=num_select == 17, query_dtype=query_dtype, store=store)
+        check_store(actual, store, host, what, seed)
+
+
+def test_page_select_mixed_modes(cuda_backend, cpu_backend):
+    """Dense, fresh and reuse sequences in one step: only the fresh ones' rows change; a dense sequence
+    may name no slot (-1); two fresh sequences naming one slot leave the later one's selection there."""
+    seed = 710
+    kv_lens = [640, 4097, 1, 9000, 1153, 130, 3000, 64, 2000, 700]
+    host = make_select_case(seed, kv_lens, num_kv=3, group=2, head_dim=64)
+    num_slots = 13
+    host["select_mode"] = np.array([1, 0, 1, 2, 1, 2, 0, 1, 1, 2], np.int32)
+    host["select_slot"] = np.array([4, -1, 9, 0, 2, 7, 3, 12, 9, 4], np.int32)  # seq 8 follows seq 2 in slot 9
+    for num_select, keep_first in ((3, True), (40, False)):
+        for page_score in ("bound", "center"):
+            store = sentinel_store(seed + num_select, num_slots, 3, num_select)
+            what = f"modes {host['select_mode'].tolist()} slots {host['select_slot'].tolist()}"
+            actual = check_select(cuda_backend, cpu_backend, host, num_select, keep_first, page_score, what, seed,
+                                  store=store)
+            check_store(actual, store, host, what, seed)
+    no_fresh = dict(host, select_mode=np.array([0, 2, 2, 0, 0, 2, 0, 2, 2, 0], np.int32))
+    store = sentinel_store(seed, num_slots, 3, 5)
+    actual = run_select(cuda_backend, no_fresh, 5, True, "bound", on_device=True, store=store)
+    assert_exact(actual[0], store[0], "a step with no fresh sequence: selected untouched", seed)
+    assert_exact(actual[1], store[1], "a step with no fresh sequence: num_selected untouched", seed)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_page_select_query_chunks(cuda_backend, cpu_backend, strided):
+    """The step's whole query tensor with qo_indptr: sequence s scores with its chunk's last row."""
+    seed = 720 + int(strided)
+    kv_lens = [700, 3000, 64 * 200, 5, 1153]
+    host = chunked(make_select_case(seed, kv_lens, num_kv=2, group=4, head_dim=128), seed, [1, 7, 33, 5, 16])
+    for num_select in (2, 9, 40):
+        check_select(cuda_backend, cpu_backend, host, num_select, True, "bound", "chunks", seed, strided_query=strided)
+    # With a store, slots and modes: a reused sequence may have an empty chunk (it is not scored).
+    host = chunked(make_select_case(seed + 1, kv_lens, num_kv=2, group=4, head_dim=128), seed, [3, 0, 1, 9, 2])
+    host["select_mode"] = np.array([1, 2, 1, 1, 0], np.int32)
+    host["select_slot"] = np.array([6, 1, 0, 3, 2], np.int32)
+    store = sentinel_store(seed, 8, 2, 9)
+    actual = check_select(cuda_backend, cpu_backend, host, 9, False, "center", "chunks and store", seed,
+                          strided_query=strided, store=store)
+    check_store(actual, store, host, "chunks and store", seed)
+
+
+@pytest.mark.parametrize("query_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("page_score", ["bound", "center"])
+def test_page_select_low_precision_query(cuda_backend, cpu_backend, query_dtype, page_score):
+    """bfloat16/float16 queries (the step's activations, read as they are): the CPU computes on the
+    same values converted to float32, exactly, so the selections must match bit for bit."""
+    seed = 730 + 2 * (query_dtype == "float16") + (page_score == "center")
+    host = make_select_case(seed, KV_LENS, num_kv=2, group=4, head_dim=128)
+    host = chunked(host, seed, [1 + s % 4 for s in range(len(KV_LENS))])
+    for num_select in (2, 17, 80):
+        for keep_first in (True, False):
+            check_select(cuda_backend, cpu_backend, host, num_select, keep_first, page_score, "low-precision query",
+                         seed, strided_query=num_select == 17, query_dtype=query_dtype)
+
+
+def test_page_select_invalid_fresh_rows_in_store(cuda_backend, cpu_backend):
+    """Rows the CPU rejects, in the store: a fresh sequence without a query row (empty chunk) gets -1
+    in its slot row and nothing else; a fresh sequence naming a slot outside the store writes nothing;
+    a dense sequence with inconsistent lengths is not checked and its row keeps the sentinel."""
+    if STANDIN:
+        pytest.skip("the CPU stand-in raises instead of writing -1")
+    seed = 740
+    host = make_select_case(seed, [640, 640, 640, 640, 640], num_kv=2, group=2, head_dim=64)
+    host = chunked(host, seed, [1, 0, 2, 1, 3])
+    host["kv_lens"][2] = 641                                # more tokens than its pages hold
+    host["select_mode"] = np.array([1, 1, 0, 1, 1], np.int32)
+    host["select_slot"] = np.array([5, 2, 0, 7, 3], np.int32)  # slot 7 is outside the 7 slots
+    store = sentinel_store(seed, 7, 2, 6)
+    actual = run_select(cuda_backend, host, 6, True, "bound", on_device=True, store=store)
+    accepted = dict(host, select_mode=np.array([1, 0, 0, 0, 1], np.int32))
+    expected = run_select(cpu_backend, accepted, 6, True, "bound", on_device=False, store=store)
+    expected[1][2] = -1
+    assert_exact(actual[1], expected[1], "invalid fresh rows in the store: num_selected", seed)
+    assert_exact(actual[0], expected[0], "invalid fresh rows in the store: selected", seed)
+    for mode in ([0, 1, 0, 0, 0], [0, 0, 0, 1, 0]):
+        with pytest.raises(ValueError):
+            run_select(cpu_backend, dict(host, select_mode=np.array(mode, np.int32)), 6, True, "bound",
+                       on_device=False, store=store)
+
+
 # ---- page_stats_append ------------------------------------------------------------------------
 
 def make_stats_case(seed: int, num_kv: int, head_dim: int, page_size: int, logical: int, num_pages: int):
@@ -244,14 +399,17 @@ def make_stats_case(seed: int, num_kv: int, head_dim: int, page_size: int, logic
     return keys, slots, kmax, kmin
 
 
-def run_stats(backend, keys, slots, kmax, kmin, page_size: int, on_device: bool, strided_keys: bool = False):
+def run_stats(backend, keys, slots, kmax, kmin, page_size: int, on_device: bool, strided_keys: bool = False,
+              key_dtype: str = "float32"):
     if not on_device:
         kmax, kmin = kmax.copy(), kmin.copy()
-        backend.page_stats_append(keys, slots, kmax, kmin, page_size)
+        key_h = keys if key_dtype == "float32" else on_host(keys, key_dtype)  # numpy has no bfloat16
+        backend.page_stats_append(key_h, slots, kmax, kmin, page_size)
         return kmax, kmin
-    key_t = on_gpu(keys)
+    key_t = on_gpu(keys, key_dtype)
     if strided_keys:  # rows inside a wider buffer
-        wide = torch.full((keys.shape[0], keys.shape[1] + 2, keys.shape[2]), float("nan"), device=DEVICE)
+        wide = torch.full((keys.shape[0], keys.shape[1] + 2, keys.shape[2]), float("nan"), device=DEVICE,
+                          dtype=TORCH_DTYPES[key_dtype])
         wide[:, 1:1 + keys.shape[1]] = key_t
         key_t = wide[:, 1:1 + keys.shape[1]]
     kmax_t, kmin_t = on_gpu(kmax), on_gpu(kmin)
@@ -272,6 +430,21 @@ def test_page_stats_append_matches_cpu(cuda_backend, cpu_backend, page_size, log
     expected = run_stats(cpu_backend, keys, slots, kmax, kmin, page_size, on_device=False)
     actual = run_stats(cuda_backend, keys, slots, kmax, kmin, page_size, on_device=True, strided_keys=seed == 1)
     what = f"page_stats_append pages {page_size}/{logical} head_dim {head_dim}"
+    assert_same_bits(actual[0], expected[0], f"{what}: kmax", seed)
+    assert_same_bits(actual[1], expected[1], f"{what}: kmin", seed)
+
+
+@pytest.mark.parametrize("key_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_page_stats_append_low_precision_keys(cuda_backend, cpu_backend, key_dtype, strided):
+    """bfloat16/float16 keys (the activations after RoPE): float32 statistics of the same values, bit
+    for bit (NaN, +0 and -0 survive the conversion)."""
+    seed = 20 + 2 * (key_dtype == "float16") + int(strided)
+    keys, slots, kmax, kmin = make_stats_case(seed, 3, 64, 32, 8, num_pages=12)
+    expected = run_stats(cpu_backend, keys, slots, kmax, kmin, 32, on_device=False, key_dtype=key_dtype)
+    actual = run_stats(cuda_backend, keys, slots, kmax, kmin, 32, on_device=True, strided_keys=strided,
+                       key_dtype=key_dtype)
+    what = f"page_stats_append {key_dtype} keys"
     assert_same_bits(actual[0], expected[0], f"{what}: kmax", seed)
     assert_same_bits(actual[1], expected[1], f"{what}: kmin", seed)
 
@@ -312,8 +485,10 @@ def test_page_stats_append_skips_slots_beyond_the_pages(cuda_backend, cpu_backen
         run_stats(cpu_backend, keys, bad, kmax, kmin, 64, on_device=False)
 
 
-def test_stats_then_select_on_device(cuda_backend, cpu_backend):
-    """The decode path: statistics built by page_stats_append on each backend, then page_select."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stats_then_select_on_device(cuda_backend, cpu_backend, dtype):
+    """The decode path: statistics built by page_stats_append on each backend from keys in the activation
+    dtype, then page_select on a query chunk of that dtype."""
     seed = 9
     rng = np.random.default_rng(seed)
     page_size, logical, num_kv, group, head_dim = 64, 16, 2, 4, 128
@@ -328,16 +503,17 @@ def test_stats_then_select_on_device(cuda_backend, cpu_backend):
     shape = (pages.size, page_size // logical, num_kv, head_dim)
     kmax, kmin = np.full(shape, 9.0, np.float32), np.full(shape, -9.0, np.float32)
     query = rng.standard_normal((len(kv_lens), num_kv * group, head_dim)).astype(np.float32)
-    ref_max, ref_min = run_stats(cpu_backend, keys, slots, kmax, kmin, page_size, on_device=False)
+    ref_max, ref_min = run_stats(cpu_backend, keys, slots, kmax, kmin, page_size, on_device=False, key_dtype=dtype)
     dev_max, dev_min = on_gpu(kmax), on_gpu(kmin)
-    cuda_backend.page_stats_append(on_gpu(keys), ints(slots), dev_max, dev_min, page_size)
-    host = dict(query=query, kmax=ref_max, kmin=ref_min, kv_page_indptr=indptr,
-                kv_page_indices=pages[:indptr[-1]].astype(np.int32), kv_lens=np.asarray(kv_lens, np.int32),
-                physical_page_size=page_size)
-    expected = run_select(cpu_backend, host, 8, True, "bound", on_device=False)
+    cuda_backend.page_stats_append(on_gpu(keys, dtype), ints(slots), dev_max, dev_min, page_size)
+    host = chunked(dict(query=query, kmax=ref_max, kmin=ref_min, kv_page_indptr=indptr,
+                        kv_page_indices=pages[:indptr[-1]].astype(np.int32), kv_lens=np.asarray(kv_lens, np.int32),
+                        physical_page_size=page_size), seed, [1, 4, 2])
+    expected = run_select(cpu_backend, host, 8, True, "bound", on_device=False, query_dtype=dtype)
     selected = torch.full((len(kv_lens), num_kv, 8), POISON, dtype=torch.int32, device=DEVICE)
     num_selected = torch.full((len(kv_lens), num_kv), POISON, dtype=torch.int32, device=DEVICE)
-    cuda_backend.page_select(on_gpu(query), dev_max, dev_min, ints(indptr), ints(host["kv_page_indices"]),
-                             ints(host["kv_lens"]), selected, num_selected, page_size, True, "bound")
-    assert_exact(selected.cpu().numpy(), expected[0], "stats then select: selected", seed)
-    assert_exact(num_selected.cpu().numpy(), expected[1], "stats then select: num_selected", seed)
+    cuda_backend.page_select(on_gpu(host["query"], dtype), dev_max, dev_min, ints(indptr), ints(host["kv_page_indices"]),
+                             ints(host["kv_lens"]), selected, num_selected, page_size, True, "bound",
+                             qo_indptr=ints(host["qo_indptr"]))
+    assert_exact(selected.cpu().numpy(), expected[0], f"stats then select ({dtype}): selected", seed)
+    assert_exact(num_selected.cpu().numpy(), expected[1], f"stats then select ({dtype}): num_selected", seed)

@@ -18,7 +18,7 @@ from tiny_models import make_tiny_model
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from lserve import Engine, SamplingParams  # noqa: E402
+from lserve import Engine, SamplingParams, _C  # noqa: E402
 from lserve.sparsity import SparsityConfig  # noqa: E402
 from sparse_reference import SparseSpec, use_reference  # noqa: E402
 
@@ -217,3 +217,107 @@ def test_invalid_sparsity_is_refused(tiny):
         _engine(tiny, SparsityConfig(streaming_heads=[[0]]))  # 1 layer listed, the model has 2
     with pytest.raises(ValueError, match="sparsity"):
         _engine(tiny, 3.5)
+
+
+def _run_many(engine: Engine, prompts: dict, max_tokens: int):
+    """Greedy tokens and sampled-row logits per request, all submitted at once, and the largest number
+    of sequences running in one step."""
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    ids_of = {engine._requests[rid].sequences[0].core_id: rid for rid in prompts}
+    tokens = {rid: [] for rid in prompts}
+    logits = {rid: [] for rid in prompts}
+    max_running = 0
+    while engine._core.has_unfinished_requests():
+        outs = engine._core.step()
+        max_running = max(max_running, engine._core.stats().num_running + sum(o.finished for o in outs))
+        for out in outs:
+            tokens[ids_of[out.request_id]].extend(out.new_token_ids)
+            if out.logits is not None:
+                logits[ids_of[out.request_id]].append(np.asarray(out.logits))
+    engine._requests.clear()
+    return tokens, {rid: np.stack(v) for rid, v in logits.items()}, max_running
+
+
+MIXED_PROMPTS = {"long1": (170, 21), "short1": (30, 22), "long2": (150, 23), "short2": (50, 24), "mid": (90, 25)}
+
+
+def test_mixed_steps_with_prefill_rings_equal_each_alone(tiny):
+    """Several sequences in the same steps: a prompt longer than the prefill window prefilling in
+    chunks through the prefill ring (a second long one waiting for the ring), short prompts that
+    prefill in their decode slot, others decoding with fresh and reused page selections. Each
+    request's logits equal the same request run alone, and no layer allocated, copied or
+    synchronised (the step's plan is made once, on the host)."""
+    config = _config(selection_reuse_interval=3)
+    prompts = {rid: _prompt(n, seed) for rid, (n, seed) in MIXED_PROMPTS.items()}
+    engine = _engine(tiny, config, max_num_batched_tokens=37)
+    tokens, logits, max_running = _run_many(engine, prompts, 24)
+    stats = engine._core.stats()
+    assert stats.num_preemptions == 0 and max_running >= 4
+    assert stats.isolation_violations == 0, f"{stats.isolation_violations} allocations/copies/syncs inside layers"
+    assert stats.num_prefill_rings == 1 and stats.num_free_prefill_rings == 1
+    for rid, ids in prompts.items():
+        alone_tokens, alone_logits = _run(_engine(tiny, config, max_num_batched_tokens=37), ids, 24)
+        assert_rel_close(logits[rid], alone_logits, 1e-4, what=f"{rid}: batched with the others vs alone")
+        assert_exact(tokens[rid], alone_tokens, what=f"{rid} greedy tokens")
+
+
+def test_preemption_under_sparsity_releases_and_resumes(tiny):
+    """A page pool too small for everyone: sequences are preempted (their slot and prefill ring go
+    back) and recomputed; every request still finishes with all its tokens, nothing leaks, and no
+    layer allocated, copied or synchronised. (A sequence preempted after decoding is recomputed with
+    prefill attention, so its later logits may differ from an uninterrupted run, as in LServe.)"""
+    prompts = {rid: _prompt(n, seed) for rid, (n, seed) in MIXED_PROMPTS.items()}
+    engine = _engine(tiny, _config(selection_reuse_interval=3), max_num_batched_tokens=37, num_kv_pages=20,
+                     max_model_len=256)
+    tokens, _, _ = _run_many(engine, prompts, 24)
+    stats = engine._core.stats()
+    assert stats.num_preemptions > 0, "the page pool never ran out: preemption was not exercised"
+    assert all(len(t) == 24 for t in tokens.values())
+    assert stats.isolation_violations == 0
+    assert stats.num_free_stream_slots == stats.num_stream_slots
+    assert stats.num_free_prefill_rings == stats.num_prefill_rings
+    assert stats.num_free_pages == stats.num_total_pages and stats.streaming_kv_bytes_in_use == 0
+
+
+def test_isolation_counter_sees_a_copy_inside_a_layer():
+    backend = _C.Backend("cpu")
+    dst, src = np.zeros(4, dtype=np.float32), np.ones(4, dtype=np.float32)
+    backend.copy(dst, src)
+    assert backend.isolation_violations == 0
+    backend.begin_isolated()
+    backend.copy(dst, src)
+    backend.end_isolated()
+    assert backend.isolation_violations == 2  # the copy, and the synchronisation each binding call ends with
+    backend.copy(dst, src)
+    assert backend.isolation_violations == 2
+
+
+def test_streaming_memory_per_decoding_sequence_is_constant(tiny):
+    """Bytes a decoding sequence holds for its streaming heads depend on neither its context nor the
+    prefill window (the prefill ring is handed back when prefill ends)."""
+    per_seq, in_use = set(), set()
+    for prefill_local, prompt_len in ((40, 60), (40, 300), (200, 60), (200, 300)):
+        engine = _engine(tiny, _config(prefill_local_tokens=prefill_local), max_num_batched_tokens=64)
+        engine.add_request("r", _prompt(prompt_len, seed=9), SamplingParams(temperature=0.0, max_tokens=40,
+                                                                             ignore_eos=True))
+        steps = 0
+        while engine._core.has_unfinished_requests():
+            outs = engine._core.step()
+            stats = engine._core.stats()
+            steps += 1
+            if any(out.new_token_ids for out in outs) and not any(out.finished for out in outs):
+                in_use.add(stats.streaming_kv_bytes_in_use)  # decoding: the slot alone
+                per_seq.add(stats.streaming_bytes_per_seq)
+        engine._requests.clear()
+    assert len(per_seq) == 1 and len(in_use) == 1 and in_use == per_seq, (per_seq, in_use)
+
+
+def test_max_num_seqs_decode_at_once(tiny):
+    """With memory for all of them, max_num_seqs sequences (each longer than a decode slot, so they
+    prefill one after another through the one prefill ring) end up decoding in the same steps."""
+    prompts = {f"r{i}": _prompt(100 + 7 * i, seed=30 + i) for i in range(6)}
+    engine = _engine(tiny, _config(), max_num_seqs=6, num_kv_pages=200, max_num_batched_tokens=64)
+    assert engine._core.stats().num_stream_slots == 6
+    _, _, max_running = _run_many(engine, prompts, 30)
+    assert max_running == 6

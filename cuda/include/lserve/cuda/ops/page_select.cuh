@@ -240,7 +240,7 @@ __device__ __forceinline__ int64_t store_slot(const PageSelectParams& params, in
 __device__ __forceinline__ int64_t query_row(const PageSelectParams& params, int64_t seq) {
   if (params.qo_indptr == nullptr) return seq < params.num_rows ? seq : -1;
   const int64_t begin = params.qo_indptr[seq], end = params.qo_indptr[seq + 1];
-  return end > begin && end - 1 < params.num_rows && end >= 1 ? end - 1 : -1;
+  return end > begin && end >= 1 && end - 1 < params.num_rows ? end - 1 : -1;
 }
 
 // Four consecutive query elements as floats (exact conversions); q is 4-element aligned.
@@ -347,9 +347,11 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, SelectS
   return warp_offset + inclusive - value;
 }
 
-// One CTA per (sequence, KV head). The CPU's stable sort puts the forced pages (the newest and,
-// with keep_first_page, page 0) first and then the rest by score, ties by position, and keeps
-// num_select: so the selection is the forced pages plus the top num_select - num_forced of the
+// One CTA per (sequence, KV head); the CTAs of sequences that are not fresh return at once, and so
+// do those of a sequence whose slot a later fresh sequence also names (the CPU writes in sequence
+// order, so the later selection is the one stored). The CPU's stable sort puts the forced pages (the
+// newest and, with keep_first_page, page 0) first and then the rest by score, ties by position, and
+// keeps num_select: so the selection is the forced pages plus the top num_select - num_forced of the
 // others by (score descending, position ascending).
 // 1. Radix select, most significant 8 bits first, of the num_top-th largest key among the others:
 //    the threshold key T and the count above it; the rest come from the keys equal to T, lowest
@@ -362,15 +364,26 @@ __global__ void __launch_bounds__(kThreads) page_select_kernel(const PageSelectP
   __shared__ SelectSharedStorage<kThreads> shared;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const unsigned heads = static_cast<unsigned>(params.num_kv_heads);
-  const int64_t row = blockIdx.x, seq = blockIdx.x / heads, kv_head = blockIdx.x % heads;
+  const int64_t seq = blockIdx.x / heads, kv_head = blockIdx.x % heads;
+  if (!is_fresh(params, seq)) return;  // dense or reused: the store row stays as it is
+  const int64_t slot = store_slot(params, seq);
+  if (slot < 0 || slot >= params.num_slots) return;  // the CPU raises; no row to mark
+  if (params.select_slot != nullptr) {
+    for (int64_t base = seq + 1; base < params.num_seqs; base += kThreads) {
+      const int64_t other = base + tid;
+      const bool later = other < params.num_seqs && is_fresh(params, other) && store_slot(params, other) == slot;
+      if (__syncthreads_or(later)) return;
+    }
+  }
+  const int64_t row = slot * heads + kv_head;
   int32_t* out = params.selected + row * params.num_select;  // (num_select,)
   int32_t* num_selected = params.num_selected + row;
 
-  // The CPU's per-sequence check (plus the page list's bounds, which it assumes).
+  // The CPU's per-sequence checks (plus the page list's bounds, which it assumes).
   const int64_t begin = params.kv_page_indptr[seq], end = params.kv_page_indptr[seq + 1];
   const int64_t num_pages = end - begin, kv_len = params.kv_lens[seq], page_size = params.physical_page_size;
-  const bool valid = begin >= 0 && end <= params.num_entries && num_pages >= 0 && kv_len >= 1 &&
-                     kv_len <= num_pages * page_size && kv_len > (num_pages - 1) * page_size;
+  const bool valid = query_row(params, seq) >= 0 && begin >= 0 && end <= params.num_entries && num_pages >= 0 &&
+                     kv_len >= 1 && kv_len <= num_pages * page_size && kv_len > (num_pages - 1) * page_size;
   if (!valid) {
     if (tid == 0) *num_selected = -1;
     return;
@@ -478,29 +491,32 @@ inline size_t page_select_workspace_bytes(const PageSelectParams& params) {
   return static_cast<size_t>(params.num_kv_heads * params.num_entries) * sizeof(uint32_t);
 }
 
-inline cudaError_t launch_page_select(const PageSelectParams& params, cudaStream_t stream) {
+// QueryT: float, __nv_bfloat16 or __half, the dtype of params.query.
+template <typename QueryT>
+cudaError_t launch_page_select(const PageSelectParams& params, cudaStream_t stream) {
   using namespace page_select_detail;
   if (params.num_seqs == 0 || params.num_kv_heads == 0) return cudaSuccess;
   const int64_t num_score_threads = params.num_entries * params.logical_per_page * params.num_kv_heads;
   if (num_score_threads > 0) {
     cudaError_t status = cudaMemsetAsync(params.page_keys, 0, page_select_workspace_bytes(params), stream);
     if (status != cudaSuccess) return status;
+    constexpr uintptr_t kQueryAlign = 4 * sizeof(QueryT);  // load_query4's vector
     const bool vec4 = params.head_dim % 4 == 0 && params.query_stride % 4 == 0 &&
-                      reinterpret_cast<uintptr_t>(params.query) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(params.query) % kQueryAlign == 0 &&
                       reinterpret_cast<uintptr_t>(params.kmax) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(params.kmin) % 16 == 0;
     const dim3 grid(static_cast<unsigned>(ceil_div(num_score_threads, kScoreThreads)));
     if (params.center) {
       if (vec4) {
-        page_score_kernel<true, true><<<grid, kScoreThreads, 0, stream>>>(params);
+        page_score_kernel<QueryT, true, true><<<grid, kScoreThreads, 0, stream>>>(params);
       } else {
-        page_score_kernel<true, false><<<grid, kScoreThreads, 0, stream>>>(params);
+        page_score_kernel<QueryT, true, false><<<grid, kScoreThreads, 0, stream>>>(params);
       }
     } else {
       if (vec4) {
-        page_score_kernel<false, true><<<grid, kScoreThreads, 0, stream>>>(params);
+        page_score_kernel<QueryT, false, true><<<grid, kScoreThreads, 0, stream>>>(params);
       } else {
-        page_score_kernel<false, false><<<grid, kScoreThreads, 0, stream>>>(params);
+        page_score_kernel<QueryT, false, false><<<grid, kScoreThreads, 0, stream>>>(params);
       }
     }
     status = cudaGetLastError();
