@@ -62,3 +62,12 @@ def test_sparse_attention_figures_only_when_sparsity_is_on():
     assert samples["lserve:sparse_pages_total" + label] == 480
     assert samples["lserve:streaming_kv_bytes" + label] == 1 << 20
     assert samples["lserve:streaming_kv_bytes_in_use" + label] == 1 << 18
+
+
+def test_kv_cache_usage_counts_every_tier_in_bytes():
+    """With sparse attention the usage covers dense pages and streaming slots/rings, by bytes: free
+    dense pages do not make a server whose streaming slots are all taken look empty."""
+    stats = SimpleNamespace(num_running=2, num_waiting=5, num_total_pages=100, num_free_pages=90, num_preemptions=0,
+                            kv_cache_bytes=1000, kv_cache_bytes_in_use=600)
+    samples = parse_metrics(ServerMetrics("m").render(stats))
+    assert samples['lserve:kv_cache_usage_perc{model_name="m"}'] == 0.6

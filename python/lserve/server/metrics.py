@@ -119,8 +119,14 @@ class ServerMetrics:
         sample = format_labels(labels)
         lines: List[str] = []
         if stats is not None:
+            # Bytes of every KV tier (dense pages, streaming slots and prefill rings) when the engine
+            # reports them; pages otherwise.
+            total_bytes = int(getattr(stats, "kv_cache_bytes", 0) or 0)
             total = max(int(stats.num_total_pages), 0)
-            usage = 0.0 if total == 0 else 1.0 - int(stats.num_free_pages) / total
+            if total_bytes > 0:
+                usage = int(stats.kv_cache_bytes_in_use) / total_bytes
+            else:
+                usage = 0.0 if total == 0 else 1.0 - int(stats.num_free_pages) / total
             lines += _family("lserve:num_requests_running", "gauge", "Number of requests in the running batch.",
                              [f"lserve:num_requests_running{sample} {format_value(stats.num_running)}"])
             lines += _family("lserve:num_requests_waiting", "gauge", "Number of requests waiting to be scheduled.",

@@ -1,0 +1,81 @@
+"""Capacity with LServe's streaming heads: at the same KV memory, SmolLM2-135M with its shipped
+head pattern (half the 90 KV heads streaming) holds at least 1.5x as many concurrent 4K-token
+sequences as the dense engine, because a streaming head keeps only sink + decode window per
+sequence. Weights are random (load_format="dummy"); only the shapes and the pattern matter."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lserve import Engine, SamplingParams
+from lserve.sparsity import SparsityConfig
+
+SMOLLM2_135M = {
+    "_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+CONTEXT = 4096 + 16  # a 4K prompt and a few generated tokens
+MEMORY = 1 << 30     # the CPU engine's default KV memory
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("smollm2_dummy")
+    (directory / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    return directory
+
+
+def _engine(directory, sparsity, **kwargs):
+    return Engine(str(directory), load_format="dummy", kv_cache_memory=MEMORY, max_model_len=8192,
+                  show_progress=False, sparsity=sparsity, **kwargs)
+
+
+def _capacity(engine) -> int:
+    """Concurrent CONTEXT-token sequences the engine's KV memory holds (pages, and with sparse
+    attention a decode slot each)."""
+    stats = engine._core.stats()
+    pages = stats.num_total_pages // math.ceil(CONTEXT / stats.page_size)
+    return min(pages, stats.num_stream_slots) if stats.num_stream_slots else pages
+
+
+# SmolLM2's operating point (docs/ACCURACY.md: prefill window 1024) must reach 1.5x. With the paper's
+# prefill window of 8192, at least the whole 8K context, the one prefill ring is a full-context cache
+# of the streaming heads (186 MB of the 1 GiB here) while a long prompt prefills: 1.4x.
+@pytest.mark.parametrize("overrides, ratio", [({"prefill_local_tokens": 1024, "decode_token_budget": 1024}, 1.5),
+                                              ({}, 1.4)])
+def test_half_the_heads_streaming_holds_1_5x_the_4k_sequences(smollm2_dir, overrides, ratio):
+    dense = _engine(smollm2_dir, None)
+    sparse = _engine(smollm2_dir, SparsityConfig.preset("lserve", model="smollm2-135m-instruct", **overrides))
+    assert sum(sum(row) for row in sparse.sparsity.streaming_mask(30, 3)) == 45
+    dense_capacity, sparse_capacity = _capacity(dense), _capacity(sparse)
+    assert dense_capacity >= 4
+    assert sparse_capacity >= ratio * dense_capacity, (sparse_capacity, dense_capacity)
+    stats = sparse._core.stats()
+    assert stats.kv_cache_bytes <= MEMORY
+    # The decode slot is what a decoding sequence holds for its streaming heads: 7 pages of 64
+    # tokens (2 sink + 5 ring) of 45 heads, K and V in float32, whatever the prefill window.
+    assert stats.streaming_bytes_per_seq == 7 * 64 * 45 * 2 * 64 * 4
+
+
+@pytest.mark.slow
+def test_concurrent_4k_sequences_run(smollm2_dir):
+    """End to end: as many 4K prompts as the sparse engine's memory holds all run at once."""
+    sparse = _engine(smollm2_dir, SparsityConfig.preset("lserve", model="smollm2-135m-instruct",
+                                                        prefill_local_tokens=1024, decode_token_budget=1024),
+                     max_num_batched_tokens=4096)
+    capacity = _capacity(sparse)
+    rng = np.random.default_rng(0)
+    for i in range(capacity):
+        prompt = [int(t) for t in rng.integers(100, 49000, size=4096)]
+        sparse.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    most = 0
+    while sparse._core.has_unfinished_requests():
+        sparse._core.step()
+        most = max(most, sparse._core.stats().num_running)
+    stats = sparse._core.stats()
+    assert most == capacity and stats.num_preemptions == 0
