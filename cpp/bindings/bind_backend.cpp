@@ -132,14 +132,30 @@ void bind_backend(py::module_& m) {
           "attention",
           [](PyBackend& self, py::handle query, py::handle k_cache, py::handle v_cache, py::handle qo_indptr,
              py::handle kv_page_indptr, py::handle kv_page_indices, py::handle kv_lens, py::handle output,
-             float sm_scale, int max_q_len, int max_kv_len, int repeat) {
+             float sm_scale, int max_q_len, int max_kv_len, int repeat, py::handle window_sink,
+             py::handle window_local, py::handle stream_ring, py::handle selection, py::handle selection_count,
+             py::handle select_slot, py::handle select_base) {
             DlpackTensor query_t(query, "query"), k_cache_t(k_cache, "k_cache"), v_cache_t(v_cache, "v_cache");
-            DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), page_indptr_t(kv_page_indptr, "kv_page_indptr");
-            DlpackTensor page_indices_t(kv_page_indices, "kv_page_indices"), kv_lens_t(kv_lens, "kv_lens");
+            DlpackTensor qo_indptr_t(qo_indptr, "qo_indptr"), kv_lens_t(kv_lens, "kv_lens");
             DlpackTensor output_t(output, "output");
-            AttentionArgs args{query_t.view(),     k_cache_t.view(),      v_cache_t.view(),
-                               qo_indptr_t.view(), page_indptr_t.view(),  page_indices_t.view(),
-                               kv_lens_t.view(),   output_t.writable_view("output"), sm_scale};
+            std::vector<DlpackTensor> keep;
+            AttentionArgs args;
+            args.query = query_t.view();
+            args.k_cache = k_cache_t.view();
+            args.v_cache = v_cache_t.view();
+            args.qo_indptr = qo_indptr_t.view();
+            args.kv_page_indptr = optional_view(kv_page_indptr, keep, "kv_page_indptr");
+            args.kv_page_indices = optional_view(kv_page_indices, keep, "kv_page_indices");
+            args.kv_lens = kv_lens_t.view();
+            args.output = output_t.writable_view("output");
+            args.sm_scale = sm_scale;
+            args.window_sink = optional_view(window_sink, keep, "window_sink");
+            args.window_local = optional_view(window_local, keep, "window_local");
+            args.stream_ring = optional_view(stream_ring, keep, "stream_ring");
+            args.selection = optional_view(selection, keep, "selection");
+            args.selection_count = optional_view(selection_count, keep, "selection_count");
+            args.select_slot = optional_view(select_slot, keep, "select_slot");
+            args.select_base = optional_view(select_base, keep, "select_base");
             if (max_q_len < 0 || max_kv_len < 0) throw py::value_error("max_q_len and max_kv_len must be >= 0");
             args.max_q_len = max_q_len;  // host hints (0 = unknown): the device kernels need them
             args.max_kv_len = max_kv_len;
@@ -150,7 +166,13 @@ void bind_backend(py::module_& m) {
           },
           py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qo_indptr"), py::arg("kv_page_indptr"),
           py::arg("kv_page_indices"), py::arg("kv_lens"), py::arg("output"), py::arg("sm_scale"),
-          py::arg("max_q_len") = 0, py::arg("max_kv_len") = 0, py::arg("repeat") = 1)
+          py::arg("max_q_len") = 0, py::arg("max_kv_len") = 0, py::arg("repeat") = 1, py::kw_only(),
+          py::arg("window_sink") = py::none(), py::arg("window_local") = py::none(),
+          py::arg("stream_ring") = py::none(), py::arg("selection") = py::none(),
+          py::arg("selection_count") = py::none(), py::arg("select_slot") = py::none(),
+          py::arg("select_base") = py::none(),
+          "Paged causal GQA (ops/attention.h); kv_page_indptr/kv_page_indices may be None with stream_ring. "
+          "The keywords are the sparse block-iterator policy.")
       .def(
           "gather_rows",
           [](PyBackend& self, py::handle input, py::handle indices, py::handle output) {

@@ -2,7 +2,7 @@
 // dtype, head_dim 64 or 128, dense heads, with the host's length hints: the tensor-core kernels of
 // cuda/attention/ (decode: split-KV + combine when every chunk's q_len x GQA group fits one 16-row
 // tile, i.e. decode steps; otherwise the prefill kernel, TMA + wgmma on sm_90). float32, other head
-// sizes and calls without hints run the reference kernel; the sparse policies are refused.
+// sizes and calls without hints run the reference kernel, as do the sparse policies for now.
 #include "attention_kernels.h"
 #include "cuda_backend.h"
 #include "cuda_check.h"
@@ -25,10 +25,10 @@ bool tensor_core_path(const AttentionArgs& args) {
 }  // namespace
 
 void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
-  LSERVE_CHECK(!args.has_window() && !args.has_selection() && !args.has_ring(),
-               "attention on CUDA: the sparse block-iterator policies (window_sink/window_local, "
-               "stream_ring, selection) are not implemented on the cuda backend yet");
-  if (!tensor_core_path(args)) {
+  // The sparse block-iterator policies (windows, stream rings, the selection store) run on the
+  // reference kernel for now; TODO(#17): the tensor-core kernels read them through KvBlockSparsity.
+  const bool sparse_policy = args.has_window() || args.has_selection() || args.has_ring();
+  if (sparse_policy || !tensor_core_path(args)) {
     cuda_attention_reference(backend, args);
     return;
   }

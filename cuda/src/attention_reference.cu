@@ -14,8 +14,25 @@ void cuda_attention_reference(CudaBackend& backend, const AttentionArgs& args) {
   params.k_cache = args.k_cache.data;
   params.v_cache = args.v_cache.data;
   params.qo_indptr = args.qo_indptr.data_ptr<int32_t>();
-  params.kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
-  params.kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
+  if (args.has_ring()) {
+    params.stream_ring = args.stream_ring.data_ptr<int32_t>();
+  } else {
+    params.kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
+    params.kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
+  }
+  if (args.has_window()) {
+    params.window_sink = args.window_sink.data_ptr<int32_t>();
+    params.window_local = args.window_local.data_ptr<int32_t>();
+  }
+  if (args.has_selection()) {
+    params.selection = args.selection.data_ptr<int32_t>();
+    params.selection_count = args.selection_count.data_ptr<int32_t>();
+    params.selection_capacity = args.selection.size(2);
+    if (args.select_slot.defined()) {
+      params.select_slot = args.select_slot.data_ptr<int32_t>();
+      params.select_base = args.select_base.data_ptr<int32_t>();
+    }
+  }
   params.kv_lens = args.kv_lens.data_ptr<int32_t>();
   params.output = args.output.data;
   params.query_type = elem_type(args.query.dtype);

@@ -58,7 +58,7 @@ bool CudaBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) 
   const bool weights_ok = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16;
   const bool kv_ok = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
   switch (op) {
-    case OpKind::kSparseAttention: return false;  // TODO(#17): the block-iterator policies on CUDA
+    case OpKind::kSparseAttention: return kv_ok;  // the reference kernel; TODO(#17): tensor cores
     case OpKind::kPageSelect: return true;
     default: return weights_ok && kv_ok;
   }

@@ -747,8 +747,10 @@ class Backend:
     """
     def __init__(self, device: str = 'cpu', num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
-    def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, max_q_len: typing.SupportsInt | typing.SupportsIndex = 0, max_kv_len: typing.SupportsInt | typing.SupportsIndex = 0, repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
-        ...
+    def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, max_q_len: typing.SupportsInt | typing.SupportsIndex = 0, max_kv_len: typing.SupportsInt | typing.SupportsIndex = 0, repeat: typing.SupportsInt | typing.SupportsIndex = 1, *, window_sink: typing.Any = None, window_local: typing.Any = None, stream_ring: typing.Any = None, selection: typing.Any = None, selection_count: typing.Any = None, select_slot: typing.Any = None, select_base: typing.Any = None) -> None:
+        """
+        Paged causal GQA (ops/attention.h); kv_page_indptr/kv_page_indices may be None with stream_ring. The keywords are the sparse block-iterator policy.
+        """
     def begin_isolated(self) -> None:
         """
         Opens the per-layer region where allocation, copies and synchronisation are counted as violations.

@@ -19,13 +19,17 @@ DTYPES = {torch.float16: 0, torch.bfloat16: 1}
 PREFILL_AUTO, PREFILL_SM80, PREFILL_SM90 = 0, 1, 2
 CUDA_ERROR_NOT_SUPPORTED = 801
 
+CUDA_ERROR_INVALID_VALUE = 1
+
 _INT_FIELDS = ("dtype", "head_dim", "num_qo_heads", "num_kv_heads", "page_size", "num_pages", "num_seqs",
-               "num_tokens", "max_q_len", "max_kv_len", "sink_tokens", "local_tokens", "selected_stride",
-               "selected_block_size")
+               "num_tokens", "max_q_len", "max_kv_len", "num_slots", "capacity")
 _STRIDE_FIELDS = ("q_stride_token", "q_stride_head", "o_stride_token", "o_stride_head", "kv_stride_page",
                   "kv_stride_token", "kv_stride_head")
-_PTR_FIELDS = ("q", "o", "k_cache", "v_cache", "qo_indptr", "kv_page_indptr", "kv_page_indices", "kv_lens",
-               "streaming_heads", "selected_blocks", "num_selected")
+# The sparse policy of AttentionArgs (cpp/include/lserve/ops/attention.h), one int32 tensor each.
+SPARSE_FIELDS = ("window_sink", "window_local", "stream_ring", "selection", "selection_count", "select_slot",
+                 "select_base")
+_PTR_FIELDS = ("q", "o", "k_cache", "v_cache", "qo_indptr", "kv_page_indptr", "kv_page_indices",
+               "kv_lens") + SPARSE_FIELDS
 
 
 class AttnArgs(ctypes.Structure):
@@ -124,8 +128,11 @@ class PagedBatch:
         self.sm_scale = 1.0 / math.sqrt(head_dim)
         self.keep = []  # tensors whose pointers an AttnArgs holds
 
-    def args(self, out: torch.Tensor, streaming_heads=None, sink_tokens=0, local_tokens=0, selected=None,
-             num_selected=None, selected_block_size=0) -> AttnArgs:
+    def args(self, out: torch.Tensor, **sparse) -> AttnArgs:
+        """The C struct for this batch writing `out`; sparse: SPARSE_FIELDS as int32 tensors or lists
+        (None or absent: null)."""
+        unknown = set(sparse) - set(SPARSE_FIELDS)
+        assert not unknown, f"unknown sparse fields {unknown}"
         a = AttnArgs()
         a.dtype = DTYPES[self.dtype]
         a.head_dim, a.num_qo_heads, a.num_kv_heads = self.head_dim, self.num_qo_heads, self.num_kv_heads
@@ -141,14 +148,14 @@ class PagedBatch:
         a.k_cache, a.v_cache = self.k_cache.data_ptr(), self.v_cache.data_ptr()
         a.qo_indptr, a.kv_page_indptr = self.qo_indptr.data_ptr(), self.kv_page_indptr.data_ptr()
         a.kv_page_indices, a.kv_lens = self.kv_page_indices.data_ptr(), self.kv_lens.data_ptr()
-        if streaming_heads is not None:
-            flags = torch.tensor(streaming_heads, dtype=torch.uint8, device="cuda")
-            self.keep.append(flags)
-            a.streaming_heads, a.sink_tokens, a.local_tokens = flags.data_ptr(), sink_tokens, local_tokens
-        if selected is not None:
-            self.keep += [selected, num_selected]
-            a.selected_blocks, a.num_selected = selected.data_ptr(), num_selected.data_ptr()
-            a.selected_stride, a.selected_block_size = selected.shape[-1], selected_block_size
+        for name, value in sparse.items():
+            if value is None:
+                continue
+            tensor = torch.as_tensor(value, dtype=torch.int32).to("cuda").contiguous()
+            self.keep.append(tensor)
+            setattr(a, name, tensor.data_ptr())
+            if name == "selection":
+                a.num_slots, a.capacity = tensor.shape[0], tensor.shape[2]
         return a
 
     def poisoned_output(self) -> torch.Tensor:
@@ -163,25 +170,40 @@ class PagedBatch:
         return k, v
 
 
-def visible_mask(q_pos, k_pos, kv_head, streaming=None, sink=0, local=0, selected_blocks=None, block_size=0):
-    """(q_len, kv_len) bool: causal, Lambda for streaming heads, selected blocks for the others."""
+def visible_mask(q_pos, k_pos, seq_idx, kv_head, page_size, window_sink=None, window_local=None, selection=None,
+                 selection_count=None, select_slot=None, select_base=None):
+    """(q_len, kv_len) bool of sequence seq_idx's KV head: causal, then the sparse policy of
+    ops/attention.h. A stored selection (slot >= 0 and count >= 0) reads its positions below base
+    (up to the first one >= base) and every page from base on; otherwise a window (local > 0) keeps
+    keys k < sink or q - k < local; otherwise every key. Arguments: host int32 tensors."""
     mask = k_pos[None, :] <= q_pos[:, None]
-    if streaming is not None and streaming[kv_head]:
+    if selection_count is not None:
+        slot = int(select_slot[seq_idx]) if select_slot is not None else seq_idx
+        count = int(selection_count[slot, kv_head]) if slot >= 0 else -1
+        if count >= 0:
+            num_pages = -(-k_pos.numel() // page_size)
+            base = int(select_base[seq_idx]) if select_base is not None else num_pages
+            chosen = torch.zeros(num_pages, dtype=torch.bool)
+            for position in selection[slot, kv_head, :count].tolist():
+                if position >= base:
+                    break
+                chosen[position] = True
+            chosen[base:] = True
+            return mask & chosen.to(k_pos.device)[k_pos // page_size][None, :]
+    if window_local is not None and int(window_local[seq_idx]) > 0:
+        sink, local = int(window_sink[seq_idx]), int(window_local[seq_idx])
         mask &= (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < local)
-    elif selected_blocks is not None:
-        chosen = torch.zeros(int(k_pos.numel() + block_size - 1) // block_size + 1, dtype=torch.bool, device=k_pos.device)
-        chosen[selected_blocks.long().to(k_pos.device)] = True
-        mask &= chosen[(k_pos // block_size).long()][None, :]
     return mask
 
 
-def reference(batch: PagedBatch, lowp: bool, **mask_kwargs) -> torch.Tensor:
-    """Attention of every query row on its expanded mask. lowp=False: fp32 throughout; lowp=True:
-    the plain torch implementation in the batch dtype (scores and P rounded to it)."""
+def reference(batch: PagedBatch, lowp: bool, **sparse) -> torch.Tensor:
+    """Attention of every query row on its expanded mask (visible_mask; sparse: the fields given to
+    PagedBatch.args). lowp=False: fp32 throughout; lowp=True: the plain torch implementation in the
+    batch dtype (scores and P rounded to it)."""
     out = torch.zeros((batch.num_tokens, batch.num_qo_heads, batch.head_dim), dtype=torch.float32, device="cuda")
     group = batch.num_qo_heads // batch.num_kv_heads
-    selected = mask_kwargs.pop("selected", None)
-    num_selected = mask_kwargs.pop("num_selected", None)
+    host = {name: torch.as_tensor(value, dtype=torch.int32).cpu() for name, value in sparse.items()
+            if value is not None}
     start = 0
     for s, (q_len, kv_len) in enumerate(batch.seqs):
         k, v = batch.seq_kv(s)
@@ -189,10 +211,7 @@ def reference(batch: PagedBatch, lowp: bool, **mask_kwargs) -> torch.Tensor:
         q_pos = torch.arange(kv_len - q_len, kv_len, device="cuda")
         k_pos = torch.arange(kv_len, device="cuda")
         for h in range(batch.num_kv_heads):
-            sel = None
-            if selected is not None:
-                sel = selected[s, h, :int(num_selected[s, h])]
-            mask = visible_mask(q_pos, k_pos, h, selected_blocks=sel, **mask_kwargs)
+            mask = visible_mask(q_pos, k_pos, s, h, batch.page_size, **host)
             qh = q[:, h * group:(h + 1) * group].transpose(0, 1)  # (group, q_len, D)
             kh, vh = k[:, h], v[:, h]
             if lowp:

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from attention_lib import (CUDA_ERROR_NOT_SUPPORTED, PREFILL_AUTO, PREFILL_SM80, PREFILL_SM90,  # noqa: E402
-                           AttentionLib, PagedBatch, build_library, check_attention, reference)
+from attention_lib import (CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_SUPPORTED, PREFILL_AUTO, PREFILL_SM80,  # noqa: E402
+                           PREFILL_SM90, AttentionLib, PagedBatch, build_library, check_attention, reference)
 
 pytestmark = pytest.mark.cuda
 
@@ -83,13 +83,15 @@ def test_prefill_fp16(lib, impl):
 
 @pytest.mark.parametrize("impl", [PREFILL_SM80, PREFILL_SM90], ids=["sm80", "sm90"])
 @pytest.mark.parametrize("sink, local", [(64, 200), (0, 128), (128, 8192), (5, 1)])
-def test_prefill_streaming_heads(lib, impl, sink, local):
-    """Streaming heads (Lambda mask, token-exact) beside dense heads, against the expanded mask."""
-    batch = PagedBatch([(700, 700), (300, 1500), (5, 900), (1, 1)], 8, 4, 128, 16, torch.bfloat16, seed=sink + local)
-    sparse = dict(streaming=[1, 0, 1, 1], sink=sink, local=local)
-    out = _run_prefill(lib, batch, impl, streaming_heads=sparse["streaming"], sink_tokens=sink, local_tokens=local)
+def test_prefill_windows(lib, impl, sink, local):
+    """Per-sequence windows (Lambda mask, token-exact) beside sequences without one (window_local <= 0),
+    against the expanded mask."""
+    batch = PagedBatch([(700, 700), (300, 1500), (5, 900), (1, 1), (64, 640)], 8, 4, 128, 16, torch.bfloat16,
+                       seed=sink + local)
+    sparse = dict(window_sink=[sink, sink, sink // 2 + 3, sink, sink], window_local=[local, 0, local + 17, local, -5])
+    out = _run_prefill(lib, batch, impl, **sparse)
     check_attention(out, reference(batch, False, **sparse), reference(batch, True, **sparse), torch.bfloat16,
-                    f"streaming prefill sink {sink} local {local} impl {impl}")
+                    f"windowed prefill sink {sink} local {local} impl {impl}")
 
 
 def _run_decode(lib, batch, num_splits=None, **sparse):
@@ -133,48 +135,118 @@ def test_decode_fp16(lib):
     check_attention(out, reference(batch, False), reference(batch, True), torch.float16, "decode fp16")
 
 
-def _selection(batch, block_size, keep_fraction, seed, every=False):
-    """(num_seqs, num_kv_heads, stride) ascending block ids (newest block always) and their counts."""
+GARBAGE = 10**6  # store entries attention must never read: a page position far beyond any sequence
+
+
+def _store(batch, seed, num_slots, slots, keep_fraction=0.3, every=False):
+    """A selection store: (num_slots, num_kv_heads, capacity) ascending page positions and their
+    (num_slots, num_kv_heads) counts. Sequence s's slot slots[s] (None: the sequence has none) holds a
+    random subset of its page list (the newest page always, or every page); entries past a count and
+    slots no sequence names hold GARBAGE (counts too), which attention must never read."""
     gen = torch.Generator().manual_seed(seed)
-    num_blocks = [-(-kv // block_size) for _, kv in batch.seqs]
-    stride = max(num_blocks)
-    selected = torch.zeros((len(batch.seqs), batch.num_kv_heads, stride), dtype=torch.int32)
-    counts = torch.zeros((len(batch.seqs), batch.num_kv_heads), dtype=torch.int32)
-    for s, n in enumerate(num_blocks):
+    num_pages = [-(-kv // batch.page_size) for _, kv in batch.seqs]
+    capacity = max(num_pages) + 3
+    selection = torch.full((num_slots, batch.num_kv_heads, capacity), GARBAGE, dtype=torch.int32)
+    counts = torch.full((num_slots, batch.num_kv_heads), GARBAGE, dtype=torch.int32)
+    for s, n in enumerate(num_pages):
+        if slots[s] is None or slots[s] < 0:
+            continue
         for h in range(batch.num_kv_heads):
-            if every:
-                ids = torch.arange(n)
-            else:
-                keep = torch.rand(n, generator=gen) < keep_fraction
-                keep[n - 1] = True
-                ids = torch.nonzero(keep).flatten()
-            selected[s, h, :len(ids)] = ids.to(torch.int32)
-            counts[s, h] = len(ids)
-    return selected.cuda(), counts.cuda()
+            keep = torch.ones(n, dtype=torch.bool) if every else torch.rand(n, generator=gen) < keep_fraction
+            keep[n - 1] = True
+            ids = torch.nonzero(keep).flatten()
+            selection[slots[s], h, :len(ids)] = ids.to(torch.int32)
+            counts[slots[s], h] = len(ids)
+    return selection, counts
 
 
-@pytest.mark.parametrize("block_size", [16, 64, 128])
-def test_decode_selected_and_streaming(lib, block_size):
-    """Dense heads read only selected blocks, streaming heads sink + local; expanded-mask reference."""
-    batch = PagedBatch([(1, 5000), (1, 70), (2, 2500)], 16, 4, 128, 16, torch.bfloat16, seed=block_size)
-    selected, counts = _selection(batch, block_size, 0.3, seed=block_size)
-    streaming = [0, 1, 0, 1]
-    out = _run_decode(lib, batch, None, streaming_heads=streaming, sink_tokens=128, local_tokens=256,
-                      selected=selected, num_selected=counts, selected_block_size=block_size)
-    mask = dict(streaming=streaming, sink=128, local=256, selected=selected.cpu(), num_selected=counts.cpu(),
-                block_size=block_size)
-    check_attention(out, reference(batch, False, **dict(mask)), reference(batch, True, **dict(mask)), torch.bfloat16,
-                    f"decode selected blocks of {block_size}")
+@pytest.mark.parametrize("page_size", [16, 64, 128])
+def test_decode_selection_and_windows(lib, page_size):
+    """The sparse decode policy on every backend's vocabulary (ops/attention.h), against the expanded
+    mask: a store with more slots than sequences; stored positions below base plus the pages from base
+    on (also stored positions >= base, which must be ignored); "dense" (slot < 0) and "no selection"
+    (count < 0) sequences and heads falling back to their window or to every page; a selected head of a
+    windowed sequence reading its selection, not its window; a count of 0 reading only the new pages.
+    Pages of 16 put 4 pages in a 64-key tile, 128 spread a page over 2 tiles."""
+    seqs = [(1, 5000), (1, 70), (2, 2500), (1, 3000), (1, 1), (1, 1000)]
+    batch = PagedBatch(seqs, 16, 4, 128, page_size, torch.bfloat16, seed=page_size)
+    num_pages = [-(-kv // page_size) for _, kv in seqs]
+    slots = [5, 0, 3, -1, 2, 7]
+    selection, counts = _store(batch, page_size, num_slots=9, slots=slots)
+    counts[5, 1] = -1  # sequence 0, KV head 1: no selection (its window applies)
+    counts[7, 2] = -1  # sequence 5, KV head 2: no selection (no window: every page)
+    counts[0, 3] = 0   # sequence 1, KV head 3: nothing stored, only the pages from base on
+    bases = [num_pages[0] - 2, max(num_pages[1] - 1, 0), num_pages[2], 0, 0, num_pages[5] // 2]
+    sparse = dict(selection=selection, selection_count=counts, select_slot=slots, select_base=bases,
+                  window_sink=[64, 0, 64, 32, 0, 0], window_local=[300, 0, 100, 500, 0, 0])
+    out = _run_decode(lib, batch, None, **sparse)
+    check_attention(out, reference(batch, False, **sparse), reference(batch, True, **sparse), torch.bfloat16,
+                    f"decode selection and windows, pages of {page_size}")
+    split = _run_decode(lib, batch, 7, **sparse)
+    check_attention(split, reference(batch, False, **sparse), reference(batch, True, **sparse), torch.bfloat16,
+                    f"decode selection and windows, pages of {page_size}, 7 splits")
 
 
-def test_decode_every_block_selected_matches_dense(lib):
+def test_decode_selection_one_row_per_sequence(lib):
+    """Without select_slot/select_base: slot s, base = the page count (only stored positions)."""
+    batch = PagedBatch([(1, 4000), (1, 33), (1, 640)], 32, 8, 128, 16, torch.bfloat16, seed=12)
+    selection, counts = _store(batch, 12, num_slots=3, slots=[0, 1, 2], keep_fraction=0.2)
+    sparse = dict(selection=selection, selection_count=counts)
+    out = _run_decode(lib, batch, None, **sparse)
+    check_attention(out, reference(batch, False, **sparse), reference(batch, True, **sparse), torch.bfloat16,
+                    "decode selection, one store row per sequence")
+
+
+def test_decode_every_page_selected_matches_dense(lib):
+    """Every page selected, "dense" (select_slot < 0) and "no selection" (count < 0) all read every page."""
     batch = PagedBatch([(1, 4000), (1, 33)], 32, 8, 128, 16, torch.bfloat16, seed=11)
-    selected, counts = _selection(batch, 64, 1.0, seed=0, every=True)
     dense = _run_decode(lib, batch)
-    sparse = _run_decode(lib, batch, None, selected=selected, num_selected=counts, selected_block_size=64)
     ref = reference(batch, False)
-    check_attention(sparse, ref, reference(batch, True), torch.bfloat16, "every block selected")
-    assert (sparse.float() - dense.float()).abs().max() <= 2 * (dense.float() - ref).abs().max() + 1e-3
+    bound = 2 * (dense.float() - ref).abs().max() + 1e-3
+    selection, counts = _store(batch, 0, num_slots=2, slots=[0, 1], every=True)
+    num_pages = [-(-kv // 16) for _, kv in batch.seqs]
+    variants = {
+        "every page selected": dict(selection=selection, selection_count=counts),
+        "dense slots": dict(selection=selection, selection_count=counts, select_slot=[-1, -1], select_base=num_pages),
+        "no selection": dict(selection=selection, selection_count=torch.full_like(counts, -1)),
+    }
+    for what, sparse in variants.items():
+        out = _run_decode(lib, batch, None, **sparse)
+        check_attention(out, ref, reference(batch, True), torch.bfloat16, what)
+        err = (out.float() - dense.float()).abs().max()
+        assert err <= bound, f"{what}: differs from the dense kernel by {err:.3e} > {bound:.3e}"
+
+
+def _launch_code(lib, batch, prefill, **sparse):
+    out = batch.poisoned_output()
+    args = batch.args(out, **sparse)
+    code = lib.prefill(args, PREFILL_SM80) if prefill else lib.decode(args, 1, None)
+    torch.cuda.synchronize()
+    return code, out
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_sparsity_refused(lib, prefill):
+    """What the launchers cannot honour they refuse (cudaErrorInvalidValue) and write nothing: the stream
+    ring (TODO(#17)), a store at prefill, and the fields AttentionArgs pairs given alone."""
+    batch = PagedBatch([(1, 300), (1, 70)], 8, 2, 128, 16, torch.bfloat16, seed=13)
+    selection, counts = _store(batch, 13, num_slots=2, slots=[0, 1])
+    cases = {
+        "stream_ring": dict(stream_ring=[[0, 1, 2, 4], [6, 1, 8, 4]]),
+        "window_sink alone": dict(window_sink=[4, 4]),
+        "window_local alone": dict(window_local=[64, 64]),
+        "selection_count alone": dict(selection_count=counts),
+        "select_slot without select_base": dict(selection=selection, selection_count=counts, select_slot=[0, 1]),
+        "select_slot without a store": dict(select_slot=[0, 1], select_base=[1, 1]),
+        "a store of 3 rows for 2 sequences without select_slot": dict(
+            selection=torch.cat([selection, selection[:1]]), selection_count=torch.cat([counts, counts[:1]])),
+    }
+    if prefill:
+        cases["a store at prefill"] = dict(selection=selection, selection_count=counts)
+    for what, sparse in cases.items():
+        code, out = _launch_code(lib, batch, prefill, **sparse)
+        assert code == CUDA_ERROR_INVALID_VALUE, f"{what}: launcher returned {code} ({lib.error(code)})"
+        assert out.isnan().all(), f"{what}: refused, yet the output was written"
 
 
 def test_decode_rejects_too_many_rows(lib):

@@ -9,6 +9,11 @@
 // block merges the 4 partial states through shared memory. The query row finds its sequence by a
 // binary search over qo_indptr. KV reads are not shared across a GQA group or across rows (they
 // hit L2): O(q_len * kv_len) traffic per head, fine for tests and short contexts.
+//
+// The sparse block-iterator policy of ops/attention.h, all of it: per-sequence Lambda windows,
+// stream rings (pages computed from (sink base, sinks, ring base, ring length)) and the selection
+// store read through select_slot / select_base. A key the policy hides is never loaded (its slot is
+// -1), so pages outside a sequence's selection or window are not read.
 #pragma once
 
 #include "lserve/cuda/common/math.cuh"
@@ -35,6 +40,42 @@ struct AttentionReferenceParams {
   int64_t q_stride_token = 0, q_stride_head = 0;
   int64_t o_stride_token = 0, o_stride_head = 0;
   float sm_scale = 1.0f;
+  // Sparse policy (ops/attention.h); null = absent.
+  const int32_t* window_sink = nullptr;      // (num_seqs,)
+  const int32_t* window_local = nullptr;     // (num_seqs,), <= 0: no window
+  const int32_t* stream_ring = nullptr;      // (num_seqs, 4): replaces the page list
+  const int32_t* selection = nullptr;        // (num_slots, num_kv_heads, capacity)
+  const int32_t* selection_count = nullptr;  // (num_slots, num_kv_heads), < 0: every page
+  const int32_t* select_slot = nullptr;      // (num_seqs,), < 0: every page; null: slot = sequence
+  const int32_t* select_base = nullptr;      // (num_seqs,); null: the sequence's page count
+  int64_t selection_capacity = 0;
+};
+
+// Which keys a (sequence, KV head) may read, and where they live.
+struct ReferenceKeyPolicy {
+  const int32_t* pages = nullptr;  // the page list, or null with a ring
+  int32_t ring[4] = {0, 0, 0, 1};
+  int64_t page_size = 1, sink = 0, local = 0;
+  const int32_t* listed = nullptr;  // stored positions (ascending), or null: every page
+  int64_t num_listed = 0, base = 0;
+
+  __device__ int64_t page_of(int64_t lp) const {
+    if (pages != nullptr) return pages[lp];
+    return lp < ring[1] ? ring[0] + lp : ring[2] + (lp - ring[1]) % ring[3];
+  }
+  // Key at `key` for a query at `pos` (key <= pos already).
+  __device__ bool visible(int64_t key, int64_t pos) const {
+    if (local > 0 && !(key < sink || key > pos - local)) return false;
+    if (listed == nullptr) return true;
+    const int64_t lp = key / page_size;
+    if (lp >= base) return true;
+    int64_t lo = 0, hi = num_listed;  // binary search among the stored positions below the base
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (listed[mid] < lp) lo = mid + 1; else hi = mid;
+    }
+    return lo < num_listed && listed[lo] == lp;
+  }
 };
 
 constexpr int kAttentionReferenceWarps = 4;
@@ -67,8 +108,31 @@ __global__ void __launch_bounds__(kAttentionReferenceWarps * 32)
   const int64_t kv_len = params.kv_lens[seq];
   int64_t num_keys = kv_len - q_len + (row - q_start) + 1;  // causal: keys at positions <= the row's
   num_keys = num_keys < 0 ? 0 : (num_keys > kv_len ? kv_len : num_keys);
-  const int32_t* pages = params.kv_page_indices + params.kv_page_indptr[seq];
   const int64_t kv_head = head / (params.num_qo_heads / params.num_kv_heads);
+  ReferenceKeyPolicy policy;
+  policy.page_size = params.page_size;
+  if (params.stream_ring != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) policy.ring[i] = params.stream_ring[4 * seq + i];
+  } else {
+    policy.pages = params.kv_page_indices + params.kv_page_indptr[seq];
+  }
+  if (params.window_local != nullptr) {
+    policy.sink = params.window_sink[seq];
+    policy.local = params.window_local[seq];
+  }
+  if (params.selection_count != nullptr) {
+    const int64_t slot = params.select_slot != nullptr ? params.select_slot[seq] : seq;
+    const int64_t count = slot >= 0 ? params.selection_count[slot * params.num_kv_heads + kv_head] : -1;
+    if (count >= 0) {
+      policy.listed = params.selection + (slot * params.num_kv_heads + kv_head) * params.selection_capacity;
+      policy.base = params.select_base != nullptr ? params.select_base[seq]
+                                                  : (kv_len + params.page_size - 1) / params.page_size;
+      policy.num_listed = 0;  // the stored positions below the base (ascending)
+      while (policy.num_listed < count && policy.listed[policy.num_listed] < policy.base) ++policy.num_listed;
+    }
+  }
+  const int64_t pos = kv_len - q_len + (row - q_start);
   const int64_t slot_width = params.num_kv_heads * head_dim;
   const KV* k_base = static_cast<const KV*>(params.k_cache) + kv_head * head_dim;
   const KV* v_base = static_cast<const KV*>(params.v_cache) + kv_head * head_dim;
@@ -91,8 +155,9 @@ __global__ void __launch_bounds__(kAttentionReferenceWarps * 32)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t key = first + u;
-      slot[u] = key < num_keys ? int64_t(pages[key / params.page_size]) * params.page_size + key % params.page_size
-                               : -1;
+      slot[u] = key < num_keys && policy.visible(key, pos)
+                    ? policy.page_of(key / params.page_size) * params.page_size + key % params.page_size
+                    : -1;
       float partial = 0.0f;
       if (slot[u] >= 0) {
         const KV* k = k_base + slot[u] * slot_width;
@@ -152,7 +217,7 @@ __global__ void __launch_bounds__(kAttentionReferenceWarps * 32)
     for (int w = 0; w < kWarps; ++w) {
       if (shared.sum[w] > 0.0f) value += shared.acc[w][d] * expf(shared.max[w] - total_max);
     }
-    store_from_float(params.output, params.output_type, o_offset + d, value / total_sum);
+    store_from_float(params.output, params.output_type, o_offset + d, total_sum > 0.0f ? value / total_sum : 0.0f);
   }
 }
 

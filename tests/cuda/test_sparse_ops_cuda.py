@@ -1,0 +1,166 @@
+"""The sparse-attention vocabulary on CUDA against the CPU backend on the same Args (outputs poisoned
+first): attention with per-sequence Lambda windows, stream rings that have wrapped, and the page
+selector's store read through select_slot / select_base (dense rows, slots never selected, pages made
+since the base); rope_kv_append's mirror slot mapping (a streaming head's decode ring filled while
+prefilling through its prefill ring)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cuda_testing import as_f32, ints, on_gpu, on_host, poisoned, randn
+from lserve_testing import assert_close_fp32, assert_exact
+
+pytestmark = pytest.mark.cuda
+
+
+def _rounded(array, dtype):
+    import torch
+
+    return torch.from_numpy(array).to(getattr(torch, dtype)).float().numpy() if dtype != "float32" else array
+
+
+def _case(seed, seqs, page_size, num_qo_heads, num_kv_heads, head_dim):
+    rng = np.random.default_rng(seed)
+    pages_per_seq = [math.ceil(kv / page_size) for _, kv in seqs]
+    num_pages = sum(pages_per_seq) + 3
+    order = rng.permutation(num_pages).astype(np.int32)
+    return dict(
+        page_indptr=np.concatenate([[0], np.cumsum(pages_per_seq)]).astype(np.int32),
+        page_indices=order[:sum(pages_per_seq)].copy(),
+        qo_indptr=np.concatenate([[0], np.cumsum([q for q, _ in seqs])]).astype(np.int32),
+        kv_lens=np.array([kv for _, kv in seqs], np.int32),
+        k_cache=randn((num_pages, page_size, num_kv_heads, head_dim), seed + 1),
+        v_cache=randn((num_pages, page_size, num_kv_heads, head_dim), seed + 2),
+        query=randn((sum(q for q, _ in seqs), num_qo_heads, head_dim), seed + 3),
+        pages_per_seq=pages_per_seq)
+
+
+def _both(cuda_backend, cpu_backend, c, cache_dtype, page_lists=True, **policy):
+    """Runs the CUDA backend (float32 query and output, cache in cache_dtype) and the CPU backend on
+    the same values; returns (cuda, cpu) outputs as float32 arrays."""
+    k_cache, v_cache = _rounded(c["k_cache"], cache_dtype), _rounded(c["v_cache"], cache_dtype)
+    scale = 1.0 / math.sqrt(c["query"].shape[2])
+    out = poisoned(c["query"].shape, "float32")
+    gpu_policy = {name: ints(value) for name, value in policy.items()}
+    indptr = ints(c["page_indptr"]) if page_lists else None
+    indices = ints(c["page_indices"]) if page_lists else None
+    cuda_backend.attention(on_gpu(c["query"]), on_gpu(k_cache, cache_dtype), on_gpu(v_cache, cache_dtype),
+                           ints(c["qo_indptr"]), indptr, indices, ints(c["kv_lens"]), out, scale, **gpu_policy)
+    expected = np.full(c["query"].shape, np.nan, np.float32)
+    cpu_backend.attention(c["query"], k_cache, v_cache, c["qo_indptr"], c["page_indptr"] if page_lists else None,
+                          c["page_indices"] if page_lists else None, c["kv_lens"], expected, scale, **policy)
+    return as_f32(out), expected
+
+
+SEQS = [(1, 1), (17, 17), (40, 100), (1, 161), (33, 70), (1, 64), (16, 129)]
+
+
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 64)])
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_lambda_windows_per_sequence(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim, cache_dtype):
+    c = _case(head_dim + num_qo_heads, SEQS, 16, num_qo_heads, num_kv_heads, head_dim)
+    sink = np.array([0, 4, 16, 7, 0, 32, 3], np.int32)
+    local = np.array([8, 16, 0, 33, 1, 24, 64], np.int32)  # 0: no window for that sequence
+    got, want = _both(cuda_backend, cpu_backend, c, cache_dtype, window_sink=sink, window_local=local)
+    assert_close_fp32(got, want, what=f"Lambda windows gqa {num_qo_heads // num_kv_heads} d{head_dim} {cache_dtype}")
+
+
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(8, 2, 64), (4, 4, 128)])
+def test_selection_store(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim):
+    seqs = [(1, 161), (1, 100), (1, 47), (1, 130), (2, 90), (1, 64)]
+    c = _case(5 + head_dim, seqs, 16, num_qo_heads, num_kv_heads, head_dim)
+    rng = np.random.default_rng(9)
+    num_slots, capacity = 8, 5
+    selection = np.full((num_slots, num_kv_heads, capacity), 999, np.int32)
+    counts = np.full((num_slots, num_kv_heads), -1, np.int32)  # slot 6: never selected (every page)
+    select_slot = np.array([5, 2, -1, 0, 6, 1], np.int32)       # sequence 2 dense
+    pages = c["pages_per_seq"]
+    select_base = np.array([pages[0], 4, pages[2], 6, pages[4], pages[5]], np.int32)
+    for s in (0, 1, 3, 5):
+        slot, base = select_slot[s], select_base[s]
+        for kh in range(num_kv_heads):
+            chosen = sorted(set(rng.choice(base - 1, size=min(2, base - 1), replace=False).tolist()) | {base - 1})
+            stored = chosen + [p for p in (base, base + 1) if p < pages[s]][:capacity - len(chosen)]
+            selection[slot, kh, :len(stored)] = stored
+            counts[slot, kh] = len(stored)
+    got, want = _both(cuda_backend, cpu_backend, c, "float32", selection=selection, selection_count=counts,
+                      select_slot=select_slot, select_base=select_base)
+    assert_close_fp32(got, want, what=f"selection store gqa {num_qo_heads // num_kv_heads} d{head_dim}")
+
+
+@pytest.mark.parametrize("num_sink_pages, local", [(1, 24), (2, 40), (0, 17)])
+def test_stream_ring(cuda_backend, cpu_backend, num_sink_pages, local):
+    """Rings that have wrapped: keys laid out by (sink base, sinks, ring base, ring) arithmetic."""
+    page_size, num_qo_heads, num_kv_heads, head_dim = 16, 8, 2, 64
+    seqs = [(1, 200), (9, 75), (1, 33), (4, 120)]
+    c = _case(11 + local, seqs, page_size, num_qo_heads, num_kv_heads, head_dim)
+    rings, total = [], 0
+    for q_len, _ in seqs:
+        num_ring = math.ceil((local + q_len - 1) / page_size) + 1
+        rings.append((total, num_sink_pages, total + num_sink_pages, num_ring))
+        total += num_sink_pages + num_ring
+    ring_k = np.full((total, page_size, num_kv_heads, head_dim), np.nan, np.float32)
+    ring_v = ring_k.copy()
+    for s, (_, kv_len) in enumerate(seqs):
+        pages = c["page_indices"][c["page_indptr"][s]:c["page_indptr"][s + 1]]
+        sink_base, num_sink, ring_base, num_ring = rings[s]
+        for t in range(kv_len):
+            lp = t // page_size
+            dst = sink_base + lp if lp < num_sink else ring_base + (lp - num_sink) % num_ring
+            ring_k[dst, t % page_size] = c["k_cache"][pages[lp], t % page_size]
+            ring_v[dst, t % page_size] = c["v_cache"][pages[lp], t % page_size]
+    c["k_cache"], c["v_cache"] = ring_k, ring_v
+    sink = np.full(len(seqs), num_sink_pages * page_size, np.int32)
+    local_arr = np.full(len(seqs), local, np.int32)
+    got, want = _both(cuda_backend, cpu_backend, c, "float32", page_lists=False, window_sink=sink,
+                      window_local=local_arr, stream_ring=np.array(rings, np.int32))
+    assert np.isfinite(want).all()
+    assert_close_fp32(got, want, what=f"stream ring sinks {num_sink_pages} local {local}")
+
+
+@pytest.mark.parametrize("act_dtype, cache_dtype", [("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_rope_kv_append_mirror(cuda_backend, cpu_backend, act_dtype, cache_dtype):
+    num_tokens, num_qo_heads, num_kv_heads, head_dim, page_size, num_pages = 37, 8, 2, 64, 16, 12
+    rng = np.random.default_rng(4)
+    q_width, kv_width = num_qo_heads * head_dim, num_kv_heads * head_dim
+    qkv = _rounded(randn((num_tokens, q_width + 2 * kv_width), 4), act_dtype)
+    angles = rng.uniform(-np.pi, np.pi, size=(64, head_dim // 2))
+    table = np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    positions = rng.integers(0, 64, size=num_tokens).astype(np.int32)
+    slots_all = rng.permutation(num_pages * page_size).astype(np.int64)
+    slots, mirror = slots_all[:num_tokens].copy(), slots_all[num_tokens:2 * num_tokens].copy()
+    slots[::5] = -1
+    mirror[: num_tokens // 2] = -1  # only the chunk's last tokens are mirrored
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+
+    def split(buffer):
+        return (buffer[:, :q_width].reshape(num_tokens, num_qo_heads, head_dim),
+                buffer[:, q_width:q_width + kv_width].reshape(num_tokens, num_kv_heads, head_dim),
+                buffer[:, q_width + kv_width:].reshape(num_tokens, num_kv_heads, head_dim))
+
+    qkv_gpu = on_gpu(qkv, act_dtype)
+    k_gpu, v_gpu = poisoned(shape, cache_dtype), poisoned(shape, cache_dtype)
+    q, k, v = split(qkv_gpu)
+    cuda_backend.rope_kv_append(q, k, v, ints(positions), on_gpu(table), k_gpu, v_gpu, ints(slots),
+                                mirror_slot_mapping=ints(mirror))
+    qkv_cpu = qkv.copy()
+    k_cpu, v_cpu = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    q, k, v = split(qkv_cpu)
+    cpu_backend.rope_kv_append(q, k, v, positions, table, k_cpu, v_cpu, slots, mirror_slot_mapping=mirror)
+    written = np.zeros(num_pages * page_size, bool)
+    written[slots[slots >= 0]] = True
+    written[mirror[mirror >= 0]] = True
+    for name, gpu, cpu in (("k", k_gpu, k_cpu), ("v", v_gpu, v_cpu)):
+        gpu_flat, cpu_flat = as_f32(gpu).reshape(num_pages * page_size, -1), cpu.reshape(num_pages * page_size, -1)
+        assert np.isnan(gpu_flat[~written]).all(), f"{name}: slots outside both mappings were written"
+        if cache_dtype == "float32" and act_dtype == "float32":
+            assert_close_fp32(gpu_flat[written], cpu_flat[written], what=f"mirror {name}_cache")
+        else:
+            cpu_rounded = _rounded(cpu_flat[written], cache_dtype)
+            assert np.abs(gpu_flat[written] - cpu_rounded).max() <= 2e-2 * max(1.0, np.abs(cpu_rounded).max())
+        # The mirror slot holds exactly what the primary slot of the same token holds.
+        both = (slots >= 0) & (mirror >= 0)
+        assert_exact(gpu_flat[mirror[both]], gpu_flat[slots[both]], what=f"{name}: mirror == primary")
