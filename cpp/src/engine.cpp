@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "lserve/packed_upload.h"
 
@@ -33,10 +35,13 @@ Engine::Engine(const ModelConfig& model_config, const EngineConfig& config) : co
   config_.sparsity.validate(checked.num_layers, checked.num_kv_heads);
   if (config_.sparsity.enabled) config_.page_size = config_.sparsity.physical_page_size;
   backend_ = make_backend(config_.device, config_.num_threads);
-  LSERVE_CHECK(!config_.sparsity.enabled || backend_->device().type == DeviceType::kCPU,
+  // TODO(#17): sparse attention on CUDA runs its attention on the reference kernel and is not yet
+  // verified end to end on a device; LSERVE_EXPERIMENTAL_CUDA_SPARSITY=1 lets the device suite run it.
+  const char* experimental = std::getenv("LSERVE_EXPERIMENTAL_CUDA_SPARSITY");
+  const bool allow_device_sparsity = experimental != nullptr && std::string(experimental) == "1";
+  LSERVE_CHECK(!config_.sparsity.enabled || backend_->device().type == DeviceType::kCPU || allow_device_sparsity,
                "sparse attention runs on the CPU backend only for now: the ", backend_->name(),
-               " backend has no page selection or streaming-head kernels yet (use sparsity='dense' on ",
-               config_.device, ")");
+               " backend's sparse kernels are not verified yet (use sparsity='dense' on ", config_.device, ")");
   model_ = std::make_unique<LlamaModel>(checked, *backend_, dtype_from_string(config_.dtype), config_.max_model_len);
   model_->set_sparsity(config_.sparsity);
   eos_token_ids_ = config_.eos_token_ids;
