@@ -321,3 +321,20 @@ def test_max_num_seqs_decode_at_once(tiny):
     assert engine._core.stats().num_stream_slots == 6
     _, _, max_running = _run_many(engine, prompts, 30)
     assert max_running == 6
+
+
+def test_dense_below_tokens_runs_dense_then_switches_to_the_decode_ring(tiny):
+    """Contexts shorter than dense_below_tokens decode with the prefill windows and every page (the
+    sequence keeps its prefill ring meanwhile); past it the streaming heads read the decode ring that
+    the mirror kept current, and the dense heads select pages."""
+    ids = _prompt(120, seed=31)
+    wide_prefill = dict(prefill_local_tokens=1024, prefill_sink_tokens=8)
+    dense_tokens, dense_logits = _run(_engine(tiny, None), ids, 60)
+    engine = _engine(tiny, _config(dense_below_tokens=150, **wide_prefill))
+    sparse_tokens, sparse_logits = _run(engine, ids, 60)
+    # Decode steps at contexts 121 .. 149 tokens (logits rows 1 .. 29) run dense: equal to dense lserve.
+    assert_rel_close(sparse_logits[:30], dense_logits[:30], 1e-5, what="below dense_below_tokens vs dense")
+    assert np.isfinite(sparse_logits).all()
+    assert np.abs(sparse_logits[40:] - dense_logits[40:]).max() > 1e-3, "sparsity never started"
+    stats = engine._core.stats()
+    assert stats.isolation_violations == 0 and stats.num_free_prefill_rings == stats.num_prefill_rings
