@@ -22,7 +22,8 @@ bool sparsity_ok(const AttentionParams& p) {
   const KvBlockSparsity& sp = p.sparsity;
   if ((sp.window_sink != nullptr) != (sp.window_local != nullptr)) return false;
   if (sp.selection != nullptr && sp.selection_count == nullptr) return false;
-  if (sp.selection == nullptr && sp.selection_count != nullptr && sp.capacity != 0) return false;  // empty store: no pointer
+  // selection and selection_count come together; a store of capacity 0 may have no pointer.
+  if (sp.selection == nullptr && sp.selection_count != nullptr && sp.capacity != 0) return false;
   if ((sp.select_slot != nullptr) != (sp.select_base != nullptr)) return false;
   if (sp.select_slot != nullptr && !sp.has_selection()) return false;
   if (sp.has_selection()) {

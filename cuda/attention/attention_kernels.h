@@ -16,17 +16,20 @@ namespace lserve::cuda {
 
 enum class AttnDType : int32_t { kF16 = 0, kBF16 = 1 };
 
-// Which KV tiles each (query tile, KV head) visits: AttentionArgs' sparse policy
-// (cpp/include/lserve/ops/attention.h), field for field, same names and meanings. Everything null =
-// dense causal. Per (sequence s, KV head g), the first rule that applies:
+// Which KV tiles each (query tile, KV head) visits and which keys in them are visible:
+// AttentionArgs' sparse policy (cpp/include/lserve/ops/attention.h), field for field, same names and
+// meanings; the reference is cpp/src/cpu/attention.cpp. Everything null = dense causal.
+// Tiles walked per (sequence s, KV head g), the first rule that applies:
 //  1. selection: with a store, sequence s reads slot select_slot[s] (null: slot s). If the slot is
 //     >= 0 ("dense" otherwise) and its selection_count[slot, g] is >= 0 ("no selection" otherwise),
-//     g reads the stored positions (in the sequence's page list, ascending) that are < base =
+//     g walks the stored positions (in the sequence's page list, ascending) that are < base =
 //     select_base[s] (null: the page count), then every position in [base, ceil(kv_len / page_size)):
 //     the pages made since the selection. Decode only (attention_prefill refuses a store).
-//  2. window: window_local[s] > 0 gives the Lambda mask, token-exact: key k is visible from query q
-//     iff k <= q and (k < window_sink[s] or q - k < window_local[s]); tiles wholly outside are skipped.
+//  2. window: window_local[s] > 0: the sink tiles and the local window; tiles wholly outside the
+//     Lambda are skipped.
 //  3. every causal tile ("dense" and "no selection" read every page, never nothing).
+// Visible keys: k <= q, and for a windowed sequence (window_local[s] > 0) the Lambda mask, token-exact:
+// k < window_sink[s] or q - k < window_local[s], in whatever tiles are walked (with rule 1 too).
 // Device guards where the CPU reference raises (no host readback): a slot >= num_slots is taken as
 // dense; a count above capacity reads capacity entries; base is clamped to [0, page count]; a
 // negative stored position reads nothing. With stored positions not ascending (the contract broken)

@@ -40,39 +40,44 @@ struct DenseCausalBlocks {
 // The sparse policy of KvBlockSparsity (attention_kernels.h), per sequence: a (sequence, KV head)
 // with a stored selection (decode only: kAllowSelected) walks the pages at its stored positions below
 // base, then the pages from base on, page_size keys each, kBlockN keys to a tile (a tile may span
-// several pages; a page longer than kBlockN spans several tiles); a windowed sequence walks the sink
-// tiles and the local window (Lambda shape, masked token-exactly); any other, every causal tile.
+// several pages; a page longer than kBlockN spans several tiles); otherwise a windowed sequence walks
+// the sink tiles and the local window; any other, every causal tile. A windowed sequence's keys are
+// masked token-exactly to its Lambda in whatever tiles it walks (with a selection: the intersection).
 template <int kBlockN, bool kAllowSelected>
 struct SparseBlocks {
   static constexpr bool contiguous = !kAllowSelected;
-  static constexpr int kDense = 0, kWindow = 1, kSelected = 2;
+  static constexpr int kDense = 0, kWindow = 1, kSelected = 2;  // which tiles are walked
   int mode;
+  bool windowed;                                    // the Lambda mask applies
   int q_first, q_last, kv_len;
-  int sink, local;                                  // kWindow: the sequence's window
+  int sink, local;                                  // windowed: the sequence's window
   int num_sink_tiles, first_local_tile, num_tiles_;
   const int32_t* listed;  // kSelected: (num_listed,) the (slot, KV head)'s stored positions below base
   int num_listed, base, page_size;
 
   __device__ SparseBlocks(const KvBlockSparsity& sp, int num_kv_heads, int seq_idx, int kv_head_idx,
                           int q_first_, int q_last_, int kv_len_)
-      : mode(kDense), q_first(q_first_), q_last(q_last_), kv_len(kv_len_), sink(0), local(0),
+      : mode(kDense), windowed(false), q_first(q_first_), q_last(q_last_), kv_len(kv_len_), sink(0), local(0),
         num_sink_tiles(0), first_local_tile(0), listed(nullptr), num_listed(0), base(0), page_size(1) {
     const int last_tile = q_last / kBlockN;
     num_tiles_ = last_tile + 1;
+    if (sp.window_local != nullptr && sp.window_local[seq_idx] > 0) {
+      windowed = true;
+      sink = min(max(sp.window_sink[seq_idx], 0), kv_len);  // a negative sink is none; beyond kv_len, all
+      local = sp.window_local[seq_idx];
+    }
     if constexpr (kAllowSelected) {
       if (read_selection(sp, num_kv_heads, seq_idx, kv_head_idx)) return;
     }
-    if (sp.window_local != nullptr && sp.window_local[seq_idx] > 0) {
+    if (windowed) {
       mode = kWindow;
-      sink = min(max(sp.window_sink[seq_idx], 0), kv_len);  // a negative sink is none; beyond kv_len, all
-      local = sp.window_local[seq_idx];
       num_sink_tiles = min((sink + kBlockN - 1) / kBlockN, last_tile + 1);
       first_local_tile = max(num_sink_tiles, max(q_first - local + 1, 0) / kBlockN);
       num_tiles_ = num_sink_tiles + (last_tile - first_local_tile + 1);
     }
   }
 
-  // Rule 1 of KvBlockSparsity: true when this (sequence, KV head) reads a stored selection.
+  // Tiles rule 1 of KvBlockSparsity: true when this (sequence, KV head) reads a stored selection.
   __device__ bool read_selection(const KvBlockSparsity& sp, int num_kv_heads, int seq_idx, int kv_head_idx) {
     if (sp.selection_count == nullptr) return false;
     const int slot = sp.select_slot != nullptr ? sp.select_slot[seq_idx] : seq_idx;
@@ -123,7 +128,7 @@ struct SparseBlocks {
     return mode == kWindow && t0 + kBlockN - 1 >= sink && t0 <= q_last - local;  // window edge
   }
   __device__ bool visible(int q, int k) const {
-    return k <= q && (mode != kWindow || k < sink || q - k < local);
+    return k <= q && (!windowed || k < sink || q - k < local);
   }
 };
 

@@ -172,10 +172,11 @@ class PagedBatch:
 
 def visible_mask(q_pos, k_pos, seq_idx, kv_head, page_size, window_sink=None, window_local=None, selection=None,
                  selection_count=None, select_slot=None, select_base=None):
-    """(q_len, kv_len) bool of sequence seq_idx's KV head: causal, then the sparse policy of
-    ops/attention.h. A stored selection (slot >= 0 and count >= 0) reads its positions below base
-    (up to the first one >= base) and every page from base on; otherwise a window (local > 0) keeps
-    keys k < sink or q - k < local; otherwise every key. Arguments: host int32 tensors."""
+    """(q_len, kv_len) bool of sequence seq_idx's KV head: causal, and the sparse policy of
+    ops/attention.h (as cpp/src/cpu/attention.cpp applies it). A stored selection (slot >= 0 and
+    count >= 0) keeps its positions below base (up to the first one >= base) and every page from base
+    on; a window (local > 0) keeps keys k < sink or q - k < local; with both, keys both keep.
+    Arguments: host int32 tensors."""
     mask = k_pos[None, :] <= q_pos[:, None]
     if selection_count is not None:
         slot = int(select_slot[seq_idx]) if select_slot is not None else seq_idx
@@ -189,7 +190,7 @@ def visible_mask(q_pos, k_pos, seq_idx, kv_head, page_size, window_sink=None, wi
                     break
                 chosen[position] = True
             chosen[base:] = True
-            return mask & chosen.to(k_pos.device)[k_pos // page_size][None, :]
+            mask &= chosen.to(k_pos.device)[k_pos // page_size][None, :]
     if window_local is not None and int(window_local[seq_idx]) > 0:
         sink, local = int(window_sink[seq_idx]), int(window_local[seq_idx])
         mask &= (k_pos[None, :] < sink) | (q_pos[:, None] - k_pos[None, :] < local)

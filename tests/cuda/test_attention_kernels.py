@@ -166,8 +166,9 @@ def test_decode_selection_and_windows(lib, page_size):
     mask: a store with more slots than sequences; stored positions below base plus the pages from base
     on (also stored positions >= base, which must be ignored); "dense" (slot < 0) and "no selection"
     (count < 0) sequences and heads falling back to their window or to every page; a selected head of a
-    windowed sequence reading its selection, not its window; a count of 0 reading only the new pages.
-    Pages of 16 put 4 pages in a 64-key tile, 128 spread a page over 2 tiles."""
+    windowed sequence reading its selection under its window's Lambda mask (the intersection, as the
+    CPU reference does); a count of 0 reading only the new pages. Pages of 16 put 4 pages in a 64-key
+    tile, 128 spread a page over 2 tiles."""
     seqs = [(1, 5000), (1, 70), (2, 2500), (1, 3000), (1, 1), (1, 1000)]
     batch = PagedBatch(seqs, 16, 4, 128, page_size, torch.bfloat16, seed=page_size)
     num_pages = [-(-kv // page_size) for _, kv in seqs]
@@ -235,7 +236,7 @@ def test_sparsity_refused(lib, prefill):
         "stream_ring": dict(stream_ring=[[0, 1, 2, 4], [6, 1, 8, 4]]),
         "window_sink alone": dict(window_sink=[4, 4]),
         "window_local alone": dict(window_local=[64, 64]),
-        "selection_count alone": dict(selection_count=counts),
+        "selection alone": dict(selection=selection),
         "select_slot without select_base": dict(selection=selection, selection_count=counts, select_slot=[0, 1]),
         "select_slot without a store": dict(select_slot=[0, 1], select_base=[1, 1]),
         "a store of 3 rows for 2 sequences without select_slot": dict(

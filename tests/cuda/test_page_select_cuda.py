@@ -60,11 +60,9 @@ def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page
     for key, value in host.items():
         if key == "physical_page_size":
             args[key] = value
-        elif key == "query":
-            if on_device:
-                args[key] = on_gpu(value, query_dtype)
-            else:  # numpy has no bfloat16: torch CPU tensors for the low-precision runs
-                args[key] = value.copy() if query_dtype == "float32" else on_host(value, query_dtype)
+        elif key == "query":  # low precision: rounded on the host (numpy has no bfloat16); same bits on both
+            query = value.copy() if query_dtype == "float32" else on_host(value, query_dtype)
+            args[key] = torch.as_tensor(query).to(DEVICE) if on_device else query
         elif not on_device:
             args[key] = value.copy()
         else:
@@ -76,7 +74,8 @@ def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page
         wide[:, 1:1 + num_qo * head_dim] = args["query"].reshape(num_rows, -1)
         args["query"] = wide[:, 1:1 + num_qo * head_dim].view(num_rows, num_qo, head_dim)
     if store is None:
-        store = (np.full((num_seqs, num_kv, num_select), POISON, np.int32), np.full((num_seqs, num_kv), POISON, np.int32))
+        store = (np.full((num_seqs, num_kv, num_select), POISON, np.int32),
+                 np.full((num_seqs, num_kv), POISON, np.int32))
     selected, num_selected = (ints(store[0]), ints(store[1])) if on_device else (store[0].copy(), store[1].copy())
     backend.page_select(selected=selected, num_selected=num_selected, keep_first_page=keep_first_page,
                         page_score=page_score, **args)
@@ -399,22 +398,36 @@ def make_stats_case(seed: int, num_kv: int, head_dim: int, page_size: int, logic
     return keys, slots, kmax, kmin
 
 
-def run_stats(backend, keys, slots, kmax, kmin, page_size: int, on_device: bool, strided_keys: bool = False,
-              key_dtype: str = "float32"):
+def run_stats(backend, keys, slots, kmax, kmin, page_size: int, on_device: bool, strided_keys: bool = False):
+    """keys: a float32 numpy array, or a CPU torch tensor (bfloat16/float16: numpy has none) whose bits
+    the device gets as they are."""
     if not on_device:
         kmax, kmin = kmax.copy(), kmin.copy()
-        key_h = keys if key_dtype == "float32" else on_host(keys, key_dtype)  # numpy has no bfloat16
-        backend.page_stats_append(key_h, slots, kmax, kmin, page_size)
+        backend.page_stats_append(keys, slots, kmax, kmin, page_size)
         return kmax, kmin
-    key_t = on_gpu(keys, key_dtype)
+    key_t = torch.as_tensor(keys).to(DEVICE)
     if strided_keys:  # rows inside a wider buffer
         wide = torch.full((keys.shape[0], keys.shape[1] + 2, keys.shape[2]), float("nan"), device=DEVICE,
-                          dtype=TORCH_DTYPES[key_dtype])
+                          dtype=key_t.dtype)
         wide[:, 1:1 + keys.shape[1]] = key_t
         key_t = wide[:, 1:1 + keys.shape[1]]
     kmax_t, kmin_t = on_gpu(kmax), on_gpu(kmin)
     backend.page_stats_append(key_t, ints(slots), kmax_t, kmin_t, page_size)
     return kmax_t.cpu().numpy(), kmin_t.cpu().numpy()
+
+
+def low_precision(array: np.ndarray, dtype: str, seed: int, num_payload_nans: int = 0) -> "torch.Tensor":
+    """A CPU tensor of `array` rounded to dtype, plus NaNs with a sign and a payload (which the float32
+    statistics must keep bit for bit, as the CPU's conversion does)."""
+    tensor = on_host(array, dtype)
+    if num_payload_nans:
+        bits = {"bfloat16": [0xFFC1, 0x7F81, 0xFFFF], "float16": [0xFE01, 0x7C01, 0xFFFF]}[dtype]
+        bits = np.array(bits, np.uint16).view(np.int16)
+        rng = np.random.default_rng(seed + 3)
+        flat = tensor.view(torch.int16).view(-1)
+        for n, i in enumerate(rng.choice(flat.numel(), num_payload_nans, replace=False)):
+            flat[int(i)] = int(bits[n % len(bits)])
+    return tensor
 
 
 def assert_same_bits(actual, expected, what: str, seed) -> None:
@@ -438,12 +451,12 @@ def test_page_stats_append_matches_cpu(cuda_backend, cpu_backend, page_size, log
 @pytest.mark.parametrize("strided", [False, True])
 def test_page_stats_append_low_precision_keys(cuda_backend, cpu_backend, key_dtype, strided):
     """bfloat16/float16 keys (the activations after RoPE): float32 statistics of the same values, bit
-    for bit (NaN, +0 and -0 survive the conversion)."""
+    for bit (NaN with its sign and payload, +0 and -0 survive the conversion)."""
     seed = 20 + 2 * (key_dtype == "float16") + int(strided)
     keys, slots, kmax, kmin = make_stats_case(seed, 3, 64, 32, 8, num_pages=12)
-    expected = run_stats(cpu_backend, keys, slots, kmax, kmin, 32, on_device=False, key_dtype=key_dtype)
-    actual = run_stats(cuda_backend, keys, slots, kmax, kmin, 32, on_device=True, strided_keys=strided,
-                       key_dtype=key_dtype)
+    keys = low_precision(keys, key_dtype, seed, num_payload_nans=12)
+    expected = run_stats(cpu_backend, keys, slots, kmax, kmin, 32, on_device=False)
+    actual = run_stats(cuda_backend, keys, slots, kmax, kmin, 32, on_device=True, strided_keys=strided)
     what = f"page_stats_append {key_dtype} keys"
     assert_same_bits(actual[0], expected[0], f"{what}: kmax", seed)
     assert_same_bits(actual[1], expected[1], f"{what}: kmin", seed)
@@ -503,17 +516,19 @@ def test_stats_then_select_on_device(cuda_backend, cpu_backend, dtype):
     shape = (pages.size, page_size // logical, num_kv, head_dim)
     kmax, kmin = np.full(shape, 9.0, np.float32), np.full(shape, -9.0, np.float32)
     query = rng.standard_normal((len(kv_lens), num_kv * group, head_dim)).astype(np.float32)
-    ref_max, ref_min = run_stats(cpu_backend, keys, slots, kmax, kmin, page_size, on_device=False, key_dtype=dtype)
+    keys = keys if dtype == "float32" else low_precision(keys, dtype, seed)
+    ref_max, ref_min = run_stats(cpu_backend, keys, slots, kmax, kmin, page_size, on_device=False)
     dev_max, dev_min = on_gpu(kmax), on_gpu(kmin)
-    cuda_backend.page_stats_append(on_gpu(keys, dtype), ints(slots), dev_max, dev_min, page_size)
+    cuda_backend.page_stats_append(torch.as_tensor(keys).to(DEVICE), ints(slots), dev_max, dev_min, page_size)
     host = chunked(dict(query=query, kmax=ref_max, kmin=ref_min, kv_page_indptr=indptr,
                         kv_page_indices=pages[:indptr[-1]].astype(np.int32), kv_lens=np.asarray(kv_lens, np.int32),
                         physical_page_size=page_size), seed, [1, 4, 2])
     expected = run_select(cpu_backend, host, 8, True, "bound", on_device=False, query_dtype=dtype)
     selected = torch.full((len(kv_lens), num_kv, 8), POISON, dtype=torch.int32, device=DEVICE)
     num_selected = torch.full((len(kv_lens), num_kv), POISON, dtype=torch.int32, device=DEVICE)
-    cuda_backend.page_select(on_gpu(host["query"], dtype), dev_max, dev_min, ints(indptr), ints(host["kv_page_indices"]),
-                             ints(host["kv_lens"]), selected, num_selected, page_size, True, "bound",
-                             qo_indptr=ints(host["qo_indptr"]))
+    query_t = torch.as_tensor(host["query"] if dtype == "float32" else on_host(host["query"], dtype)).to(DEVICE)
+    cuda_backend.page_select(query_t, dev_max, dev_min, ints(indptr),
+                             ints(host["kv_page_indices"]), ints(host["kv_lens"]), selected, num_selected, page_size,
+                             True, "bound", qo_indptr=ints(host["qo_indptr"]))
     assert_exact(selected.cpu().numpy(), expected[0], f"stats then select ({dtype}): selected", seed)
     assert_exact(num_selected.cpu().numpy(), expected[1], f"stats then select ({dtype}): num_selected", seed)

@@ -44,6 +44,22 @@ namespace page_select_detail {
 constexpr int kStatsThreads = 128;  // a decode token's rows are num_kv_heads * head_dim ~ 1K floats
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// A key as the CPU's float32 staging converts it: exactly, and a NaN keeps its sign and payload
+// (lserve::f16_to_float), since a reset stores the key as it is. __half2float (cvt.f32.f16) returns
+// the canonical NaN 0x7fffffff for every float16 NaN; bfloat16 converts by a shift, as on the CPU.
+template <typename KeyT>
+__device__ __forceinline__ float key_to_float(KeyT value) {
+  return to_float(value);
+}
+template <>
+__device__ __forceinline__ float key_to_float<__half>(__half value) {
+  const uint32_t bits = __half_as_ushort(value);
+  if ((bits & 0x7c00u) == 0x7c00u && (bits & 0x3ffu) != 0) {
+    return __uint_as_float(((bits & 0x8000u) << 16) | 0x7f800000u | ((bits & 0x3ffu) << 13));
+  }
+  return __half2float(value);
+}
+
 // The CPU folds tokens one after another: a token at a logical page's first slot resets the row,
 // the others take std::max / std::min (a NaN key is ignored, a stored NaN sticks, of +0 and -0
 // the earlier stays). The CTA of the last token on a logical page replays exactly that fold from
@@ -105,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) page_stats_append_kernel(const PageS
     for (int64_t other = begin; other <= token; ++other) {
       const int64_t other_slot = slots[other];
       if (other_slot < page_begin || other_slot >= page_end) continue;
-      const float k = to_float(keys[other * params.key_stride + i]);
+      const float k = key_to_float(keys[other * params.key_stride + i]);
       if (other_slot == page_begin) {
         high = k;
         low = k;
@@ -137,13 +153,13 @@ cudaError_t launch_page_stats_append(const PageStatsAppendParams& params, cudaSt
 // (one row per slot; a slot is a decode sequence of the engine). Only fresh sequences
 // (select_mode[s] == kSelectFresh) are scored and written; the rows of the others stay as they are
 // (not even marked). num_selected = -1 means "no selection": attention reads every page of the
-// sequence (the contract of cpp/include/lserve/ops/attention.h). A fresh row gets -1 and no positions
-// when the CPU reference would reject it (its LSERVE_CHECKs: no query row, a page count or kv_len
-// inconsistent, a page id out of range when it scores pages) or its indptr range leaves the page
-// list. A fresh sequence whose slot lies outside [0, num_slots) (the CPU raises) writes nothing:
-// there is no row to mark. Two fresh sequences naming one slot: the later one's selection is stored,
-// as on the CPU. The per-row checks imply an ascending indptr; when a batch breaks it, the other rows'
-// selections are unspecified (still in bounds).
+// sequence (the contract of cpp/include/lserve/ops/attention.h). A fresh row gets num_selected = -1
+// (its positions left as they were) when the CPU reference would reject it (its LSERVE_CHECKs: no
+// query row, a page count or kv_len inconsistent, a page id out of range when it scores pages) or
+// its indptr range leaves the page list. A fresh sequence whose slot lies outside [0, num_slots)
+// (the CPU raises) writes nothing: there is no row to mark. Two fresh sequences naming one slot: the
+// later one's selection is stored, as on the CPU. The per-row checks imply an ascending indptr; when
+// a batch breaks it, the other rows' selections are unspecified (still in bounds).
 struct PageSelectParams {
   const void* query = nullptr;             // (num_rows, num_qo_heads, head_dim) QueryT, row stride query_stride
   const float* kmax = nullptr;             // (num_pages, logical_per_page, num_kv_heads, head_dim)
