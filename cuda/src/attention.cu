@@ -2,7 +2,7 @@
 // dtype, head_dim 64 or 128, dense heads, with the host's length hints: the tensor-core kernels of
 // cuda/attention/ (decode: split-KV + combine when every chunk's q_len x GQA group fits one 16-row
 // tile, i.e. decode steps; otherwise the prefill kernel, TMA + wgmma on sm_90). float32, other head
-// sizes and calls without hints run the reference kernel, as do the sparse policies for now.
+// sizes and calls without hints run the reference kernel, as do stream rings for now.
 #include "attention_kernels.h"
 #include "cuda_backend.h"
 #include "cuda_check.h"
@@ -25,10 +25,12 @@ bool tensor_core_path(const AttentionArgs& args) {
 }  // namespace
 
 void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
-  // The sparse block-iterator policies (windows, stream rings, the selection store) run on the
-  // reference kernel for now; TODO(#17): the tensor-core kernels read them through KvBlockSparsity.
-  const bool sparse_policy = args.has_window() || args.has_selection() || args.has_ring();
-  if (sparse_policy || !tensor_core_path(args)) {
+  // The tensor-core kernels read the sparse policy through KvBlockSparsity: windows in prefill and
+  // decode, the selection store at decode. Stream rings (TODO(#17): page arithmetic in the
+  // mainloops) and a selection store in a prefill-shaped call run on the reference kernel.
+  const int group = static_cast<int>(args.query.size(1) / args.k_cache.size(2));
+  const bool decode_shape = args.max_q_len > 0 && args.max_q_len * group <= cuda::decode_max_group_rows();
+  if (args.has_ring() || (args.has_selection() && !decode_shape) || !tensor_core_path(args)) {
     cuda_attention_reference(backend, args);
     return;
   }
@@ -60,9 +62,23 @@ void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
   p.kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
   p.kv_lens = args.kv_lens.data_ptr<int32_t>();
   p.sm_scale = args.sm_scale;
+  cuda::KvBlockSparsity& sp = p.sparsity;
+  if (args.has_window()) {
+    sp.window_sink = args.window_sink.data_ptr<int32_t>();
+    sp.window_local = args.window_local.data_ptr<int32_t>();
+  }
+  if (args.has_selection()) {
+    sp.selection = args.selection.data_ptr<int32_t>();
+    sp.selection_count = args.selection_count.data_ptr<int32_t>();
+    sp.num_slots = static_cast<int32_t>(args.selection.size(0));
+    sp.capacity = static_cast<int32_t>(args.selection.size(2));
+    if (args.select_slot.defined()) {
+      sp.select_slot = args.select_slot.data_ptr<int32_t>();
+      sp.select_base = args.select_base.data_ptr<int32_t>();
+    }
+  }
 
-  const int group = p.num_qo_heads / p.num_kv_heads;
-  if (p.max_q_len * group <= cuda::decode_max_group_rows()) {
+  if (decode_shape) {
     const int num_splits = cuda::decode_num_splits(p, backend.num_sms());
     const size_t bytes = cuda::decode_workspace_bytes(p, num_splits);
     Tensor scratch;

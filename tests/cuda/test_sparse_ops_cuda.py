@@ -38,38 +38,73 @@ def _case(seed, seqs, page_size, num_qo_heads, num_kv_heads, head_dim):
         pages_per_seq=pages_per_seq)
 
 
-def _both(cuda_backend, cpu_backend, c, cache_dtype, page_lists=True, **policy):
-    """Runs the CUDA backend (float32 query and output, cache in cache_dtype) and the CPU backend on
-    the same values; returns (cuda, cpu) outputs as float32 arrays."""
-    k_cache, v_cache = _rounded(c["k_cache"], cache_dtype), _rounded(c["v_cache"], cache_dtype)
+def _both(cuda_backend, cpu_backend, c, cache_dtype, page_lists=True, tensor_cores=False, **policy):
+    """Runs the CUDA backend and the CPU backend on the same values; returns (cuda, cpu) outputs as
+    float32 arrays. Default: float32 query and output, cache in cache_dtype (the reference kernel).
+    tensor_cores: bf16 query, cache and output with the host's length hints (the engine's path: the
+    tensor-core prefill and decode kernels, which read the policy through KvBlockSparsity)."""
+    dtype = "bfloat16" if tensor_cores else cache_dtype
+    query = _rounded(c["query"], "bfloat16") if tensor_cores else c["query"]
+    k_cache, v_cache = _rounded(c["k_cache"], dtype), _rounded(c["v_cache"], dtype)
     scale = 1.0 / math.sqrt(c["query"].shape[2])
-    out = poisoned(c["query"].shape, "float32")
+    out = poisoned(c["query"].shape, "bfloat16" if tensor_cores else "float32")
     gpu_policy = {name: ints(value) for name, value in policy.items()}
     indptr = ints(c["page_indptr"]) if page_lists else None
     indices = ints(c["page_indices"]) if page_lists else None
-    cuda_backend.attention(on_gpu(c["query"]), on_gpu(k_cache, cache_dtype), on_gpu(v_cache, cache_dtype),
-                           ints(c["qo_indptr"]), indptr, indices, ints(c["kv_lens"]), out, scale, **gpu_policy)
+    hints = {}
+    if tensor_cores:
+        q_lens = np.diff(c["qo_indptr"])
+        hints = dict(max_q_len=int(q_lens.max()), max_kv_len=int(c["kv_lens"].max()))
+    cuda_backend.attention(on_gpu(query, "bfloat16" if tensor_cores else "float32"), on_gpu(k_cache, dtype),
+                           on_gpu(v_cache, dtype), ints(c["qo_indptr"]), indptr, indices, ints(c["kv_lens"]), out,
+                           scale, **hints, **gpu_policy)
     expected = np.full(c["query"].shape, np.nan, np.float32)
-    cpu_backend.attention(c["query"], k_cache, v_cache, c["qo_indptr"], c["page_indptr"] if page_lists else None,
+    cpu_backend.attention(query, k_cache, v_cache, c["qo_indptr"], c["page_indptr"] if page_lists else None,
                           c["page_indices"] if page_lists else None, c["kv_lens"], expected, scale, **policy)
     return as_f32(out), expected
+
+
+def _check(got, want, tensor_cores, what):
+    if not tensor_cores:
+        assert_close_fp32(got, want, what=what)
+        return
+    # bf16 probabilities and output (the tensor-core kernels): outputs are convex combinations of
+    # N(0, 1) values, so an absolute bound at bf16 resolution of the softmax and the output.
+    assert np.isfinite(got).all(), f"{what}: non-finite output"
+    err = np.abs(got - want)
+    assert err.max() <= 3e-2, f"{what}: max error {err.max():.3e} at {np.unravel_index(err.argmax(), err.shape)}"
 
 
 SEQS = [(1, 1), (17, 17), (40, 100), (1, 161), (33, 70), (1, 64), (16, 129)]
 
 
 @pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 64)])
-@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
-def test_lambda_windows_per_sequence(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim, cache_dtype):
-    c = _case(head_dim + num_qo_heads, SEQS, 16, num_qo_heads, num_kv_heads, head_dim)
+@pytest.mark.parametrize("cache_dtype, tensor_cores", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_lambda_windows_per_sequence(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim, cache_dtype,
+                                     tensor_cores, page_size):
+    c = _case(head_dim + num_qo_heads, SEQS, page_size, num_qo_heads, num_kv_heads, head_dim)
     sink = np.array([0, 4, 16, 7, 0, 32, 3], np.int32)
     local = np.array([8, 16, 0, 33, 1, 24, 64], np.int32)  # 0: no window for that sequence
-    got, want = _both(cuda_backend, cpu_backend, c, cache_dtype, window_sink=sink, window_local=local)
-    assert_close_fp32(got, want, what=f"Lambda windows gqa {num_qo_heads // num_kv_heads} d{head_dim} {cache_dtype}")
+    got, want = _both(cuda_backend, cpu_backend, c, cache_dtype, tensor_cores=tensor_cores, window_sink=sink,
+                      window_local=local)
+    _check(got, want, tensor_cores, f"Lambda windows gqa {num_qo_heads // num_kv_heads} d{head_dim} {cache_dtype} "
+                                    f"page {page_size}{' tensor cores' if tensor_cores else ''}")
 
 
-@pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(8, 2, 64), (4, 4, 128)])
-def test_selection_store(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(8, 2, 64), (16, 2, 128)])
+def test_lambda_windows_at_decode_on_tensor_cores(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim):
+    seqs = [(1, 300), (1, 65), (1, 1), (1, 129), (1, 640)]
+    c = _case(3 + head_dim, seqs, 64, num_qo_heads, num_kv_heads, head_dim)
+    sink = np.array([128, 64, 128, 0, 128], np.int32)
+    local = np.array([256, 100, 256, 64, 0], np.int32)
+    got, want = _both(cuda_backend, cpu_backend, c, "bfloat16", tensor_cores=True, window_sink=sink, window_local=local)
+    _check(got, want, True, f"decode windows gqa {num_qo_heads // num_kv_heads} d{head_dim}")
+
+
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(8, 2, 64), (4, 4, 128), (16, 2, 128)])
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_selection_store(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim, tensor_cores):
     seqs = [(1, 161), (1, 100), (1, 47), (1, 130), (2, 90), (1, 64)]
     c = _case(5 + head_dim, seqs, 16, num_qo_heads, num_kv_heads, head_dim)
     rng = np.random.default_rng(9)
@@ -86,9 +121,10 @@ def test_selection_store(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, 
             stored = chosen + [p for p in (base, base + 1) if p < pages[s]][:capacity - len(chosen)]
             selection[slot, kh, :len(stored)] = stored
             counts[slot, kh] = len(stored)
-    got, want = _both(cuda_backend, cpu_backend, c, "float32", selection=selection, selection_count=counts,
-                      select_slot=select_slot, select_base=select_base)
-    assert_close_fp32(got, want, what=f"selection store gqa {num_qo_heads // num_kv_heads} d{head_dim}")
+    got, want = _both(cuda_backend, cpu_backend, c, "float32", tensor_cores=tensor_cores, selection=selection,
+                      selection_count=counts, select_slot=select_slot, select_base=select_base)
+    _check(got, want, tensor_cores, f"selection store gqa {num_qo_heads // num_kv_heads} d{head_dim}"
+                                    f"{' tensor cores' if tensor_cores else ''}")
 
 
 @pytest.mark.parametrize("num_sink_pages, local", [(1, 24), (2, 40), (0, 17)])
