@@ -110,7 +110,9 @@ void Engine::finalize() {
   // Step capacities: a step's page lists hold each sequence's pages once (no page is in two
   // lists), plus a padding page per row of a graph replay.
   const int64_t max_step_pages = std::min<int64_t>(num_pages + config_.max_num_seqs, pages_per_seq * config_.max_num_seqs);
-  model_->prepare_steps(config_.max_num_batched_tokens, config_.max_num_seqs, max_step_pages);
+  // Tokens: a step's budget, or a decode graph's largest bucket (max_num_seqs rows), whichever is more.
+  model_->prepare_steps(std::max(config_.max_num_batched_tokens, config_.max_num_seqs), config_.max_num_seqs,
+                        max_step_pages);
   batch_.token_ids.reserve(config_.max_num_batched_tokens);
   batch_.positions.reserve(config_.max_num_batched_tokens);
   batch_.slot_mapping.reserve(config_.max_num_batched_tokens);

@@ -175,7 +175,9 @@ __global__ void __launch_bounds__(kAttentionReferenceWarps * 32)
       score[u] = slot[u] >= 0 ? warp_sum(score[u]) * params.sm_scale : -INFINITY;
       block_max = fmaxf(block_max, score[u]);
     }
-    const float correction = expf(running_max - block_max);
+    // Nothing visible yet (a Lambda window or a selection hid every key so far): keep the empty
+    // state instead of exp(-inf - -inf) = NaN.
+    const float correction = block_max == -INFINITY ? 1.0f : expf(running_max - block_max);
     running_sum *= correction;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) acc[c] *= correction;
