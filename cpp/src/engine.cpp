@@ -122,8 +122,7 @@ void Engine::finalize() {
   batch_.kv_lens.reserve(config_.max_num_seqs);
   batch_.logits_rows.reserve(config_.max_num_seqs);
   batch_.sparse.reserve(config_.max_num_batched_tokens, config_.max_num_seqs);
-  if (!config_.enforce_eager && backend_->supports_graphs() && !config_.sparsity.enabled &&
-      !model_->config().attention_bias) {
+  if (!config_.enforce_eager && backend_->supports_graphs() && !model_->config().attention_bias) {
     model_->capture_decode_graphs(config_.max_num_seqs, config_.max_model_len);
   }
   scheduler_ = std::make_unique<Scheduler>(

@@ -35,7 +35,7 @@ struct EngineConfig {
   // of the device's memory after weights, other processes and the step buffers; on the CPU the
   // default is 1 GiB. Either way no more than max_num_seqs sequences of max_model_len need.
   double gpu_memory_utilization = 0.9;
-  // Decode steps replay CUDA graphs captured at finalize() (dense attention on a backend with graphs);
+  // Decode steps replay CUDA graphs captured at finalize() (dense or sparse, on a backend with graphs);
   // true runs every step eagerly.
   bool enforce_eager = false;
   int num_kv_pages = 0;                    // overrides kv_cache_memory when > 0

@@ -1,4 +1,4 @@
-// DecodeGraphRunner: capture, buckets and replay of decode-step CUDA graphs.
+// DecodeGraphRunner: capture, buckets and replay of decode-step CUDA graphs (dense or sparse plans).
 #include "lserve/model/decode_graphs.h"
 
 namespace lserve {
@@ -49,6 +49,17 @@ ForwardBatch DecodeGraphRunner::padded(const ForwardBatch* batch, int bucket) co
     out.kv_page_indptr.push_back(static_cast<int32_t>(out.kv_page_indices.size()));
     out.kv_lens.push_back(1);
     out.logits_rows.push_back(static_cast<int32_t>(row));
+    if (layout_.sparse) {  // streaming heads: no window, a one-page "ring" at page 0; dense selection
+      SparsePlan& sp = out.sparse;
+      sp.stream_slot_mapping.push_back(-1);
+      sp.stream_mirror_mapping.push_back(-1);
+      sp.stream_ring.insert(sp.stream_ring.end(), {0, 0, 0, 1});
+      sp.window_sink.push_back(0);
+      sp.window_local.push_back(0);
+      sp.select_mode.push_back(0);
+      sp.select_slot.push_back(-1);
+      sp.select_base.push_back(1);
+    }
   }
   return out;
 }

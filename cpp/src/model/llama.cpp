@@ -487,7 +487,6 @@ std::vector<int> LlamaModel::decode_graph_batch_sizes() const {
 void LlamaModel::capture_decode_graphs(int max_batch, int max_kv_len) {
   LSERVE_CHECK(finalized_ && kv_allocated_ && step_metadata_.defined(),
                "capture_decode_graphs() before the weights, KV cache and step buffers are ready");
-  LSERVE_CHECK(!sparsity_.enabled, "decode graphs serve dense attention only for now (TODO(#17): sparse plans)");
   LSERVE_CHECK(!config_.attention_bias, "decode graphs do not cover models with attention biases yet");
   const int page_size = static_cast<int>(layers_[0].k_cache.view().size(1));
   auto graphs = std::make_unique<DecodeGraphRunner>(backend_, config_, activation_dtype_, step_layout_, step_metadata_,

@@ -4,6 +4,8 @@
 // step whose sequences each add one token and sample replays the smallest bucket that holds it,
 // after the engine's one metadata packing (StepLayout::pack) of the batch padded to the bucket.
 // Padding rows write nothing (slot -1) and attend to one token of page 0; their outputs are unread.
+// With sparse attention the plan rides in the same block (page_select reads each row's mode on the
+// device), so a replay serves fresh, reused and dense rows alike.
 #pragma once
 
 #include <functional>

@@ -74,8 +74,8 @@ class LlamaModel {
   // The same logits left on the backend's device, valid until the next forward (empty without rows).
   TensorView forward_logits(const ForwardBatch& batch);
 
-  // CUDA graphs for decode steps (DecodeGraphRunner; backends with supports_graphs(), dense
-  // attention, no attention bias). max_kv_len bounds the sequences a replay serves (the attention's
+  // CUDA graphs for decode steps (DecodeGraphRunner; backends with supports_graphs(), dense or
+  // sparse attention, no attention bias). max_kv_len bounds the sequences a replay serves (the attention's
   // split count is fixed at capture for it).
   void capture_decode_graphs(int max_batch, int max_kv_len);
   std::vector<int> decode_graph_batch_sizes() const;
