@@ -24,7 +24,7 @@ struct LserveAttnArgs {
   // The sparse policy, KvBlockSparsity's fields (attention_kernels.h); null = absent.
   const int32_t* window_sink;      // (num_seqs,)
   const int32_t* window_local;     // (num_seqs,)
-  const int32_t* stream_ring;      // (num_seqs, 4); the launchers refuse it for now (TODO(#17))
+  const int32_t* stream_ring;      // (num_seqs, 4) or null: pages computed instead of listed
   const int32_t* selection;        // (num_slots, num_kv_heads, capacity)
   const int32_t* selection_count;  // (num_slots, num_kv_heads)
   const int32_t* select_slot;      // (num_seqs,)

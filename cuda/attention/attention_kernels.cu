@@ -56,8 +56,6 @@ bool prefill_sm90_supported(const AttentionParams& p) {
 cudaError_t attention_prefill(const AttentionParams& params, cudaStream_t stream, PrefillImpl impl) {
   if (params.num_seqs == 0) return cudaSuccess;
   if (!common_args_ok(params) || !sparsity_ok(params) || params.max_q_len <= 0) return cudaErrorInvalidValue;
-  // TODO(#17): stream_ring needs page-address arithmetic in the TMA and cp.async page lookups.
-  if (params.sparsity.has_ring()) return cudaErrorInvalidValue;
   if (params.sparsity.has_selection()) return cudaErrorInvalidValue;  // decode only
   const AttentionParams p = with_iterator_fields(params);
   bool hopper = false;
@@ -112,8 +110,6 @@ cudaError_t attention_decode(const AttentionParams& params, int num_splits, void
   if (params.max_q_len * (params.num_qo_heads / params.num_kv_heads) > decode_max_group_rows()) {
     return cudaErrorInvalidValue;
   }
-  // TODO(#17): stream_ring needs page-address arithmetic in the cp.async page lookups.
-  if (params.sparsity.has_ring()) return cudaErrorInvalidValue;
   const AttentionParams p = with_iterator_fields(params);
   float* partial_o = nullptr;
   float* partial_lse = nullptr;

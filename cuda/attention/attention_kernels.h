@@ -37,8 +37,8 @@ enum class AttnDType : int32_t { kF16 = 0, kBF16 = 1 };
 struct KvBlockSparsity {
   const int32_t* window_sink = nullptr;      // (num_seqs,) or null (with window_local)
   const int32_t* window_local = nullptr;     // (num_seqs,) or null; <= 0: no window for that sequence
-  // TODO(#17): the stream ring addresses pages arithmetically inside the mainloops (TMA and cp.async
-  // page lookups); until then the launchers refuse it (cudaErrorInvalidValue).
+  // With a stream ring the mainloops' page lookups (TMA and cp.async) compute pages (PageTable in
+  // kernel_common.cuh) and kv_page_indptr / kv_page_indices are not read.
   const int32_t* stream_ring = nullptr;      // (num_seqs, 4) [sink_base, num_sink, ring_base, num_ring] or null
   const int32_t* selection = nullptr;        // (num_slots, num_kv_heads, capacity) or null (with selection_count)
   const int32_t* selection_count = nullptr;  // (num_slots, num_kv_heads) or null; < 0: no selection

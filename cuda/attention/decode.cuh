@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2)
   const int tiles_per_split = (num_tiles + num_splits - 1) / num_splits;
   const int tile_begin = split_idx * tiles_per_split;
   const int num_my_tiles = max(min(num_tiles, tile_begin + tiles_per_split) - tile_begin, 0);
-  const int32_t* page_table = p.kv_page_indices + p.kv_page_indptr[seq_idx];
+  const PageTable page_table = PageTable::of(p, seq_idx);
   const Element* k_cache = static_cast<const Element*>(p.k_cache);
   const Element* v_cache = static_cast<const Element*>(p.v_cache);
   const int tid = threadIdx.x, warp_idx = tid / 32, lane = tid % 32;

@@ -32,13 +32,30 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Element offset of KV row `pos` of KV head `kv_head_idx` through the sequence's page table.
-__device__ __forceinline__ int64_t kv_row_offset(const int32_t* page_table, int pos, int page_size,
+// A sequence's pages: its page list, or with a stream ring (ops/attention.h) the arithmetic
+// sink_base + i below num_sink, ring_base + (i - num_sink) % num_ring after (no table that grows).
+struct PageTable {
+  const int32_t* table;  // the page list, or null with a ring
+  int sink_base, num_sink, ring_base, num_ring;
+
+  __device__ __forceinline__ static PageTable of(const AttentionParams& p, int seq_idx) {
+    if (p.sparsity.stream_ring == nullptr) return PageTable{p.kv_page_indices + p.kv_page_indptr[seq_idx], 0, 0, 0, 1};
+    const int32_t* ring = p.sparsity.stream_ring + 4 * seq_idx;
+    return PageTable{nullptr, __ldg(ring), __ldg(ring + 1), __ldg(ring + 2), max(__ldg(ring + 3), 1)};
+  }
+  __device__ __forceinline__ int page(int page_idx) const {
+    if (table != nullptr) return __ldg(table + page_idx);
+    return page_idx < num_sink ? sink_base + page_idx : ring_base + (page_idx - num_sink) % num_ring;
+  }
+};
+
+// Element offset of KV row `pos` of KV head `kv_head_idx` through the sequence's pages.
+__device__ __forceinline__ int64_t kv_row_offset(const PageTable& pages, int pos, int page_size,
                                                  int64_t stride_page, int64_t stride_token,
                                                  int64_t head_offset) {
   const int page_idx = pos / page_size;
   const int in_page = pos - page_idx * page_size;
-  return int64_t(__ldg(page_table + page_idx)) * stride_page + int64_t(in_page) * stride_token + head_offset;
+  return int64_t(pages.page(page_idx)) * stride_page + int64_t(in_page) * stride_token + head_offset;
 }
 
 template <int kWidth>

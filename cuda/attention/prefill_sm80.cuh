@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) prefill_sm80_kernel(const A
   const int q_pos0 = kv_len - q_len + m0;  // position of the tile's row 0
   const Blocks blocks(p.sparsity, p.num_kv_heads, seq_idx, kv_head_idx, q_pos0, q_pos0 + num_rows - 1, kv_len);
   const int num_tiles = blocks.num_tiles();
-  const int32_t* page_table = p.kv_page_indices + p.kv_page_indptr[seq_idx];
+  const PageTable page_table = PageTable::of(p, seq_idx);
   const Element* k_cache = static_cast<const Element*>(p.k_cache);
   const Element* v_cache = static_cast<const Element*>(p.v_cache);
   const int tid = threadIdx.x;

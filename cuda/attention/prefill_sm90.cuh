@@ -239,14 +239,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) prefill_sm90_kernel(cons
                           c * kColsPerBox, t.qo_head_idx, t.q_begin + t.m0);
       }
       ++q_count;
-      const int32_t* page_table = p.kv_page_indices + p.kv_page_indptr[t.seq_idx];
+      const PageTable page_table = PageTable::of(p, t.seq_idx);
       const int last_page = (t.kv_len - 1) / p.page_size;
       auto load_tile = [&](const CUtensorMap* map, uint64_t* bar, Element* tile, int tile_start) {
         TxBarrier::arrive_and_expect_tx(bar, kTileBytes);
         for (int b = 0; b < boxes_per_tile; ++b) {
           const int pos = tile_start + b * rows_per_box;
           const int page_idx = min(pos / p.page_size, last_page);  // boxes past the sequence: any real page
-          const int page = __ldg(page_table + page_idx);
+          const int page = page_table.page(page_idx);
           const int in_page = pos % p.page_size;
           CUTE_UNROLL
           for (int c = 0; c < kChunks; ++c) {

@@ -2,7 +2,7 @@
 // dtype, head_dim 64 or 128, dense heads, with the host's length hints: the tensor-core kernels of
 // cuda/attention/ (decode: split-KV + combine when every chunk's q_len x GQA group fits one 16-row
 // tile, i.e. decode steps; otherwise the prefill kernel, TMA + wgmma on sm_90). float32, other head
-// sizes and calls without hints run the reference kernel, as do stream rings for now.
+// sizes and calls without hints run the reference kernel; so does a selection store in a prefill call.
 #include "attention_kernels.h"
 #include "cuda_backend.h"
 #include "cuda_check.h"
@@ -25,12 +25,12 @@ bool tensor_core_path(const AttentionArgs& args) {
 }  // namespace
 
 void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
-  // The tensor-core kernels read the sparse policy through KvBlockSparsity: windows in prefill and
-  // decode, the selection store at decode. Stream rings (TODO(#17): page arithmetic in the
-  // mainloops) and a selection store in a prefill-shaped call run on the reference kernel.
+  // The tensor-core kernels read the sparse policy through KvBlockSparsity: windows and stream rings in
+  // prefill and decode, the selection store at decode. A selection store in a prefill-shaped call
+  // (TODO(#17)) runs on the reference kernel.
   const int group = static_cast<int>(args.query.size(1) / args.k_cache.size(2));
   const bool decode_shape = args.max_q_len > 0 && args.max_q_len * group <= cuda::decode_max_group_rows();
-  if (args.has_ring() || (args.has_selection() && !decode_shape) || !tensor_core_path(args)) {
+  if ((args.has_selection() && !decode_shape) || !tensor_core_path(args)) {
     cuda_attention_reference(backend, args);
     return;
   }
@@ -58,11 +58,14 @@ void cuda_attention(CudaBackend& backend, const AttentionArgs& args) {
   p.kv_stride_token = args.k_cache.stride(1);
   p.kv_stride_head = args.k_cache.stride(2);
   p.qo_indptr = args.qo_indptr.data_ptr<int32_t>();
-  p.kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
-  p.kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
+  if (!args.has_ring()) {
+    p.kv_page_indptr = args.kv_page_indptr.data_ptr<int32_t>();
+    p.kv_page_indices = args.kv_page_indices.data_ptr<int32_t>();
+  }
   p.kv_lens = args.kv_lens.data_ptr<int32_t>();
   p.sm_scale = args.sm_scale;
   cuda::KvBlockSparsity& sp = p.sparsity;
+  if (args.has_ring()) sp.stream_ring = args.stream_ring.data_ptr<int32_t>();
   if (args.has_window()) {
     sp.window_sink = args.window_sink.data_ptr<int32_t>();
     sp.window_local = args.window_local.data_ptr<int32_t>();

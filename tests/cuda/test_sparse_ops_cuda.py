@@ -127,12 +127,18 @@ def test_selection_store(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, 
                                     f"{' tensor cores' if tensor_cores else ''}")
 
 
-@pytest.mark.parametrize("num_sink_pages, local", [(1, 24), (2, 40), (0, 17)])
-def test_stream_ring(cuda_backend, cpu_backend, num_sink_pages, local):
+@pytest.mark.parametrize("seqs, page_size, num_sink_pages, local", [
+    ([(1, 200), (9, 75), (1, 33), (4, 120)], 16, 1, 24),
+    ([(1, 200), (9, 75), (1, 33), (4, 120)], 16, 2, 40),
+    ([(1, 200), (9, 75), (1, 33), (4, 120)], 16, 0, 17),
+    ([(1, 700), (1, 129), (1, 64), (1, 1000)], 64, 2, 256),   # decode steps, the defaults' geometry
+    ([(130, 900), (64, 300), (1, 500)], 64, 2, 200),          # prefill chunks through a prefill ring
+])
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_stream_ring(cuda_backend, cpu_backend, seqs, page_size, num_sink_pages, local, tensor_cores):
     """Rings that have wrapped: keys laid out by (sink base, sinks, ring base, ring) arithmetic."""
-    page_size, num_qo_heads, num_kv_heads, head_dim = 16, 8, 2, 64
-    seqs = [(1, 200), (9, 75), (1, 33), (4, 120)]
-    c = _case(11 + local, seqs, page_size, num_qo_heads, num_kv_heads, head_dim)
+    num_qo_heads, num_kv_heads, head_dim = 8, 2, 64 if page_size == 16 else 128
+    c = _case(11 + local + page_size, seqs, page_size, num_qo_heads, num_kv_heads, head_dim)
     rings, total = [], 0
     for q_len, _ in seqs:
         num_ring = math.ceil((local + q_len - 1) / page_size) + 1
@@ -148,13 +154,16 @@ def test_stream_ring(cuda_backend, cpu_backend, num_sink_pages, local):
             dst = sink_base + lp if lp < num_sink else ring_base + (lp - num_sink) % num_ring
             ring_k[dst, t % page_size] = c["k_cache"][pages[lp], t % page_size]
             ring_v[dst, t % page_size] = c["v_cache"][pages[lp], t % page_size]
-    c["k_cache"], c["v_cache"] = ring_k, ring_v
+    # Ring slots no token reached hold zeros, as in the engine's zero-filled caches (a tensor-core
+    # kernel loads whole pages and masks inside them; masked NaN values would still poison P V).
+    c["k_cache"], c["v_cache"] = np.nan_to_num(ring_k), np.nan_to_num(ring_v)
     sink = np.full(len(seqs), num_sink_pages * page_size, np.int32)
     local_arr = np.full(len(seqs), local, np.int32)
-    got, want = _both(cuda_backend, cpu_backend, c, "float32", page_lists=False, window_sink=sink,
-                      window_local=local_arr, stream_ring=np.array(rings, np.int32))
+    got, want = _both(cuda_backend, cpu_backend, c, "float32", page_lists=False, tensor_cores=tensor_cores,
+                      window_sink=sink, window_local=local_arr, stream_ring=np.array(rings, np.int32))
     assert np.isfinite(want).all()
-    assert_close_fp32(got, want, what=f"stream ring sinks {num_sink_pages} local {local}")
+    _check(got, want, tensor_cores, f"stream ring page {page_size} sinks {num_sink_pages} local {local}"
+                                    f"{' tensor cores' if tensor_cores else ''}")
 
 
 @pytest.mark.parametrize("act_dtype, cache_dtype", [("float32", "float32"), ("bfloat16", "bfloat16")])
