@@ -145,3 +145,30 @@ FILTER_CASES = {
     "top_k + top_p + min_p": dict(top_k=12, top_p=0.9, min_p=0.2, temperature=0.8),
     "top_p + min_p": dict(top_p=0.8, min_p=0.05),
 }
+
+
+def stream_ring_caches(k_cache, v_cache, page_indices, page_indptr, seqs, num_sink_pages: int, local: int):
+    """Lays the keys and values of paged sequences out as streaming-head rings (ops/attention.h's
+    stream_ring): per sequence num_sink_pages sink pages, then a ring sized like the page selector
+    sizes it (the window plus the chunk), tokens written in order so later ones overwrite earlier
+    ones on a reused ring page. Returns float32 (ring_k, ring_v, rings): slots no token reached hold
+    NaN, rings is (num_seqs, 4) [sink_base, num_sink, ring_base, num_ring] int32."""
+    k_cache, v_cache = np.asarray(k_cache, np.float32), np.asarray(v_cache, np.float32)
+    page_indices, page_indptr = np.asarray(page_indices), np.asarray(page_indptr)
+    page_size = k_cache.shape[1]
+    rings, total = [], 0
+    for q_len, _ in seqs:
+        num_ring = math.ceil((local + q_len - 1) / page_size) + 1
+        rings.append((total, num_sink_pages, total + num_sink_pages, num_ring))
+        total += num_sink_pages + num_ring
+    ring_k = np.full((total,) + k_cache.shape[1:], np.nan, np.float32)
+    ring_v = ring_k.copy()
+    for s, (_, kv_len) in enumerate(seqs):
+        pages = page_indices[page_indptr[s]:page_indptr[s + 1]]
+        sink_base, num_sink, ring_base, num_ring = rings[s]
+        for t in range(kv_len):
+            lp = t // page_size
+            dst = sink_base + lp if lp < num_sink else ring_base + (lp - num_sink) % num_ring
+            ring_k[dst, t % page_size] = k_cache[pages[lp], t % page_size]
+            ring_v[dst, t % page_size] = v_cache[pages[lp], t % page_size]
+    return ring_k, ring_v, np.array(rings, np.int32)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cuda_testing import as_f32, ints, on_gpu, on_host, poisoned, randn
-from lserve_testing import assert_close_fp32, assert_exact
+from lserve_testing import assert_close_fp32, assert_exact, stream_ring_caches
 
 pytestmark = pytest.mark.cuda
 
@@ -139,28 +139,15 @@ def test_stream_ring(cuda_backend, cpu_backend, seqs, page_size, num_sink_pages,
     """Rings that have wrapped: keys laid out by (sink base, sinks, ring base, ring) arithmetic."""
     num_qo_heads, num_kv_heads, head_dim = 8, 2, 64 if page_size == 16 else 128
     c = _case(11 + local + page_size, seqs, page_size, num_qo_heads, num_kv_heads, head_dim)
-    rings, total = [], 0
-    for q_len, _ in seqs:
-        num_ring = math.ceil((local + q_len - 1) / page_size) + 1
-        rings.append((total, num_sink_pages, total + num_sink_pages, num_ring))
-        total += num_sink_pages + num_ring
-    ring_k = np.full((total, page_size, num_kv_heads, head_dim), np.nan, np.float32)
-    ring_v = ring_k.copy()
-    for s, (_, kv_len) in enumerate(seqs):
-        pages = c["page_indices"][c["page_indptr"][s]:c["page_indptr"][s + 1]]
-        sink_base, num_sink, ring_base, num_ring = rings[s]
-        for t in range(kv_len):
-            lp = t // page_size
-            dst = sink_base + lp if lp < num_sink else ring_base + (lp - num_sink) % num_ring
-            ring_k[dst, t % page_size] = c["k_cache"][pages[lp], t % page_size]
-            ring_v[dst, t % page_size] = c["v_cache"][pages[lp], t % page_size]
+    ring_k, ring_v, rings = stream_ring_caches(c["k_cache"], c["v_cache"], c["page_indices"], c["page_indptr"], seqs,
+                                               num_sink_pages, local)
     # Ring slots no token reached hold zeros, as in the engine's zero-filled caches (a tensor-core
     # kernel loads whole pages and masks inside them; masked NaN values would still poison P V).
     c["k_cache"], c["v_cache"] = np.nan_to_num(ring_k), np.nan_to_num(ring_v)
     sink = np.full(len(seqs), num_sink_pages * page_size, np.int32)
     local_arr = np.full(len(seqs), local, np.int32)
     got, want = _both(cuda_backend, cpu_backend, c, "float32", page_lists=False, tensor_cores=tensor_cores,
-                      window_sink=sink, window_local=local_arr, stream_ring=np.array(rings, np.int32))
+                      window_sink=sink, window_local=local_arr, stream_ring=rings)
     assert np.isfinite(want).all()
     _check(got, want, tensor_cores, f"stream ring page {page_size} sinks {num_sink_pages} local {local}"
                                     f"{' tensor cores' if tensor_cores else ''}")

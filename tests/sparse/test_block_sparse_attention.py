@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lserve import _C
-from lserve_testing import assert_close_fp32
+from lserve_testing import assert_close_fp32, stream_ring_caches
 
 PAGE = 16
 
@@ -213,26 +213,11 @@ def test_stream_ring_addresses_pages_arithmetically(backend, page_size_sink, loc
     sinks = torch.full((len(seqs),), sink, dtype=torch.int32)
     locals_ = torch.full((len(seqs),), local, dtype=torch.int32)
     want = _reference(seqs, b, sinks.numpy(), locals_.numpy())
-    # Ring caches: per sequence num_sink sink pages then num_ring ring pages; tokens written in order
-    # (later tokens overwrite earlier ones on the same ring page), then the pages of the chunk's window
-    # must all be present. Ring length: the window plus the chunk, as the page selector sizes it.
-    rings, caches_k, caches_v, base = [], [], [], 0
-    total_pages = 0
-    for q_len, kv_len in seqs:
-        num_ring = math.ceil((local + q_len - 1) / PAGE) + 1
-        rings.append((total_pages, page_size_sink, total_pages + page_size_sink, num_ring))
-        total_pages += page_size_sink + num_ring
-    ring_k = torch.full((total_pages, PAGE, num_kv_heads, head_dim), float("nan"))
-    ring_v = torch.full((total_pages, PAGE, num_kv_heads, head_dim), float("nan"))
-    for s, (q_len, kv_len) in enumerate(seqs):
-        pages = b["kv_page_indices"][b["kv_page_indptr"][s]:b["kv_page_indptr"][s + 1]]
-        sink_base, num_sink, ring_base, num_ring = rings[s]
-        for t in range(kv_len):
-            lp = t // PAGE
-            dst = sink_base + lp if lp < num_sink else ring_base + (lp - num_sink) % num_ring
-            ring_k[dst, t % PAGE] = b["k_cache"][pages[lp], t % PAGE]
-            ring_v[dst, t % PAGE] = b["v_cache"][pages[lp], t % PAGE]
-    ring = torch.tensor(rings, dtype=torch.int32)
+    ring_k, ring_v, rings = stream_ring_caches(b["k_cache"].numpy(), b["v_cache"].numpy(),
+                                               b["kv_page_indices"].numpy(), b["kv_page_indptr"].numpy(), seqs,
+                                               page_size_sink, local)
+    ring_k, ring_v = torch.from_numpy(ring_k), torch.from_numpy(ring_v)
+    ring = torch.from_numpy(rings)
     out = torch.full(b["query"].shape, float("nan"))
     backend.attention(b["query"], ring_k, ring_v, b["qo_indptr"], None, None, b["kv_lens"], out,
                       1.0 / math.sqrt(head_dim), window_sink=sinks, window_local=locals_, stream_ring=ring)
