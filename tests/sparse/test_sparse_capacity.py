@@ -19,7 +19,7 @@ SMOLLM2_135M = {
     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
     "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True, "hidden_act": "silu",
     "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
-CONTEXT = 4096 + 16  # a 4K prompt and a few generated tokens
+CONTEXT = 4096 + 48  # a 4K prompt and the tokens it generates
 MEMORY = 1 << 30     # the CPU engine's default KV memory
 
 
@@ -64,7 +64,9 @@ def test_half_the_heads_streaming_holds_1_5x_the_4k_sequences(smollm2_dir, overr
 
 @pytest.mark.slow
 def test_concurrent_4k_sequences_run(smollm2_dir):
-    """End to end: as many 4K prompts as the sparse engine's memory holds all run at once."""
+    """End to end: as many 4K prompts as the sparse engine's memory holds all run at once. They prefill
+    one after another (one prefill ring, a 4K step budget shared with the running decodes), so each
+    generates enough tokens to still be running when the last one is admitted."""
     sparse = _engine(smollm2_dir, SparsityConfig.preset("lserve", model="smollm2-135m-instruct",
                                                         prefill_local_tokens=1024, decode_token_budget=1024),
                      max_num_batched_tokens=4096)
@@ -72,7 +74,7 @@ def test_concurrent_4k_sequences_run(smollm2_dir):
     rng = np.random.default_rng(0)
     for i in range(capacity):
         prompt = [int(t) for t in rng.integers(100, 49000, size=4096)]
-        sparse.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        sparse.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
     most = 0
     while sparse._core.has_unfinished_requests():
         sparse._core.step()
