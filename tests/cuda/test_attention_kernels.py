@@ -228,12 +228,12 @@ def _launch_code(lib, batch, prefill, **sparse):
 
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
 def test_sparsity_refused(lib, prefill):
-    """What the launchers cannot honour they refuse (cudaErrorInvalidValue) and write nothing: the stream
-    ring (TODO(#17)), a store at prefill, and the fields AttentionArgs pairs given alone."""
+    """What the launchers cannot honour they refuse (cudaErrorInvalidValue) and write nothing: a store at
+    prefill, and the fields AttentionArgs pairs given alone. (Stream rings are read since PageTable:
+    tests/cuda/test_sparse_ops_cuda.py.)"""
     batch = PagedBatch([(1, 300), (1, 70)], 8, 2, 128, 16, torch.bfloat16, seed=13)
     selection, counts = _store(batch, 13, num_slots=2, slots=[0, 1])
     cases = {
-        "stream_ring": dict(stream_ring=[[0, 1, 2, 4], [6, 1, 8, 4]]),
         "window_sink alone": dict(window_sink=[4, 4]),
         "window_local alone": dict(window_local=[64, 64]),
         "selection alone": dict(selection=selection),
