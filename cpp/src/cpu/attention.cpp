@@ -79,8 +79,7 @@ struct Problem {
   // Physical page of logical page lp of sequence s.
   int64_t page_of(int64_t s, int64_t lp) const {
     if (stream_ring == nullptr) return kv_page_indices[kv_page_indptr[s] + lp];
-    const int32_t* ring = stream_ring + 4 * s;
-    return lp < ring[1] ? ring[0] + lp : ring[2] + (lp - ring[1]) % ring[3];
+    return stream_ring_page(stream_ring + 4 * s, lp);
   }
   // The stored selection sequence s's KV head reads: (positions, count, base); count < 0 = dense.
   void selection_of(int64_t s, int64_t kv_head, int64_t num_seq_pages, const int32_t** listed, int64_t* count,

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "lserve/check.h"
+#include "lserve/ops/attention.h"
 #include "lserve/ops/page_select.h"
 
 namespace lserve {
@@ -30,8 +31,6 @@ void SparsePlan::clear() {
   select_mode.clear();
   select_slot.clear();
   select_base.clear();
-  any_mirror = false;
-  any_selection = false;
   pages_read_per_head = 0;
   pages_total_per_head = 0;
 }
@@ -132,11 +131,6 @@ int PageSelector::slot_of(int64_t seq_id) const {
   return it->second.slot;
 }
 
-int32_t PageSelector::page_of(const int32_t* ring, int64_t logical_page) const {
-  return static_cast<int32_t>(logical_page < ring[1] ? ring[0] + logical_page
-                                                     : ring[2] + (logical_page - ring[1]) % ring[3]);
-}
-
 void PageSelector::plan_chunk(int64_t seq_id, int64_t start_position, int64_t num_new_tokens, int64_t num_pages,
                               bool samples, SparsePlan* plan) {
   const auto it = seqs_.find(seq_id);
@@ -159,12 +153,10 @@ void PageSelector::plan_chunk(int64_t seq_id, int64_t start_position, int64_t nu
   const int64_t mirror_from = std::max(sink_end, end_position - static_cast<int64_t>(decode_ring_pages_) * page_size_);
   for (int64_t position = start_position; position < end_position; ++position) {
     const int64_t in_page = position % page_size_;
-    plan->stream_slot_mapping.push_back(static_cast<int64_t>(page_of(ring, position / page_size_)) * page_size_ +
-                                        in_page);
+    plan->stream_slot_mapping.push_back(stream_ring_page(ring, position / page_size_) * page_size_ + in_page);
     int64_t mirror = -1;
     if (state.prefill_ring >= 0 && position >= mirror_from) {
-      mirror = static_cast<int64_t>(page_of(decode_ring, position / page_size_)) * page_size_ + in_page;
-      plan->any_mirror = true;
+      mirror = stream_ring_page(decode_ring, position / page_size_) * page_size_ + in_page;
     }
     plan->stream_mirror_mapping.push_back(mirror);
   }
@@ -189,7 +181,6 @@ void PageSelector::plan_chunk(int64_t seq_id, int64_t start_position, int64_t nu
       base = state.base_pages;
     }
     pages_read = num_select_ + num_pages - base;
-    plan->any_selection = true;
   }
   plan->select_mode.push_back(mode);
   plan->select_slot.push_back(slot);

@@ -46,8 +46,6 @@ struct SparsePlan {
   std::vector<int32_t> select_mode;            // (num_seqs,) SelectMode (ops/page_select.h)
   std::vector<int32_t> select_slot;            // (num_seqs,) store row; -1 with kSelectDense
   std::vector<int32_t> select_base;            // (num_seqs,) pages when the selection was made
-  bool any_mirror = false;                     // some token has a mirror slot this step
-  bool any_selection = false;                  // some sequence is fresh or reused this step
   // Pages one dense KV head reads this step, summed over sequences, and what dense attention would read.
   int64_t pages_read_per_head = 0;
   int64_t pages_total_per_head = 0;
@@ -122,7 +120,6 @@ class PageSelector {
   struct Store {
     Tensor selection, count;
   };
-  int32_t page_of(const int32_t* ring, int64_t logical_page) const;
 
   SparsityConfig sparsity_;
   int page_size_, max_num_seqs_, max_num_batched_tokens_, max_model_len_;

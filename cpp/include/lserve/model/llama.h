@@ -97,7 +97,7 @@ class LlamaModel {
   };
 
   // Enqueues the whole forward pass on t: backend ops only, inside the backend's isolated region
-  // (no allocation, copy or synchronisation; the sparse plan's flags are host data of the step).
+  // (no allocation, copy or synchronisation, and no host branch on the step's data).
   void enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_t max_kv_len);
 
   // Reorders a q/k/v/o tensor of layer_idx by its KV head order (host tensors only).

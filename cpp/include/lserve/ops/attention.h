@@ -32,6 +32,12 @@
 
 namespace lserve {
 
+// Page of logical page `logical_page` of a sequence with stream ring `ring` [sink_base, num_sink,
+// ring_base, num_ring] (the host's one copy of the rule; device kernels: PageTable, reference.cuh).
+inline int64_t stream_ring_page(const int32_t* ring, int64_t logical_page) {
+  return logical_page < ring[1] ? ring[0] + logical_page : ring[2] + (logical_page - ring[1]) % ring[3];
+}
+
 struct AttentionArgs {
   TensorView query;            // (num_tokens, num_qo_heads, head_dim) f32 | bf16 | f16, rows contiguous
   TensorView k_cache;          // (num_pages, page_size, num_kv_heads, head_dim) float32 | bfloat16
