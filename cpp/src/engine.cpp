@@ -119,9 +119,9 @@ void Engine::finalize() {
     selector_->allocate_store(*backend_, model_->num_dense_kv_heads());
     model_->set_page_selector(selector_.get());
   }
-  // Step capacities: a step's page lists hold each sequence's pages once (no page is in two
-  // lists), plus a padding page per row of a graph replay.
-  const int64_t max_step_pages = std::min<int64_t>(num_pages + config_.max_num_seqs, pages_per_seq * config_.max_num_seqs);
+  // Step capacities: every sequence's page list (shared prefix pages appear once per sharer, so the
+  // pool's size is no bound), plus a padding page per row of a graph replay.
+  const int64_t max_step_pages = (pages_per_seq + 1) * config_.max_num_seqs;
   // Tokens: a step's budget, or a decode graph's largest bucket (max_num_seqs rows), whichever is more.
   model_->prepare_steps(std::max(config_.max_num_batched_tokens, config_.max_num_seqs), config_.max_num_seqs,
                         max_step_pages);
