@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 from lserve.eval.niah import engine_accepts_sparsity, sparsity_for
 from lserve.eval.retrieval_tasks import (DEPTH_BINS, SPLITS, TASK_MAX_TOKENS, TASKS, PromptFormat, RetrievalCase,
-                                         make_case, score_output)
+                                         find_answer, make_case, score_output)
 
 KNOWN_CONFIGS = ("dense", "lserve")
 
@@ -76,6 +76,7 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
     skipped: Dict[str, str] = {}
     cases: Dict[tuple, RetrievalCase] = {}
     fmt: Optional[PromptFormat] = None
+    tokenizer = None
     sparsities = {}
 
     def report() -> Dict:
@@ -98,6 +99,7 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
         engine = engine_cls(model, **kwargs)
         if fmt is None:
             fmt = PromptFormat.for_tokenizer(engine.tokenizer, use_chat_template)
+            tokenizer = engine.tokenizer
         for task in tasks:
             for length in lengths:
                 for index in range(samples):
@@ -149,6 +151,7 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
             row["recall_steps"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in step.items()}
                                    for step in measured["steps"]]
             row["recall_per_layer"] = [None if v is None else round(v, 5) for v in measured["per_layer"]]
+            row["recall_answer_tokens"] = answer_token_range(tokenizer, forced, row["answers"][0])
             decode = [s["mean"] for s in measured["steps"][1:] if s["mean"] is not None]
             first = measured["steps"][0]["fresh_mean"]
             log(f"[retrieval] recall {row['config']} {row['task']} len={row['length']} #{row['index']}: first "
@@ -158,6 +161,20 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
             if on_result is not None:
                 on_result(report())
     return report()
+
+
+def answer_token_range(tokenizer, token_ids: Sequence[int], answer: str) -> Optional[List[int]]:
+    """[first, last] indices of the tokens of `token_ids` whose text holds the first occurrence of
+    `answer` (as find_answer finds it), or None when the decoded text does not hold it."""
+    ids = [int(t) for t in token_ids]
+    text = tokenizer.decode(ids)
+    start = find_answer(text, answer)
+    if start < 0:
+        return None
+    ends = [len(tokenizer.decode(ids[:k + 1])) for k in range(len(ids))]  # text length after token k
+    first = next(k for k, end in enumerate(ends) if end > start)
+    last = next((k for k, end in enumerate(ends) if end >= start + len(answer)), len(ids) - 1)
+    return [first, last]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -170,7 +187,8 @@ def summarize(results: Sequence[Dict]) -> Dict:
     of each task's mean, so every task weighs the same), totals {config: {"score", "num_cases"}},
     depth_accuracy {config: {bin "0.0-0.2": mean score}} (bins of the answer needle's depth) and
     recall {config: {length: per answer-token index lists "mean", "min", "fresh_mean", "stream_mean"
-    (means over cases; min over cases and heads) and "num_cases"}} (JSON keys are strings)."""
+    (means over cases; min over cases and heads) and "num_cases", and "answer_mean": the mean over
+    cases of each case's mean recall over the tokens of its first answer}} (JSON keys are strings)."""
     by_cell: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
     by_depth: Dict[str, Dict[str, List[float]]] = {}
     for row in results:
@@ -197,12 +215,19 @@ def summarize(results: Sequence[Dict]) -> Dict:
 
 def recall_table(results: Sequence[Dict]) -> Dict:
     """{config: {length: {"mean", "min", "fresh_mean", "stream_mean": per answer-token index,
-    "num_cases": per index}}} over the rows that measured recall."""
+    "num_cases": per index, "answer_mean": over the answers' own tokens}}} over the rows that
+    measured recall (see summarize)."""
     grouped: Dict[str, Dict[str, List[List[Dict]]]] = {}
+    in_answer: Dict[str, Dict[str, List[float]]] = {}
     for row in results:
         steps = row.get("recall_steps")
         if not steps:
             continue
+        span = row.get("recall_answer_tokens")
+        if span:
+            values = [s["mean"] for s in steps[span[0]:span[1] + 1] if s.get("mean") is not None]
+            if values:
+                in_answer.setdefault(row["config"], {}).setdefault(str(row["length"]), []).append(_mean(values))
         columns = grouped.setdefault(row["config"], {}).setdefault(str(row["length"]), [])
         while len(columns) < len(steps):
             columns.append([])
@@ -223,7 +248,9 @@ def recall_table(results: Sequence[Dict]) -> Dict:
                 "stream_mean": column_mean("stream_mean"),
                 "min": [min(s["min"] for s in steps if s.get("min") is not None) if any(
                     s.get("min") is not None for s in steps) else None for steps in columns],
-                "num_cases": [len(steps) for steps in columns]}
+                "num_cases": [len(steps) for steps in columns],
+                "answer_mean": (round(_mean(in_answer[config][length]), 5)
+                                if in_answer.get(config, {}).get(length) else None)}
     return table
 
 
@@ -259,7 +286,9 @@ def format_recall(report: Dict, max_steps: int = 12) -> str:
                          + " ".join("  -  " if v is None else f"{v:.3f}" for v in shown)
                          + (" ..." if len(cells["mean"]) > max_steps else "")
                          + (f" (first token, fresh selection: {cells['fresh_mean'][0]:.3f})"
-                            if cells["fresh_mean"] and cells["fresh_mean"][0] is not None else ""))
+                            if cells["fresh_mean"] and cells["fresh_mean"][0] is not None else "")
+                         + (f"; over the answers' tokens: {cells['answer_mean']:.3f}"
+                            if cells.get("answer_mean") is not None else ""))
     return "\n".join(lines)
 
 
@@ -270,8 +299,9 @@ def write_results(path: str, report: Dict) -> None:
 
 
 def plot_heatmap(report: Dict, path: str) -> bool:
-    """Accuracy heatmaps (task x length), one panel per config run. False (with nothing written)
-    when matplotlib is missing or nothing ran."""
+    """Accuracy heatmaps (task x length), one panel per config run, and with recall measured a last
+    panel of mean selection recall by answer-token index (one line per config and length). False
+    (with nothing written) when matplotlib is missing or nothing ran."""
     try:
         import matplotlib
 
@@ -285,8 +315,10 @@ def plot_heatmap(report: Dict, path: str) -> bool:
     if not configs:
         return False
     lengths, tasks = [str(n) for n in report["lengths"]] + ["all"], list(report["tasks"]) + ["all"]
-    fig, axes = plt.subplots(1, len(configs), figsize=(2.5 + 1.1 * len(lengths) * len(configs), 1.0 + 0.42 * len(tasks)),
-                             squeeze=False)
+    recall = report.get("recall") or {}
+    num_panels = len(configs) + (1 if recall else 0)
+    fig, axes = plt.subplots(1, num_panels, figsize=(2.5 + 1.1 * len(lengths) * len(configs) + (4.0 if recall else 0.0),
+                                                     1.3 + 0.42 * len(tasks)), squeeze=False)
     for index, (ax, config) in enumerate(zip(axes[0], configs)):
         grid = np.full((len(tasks), len(lengths)), np.nan)
         for i, task in enumerate(tasks):
@@ -302,9 +334,20 @@ def plot_heatmap(report: Dict, path: str) -> bool:
             for j in range(len(lengths)):
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="score")
+    fig.colorbar(image, ax=axes[0][:len(configs)].tolist(), shrink=0.8, label="score")
+    if recall:
+        ax = axes[0][-1]
+        for config, by_length in recall.items():
+            for length, cells in sorted(by_length.items(), key=lambda item: int(item[0])):
+                values = [np.nan if v is None else v for v in cells["mean"]]
+                ax.plot(range(len(values)), values, marker=".", label=f"{config} {length}")
+        ax.set_xlabel("answer token")
+        ax.set_ylabel("selection recall (mean)")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_title("dense mass in the pages read")
+        ax.legend(fontsize=7)
     model = str(report["model"]).rstrip("/").rsplit("/", 1)[-1]
-    fig.suptitle(f"retrieval ({report['split']} split): {model}", fontsize=10)
+    fig.suptitle(f"retrieval ({report['split']} split): {model}", fontsize=10, y=1.04)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
