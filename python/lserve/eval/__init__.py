@@ -109,7 +109,8 @@ def _add_retrieval_parser(harnesses) -> None:
     retrieval.add_argument("--no-chat-template", action="store_true", help="plain text prompts even for chat models")
     retrieval.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     retrieval.add_argument("--threads", type=int, default=0, help="engine CPU threads, 0 = all cores")
-    retrieval.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill chunk (default: %(default)s)")
+    retrieval.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                           help="prefill chunk (default: %(default)s)")
     retrieval.add_argument("--out", default="retrieval.json",
                            help="results JSON, rewritten after every case (default: %(default)s)")
     retrieval.add_argument("--plot", default=None, help="task x length heatmap PNG (needs matplotlib)")

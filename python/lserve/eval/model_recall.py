@@ -60,9 +60,10 @@ class QKCapture:
         records, positions = self._records, self._positions
 
         def capture_attention(module, query, key, value, attention_mask, **kwargs):
-            # query (batch, num_qo_heads, T, D), key (batch, num_kv_heads, T, D), batch 1.
-            records[int(module.layer_idx)] = (query[0][:, positions].detach().float().permute(1, 0, 2).numpy().copy(),
-                                              key[0].detach().float().permute(1, 0, 2).numpy().copy())
+            # query (batch, num_qo_heads, T, D), key (batch, num_kv_heads, T, D), batch 1; records
+            # (len(positions), num_qo_heads, D) queries and (T, num_kv_heads, D) keys.
+            queries = query[0][:, positions].detach().float().permute(1, 0, 2).numpy().copy()
+            records[int(module.layer_idx)] = (queries, key[0].detach().float().permute(1, 0, 2).numpy().copy())
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
         AttentionInterface.register(_ATTENTION_NAME, capture_attention)
@@ -72,9 +73,12 @@ class QKCapture:
             self.model.config._attn_implementation = _ATTENTION_NAME
 
     def capture(self, prompt_ids: Sequence[int]) -> Dict[int, tuple]:
-        return {layer: (queries[0], keys) for layer, (queries, keys) in self.capture_positions(prompt_ids, [-1]).items()}
+        records = self.capture_positions(prompt_ids, [-1])
+        return {layer: (queries[0], keys) for layer, (queries, keys) in records.items()}
 
     def capture_positions(self, token_ids: Sequence[int], positions: Sequence[int]) -> Dict[int, tuple]:
+        """{layer: (queries (len(positions), num_qo_heads, D), keys (len(token_ids), num_kv_heads, D))}
+        of one forward pass over token_ids; positions index token_ids (negative from the end)."""
         torch = self._torch
         self._records.clear()
         self._positions[:] = [int(p) for p in positions]

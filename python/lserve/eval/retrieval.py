@@ -209,7 +209,8 @@ def summarize(results: Sequence[Dict]) -> Dict:
         accuracy[config] = table
         totals[config] = {"score": table["all"]["all"],
                           "num_cases": sum(len(v) for cells in by_task.values() for v in cells.values())}
-    depth_accuracy = {config: {label: _mean(v) for label, v in sorted(bins.items())} for config, bins in by_depth.items()}
+    depth_accuracy = {config: {label: _mean(v) for label, v in sorted(bins.items())}
+                      for config, bins in by_depth.items()}
     return {"accuracy": accuracy, "totals": totals, "depth_accuracy": depth_accuracy, "recall": recall_table(results)}
 
 
@@ -271,7 +272,8 @@ def format_table(report: Dict) -> str:
             values = [report["accuracy"][c].get(row, {}).get(length) for c in configs]
             cells.append(" / ".join("  -  " if v is None else f"{v:.2f}".rjust(5) for v in values))
         lines.append(f"{row:<{width}}  " + "  ".join(f"{c:>{cell_width}}" for c in cells))
-    lines.append("total: " + ", ".join(f"{c} {report['totals'][c]['score']:.3f} ({report['totals'][c]['num_cases']} cases)"
+    totals = report["totals"]
+    lines.append("total: " + ", ".join(f"{c} {totals[c]['score']:.3f} ({totals[c]['num_cases']} cases)"
                                        for c in configs))
     return "\n".join(lines)
 
