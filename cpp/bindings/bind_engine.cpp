@@ -101,6 +101,7 @@ void bind_engine(py::module_& m) {
       .def_readonly("num_free_prefill_rings", &EngineStats::num_free_prefill_rings)
       .def_readonly("streaming_bytes_per_seq", &EngineStats::streaming_bytes_per_seq)
       .def_readonly("streaming_kv_bytes", &EngineStats::streaming_kv_bytes)
+      .def_readonly("num_shadow_pages", &EngineStats::num_shadow_pages)
       .def_readonly("streaming_kv_bytes_in_use", &EngineStats::streaming_kv_bytes_in_use)
       .def_readonly("last_step_pages_selected", &EngineStats::last_step_pages_selected)
       .def_readonly("last_step_pages_total", &EngineStats::last_step_pages_total)

@@ -89,6 +89,19 @@ void Engine::finalize() {
     budget -= selector_->size_memory(budget, model_->streaming_bytes_per_token(kv_dtype),
                                      model_->kv_bytes_per_token(kv_dtype));
     budget = std::max<int64_t>(budget, 0);
+    if (config_.enable_prefix_caching) {
+      // Prefix caching keeps the streaming heads' K/V of cached pages in shadow pages: 1/32 of what
+      // is left, when that holds at least one prefix's sinks and trailing window; otherwise none (a
+      // prefill window so wide that restoring it would cost more than the cache saves: sparse
+      // prefix hits are then off and stats().num_shadow_pages says 0).
+      const int64_t shadow_page_bytes =
+          std::max<int64_t>(1, model_->streaming_bytes_per_token(kv_dtype) * config_.page_size);
+      const int64_t minimum = selector_->num_sink_pages() + selector_->restore_window_pages() + 1;
+      int64_t shadows = std::min<int64_t>(budget / 32 / shadow_page_bytes, 1 << 24);
+      if (shadows < minimum) shadows = 0;
+      selector_->set_shadow_pages(static_cast<int>(shadows));
+      budget = std::max<int64_t>(budget - shadows * shadow_page_bytes, 0);
+    }
   }
   int64_t num_pages = config_.num_kv_pages;
   if (num_pages == 0) {
@@ -110,7 +123,7 @@ void Engine::finalize() {
             << mc.num_qo_heads << '|' << mc.num_kv_heads << '|' << mc.head_dim << '|' << mc.rope_theta << '|'
             << mc.rms_norm_eps << '|' << config_.dtype << '|' << config_.kv_cache_dtype << '|' << config_.page_size
             << '|' << config_.sparsity.enabled;
-  const bool prefix_caching = config_.enable_prefix_caching && !config_.sparsity.enabled;
+  const bool prefix_caching = config_.enable_prefix_caching;
   kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size, prefix_caching,
                                                std::hash<std::string>{}(salt_text.str()));
   dense_page_bytes_ = page_bytes;
@@ -266,6 +279,15 @@ std::vector<RequestOutput> Engine::step() {
   prefix_cache_hits_ += scheduled.prefix_cache_hits;
   if (scheduled.chunks.empty()) return outputs;
 
+  // Prefix hits with sparse attention: the streaming heads' sinks and windows come back from the
+  // page selector's shadow pages (backend page copies, before the forward pass).
+  for (const auto& [request_id, num_tokens] : scheduled.restores) {
+    for (const auto& [shadow, page] :
+         selector_->restore_copies(request_id, kv_cache_->chain(request_id), num_tokens / kv_cache_->page_size())) {
+      model_->copy_streaming_pages(shadow, page, 1);
+    }
+  }
+
   // Batch metadata: each chunk is one sequence in the attention call; the page selector plans the
   // sparse part (once per step, on the host).
   ForwardBatch& batch = batch_;
@@ -313,8 +335,20 @@ std::vector<RequestOutput> Engine::step() {
   } else {
     logits = model_->forward(batch);
   }
-  scheduler_->commit(scheduled);
-  if (selector_) selector_->commit();
+  named_pages_.clear();
+  scheduler_->commit(scheduled, selector_ ? &named_pages_ : nullptr);
+  if (selector_) {
+    // Pages just named in the prefix cache keep their streaming heads' K/V in shadows (copied from
+    // the rings, which still hold them), before commit hands prefill rings back.
+    for (const NamedPage& named : named_pages_) {
+      const std::vector<uint64_t>& chain = kv_cache_->chain(named.seq_id);
+      const std::vector<uint64_t> sinks(chain.begin(),
+                                        chain.begin() + std::min<size_t>(chain.size(), selector_->num_sink_pages()));
+      const auto [page, shadow] = selector_->shadow_page_for(named.seq_id, named.logical_page, named.name, sinks);
+      if (page >= 0) model_->copy_streaming_pages(page, shadow, 1);
+    }
+    selector_->commit();
+  }
   ++num_steps_;
 
   const int vocab_size = model_->config().vocab_size;
@@ -564,7 +598,10 @@ EngineStats Engine::stats() const {
     stats.num_prefill_rings = sel.num_prefill_rings();
     stats.num_free_prefill_rings = sel.num_free_prefill_rings();
     stats.streaming_bytes_per_seq = sel.slot_bytes();
-    stats.streaming_kv_bytes = sel.num_slots() * sel.slot_bytes() + sel.num_prefill_rings() * sel.prefill_ring_bytes();
+    stats.num_shadow_pages = sel.num_shadow_pages();
+    stats.streaming_kv_bytes = sel.num_slots() * sel.slot_bytes() + sel.num_prefill_rings() * sel.prefill_ring_bytes() +
+                               static_cast<int64_t>(sel.num_shadow_pages()) * sel.page_size() *
+                                   model_->streaming_bytes_per_token(dtype_from_string(config_.kv_cache_dtype));
     stats.streaming_kv_bytes_in_use = (sel.num_slots() - sel.num_free_slots()) * sel.slot_bytes() +
                                       (sel.num_prefill_rings() - sel.num_free_prefill_rings()) * sel.prefill_ring_bytes();
     stats.kv_cache_bytes += stats.streaming_kv_bytes;

@@ -136,7 +136,14 @@ SchedulerOutput Scheduler::schedule() {
     // leaving at least its last token to compute: the step needs its logits).
     int64_t matched = 0;
     if (request->num_computed_tokens == 0 && !kv_cache_.has(request->request_id)) {
-      matched = kv_cache_.match_prefix(request->request_id, request->tokens(), request->num_tokens() - 1);
+      if (selector_ != nullptr) {  // only as far as the streaming heads' state can be restored
+        matched = kv_cache_.match_prefix(request->request_id, request->tokens(), request->num_tokens() - 1,
+                                         [this](const std::vector<uint64_t>& names) {
+                                           return selector_->usable_prefix_pages(names);
+                                         });
+      } else {
+        matched = kv_cache_.match_prefix(request->request_id, request->tokens(), request->num_tokens() - 1);
+      }
       request->num_computed_tokens = matched;
     }
     const int64_t num_new = std::min(request->num_tokens() - request->num_computed_tokens, budget);
@@ -152,6 +159,7 @@ SchedulerOutput Scheduler::schedule() {
       output.prefix_cache_hits += matched;
     }
     if (request->num_cached_tokens < 0) request->num_cached_tokens = matched;
+    if (matched > 0 && selector_ != nullptr) output.restores.emplace_back(request->request_id, matched);
     request->status = RequestStatus::kRunning;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
@@ -163,11 +171,11 @@ SchedulerOutput Scheduler::schedule() {
   return output;
 }
 
-void Scheduler::commit(const SchedulerOutput& output) {
+void Scheduler::commit(const SchedulerOutput& output, std::vector<NamedPage>* named) {
   for (const ScheduledChunk& chunk : output.chunks) {
     Request& request = *chunk.request;
     request.num_computed_tokens = chunk.start_position + chunk.num_new_tokens;
-    kv_cache_.cache_full_pages(request.request_id, request.tokens(), request.num_computed_tokens);
+    kv_cache_.cache_full_pages(request.request_id, request.tokens(), request.num_computed_tokens, named);
   }
 }
 

@@ -720,6 +720,9 @@ class EngineStats:
     def num_running(self) -> int:
         ...
     @property
+    def num_shadow_pages(self) -> int:
+        ...
+    @property
     def num_steps(self) -> int:
         ...
     @property

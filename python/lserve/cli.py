@@ -25,8 +25,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sparsity", default="dense", choices=["dense", "lserve"],
                        help="attention: dense, or LServe sparse attention (streaming heads + page selection)")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                       help="reuse the KV of repeated prompt prefixes (default: on with dense attention, off with "
-                            "--sparsity lserve, where it is not supported yet)")
+                       help="reuse the KV of repeated prompt prefixes (default: on)")
 
 
 def _engine_from_args(args: argparse.Namespace):

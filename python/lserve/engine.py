@@ -101,9 +101,10 @@ class Engine:
         sparsity: LServe sparse attention: None or "dense" (off), "lserve" (the paper's settings and
             the model's shipped head pattern), or a lserve.SparsityConfig.
         enable_prefix_caching: keep the KV of full pages of computed tokens and compute only the part
-            of a new prompt that is not cached (vLLM's automatic prefix caching). None (default): on
-            with dense attention, off with sparsity (not supported there yet); True with sparsity
-            is a ValueError. n > 1 samples of one prompt share its single prefill either way.
+            of a new prompt that is not cached (vLLM's automatic prefix caching; default on). With
+            sparse attention the streaming heads' KV of cached pages is kept too (shadow pages), so a
+            hit gives the tokens a full prefill would. n > 1 samples of one prompt share its single
+            prefill either way.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer: Optional[str] = None, dtype: str = "auto",
@@ -183,9 +184,6 @@ class Engine:
         config.eos_token_ids = list(source.eos_token_ids)
         self.sparsity = resolve_sparsity(sparsity, model)
         config.sparsity = self.sparsity.to_core(model_config.num_layers, model_config.num_kv_heads)
-        if enable_prefix_caching and config.sparsity.enabled:
-            raise ValueError("enable_prefix_caching=True with sparse attention is not supported yet: the streaming "
-                             "heads' KV of a cached prefix is not kept (leave it None or pass False)")
         config.enable_prefix_caching = enable_prefix_caching is not False
         self._core = _C.Engine(model_config, config)
         source.load_weights(self._core, seed=seed, show_progress=show_progress)

@@ -171,22 +171,73 @@ def test_reset_prefix_cache(llama_dir):
     assert eng.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
 
 
+SPARSE = SparsityConfig(streaming_heads=[[1], [0]], prefill_sink_tokens=8, prefill_local_tokens=32,
+                        decode_sink_tokens=8, decode_local_tokens=32, decode_token_budget=32,
+                        selection_reuse_interval=2, physical_page_size=16, logical_page_size=8)
+
+
+def sparse_engine(llama_dir, caching: bool, **kwargs) -> Engine:
+    options = dict(max_model_len=512, show_progress=False, sparsity=SPARSE, enable_prefix_caching=caching)
+    options.update(kwargs)
+    return Engine(str(llama_dir), **options)
+
+
 def test_sparse_n_samples_fork_the_streaming_slot(llama_dir):
     """With sparse attention (streaming heads, page selection), n = 4 forks the decode slot too:
-    each sample equals its seed run alone. Prefix caching stays off there; asking for it is an error."""
-    sparsity = SparsityConfig(streaming_heads=[[1], [0]], prefill_sink_tokens=8, prefill_local_tokens=32,
-                              decode_sink_tokens=8, decode_local_tokens=32, decode_token_budget=32,
-                              selection_reuse_interval=2, physical_page_size=16, logical_page_size=8)
+    each sample equals its seed run alone."""
     prompt = tokens(12, 150)
-    eng = Engine(str(llama_dir), max_model_len=512, show_progress=False, sparsity=sparsity)
-    assert not eng.stats().prefix_caching
+    eng = sparse_engine(llama_dir, False)
     params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=4, n=4)
     out = eng.generate([prompt], params, use_tqdm=False)[0]
     assert eng.stats().num_forked_samples == 3
     assert eng.stats().num_prompt_tokens_computed == len(prompt)
-    alone = Engine(str(llama_dir), max_model_len=512, show_progress=False, sparsity=sparsity)
+    alone = sparse_engine(llama_dir, False)
     for index, sample in enumerate(out.outputs):
         one = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=4 + index)
         assert_exact(sample.token_ids, run(alone, [prompt], one)[0], what=f"sparse sample {index}")
-    with pytest.raises(ValueError, match="enable_prefix_caching"):
-        Engine(str(llama_dir), max_model_len=512, show_progress=False, sparsity=sparsity, enable_prefix_caching=True)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("prefix_len,budget", [(200, 64), (200, 512), (40, 512), (100, 16)],
+                         ids=["prefill_ring", "one_chunk", "in_slot", "small_chunks"])
+def test_sparse_prefix_hit_equals_miss(llama_dir, params, prefix_len, budget):
+    """Sparse attention with prefix caching: the streaming heads' sinks and windows come back from
+    shadow pages, so a request hitting a cached prefix (longer than the streaming window and the
+    prefill chunk, or within the decode slot) gives the tokens of an uncached engine, and skips the
+    cached part's computation."""
+    prefix = tokens(13, prefix_len)
+    first, second = prefix + tokens(14, 11), prefix + tokens(15, 27)
+    cached = sparse_engine(llama_dir, True, max_num_batched_tokens=budget)
+    plain = sparse_engine(llama_dir, False, max_num_batched_tokens=budget)
+    assert cached.stats().prefix_caching and not plain.stats().prefix_caching
+    assert cached.stats().num_shadow_pages > 0 and plain.stats().num_shadow_pages == 0
+    # Between the two, an unrelated prompt runs in the same decode slot and prefill ring: whatever
+    # the hit needs of the streaming heads must come from the shadows, not from what is left there.
+    other = tokens(16, prefix_len + 20)
+    for prompt in (first, other, second):
+        before = cached.stats().num_prompt_tokens_computed
+        out = cached.generate([prompt], params, use_tqdm=False)[0]
+        computed = cached.stats().num_prompt_tokens_computed - before
+        assert_exact(out.outputs[0].token_ids, run(plain, [prompt], params)[0],
+                     what=f"sparse prefix {prefix_len}, budget {budget}")
+        if prompt is second:
+            assert out.num_cached_tokens == (prefix_len // 16) * 16
+            assert computed == len(second) - out.num_cached_tokens
+    assert cached.stats().isolation_violations == 0
+
+
+def test_sparse_prefix_cache_under_pressure(llama_dir):
+    """Many prompts over a few shared prefixes with a tight pool (preemption, eviction of pages and
+    shadows): every request gets the uncached engine's tokens and every page comes back."""
+    stems = [tokens(30 + k, 70 + 40 * k) for k in range(3)]
+    prompts = [stems[i % 3] + tokens(40 + i, 5 + 3 * i) for i in range(9)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    expected = run(sparse_engine(llama_dir, False, num_kv_pages=256), prompts, params)
+    tight = sparse_engine(llama_dir, True, max_model_len=256, num_kv_pages=24, max_num_batched_tokens=48,
+                          max_num_seqs=4)
+    outputs = tight.generate(prompts, params, use_tqdm=False)
+    stats = tight.stats()
+    assert stats.prefix_cache_hits > 0
+    for index, (out, ref) in enumerate(zip(outputs, expected)):
+        assert_exact(out.outputs[0].token_ids, ref, what=f"prompt {index}")
+    assert stats.num_free_pages == stats.num_total_pages and stats.num_running == 0

@@ -46,8 +46,8 @@ struct EngineConfig {
   std::vector<int32_t> eos_token_ids;      // empty: the model config's eos_token_id
   SparsityConfig sparsity;                 // enabled: LServe sparse attention (page_size = physical_page_size)
   // Automatic prefix caching (kv/page_pool.h): full pages of computed tokens stay cached and a new
-  // request computes only what is not. Dense attention only for now: with sparsity it stays off
-  // (the streaming heads' KV of a cached prefix is not kept yet; issue 14).
+  // request computes only what is not. With sparse attention the streaming heads' K/V of cached
+  // pages is kept in the page selector's shadow pages (1/32 of the KV budget after the rings).
   bool enable_prefix_caching = true;
 
   void validate() const;
@@ -92,14 +92,15 @@ struct EngineStats {
   int num_prefill_rings = 0;
   int num_free_prefill_rings = 0;
   int64_t streaming_bytes_per_seq = 0;
-  int64_t streaming_kv_bytes = 0;
+  int64_t streaming_kv_bytes = 0;      // slots, rings and (prefix caching) shadow pages
+  int num_shadow_pages = 0;            // the streaming heads' pages of cached prefixes (kv/page_selector.h)
   int64_t streaming_kv_bytes_in_use = 0;
   int64_t last_step_pages_selected = 0;
   int64_t last_step_pages_total = 0;
   // CUDA graphs: the decode batch sizes captured (empty: none) and the steps that replayed one.
   std::vector<int> graph_batch_sizes;
   int64_t num_graph_replays = 0;
-  // Prefix caching: on or off (sparse engines: off), pages cached (evictable ones included), tokens
+  // Prefix caching: on or off, pages cached (evictable ones included), tokens
   // looked up and found at admission; prompt tokens computed by the model (a prefix hit or a forked
   // sample computes fewer) and samples forked from a sibling's prefill (add_request_group).
   bool prefix_caching = false;
@@ -181,6 +182,7 @@ class Engine {
   std::vector<RequestOutput> pending_aborts_;
   // Samples waiting for their first sibling's prefill (add_request_group), by that sibling's id.
   std::unordered_map<int64_t, std::vector<std::unique_ptr<Request>>> followers_;
+  std::vector<NamedPage> named_pages_;  // pages the last commit named (sparse: their shadows are made)
   int64_t prefix_cache_queries_ = 0, prefix_cache_hits_ = 0, num_prompt_tokens_computed_ = 0, num_forked_ = 0;
   int64_t num_preemptions_ = 0;
   int64_t num_steps_ = 0;

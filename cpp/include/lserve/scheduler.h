@@ -70,6 +70,9 @@ struct SchedulerOutput {
   // Prefix caching, over the requests admitted this step: tokens looked up and tokens found cached.
   int64_t prefix_cache_queries = 0;
   int64_t prefix_cache_hits = 0;
+  // With sparse attention: (request id, tokens taken from the cache) of each hit this step, whose
+  // streaming state the engine restores from the page selector's shadows before the forward pass.
+  std::vector<std::pair<int64_t, int64_t>> restores;
 };
 
 class Scheduler {
@@ -86,9 +89,10 @@ class Scheduler {
   // or nullptr when the id is unknown.
   std::unique_ptr<Request> abort_request(int64_t request_id);
   SchedulerOutput schedule();
-  // After the model ran `output`: advances computed-token counts. Call finish_request for the
-  // requests that stopped.
-  void commit(const SchedulerOutput& output);
+  // After the model ran `output`: advances computed-token counts and names the pages they filled
+  // in the prefix cache (appended to `named` when given). Call finish_request for the requests
+  // that stopped.
+  void commit(const SchedulerOutput& output, std::vector<NamedPage>* named = nullptr);
   std::unique_ptr<Request> finish_request(int64_t request_id, FinishReason reason);
 
   int num_running() const { return static_cast<int>(running_.size()); }

@@ -219,7 +219,8 @@ bool KvCacheManager::page_matches(int page_idx, uint64_t parent, const TokenRuns
   return true;
 }
 
-int64_t KvCacheManager::match_prefix(int64_t seq_id, const TokenRuns& tokens, int64_t max_tokens) {
+int64_t KvCacheManager::match_prefix(int64_t seq_id, const TokenRuns& tokens, int64_t max_tokens,
+                                     const std::function<int(const std::vector<uint64_t>&)>& usable) {
   if (!prefix_caching_) return 0;
   LSERVE_CHECK(!has(seq_id), "KvCacheManager::match_prefix: sequence ", seq_id, " already holds pages");
   max_tokens = std::min(max_tokens, tokens.size());
@@ -234,6 +235,11 @@ int64_t KvCacheManager::match_prefix(int64_t seq_id, const TokenRuns& tokens, in
     chain.push_back(hash);
     parent = hash;
   }
+  if (usable && !chain.empty()) {
+    const size_t keep = static_cast<size_t>(std::clamp(usable(chain), 0, static_cast<int>(chain.size())));
+    table.resize(keep);
+    chain.resize(keep);
+  }
   if (table.empty()) return 0;
   for (int32_t page_idx : table) pool_.incref(page_idx);
   const int64_t matched = static_cast<int64_t>(table.size()) * page_size_;
@@ -242,7 +248,8 @@ int64_t KvCacheManager::match_prefix(int64_t seq_id, const TokenRuns& tokens, in
   return matched;
 }
 
-void KvCacheManager::cache_full_pages(int64_t seq_id, const TokenRuns& tokens, int64_t num_computed) {
+void KvCacheManager::cache_full_pages(int64_t seq_id, const TokenRuns& tokens, int64_t num_computed,
+                                      std::vector<NamedPage>* named) {
   if (!prefix_caching_) return;
   const auto table = tables_.find(seq_id);
   if (table == tables_.end()) return;
@@ -261,10 +268,17 @@ void KvCacheManager::cache_full_pages(int64_t seq_id, const TokenRuns& tokens, i
       for (int64_t i = 0; i < page_size_; ++i) stored[i] = tokens[page * page_size_ + i];
     }
     chain.push_back(hash);
+    if (named != nullptr) named->push_back({seq_id, page, page_idx, hash});
   }
 }
 
 void KvCacheManager::reset_prefix_cache() { pool_.uncache_all(); }
+
+const std::vector<uint64_t>& KvCacheManager::chain(int64_t seq_id) const {
+  static const std::vector<uint64_t> kEmpty;
+  const auto it = chains_.find(seq_id);
+  return it == chains_.end() ? kEmpty : it->second;
+}
 
 const std::vector<int32_t>& KvCacheManager::pages(int64_t seq_id) const {
   static const std::vector<int32_t> kEmpty;

@@ -86,6 +86,110 @@ int64_t PageSelector::size_memory(int64_t budget, int64_t stream_bytes_per_token
   return num_prefill_rings_ * prefill_ring_bytes_ + num_slots_ * slot_bytes_;
 }
 
+void PageSelector::set_shadow_pages(int num_shadow_pages) {
+  LSERVE_CHECK(num_shadow_pages >= 0, "PageSelector: shadow pages must be >= 0, got ", num_shadow_pages);
+  LSERVE_CHECK(store_.empty(), "PageSelector::set_shadow_pages after allocate_store");
+  num_shadow_pages_ = num_shadow_pages;
+  shadow_name_.assign(static_cast<size_t>(num_shadow_pages), 0);
+  shadow_used_.assign(static_cast<size_t>(num_shadow_pages), 0);
+  shadow_of_.clear();
+  shadow_lru_.clear();
+  shadow_pos_.clear();
+  for (int shadow = 0; shadow < num_shadow_pages; ++shadow) {
+    shadow_pos_.push_back(shadow_lru_.insert(shadow_lru_.end(), shadow));
+  }
+}
+
+int PageSelector::restore_window_pages() const {
+  const int64_t prefill = ceil_div(sparsity_.prefill_local_tokens, page_size_);
+  return static_cast<int>(std::max<int64_t>(std::min<int64_t>(prefill, prefill_ring_pages_ - 1), decode_ring_pages_));
+}
+
+void PageSelector::touch_shadow(int shadow) {
+  shadow_lru_.splice(shadow_lru_.end(), shadow_lru_, shadow_pos_[static_cast<size_t>(shadow)]);
+}
+
+int PageSelector::find_shadow(uint64_t name) const {
+  const auto it = shadow_of_.find(name);
+  return it == shadow_of_.end() ? -1 : it->second;
+}
+
+int PageSelector::usable_prefix_pages(const std::vector<uint64_t>& names) const {
+  if (num_shadow_pages_ == 0) return 0;
+  const int num = static_cast<int>(names.size());
+  int sinks_ok = 0;  // leading pages (up to the sink pages) with shadows
+  while (sinks_ok < std::min(num, num_sink_pages_) && find_shadow(names[static_cast<size_t>(sinks_ok)]) >= 0) ++sinks_ok;
+  for (int k = num; k > 0; --k) {
+    if (sinks_ok < std::min(k, num_sink_pages_)) continue;
+    bool ok = true;
+    for (int lp = std::max(num_sink_pages_, k - restore_window_pages()); lp < k && ok; ++lp) {
+      ok = find_shadow(names[static_cast<size_t>(lp)]) >= 0;
+    }
+    if (ok) return k;
+  }
+  return 0;
+}
+
+std::pair<int, int> PageSelector::shadow_page_for(int64_t seq_id, int64_t logical_page, uint64_t name,
+                                                  const std::vector<uint64_t>& sink_names) {
+  if (num_shadow_pages_ == 0) return {-1, -1};
+  for (const uint64_t sink : sink_names) {
+    const int shadow = find_shadow(sink);
+    if (shadow >= 0) touch_shadow(shadow);
+  }
+  if (find_shadow(name) >= 0) {
+    touch_shadow(find_shadow(name));
+    return {-1, -1};
+  }
+  const auto it = seqs_.find(seq_id);
+  LSERVE_CHECK(it != seqs_.end(), "page selector: sequence ", seq_id, " named a page without a slot");
+  const SeqState& state = it->second;
+  const int32_t slot_base = state.slot * slot_pages();
+  int32_t ring[4] = {slot_base, num_sink_pages_, slot_base + num_sink_pages_, decode_ring_pages_};
+  if (state.prefill_ring >= 0) {
+    ring[2] = num_slots_ * slot_pages() + state.prefill_ring * prefill_ring_pages_;
+    ring[3] = prefill_ring_pages_;
+  }
+  const int shadow = shadow_lru_.front();  // least recently used: recycled
+  if (shadow_used_[static_cast<size_t>(shadow)]) shadow_of_.erase(shadow_name_[static_cast<size_t>(shadow)]);
+  shadow_name_[static_cast<size_t>(shadow)] = name;
+  shadow_used_[static_cast<size_t>(shadow)] = 1;
+  shadow_of_[name] = shadow;
+  touch_shadow(shadow);
+  return {static_cast<int>(stream_ring_page(ring, logical_page)), shadow_base() + shadow};
+}
+
+std::vector<std::pair<int, int>> PageSelector::restore_copies(int64_t seq_id, const std::vector<uint64_t>& names,
+                                                              int64_t num_pages) {
+  const auto it = seqs_.find(seq_id);
+  LSERVE_CHECK(it != seqs_.end(), "page selector: restore for sequence ", seq_id, ", which holds no slot");
+  const SeqState& state = it->second;
+  const int32_t slot_base = state.slot * slot_pages();
+  const int32_t decode_ring[4] = {slot_base, num_sink_pages_, slot_base + num_sink_pages_, decode_ring_pages_};
+  std::vector<std::pair<int, int>> copies;
+  auto shadow_of = [&](int64_t lp) {
+    const int shadow = find_shadow(names[static_cast<size_t>(lp)]);
+    LSERVE_CHECK(shadow >= 0, "page selector: restore of logical page ", lp, " of sequence ", seq_id,
+                 " without its shadow (usable_prefix_pages cut the hit wrongly)");
+    touch_shadow(shadow);
+    return shadow_base() + shadow;
+  };
+  const int64_t num_sinks = std::min<int64_t>(num_sink_pages_, num_pages);
+  for (int64_t lp = 0; lp < num_sinks; ++lp) copies.emplace_back(shadow_of(lp), static_cast<int>(stream_ring_page(decode_ring, lp)));
+  for (int64_t lp = std::max<int64_t>(num_sink_pages_, num_pages - decode_ring_pages_); lp < num_pages; ++lp) {
+    copies.emplace_back(shadow_of(lp), static_cast<int>(stream_ring_page(decode_ring, lp)));
+  }
+  if (state.prefill_ring >= 0) {
+    int32_t ring[4] = {decode_ring[0], decode_ring[1], num_slots_ * slot_pages() + state.prefill_ring * prefill_ring_pages_,
+                       prefill_ring_pages_};
+    const int64_t window = std::min<int64_t>(ceil_div(sparsity_.prefill_local_tokens, page_size_), prefill_ring_pages_ - 1);
+    for (int64_t lp = std::max<int64_t>(num_sink_pages_, num_pages - window); lp < num_pages; ++lp) {
+      copies.emplace_back(shadow_of(lp), static_cast<int>(stream_ring_page(ring, lp)));
+    }
+  }
+  return copies;
+}
+
 void PageSelector::allocate_store(Backend& backend, const std::vector<int>& num_dense_kv_heads) {
   LSERVE_CHECK(num_slots_ > 0, "PageSelector::allocate_store before size_memory");
   store_.assign(num_dense_kv_heads.size(), Store{});

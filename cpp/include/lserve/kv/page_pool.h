@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <unordered_map>
 #include <vector>
 
@@ -75,6 +76,14 @@ struct TokenRuns {
   int32_t operator[](int64_t i) const { return i < num_first ? first[i] : second[i - num_first]; }
 };
 
+// A page a sequence's chain gained in cache_full_pages: its logical index, its pool page, its name.
+struct NamedPage {
+  int64_t seq_id = 0;
+  int64_t logical_page = 0;
+  int32_t page = 0;
+  uint64_t name = 0;
+};
+
 class KvCacheManager {
  public:
   // prefix_cache_salt: the hash chain's seed; prefix caching is on when enable_prefix_caching.
@@ -101,9 +110,15 @@ class KvCacheManager {
   // (a multiple of page_size; 0 leaves no table). cache_full_pages: names seq_id's pages that its
   // first num_computed tokens fill completely (their K/V written), from where it left off.
   // reset_prefix_cache: forgets every cached page (pages in use stay with their owners).
-  int64_t match_prefix(int64_t seq_id, const TokenRuns& tokens, int64_t max_tokens);
-  void cache_full_pages(int64_t seq_id, const TokenRuns& tokens, int64_t num_computed);
+  // usable (optional): given the names of the cached run found, how many of its leading pages to
+  // take (sparse attention takes only those whose streaming state can be restored). named (optional):
+  // receives the pages cache_full_pages added to the chain. chain: seq_id's page names so far.
+  int64_t match_prefix(int64_t seq_id, const TokenRuns& tokens, int64_t max_tokens,
+                       const std::function<int(const std::vector<uint64_t>&)>& usable = nullptr);
+  void cache_full_pages(int64_t seq_id, const TokenRuns& tokens, int64_t num_computed,
+                        std::vector<NamedPage>* named = nullptr);
   void reset_prefix_cache();
+  const std::vector<uint64_t>& chain(int64_t seq_id) const;
 
   bool has(int64_t seq_id) const { return tables_.count(seq_id) != 0; }
   // seq_id's pages in token order (empty for an unknown sequence).

@@ -24,10 +24,21 @@
 //    selection_reuse_interval steps (and after any prefill, preemption or slot change) and reuses
 //    its slot's selection otherwise, plus every page made since (attention computes that).
 //  - The memory split between streaming and dense heads (size_memory).
+//  - With prefix caching, the streaming heads' part of cached prefixes: a third tier of shadow
+//    pages after the prefill rings. When a dense page is named in the prefix cache, the streaming
+//    heads' keys and values of the same tokens (still in the sequence's ring) are copied into a
+//    shadow page tied to that page's name; a request that hits a cached prefix of k pages gets its
+//    sinks and the windows before page k copied from the shadows into its decode slot and prefill
+//    ring, so it holds exactly the streaming state a full prefill would have left. A hit is cut to
+//    the longest prefix whose sinks and trailing window have shadows. Shadows are few (a share of
+//    the KV budget) and recycled least recently used first; a chain's sink shadows are refreshed
+//    whenever it names a page.
 #pragma once
 
 #include <cstdint>
+#include <list>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "lserve/backend.h"
@@ -78,7 +89,9 @@ class PageSelector {
   int64_t size_memory(int64_t budget, int64_t stream_bytes_per_token, int64_t dense_bytes_per_token);
   int num_slots() const { return num_slots_; }
   int num_prefill_rings() const { return num_prefill_rings_; }
-  int num_stream_pages() const { return num_slots_ * slot_pages() + num_prefill_rings_ * prefill_ring_pages_; }
+  int num_stream_pages() const {
+    return num_slots_ * slot_pages() + num_prefill_rings_ * prefill_ring_pages_ + num_shadow_pages_;
+  }
   int64_t slot_bytes() const { return slot_bytes_; }
   int64_t prefill_ring_bytes() const { return prefill_ring_bytes_; }
 
@@ -112,6 +125,25 @@ class PageSelector {
                   bool samples, SparsePlan* plan);
   void commit();
 
+  // Prefix caching's streaming tier (call before allocate_store; 0 pages: off).
+  void set_shadow_pages(int num_shadow_pages);
+  int num_shadow_pages() const { return num_shadow_pages_; }
+  // Pages before a hit's boundary whose streaming K/V a request needs restored (besides its sinks).
+  int restore_window_pages() const;
+  // How many of a cached run's pages (their names, in order) a request may take:
+  // the longest k whose sink pages and restore_window_pages() pages before k all have shadows.
+  int usable_prefix_pages(const std::vector<uint64_t>& names) const;
+  // seq_id's logical page `logical_page` was just named `name` in the prefix cache: returns
+  // (the stream page now holding its streaming K/V, the shadow page to copy it into), or (-1, -1)
+  // when it has a shadow already. sink_names: the chain's sink page names (their shadows are kept fresh).
+  std::pair<int, int> shadow_page_for(int64_t seq_id, int64_t logical_page, uint64_t name,
+                                      const std::vector<uint64_t>& sink_names);
+  // seq_id (holding its slot, and a prefill ring when it needs one) starts at page num_pages of a
+  // cached prefix: the (shadow, stream page) copies that restore its sinks and windows.
+  // names: its chain's page names.
+  std::vector<std::pair<int, int>> restore_copies(int64_t seq_id, const std::vector<uint64_t>& names,
+                                                  int64_t num_pages);
+
  private:
   struct SeqState {
     int slot = -1;
@@ -135,6 +167,16 @@ class PageSelector {
   std::unordered_map<int64_t, SeqState> seqs_;
   std::vector<int64_t> planned_;  // sequences planned this step, for commit
   std::vector<Store> store_;
+  // Shadows: per shadow, the name it holds (0 with shadow_used_ false); name -> shadow; LRU order.
+  int num_shadow_pages_ = 0;
+  std::vector<uint64_t> shadow_name_;
+  std::vector<char> shadow_used_;
+  std::unordered_map<uint64_t, int> shadow_of_;
+  std::list<int> shadow_lru_;  // front: least recently used
+  std::vector<std::list<int>::iterator> shadow_pos_;
+  int shadow_base() const { return num_slots_ * slot_pages() + num_prefill_rings_ * prefill_ring_pages_; }
+  void touch_shadow(int shadow);
+  int find_shadow(uint64_t name) const;
 };
 
 }  // namespace lserve
