@@ -117,11 +117,24 @@ def mutate(blob: bytes, header: HeaderMap, rng: random.Random) -> tuple[bytes, s
 
 # ---- the worker: loads files, reports one JSON line each ----------------------------------------
 
-def load_one(path: str) -> None:
-    """What a user does with a model file: build the engine, generate, tokenize, render the chat."""
+ENGINE_ARGS = dict(max_num_seqs=2, max_num_batched_tokens=64, num_threads=1, show_progress=False)
+
+
+def load_one(path: str, engine_args: Optional[dict] = None) -> None:
+    """What a user does with a model file: build the engine, generate, tokenize, render the chat.
+    engine_args: lserve.Engine keyword arguments over ENGINE_ARGS."""
     import lserve
 
-    engine = lserve.Engine(path, max_num_seqs=2, max_num_batched_tokens=64, num_threads=1, show_progress=False)
+    engine_args = dict(engine_args or {})
+    action = engine_args.pop("__test_action__", None)
+    if action is not None and os.environ.get("LSERVE_GGUF_FUZZ_SELF_TEST") == "1":  # the harness's own test
+        if action == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if action == "memory_error":
+            raise MemoryError("self-test")
+        if action == "hang":
+            time.sleep(3600)
+    engine = lserve.Engine(path, **{**ENGINE_ARGS, **engine_args})
     engine.generate([[5, 6, 7]], lserve.SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     if engine.tokenizer is not None:
         engine.tokenizer.decode(engine.tokenizer.encode("abc 12"))
@@ -129,16 +142,19 @@ def load_one(path: str) -> None:
             engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
-def run_worker(paths: Sequence[str], start: int) -> None:
+def run_worker(jobs: Sequence, start: int) -> None:
+    """Loads jobs[start:] (each a path, or [path, engine_args]); prints a JSON line when each starts
+    and one with its outcome."""
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
     import lserve  # noqa: F401  (imported once, before the first file)
 
-    for idx in range(start, len(paths)):
+    for idx in range(start, len(jobs)):
         print(json.dumps({"idx": idx, "status": "start"}), flush=True)
+        path, engine_args = (jobs[idx], None) if isinstance(jobs[idx], str) else jobs[idx]
         try:
-            load_one(paths[idx])
+            load_one(path, engine_args)
             report = {"idx": idx, "status": "loaded"}
         except BaseException as error:  # noqa: B036  (every outcome is reported, MemoryError included)
             report = {"idx": idx, "status": "error", "type": type(error).__name__, "message": str(error)[:2000]}
@@ -169,9 +185,11 @@ def _worker_env() -> Dict[str, str]:
     return env
 
 
-def run_files(paths: Sequence[str], file_timeout_s: float = FILE_TIMEOUT_S) -> List[dict]:
-    """Loads every file in worker subprocesses; returns one result per file:
-    {"outcome": one of OUTCOMES, "type", "message", "signal"} (the last three when they apply)."""
+def run_files(paths: Sequence, file_timeout_s: float = FILE_TIMEOUT_S) -> List[dict]:
+    """Loads every file (a path, or (path, lserve.Engine keyword arguments)) with load_one() in worker
+    subprocesses under ADDRESS_SPACE_LIMIT, one worker at a time, restarted after a crash or a hang;
+    returns one result per file: {"outcome": one of OUTCOMES, "type", "message", "signal"} (the last
+    three when they apply)."""
     results: List[Optional[dict]] = [None] * len(paths)
     list_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     json.dump(list(paths), list_file)
