@@ -266,3 +266,16 @@ def test_dims_are_checked_before_reading_weights(tmp_path):
     with pytest.raises(ValueError, match=r"blk\.1\.attn_v\.weight"):
         _C.gguf_hf_weights(file, lambda name, array: seen.append(name))
     assert seen == []
+
+
+@pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_model_config_refuses_non_finite_epsilon_and_base(field, value):
+    """ModelConfig::validate, which every loader ends in, refuses what would load into garbage."""
+    config = _C.ModelConfig()
+    config.vocab_size, config.hidden_size, config.intermediate_size = 40, 64, 96
+    config.num_layers, config.num_qo_heads, config.num_kv_heads = 2, 4, 2
+    config.validate()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"{field} must be finite and positive, got {value}"):
+        config.validate()

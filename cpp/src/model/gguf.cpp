@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <new>
 #include <set>
 
 namespace lserve {
@@ -378,6 +379,12 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
   data_ = static_cast<const uint8_t*>(mapping);
   try {
     parse();
+  } catch (const std::bad_alloc&) {
+    // Every count is bounded by the file size, but metadata takes more memory than file bytes
+    // (an empty inner array: 12 bytes in the file, a GgufValue in memory).
+    ::munmap(const_cast<uint8_t*>(data_), size_);
+    data_ = nullptr;
+    LSERVE_THROW(path, ": the metadata of this ", size_, "-byte file does not fit in memory");
   } catch (...) {
     ::munmap(const_cast<uint8_t*>(data_), size_);
     data_ = nullptr;
@@ -765,8 +772,12 @@ ModelConfig gguf_model_config(const GgufFile& file) {
                  config.num_qo_heads, " and the file states no head size");
     config.head_dim = config.hidden_size / config.num_qo_heads;
   }
-  LSERVE_CHECK(config.head_dim % 2 == 0, file.path(), ": the head size ", config.head_dim,
-               " (metadata '", file.has_key(key_length) ? key_length : rope_dims, "') must be even");
+  if (config.head_dim % 2 != 0) {
+    const std::string source = file.has_key(key_length)  ? "metadata '" + key_length + "'"
+                               : file.has_key(rope_dims) ? "metadata '" + rope_dims + "'"
+                                                         : "embedding_length / head_count";
+    LSERVE_THROW(file.path(), ": the head size ", config.head_dim, " (", source, ") must be even");
+  }
   if (file.has_key(rope_dims)) {
     const int rotary_dim = positive_int(file, rope_dims);
     LSERVE_CHECK(rotary_dim <= config.head_dim && rotary_dim % 2 == 0, file.path(), ": metadata '", rope_dims, "' = ",
