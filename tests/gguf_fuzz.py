@@ -72,27 +72,31 @@ def _boundary_value(rng: random.Random, field: Field, current: int, file_size: i
     return rng.choice(choices) % (1 << (8 * field.size))
 
 
+MUTATION_CLASSES = ("truncate", "header bytes", "insert/delete", "field", "overlap", "data bytes")
+
+
 def mutate(blob: bytes, header: HeaderMap, rng: random.Random) -> tuple[bytes, str]:
-    """One seeded mutation of `blob`; returns (mutated bytes, a short description)."""
+    """One seeded mutation of `blob`; returns (mutated bytes, "<class>: <details>"), the class one of
+    MUTATION_CLASSES."""
     out = bytearray(blob)
     roll = rng.random()
     if roll < 0.12:  # truncation, mostly inside the header
         in_header = rng.random() < 0.6
         cut = rng.randrange(0, header.data_offset + 1) if in_header else rng.randrange(header.data_offset, len(blob))
-        return bytes(out[:cut]), f"truncate at {cut}"
+        return bytes(out[:cut]), f"truncate: at {cut}"
     if roll < 0.37:  # random bytes in the header
         positions = [rng.randrange(8, header.header_end) for _ in range(rng.randint(1, 4))]
         for position in positions:
             out[position] = out[position] ^ (1 << rng.randrange(8)) if rng.random() < 0.5 else rng.randrange(256)
-        return bytes(out), f"header bytes {positions}"
+        return bytes(out), f"header bytes: {positions}"
     if roll < 0.42:  # bytes inserted into or deleted from the header: every later field shifts
         position = rng.randrange(8, header.header_end)
         count = rng.randint(1, 9)
         if rng.random() < 0.5:
             out[position:position] = bytes(rng.randrange(256) for _ in range(count))
-            return bytes(out), f"insert {count} bytes at {position}"
+            return bytes(out), f"insert/delete: {count} bytes inserted at {position}"
         del out[position:position + count]
-        return bytes(out), f"delete {count} bytes at {position}"
+        return bytes(out), f"insert/delete: {count} bytes deleted at {position}"
     if roll < 0.85:  # one field set to a boundary value
         field = rng.choice(header.fields)
         if field.kind == "float":
@@ -102,17 +106,17 @@ def mutate(blob: bytes, header: HeaderMap, rng: random.Random) -> tuple[bytes, s
             current = int.from_bytes(blob[field.offset:field.offset + field.size], "little")
             value = _boundary_value(rng, field, current, len(blob))
             out[field.offset:field.offset + field.size] = value.to_bytes(field.size, "little")
-        return bytes(out), f"{field.kind} of {field.label} at {field.offset} = {value!r}"
+        return bytes(out), f"field: {field.kind} of {field.label} at {field.offset} = {value!r}"
     if roll < 0.92:  # one tensor's data moved onto another's
         offsets = [field for field in header.fields if field.kind == "tensor_offset"]
         target, source = rng.sample(range(len(offsets)), 2)
         value = header.tensor_offsets[source] + rng.choice((0, 32, 64))
         struct.pack_into("<Q", out, offsets[target].offset, value)
-        return bytes(out), f"tensor_offset of {offsets[target].label} = {value} (overlap)"
+        return bytes(out), f"overlap: tensor_offset of {offsets[target].label} = {value}"
     positions = [rng.randrange(header.data_offset, len(blob)) for _ in range(rng.randint(1, 16))]
     for position in positions:
         out[position] = rng.randrange(256)
-    return bytes(out), f"data bytes {positions[:4]}"
+    return bytes(out), f"data bytes: {positions[:4]}"
 
 
 # ---- the worker: loads files, reports one JSON line each ----------------------------------------
@@ -270,12 +274,31 @@ def fuzz(num_mutations: int, seed: int, workdir: pathlib.Path, num_workers: int 
             results[worker_idx + position * num_workers] = result
     counts = collections.Counter(result["outcome"] for result in results)
     error_types = collections.Counter(result["type"] for result in results if result.get("type"))
+    by_class: Dict[str, collections.Counter] = {name: collections.Counter() for name in MUTATION_CLASSES}
+    for description, result in zip(descriptions, results):
+        by_class[description.split(": ", 1)[1].split(":")[0]][result["outcome"]] += 1
     failures = [{"file": paths[idx], "mutation": descriptions[idx], **result}
                 for idx, result in enumerate(results) if result["outcome"] not in ("loaded", "clean_error")]
     return {"num_mutations": num_mutations, "seed": seed, "workers": num_workers,
             "counts": {outcome: counts.get(outcome, 0) for outcome in OUTCOMES},
-            "error_types": dict(error_types), "failures": failures,
+            "error_types": dict(error_types),
+            "clean_errors_naming_the_file": sum(result["outcome"] == "clean_error" and path in result["message"]
+                                                for path, result in zip(paths, results)),
+            "by_mutation": {name: {outcome: count[outcome] for outcome in OUTCOMES if count[outcome]}
+                            for name, count in by_class.items()},
+            "failures": failures,
             "seconds": round(time.monotonic() - began, 1)}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -293,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="gguf_fuzz_") as workdir:
         report = fuzz(args.num_mutations, args.seed, pathlib.Path(workdir), args.workers)
-    report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    report["machine"] = f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     report["date"] = time.strftime("%Y-%m-%d")
     summary = {key: value for key, value in report.items() if key != "failures"}
     print(json.dumps(summary, indent=1))
