@@ -2,15 +2,17 @@
 model (lserve.Engine on the CPU, then a short generation and a chat-template render) in a worker
 subprocess under an address-space limit, so a crash, a hang or an over-allocation is caught.
 
-Mutations (mutate()): truncations, byte flips in the header (metadata and tensor infos), chosen
-header fields (counts, string and array lengths, value types, integer and float values, tensor
-dims, types and offsets) overwritten with boundary values, tensors made to overlap, and byte
-flips in tensor data. Every outcome must be a load or a clean error: ValueError / OSError (lserve's
+Mutations (mutate()): truncations, byte flips in the header (metadata and tensor infos), bytes
+inserted into or deleted from the header, chosen header fields (counts, string and array lengths,
+value types, integer and float values, tensor dims, types and offsets) overwritten with boundary
+values, tensors made to overlap, and byte flips in tensor data. Every outcome must be a load or a clean error: ValueError / OSError (lserve's
 _C.Error is a ValueError) whose message is not an allocation failure; never a signal, a hang,
 MemoryError, RecursionError or another exception type.
 
-Script:  python3 tests/gguf_fuzz.py --num-mutations 5000 [--seed 0] [--workers 2] [--json out.json]
-(tests/model/test_gguf_fuzz.py runs a bounded version in the default suite.)
+Script (PYTHONPATH=python:tests):
+    python3 tests/gguf_fuzz.py --num-mutations 30000 [--seed 1] [--workers 2] [--json out.json]
+tests/model/test_gguf_fuzz.py runs it in the default suite (3,000 mutations) and marked slow
+(30,000); docs/ROBUSTNESS.md keeps the counts.
 """
 from __future__ import annotations
 
@@ -48,7 +50,6 @@ def write_base_files(directory: pathlib.Path) -> List[pathlib.Path]:
     """Two tiny llamas with a gpt2 tokenizer: float32 and untied; Q8_0, tied, with q/k/v biases."""
     from gguf import GGMLQuantizationType
 
-    
     paths = [directory / "base_f32.gguf", directory / "base_q8_0.gguf"]
     write_tiny_llama(paths[0])
     write_tiny_llama(paths[1], qtype=GGMLQuantizationType.Q8_0, tied=True, bias=True, num_layers=1)
