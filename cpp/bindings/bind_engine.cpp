@@ -63,6 +63,7 @@ void bind_engine(py::module_& m) {
       .def_readwrite("capture_logits", &EngineConfig::capture_logits)
       .def_readwrite("eos_token_ids", &EngineConfig::eos_token_ids)
       .def_readwrite("sparsity", &EngineConfig::sparsity)
+      .def_readwrite("enable_prefix_caching", &EngineConfig::enable_prefix_caching)
       .def("validate", &EngineConfig::validate);
 
   py::class_<TokenLogprob>(m, "TokenLogprob")
@@ -78,6 +79,7 @@ void bind_engine(py::module_& m) {
       .def_readonly("error", &RequestOutput::error)
       .def_readonly("num_prompt_tokens", &RequestOutput::num_prompt_tokens)
       .def_readonly("num_output_tokens", &RequestOutput::num_output_tokens)
+      .def_readonly("num_cached_tokens", &RequestOutput::num_cached_tokens)
       .def_property_readonly("logits", [](const RequestOutput& self) -> py::object {
         if (self.logits.empty()) return py::none();
         return to_numpy(self.logits.data(), {static_cast<int64_t>(self.logits.size())});
@@ -104,6 +106,12 @@ void bind_engine(py::module_& m) {
       .def_readonly("last_step_pages_total", &EngineStats::last_step_pages_total)
       .def_readonly("graph_batch_sizes", &EngineStats::graph_batch_sizes)
       .def_readonly("num_graph_replays", &EngineStats::num_graph_replays)
+      .def_readonly("prefix_caching", &EngineStats::prefix_caching)
+      .def_readonly("num_cached_pages", &EngineStats::num_cached_pages)
+      .def_readonly("prefix_cache_queries", &EngineStats::prefix_cache_queries)
+      .def_readonly("prefix_cache_hits", &EngineStats::prefix_cache_hits)
+      .def_readonly("num_prompt_tokens_computed", &EngineStats::num_prompt_tokens_computed)
+      .def_readonly("num_forked_samples", &EngineStats::num_forked_samples)
       .def_readonly("isolation_violations", &EngineStats::isolation_violations);
 
   py::class_<Engine>(m, "Engine")
@@ -123,7 +131,10 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("ready", &Engine::ready)
       .def("add_request", &Engine::add_request, py::arg("request_id"), py::arg("prompt_token_ids"),
            py::arg("params"))
+      .def("add_request_group", &Engine::add_request_group, py::arg("request_ids"), py::arg("prompt_token_ids"),
+           py::arg("params"))
       .def("abort_request", &Engine::abort_request, py::arg("request_id"))
+      .def("reset_prefix_cache", &Engine::reset_prefix_cache)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("has_unfinished_requests", &Engine::has_unfinished_requests)
       .def("stats", &Engine::stats)

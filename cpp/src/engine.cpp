@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <limits>
+#include <sstream>
 #include <string>
 
 #include "lserve/packed_upload.h"
@@ -166,16 +168,26 @@ void Engine::finalize() {
                config_.max_model_len, ": ", remedy);
   LSERVE_CHECK(num_pages <= (1LL << 30), "too many KV pages: ", num_pages);
   model_->allocate_kv_cache(static_cast<int>(num_pages), config_.page_size, kv_dtype);
-  kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size);
+  // Prefix pages are named under a salt that stands for everything else their K/V depend on: a page
+  // is only ever found by an engine that would have computed the same values.
+  const ModelConfig& mc = model_->config();
+  std::ostringstream salt_text;
+  salt_text << mc.architecture << '|' << mc.vocab_size << '|' << mc.hidden_size << '|' << mc.num_layers << '|'
+            << mc.num_qo_heads << '|' << mc.num_kv_heads << '|' << mc.head_dim << '|' << mc.rope_theta << '|'
+            << mc.rms_norm_eps << '|' << config_.dtype << '|' << config_.kv_cache_dtype << '|' << config_.page_size
+            << '|' << config_.sparsity.enabled;
+  const bool prefix_caching = config_.enable_prefix_caching && !config_.sparsity.enabled;
+  kv_cache_ = std::make_unique<KvCacheManager>(static_cast<int>(num_pages), config_.page_size, prefix_caching,
+                                               std::hash<std::string>{}(salt_text.str()));
   dense_page_bytes_ = page_bytes;
   if (selector_) {
     model_->allocate_streaming_cache(selector_->num_stream_pages(), config_.page_size, kv_dtype);
     selector_->allocate_store(*backend_, model_->num_dense_kv_heads());
     model_->set_page_selector(selector_.get());
   }
-  // Step capacities: a step's page lists hold each sequence's pages once (no page is in two
-  // lists), plus a padding page per row of a graph replay.
-  const int64_t max_step_pages = std::min<int64_t>(num_pages + config_.max_num_seqs, pages_per_seq * config_.max_num_seqs);
+  // Step capacities: every sequence's page list (shared prefix pages appear once per sharer, so the
+  // pool's size is no bound), plus a padding page per row of a graph replay.
+  const int64_t max_step_pages = (pages_per_seq + 1) * config_.max_num_seqs;
   // Tokens: a step's budget, or a decode graph's largest bucket (max_num_seqs rows), whichever is more.
   model_->prepare_steps(std::max(config_.max_num_batched_tokens, config_.max_num_seqs), config_.max_num_seqs,
                         max_step_pages);
@@ -197,9 +209,8 @@ void Engine::finalize() {
   ready_ = true;
 }
 
-void Engine::add_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids,
-                         const SamplingParams& params) {
-  std::lock_guard<std::mutex> lock(mutex_);
+void Engine::check_new_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids,
+                               const SamplingParams& params) const {
   LSERVE_CHECK(ready_, "add_request before finalize(): the model is not loaded");
   params.validate_for_model(model_->config().vocab_size, eos_token_ids_);
   LSERVE_CHECK(!prompt_token_ids.empty(), "request ", request_id, ": the prompt is empty");
@@ -215,19 +226,81 @@ void Engine::add_request(int64_t request_id, const std::vector<int32_t>& prompt_
   for (const auto& pending : pending_aborts_) {
     LSERVE_CHECK(pending.request_id != request_id, "request id ", request_id, " is already in use");
   }
+  LSERVE_CHECK(!scheduler_->contains(request_id), "request id ", request_id, " is already in use");
+  for (const auto& [leader_id, group] : followers_) {
+    for (const auto& follower : group) {
+      LSERVE_CHECK(follower->request_id != request_id, "request id ", request_id, " is already in use");
+    }
+  }
+}
+
+std::unique_ptr<Request> Engine::make_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids,
+                                              const SamplingParams& params) {
   auto request = std::make_unique<Request>();
   request->request_id = request_id;
   request->prompt_token_ids = prompt_token_ids;
   request->params = params;
   request->sample_seed = params.seed >= 0 ? static_cast<uint64_t>(params.seed) : seed_rng_();
   request->rng.seed(request->sample_seed);
-  scheduler_->add_request(std::move(request));
+  return request;
+}
+
+void Engine::add_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids,
+                         const SamplingParams& params) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_new_request(request_id, prompt_token_ids, params);
+  scheduler_->add_request(make_request(request_id, prompt_token_ids, params));
+}
+
+void Engine::add_request_group(const std::vector<int64_t>& request_ids, const std::vector<int32_t>& prompt_token_ids,
+                               const std::vector<SamplingParams>& params) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LSERVE_CHECK(!request_ids.empty(), "add_request_group: no request ids");
+  LSERVE_CHECK(params.size() == request_ids.size(), "add_request_group: ", request_ids.size(), " request ids but ",
+               params.size(), " SamplingParams (one each)");
+  for (size_t i = 0; i < request_ids.size(); ++i) {
+    check_new_request(request_ids[i], prompt_token_ids, params[i]);
+    for (size_t j = 0; j < i; ++j) {
+      LSERVE_CHECK(request_ids[j] != request_ids[i], "request id ", request_ids[i], " appears twice in the group");
+    }
+  }
+  std::vector<std::unique_ptr<Request>> group;
+  for (size_t i = 1; i < request_ids.size(); ++i) group.push_back(make_request(request_ids[i], prompt_token_ids, params[i]));
+  scheduler_->add_request(make_request(request_ids[0], prompt_token_ids, params[0]));
+  if (!group.empty()) followers_[request_ids[0]] = std::move(group);
+}
+
+void Engine::release_followers(int64_t leader_id) {
+  const auto it = followers_.find(leader_id);
+  if (it == followers_.end()) return;
+  for (auto& follower : it->second) scheduler_->add_request(std::move(follower));
+  followers_.erase(it);
+}
+
+void Engine::reset_prefix_cache() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (ready_) kv_cache_->reset_prefix_cache();
 }
 
 bool Engine::abort_request(int64_t request_id) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!ready_) return false;
-  auto request = scheduler_->abort_request(request_id);
+  std::unique_ptr<Request> request = scheduler_->abort_request(request_id);
+  if (request) {
+    release_followers(request_id);  // the others of its group prefill on their own
+  } else {
+    for (auto it = followers_.begin(); it != followers_.end() && !request; ++it) {
+      auto& group = it->second;
+      for (auto f = group.begin(); f != group.end(); ++f) {
+        if ((*f)->request_id != request_id) continue;
+        request = std::move(*f);
+        group.erase(f);
+        break;
+      }
+      if (request && group.empty()) followers_.erase(it);
+      if (request) break;
+    }
+  }
   if (!request) return false;
   RequestOutput output;
   output.request_id = request_id;
@@ -241,7 +314,7 @@ bool Engine::abort_request(int64_t request_id) {
 
 bool Engine::has_unfinished_requests() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return ready_ && (scheduler_->has_unfinished() || !pending_aborts_.empty());
+  return ready_ && (scheduler_->has_unfinished() || !pending_aborts_.empty() || !followers_.empty());
 }
 
 bool Engine::is_eos(int32_t token_id) const {
@@ -255,6 +328,8 @@ std::vector<RequestOutput> Engine::step() {
   pending_aborts_.clear();
   SchedulerOutput scheduled = scheduler_->schedule();
   num_preemptions_ += static_cast<int64_t>(scheduled.preempted_request_ids.size());
+  prefix_cache_queries_ += scheduled.prefix_cache_queries;
+  prefix_cache_hits_ += scheduled.prefix_cache_hits;
   if (scheduled.chunks.empty()) return outputs;
 
   // Batch metadata: each chunk is one sequence in the attention call; the page selector plans the
@@ -266,6 +341,9 @@ std::vector<RequestOutput> Engine::step() {
   batch.kv_page_indptr.push_back(0);
   for (const ScheduledChunk& chunk : scheduled.chunks) {
     const Request& request = *chunk.request;
+    const int64_t prompt_end = static_cast<int64_t>(request.prompt_token_ids.size());
+    num_prompt_tokens_computed_ +=
+        std::max<int64_t>(0, std::min(prompt_end, chunk.start_position + chunk.num_new_tokens) - chunk.start_position);
     for (int64_t position = chunk.start_position; position < chunk.start_position + chunk.num_new_tokens;
          ++position) {
       batch.token_ids.push_back(request.token_at(position));
@@ -286,10 +364,12 @@ std::vector<RequestOutput> Engine::step() {
     }
   }
 
-  // On a device, sample there and bring back only token ids, unless logits or logprobs are wanted.
+  // On a device, sample there and bring back only token ids, unless logits or logprobs are wanted
+  // (or a group's samples fork from this step's logits).
   bool device_sampling = backend_->device().type != DeviceType::kCPU && !config_.capture_logits;
   for (const ScheduledChunk& chunk : scheduled.chunks) {
     if (chunk.samples && chunk.request->params.logprobs >= 0) device_sampling = false;
+    if (chunk.samples && followers_.count(chunk.request->request_id) != 0) device_sampling = false;
   }
   std::vector<float> logits;
   std::vector<int32_t> device_tokens;
@@ -305,12 +385,14 @@ std::vector<RequestOutput> Engine::step() {
 
   const int vocab_size = model_->config().vocab_size;
   size_t logits_row = 0;
+  std::vector<float> raw_row;  // a forking leader's logits, before its sampling changes them
   for (const ScheduledChunk& chunk : scheduled.chunks) {
     if (!chunk.samples) continue;
     Request& request = *chunk.request;
     RequestOutput output;
     output.request_id = request.request_id;
     SampledToken sampled;
+    const auto group = followers_.find(request.request_id);
     // A row that cannot be sampled (NaN logits, everything masked) aborts its own request only:
     // the others in the batch keep their tokens and the engine stays consistent.
     try {
@@ -322,6 +404,7 @@ std::vector<RequestOutput> Engine::step() {
         float* row = logits.data() + logits_row * static_cast<size_t>(vocab_size);
         ++logits_row;
         if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
+        if (group != followers_.end()) raw_row.assign(row, row + vocab_size);
         sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids, request.output_token_ids,
                                eos_token_ids_, request.rng);
       }
@@ -331,37 +414,106 @@ std::vector<RequestOutput> Engine::step() {
       output.error = error.what();
       output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
       output.num_output_tokens = static_cast<int64_t>(request.output_token_ids.size());
-      scheduler_->finish_request(request.request_id, FinishReason::kAbort);
+      output.num_cached_tokens = std::max<int64_t>(0, request.num_cached_tokens);
+      const int64_t request_id = request.request_id;
+      scheduler_->finish_request(request_id, FinishReason::kAbort);
+      release_followers(request_id);
       outputs.push_back(std::move(output));
       continue;
     }
-    request.output_token_ids.push_back(sampled.token_id);
-    output.new_token_ids.push_back(sampled.token_id);
-    if (request.params.logprobs >= 0) {
-      output.new_logprobs.push_back({sampled.logprob, std::move(sampled.top_logprobs)});
+    // The group's other samples: each draws its first token from the leader's logits and goes on
+    // from the leader's pages; one that cannot fork now prefills later on its own.
+    if (group != followers_.end()) {
+      std::vector<std::unique_ptr<Request>> waiting = std::move(group->second);
+      followers_.erase(group);
+      for (auto& follower : waiting) {
+        Request* forked = follower.get();
+        if (!fork_sample(request, follower)) {
+          scheduler_->add_request(std::move(follower));
+          continue;
+        }
+        RequestOutput forked_output;
+        forked_output.request_id = forked->request_id;
+        std::vector<float> row(raw_row);
+        try {
+          if (config_.capture_logits) forked_output.logits = raw_row;
+          SampledToken first = sample_token(row.data(), vocab_size, forked->params, forked->prompt_token_ids,
+                                            forked->output_token_ids, eos_token_ids_, forked->rng);
+          accept_token(*forked, std::move(first), forked_output);
+        } catch (const Error& error) {
+          forked_output.finished = true;
+          forked_output.finish_reason = finish_reason_name(FinishReason::kAbort);
+          forked_output.error = error.what();
+          forked_output.num_prompt_tokens = static_cast<int64_t>(forked->prompt_token_ids.size());
+          forked_output.num_cached_tokens = forked->num_cached_tokens;
+          scheduler_->finish_request(forked->request_id, FinishReason::kAbort);
+        }
+        outputs.push_back(std::move(forked_output));
+      }
     }
-
-    FinishReason reason = FinishReason::kNone;
-    const int64_t num_outputs = static_cast<int64_t>(request.output_token_ids.size());
-    const auto& stop_ids = request.params.stop_token_ids;
-    const bool min_reached = num_outputs >= request.params.min_tokens;
-    if (min_reached && std::find(stop_ids.begin(), stop_ids.end(), sampled.token_id) != stop_ids.end()) {
-      reason = FinishReason::kStop;
-    } else if (min_reached && !request.params.ignore_eos && is_eos(sampled.token_id)) {
-      reason = FinishReason::kStop;
-    } else if (num_outputs >= request.params.max_tokens || request.num_tokens() >= config_.max_model_len) {
-      reason = FinishReason::kLength;
-    }
-    output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
-    output.num_output_tokens = num_outputs;
-    if (reason != FinishReason::kNone) {
-      output.finished = true;
-      output.finish_reason = finish_reason_name(reason);
-      scheduler_->finish_request(request.request_id, reason);  // frees the pages; `request` dies here
-    }
+    accept_token(request, std::move(sampled), output);  // may finish the request: `request` dies there
     outputs.push_back(std::move(output));
   }
   return outputs;
+}
+
+void Engine::accept_token(Request& request, SampledToken sampled, RequestOutput& output) {
+  request.output_token_ids.push_back(sampled.token_id);
+  output.new_token_ids.push_back(sampled.token_id);
+  if (request.params.logprobs >= 0) {
+    output.new_logprobs.push_back({sampled.logprob, std::move(sampled.top_logprobs)});
+  }
+  FinishReason reason = FinishReason::kNone;
+  const int64_t num_outputs = static_cast<int64_t>(request.output_token_ids.size());
+  const auto& stop_ids = request.params.stop_token_ids;
+  const bool min_reached = num_outputs >= request.params.min_tokens;
+  if (min_reached && std::find(stop_ids.begin(), stop_ids.end(), sampled.token_id) != stop_ids.end()) {
+    reason = FinishReason::kStop;
+  } else if (min_reached && !request.params.ignore_eos && is_eos(sampled.token_id)) {
+    reason = FinishReason::kStop;
+  } else if (num_outputs >= request.params.max_tokens || request.num_tokens() >= config_.max_model_len) {
+    reason = FinishReason::kLength;
+  }
+  output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
+  output.num_output_tokens = num_outputs;
+  output.num_cached_tokens = std::max<int64_t>(0, request.num_cached_tokens);
+  if (reason != FinishReason::kNone) {
+    output.finished = true;
+    output.finish_reason = finish_reason_name(reason);
+    scheduler_->finish_request(request.request_id, reason);  // frees the pages; `request` dies here
+  }
+}
+
+bool Engine::fork_sample(const Request& leader, std::unique_ptr<Request>& follower) {
+  if (scheduler_->num_running() >= config_.max_num_seqs) return false;
+  const int64_t num_tokens = static_cast<int64_t>(leader.prompt_token_ids.size());
+  const int page_size = kv_cache_->page_size();
+  const int64_t id = follower->request_id;
+  // Full pages are shared; a partial last page is the follower's own copy (copy on write).
+  kv_cache_->fork(leader.request_id, id, num_tokens);
+  if (num_tokens % page_size != 0) {
+    if (!kv_cache_->reserve(id, num_tokens)) {
+      kv_cache_->release(id);
+      return false;
+    }
+    const int64_t last = num_tokens / page_size;
+    model_->copy_kv_page(kv_cache_->pages(leader.request_id)[static_cast<size_t>(last)],
+                         kv_cache_->pages(id)[static_cast<size_t>(last)]);
+  }
+  if (selector_) {  // the streaming heads' sinks and decode ring, and the decode state
+    if (!selector_->fork(leader.request_id, id)) {
+      kv_cache_->release(id);
+      return false;
+    }
+    model_->copy_streaming_pages(selector_->slot_of(leader.request_id) * selector_->slot_pages(),
+                                 selector_->slot_of(id) * selector_->slot_pages(), selector_->slot_pages());
+  }
+  follower->num_computed_tokens = num_tokens;
+  follower->num_cached_tokens = num_tokens;
+  const bool added = scheduler_->add_running(std::move(follower));
+  LSERVE_CHECK(added, "fork_sample: the scheduler refused request ", id, " after the running check");
+  ++num_forked_;
+  return true;
 }
 
 std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, const TensorView& logits) {
@@ -457,6 +609,13 @@ EngineStats Engine::stats() const {
   if (!ready_) return stats;
   stats.num_running = scheduler_->num_running();
   stats.num_waiting = scheduler_->num_waiting();
+  for (const auto& [leader_id, group] : followers_) stats.num_waiting += static_cast<int>(group.size());
+  stats.prefix_caching = kv_cache_->prefix_caching();
+  stats.num_cached_pages = kv_cache_->pool().num_cached();
+  stats.prefix_cache_queries = prefix_cache_queries_;
+  stats.prefix_cache_hits = prefix_cache_hits_;
+  stats.num_prompt_tokens_computed = num_prompt_tokens_computed_;
+  stats.num_forked_samples = num_forked_;
   stats.num_total_pages = kv_cache_->num_total_pages();
   stats.num_free_pages = kv_cache_->num_free_pages();
   stats.page_size = kv_cache_->page_size();

@@ -37,6 +37,14 @@ void Scheduler::add_request(std::unique_ptr<Request> request) {
   waiting_.push_back(std::move(request));
 }
 
+bool Scheduler::add_running(std::unique_ptr<Request> request) {
+  LSERVE_CHECK(!contains(request->request_id), "request id ", request->request_id, " is already in use");
+  if (static_cast<int>(running_.size()) >= config_.max_num_seqs) return false;
+  request->status = RequestStatus::kRunning;
+  running_.push_back(std::move(request));
+  return true;
+}
+
 std::unique_ptr<Request> Scheduler::take(int64_t request_id) {
   for (auto it = running_.begin(); it != running_.end(); ++it) {
     if ((*it)->request_id == request_id) {
@@ -124,8 +132,26 @@ SchedulerOutput Scheduler::schedule() {
   while (output.preempted_request_ids.empty() && !waiting_.empty() && budget > 0 &&
          static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Request* request = waiting_.front().get();
+    // A request that starts from scratch first takes what the prefix cache holds of it (whole pages,
+    // leaving at least its last token to compute: the step needs its logits).
+    int64_t matched = 0;
+    if (request->num_computed_tokens == 0 && !kv_cache_.has(request->request_id)) {
+      matched = kv_cache_.match_prefix(request->request_id, request->tokens(), request->num_tokens() - 1);
+      request->num_computed_tokens = matched;
+    }
     const int64_t num_new = std::min(request->num_tokens() - request->num_computed_tokens, budget);
-    if (!reserve(*request, request->num_computed_tokens + num_new)) break;
+    if (!reserve(*request, request->num_computed_tokens + num_new)) {
+      if (matched > 0) {  // give the cached pages back: the request waits as it was
+        kv_cache_.release(request->request_id);
+        request->num_computed_tokens = 0;
+      }
+      break;
+    }
+    if (kv_cache_.prefix_caching()) {
+      output.prefix_cache_queries += request->num_tokens();
+      output.prefix_cache_hits += matched;
+    }
+    if (request->num_cached_tokens < 0) request->num_cached_tokens = matched;
     request->status = RequestStatus::kRunning;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
@@ -139,7 +165,9 @@ SchedulerOutput Scheduler::schedule() {
 
 void Scheduler::commit(const SchedulerOutput& output) {
   for (const ScheduledChunk& chunk : output.chunks) {
-    chunk.request->num_computed_tokens = chunk.start_position + chunk.num_new_tokens;
+    Request& request = *chunk.request;
+    request.num_computed_tokens = chunk.start_position + chunk.num_new_tokens;
+    kv_cache_.cache_full_pages(request.request_id, request.tokens(), request.num_computed_tokens);
   }
 }
 

@@ -72,6 +72,14 @@ class PagePool:
         """
     def incref(self, page_idx: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    def is_cached(self, page_idx: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def num_cached(self) -> int:
+        ...
+    def num_evictable(self) -> int:
+        ...
+    def num_evictions(self) -> int:
+        ...
     def num_free(self) -> int:
         ...
     def num_pages(self) -> int:
@@ -85,14 +93,22 @@ class KvCacheManager:
     Example: kv = KvCacheManager(num_pages=8, page_size=16); kv.reserve(0, 20);
     kv.pages(0) == [0, 1]; kv.slot(0, 17) == 1 * 16 + 1
     """
-    def __init__(self, num_pages: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def __init__(self, num_pages: typing.SupportsInt | typing.SupportsIndex, page_size: typing.SupportsInt | typing.SupportsIndex, enable_prefix_caching: bool = False, prefix_cache_salt: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
+    def cache_full_pages(self, seq_id: typing.SupportsInt | typing.SupportsIndex, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], num_computed: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Names seq_id's pages that its first num_computed tokens fill, so later sequences can find them.
+        """
     def fork(self, src_seq_id: typing.SupportsInt | typing.SupportsIndex, dst_seq_id: typing.SupportsInt | typing.SupportsIndex, num_tokens: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
         New sequence dst shares the pages that src's first num_tokens tokens fill completely.
         """
     def has(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
+    def match_prefix(self, seq_id: typing.SupportsInt | typing.SupportsIndex, tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], max_tokens: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        A new sequence takes the longest cached run of full pages of tokens[:max_tokens]; returns the tokens mapped (0: nothing, and no table).
+        """
     def num_free_pages(self) -> int:
         ...
     def num_seqs(self) -> int:
@@ -113,6 +129,8 @@ class KvCacheManager:
         """
         A snapshot of the underlying PagePool (refcounts, free count).
         """
+    def prefix_caching(self) -> bool:
+        ...
     def release(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
         Releases every page of seq_id (no-op for an unknown sequence).
@@ -121,6 +139,8 @@ class KvCacheManager:
         """
         Grows seq_id's page table to hold num_tokens tokens; False (and no change) when the pool has too few free pages.
         """
+    def reset_prefix_cache(self) -> None:
+        ...
     def slot(self, seq_id: typing.SupportsInt | typing.SupportsIndex, position: typing.SupportsInt | typing.SupportsIndex) -> int:
         """
         Cache slot of token `position`: page_idx * page_size + position % page_size.
@@ -544,6 +564,7 @@ class EngineConfig:
     capture_logits: bool
     device: str
     dtype: str
+    enable_prefix_caching: bool
     enforce_eager: bool
     kv_cache_dtype: str
     sparsity: SparsityConfig
@@ -638,6 +659,9 @@ class StepOutput:
     def new_token_ids(self) -> list[int]:
         ...
     @property
+    def num_cached_tokens(self) -> int:
+        ...
+    @property
     def num_output_tokens(self) -> int:
         ...
     @property
@@ -666,6 +690,12 @@ class EngineStats:
     def last_step_pages_total(self) -> int:
         ...
     @property
+    def num_cached_pages(self) -> int:
+        ...
+    @property
+    def num_forked_samples(self) -> int:
+        ...
+    @property
     def num_free_pages(self) -> int:
         ...
     @property
@@ -682,6 +712,9 @@ class EngineStats:
         ...
     @property
     def num_prefill_rings(self) -> int:
+        ...
+    @property
+    def num_prompt_tokens_computed(self) -> int:
         ...
     @property
     def num_running(self) -> int:
@@ -702,6 +735,15 @@ class EngineStats:
     def page_size(self) -> int:
         ...
     @property
+    def prefix_cache_hits(self) -> int:
+        ...
+    @property
+    def prefix_cache_queries(self) -> int:
+        ...
+    @property
+    def prefix_caching(self) -> bool:
+        ...
+    @property
     def streaming_bytes_per_seq(self) -> int:
         ...
     @property
@@ -720,6 +762,8 @@ class Engine:
         ...
     def add_request(self, request_id: typing.SupportsInt | typing.SupportsIndex, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], params: SamplingParams) -> None:
         ...
+    def add_request_group(self, request_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], params: collections.abc.Sequence[SamplingParams]) -> None:
+        ...
     def finalize(self) -> None:
         ...
     def generate(self, prompts: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], params: SamplingParams) -> list[list[int]]:
@@ -727,6 +771,8 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         ...
     def load_weight(self, name: str, tensor: typing.Any) -> None:
+        ...
+    def reset_prefix_cache(self) -> None:
         ...
     def stats(self) -> EngineStats:
         ...

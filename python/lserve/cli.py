@@ -24,6 +24,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="'dummy' draws random weights (benchmarks)")
     group.add_argument("--sparsity", default="dense", choices=["dense", "lserve"],
                        help="attention: dense, or LServe sparse attention (streaming heads + page selection)")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                       help="reuse the KV of repeated prompt prefixes (default: on with dense attention, off with "
+                            "--sparsity lserve, where it is not supported yet)")
 
 
 def _engine_from_args(args: argparse.Namespace):
@@ -32,7 +35,8 @@ def _engine_from_args(args: argparse.Namespace):
     return Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   kv_cache_memory=args.kv_cache_memory, load_format=args.load_format, seed=args.seed,
-                  show_progress=not args.quiet, sparsity=args.sparsity)
+                  show_progress=not args.quiet, sparsity=args.sparsity,
+                  enable_prefix_caching=args.enable_prefix_caching)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ class _Request:
     prompt_token_ids: List[int]
     params: SamplingParams
     sequences: List[_Sequence]
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -69,6 +70,7 @@ class _Request:
                 for seq in self.sequences
             ],
             finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -98,6 +100,10 @@ class Engine:
         seed: draws the seeds of requests that carry none.
         sparsity: LServe sparse attention: None or "dense" (off), "lserve" (the paper's settings and
             the model's shipped head pattern), or a lserve.SparsityConfig.
+        enable_prefix_caching: keep the KV of full pages of computed tokens and compute only the part
+            of a new prompt that is not cached (vLLM's automatic prefix caching). None (default): on
+            with dense attention, off with sparsity (not supported there yet); True with sparsity
+            is a ValueError. n > 1 samples of one prompt share its single prefill either way.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, tokenizer: Optional[str] = None, dtype: str = "auto",
@@ -107,7 +113,8 @@ class Engine:
                  page_size: Optional[int] = None, num_threads: int = 0, num_kv_pages: Optional[int] = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
                  capture_logits: bool = False, show_progress: bool = True,
-                 sparsity: Union[None, str, "SparsityConfig"] = None) -> None:
+                 sparsity: Union[None, str, "SparsityConfig"] = None,
+                 enable_prefix_caching: Optional[bool] = None) -> None:
         from lserve.model_loading import LOAD_FORMATS, load_model_source
 
         if load_format not in LOAD_FORMATS:
@@ -134,6 +141,8 @@ class Engine:
                 or not 0.0 < gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         on_gpu = device.startswith("cuda")
+        if enable_prefix_caching is not None and not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True, False or None, got {enable_prefix_caching!r}")
         if on_gpu:
             if not _C.has_cuda_backend:
                 raise ValueError(f"device {device!r} requested, but this build of lserve has no CUDA backend "
@@ -174,6 +183,10 @@ class Engine:
         config.eos_token_ids = list(source.eos_token_ids)
         self.sparsity = resolve_sparsity(sparsity, model)
         config.sparsity = self.sparsity.to_core(model_config.num_layers, model_config.num_kv_heads)
+        if enable_prefix_caching and config.sparsity.enabled:
+            raise ValueError("enable_prefix_caching=True with sparse attention is not supported yet: the streaming "
+                             "heads' KV of a cached prefix is not kept (leave it None or pass False)")
+        config.enable_prefix_caching = enable_prefix_caching is not False
         self._core = _C.Engine(model_config, config)
         source.load_weights(self._core, seed=seed, show_progress=show_progress)
         self._core.finalize()
@@ -234,23 +247,21 @@ class Engine:
         max_tokens = self.max_model_len - len(prompt_ids)
         if params.max_tokens is not None:
             max_tokens = min(params.max_tokens, max_tokens)
-        sequences = []
-        try:
-            for index in range(params.n):
-                seed = None if params.seed is None else params.seed + index
-                core_params = params.to_core(max_tokens, seed)
-                core_id = next(self._core_ids)
-                decoder = self.tokenizer.incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
-                self._core.add_request(core_id, prompt_ids, core_params)
-                sequence = _Sequence(index=index, core_id=core_id, decoder=decoder)
-                if params.logprobs is not None:
-                    sequence.logprobs, sequence.cumulative_logprob = [], 0.0
-                sequences.append(sequence)
-        except Exception:
-            for sequence in sequences:
-                self._core.abort_request(sequence.core_id)
-                self._ignored_core_ids.add(sequence.core_id)
-            raise
+        # n samples: one core group, so the prompt is prefilled once and its pages shared.
+        sequences, core_params = [], []
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            core_params.append(params.to_core(max_tokens, seed))
+            decoder = self.tokenizer.incremental_decoder(params.skip_special_tokens) if self.tokenizer else None
+            sequence = _Sequence(index=index, core_id=next(self._core_ids), decoder=decoder)
+            if params.logprobs is not None:
+                sequence.logprobs, sequence.cumulative_logprob = [], 0.0
+            sequences.append(sequence)
+        core_ids = [sequence.core_id for sequence in sequences]
+        if len(core_ids) == 1:
+            self._core.add_request(core_ids[0], prompt_ids, core_params[0])
+        else:
+            self._core.add_request_group(core_ids, prompt_ids, core_params)
         request = _Request(request_id, text, prompt_ids, params, sequences)
         self._requests[request_id] = request
         for sequence in sequences:
@@ -267,6 +278,10 @@ class Engine:
                 self._core.abort_request(sequence.core_id)
         return True
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix page (requests in flight keep theirs), as vLLM's does."""
+        self._core.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or self._core.has_unfinished_requests()
 
@@ -281,6 +296,8 @@ class Engine:
                     self._core_to_seq.pop(out.request_id, None)
                 continue
             request, sequence = entry
+            if sequence.index == 0:
+                request.num_cached_tokens = out.num_cached_tokens
             self._apply(request, sequence, out)
             changed[request.request_id] = request
         outputs = []

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fake_engine import FakeEngine
-from lserve.bench.serve import _percentile, sample_prompts
+from lserve.bench.serve import _percentile, sample_prefix_prompts, sample_prompts
 from lserve.cli import build_parser
 from lserve.server.app import build_app
 from server_utils import ThreadedServer
@@ -17,6 +17,17 @@ def test_prompts_are_seeded_and_within_range():
     assert first == sample_prompts(20, 40, 8, 0.25, seed=3)
     assert first != sample_prompts(20, 40, 8, 0.25, seed=4)
     assert all(30 <= len(text.split()) == words <= 50 and 6 <= outputs <= 10 for text, words, outputs in first)
+
+
+def test_prefix_prompts_share_their_prefixes():
+    prompts = sample_prefix_prompts(8, 50, 3, 10, 4, 0.0, seed=1)
+    assert prompts == sample_prefix_prompts(8, 50, 3, 10, 4, 0.0, seed=1)
+    heads = [" ".join(text.split()[:50]) for text, _, _ in prompts]
+    assert len(set(heads)) == 3 and heads[0] == heads[3] == heads[6] and heads[0] != heads[1]
+    assert all(len(text.split()) == words == 60 for text, words, _ in prompts)
+    assert len({" ".join(text.split()[50:]) for text, _, _ in prompts}) == 8
+    with pytest.raises(ValueError, match="prefix-len"):
+        sample_prefix_prompts(2, 0, 1, 10, 4, 0.0, seed=1)
 
 
 def test_percentile_interpolates():

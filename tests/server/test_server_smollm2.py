@@ -200,6 +200,28 @@ def test_metrics(http):
     assert samples["lserve:time_to_first_token_seconds_count"] >= 64
 
 
+def test_prefix_cache_over_http(http):
+    """The same long prompt twice: the second reports cached prompt tokens in its usage, the prefix
+    cache counters move, and POST /reset_prefix_cache empties the cache."""
+    prompt = "Here is a long shared document. " * 40 + "Summarise it:"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0.0}
+    before = metrics_of(http)
+    first = http.post("/v1/completions", json=body).json()
+    second = http.post("/v1/completions", json=body).json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    num_prompt = second["usage"]["prompt_tokens"]
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert num_prompt > 200 and num_prompt - 16 <= cached < num_prompt, (num_prompt, cached)
+    after = metrics_of(http)
+    assert after["lserve:prefix_cache_hits_total"] - before.get("lserve:prefix_cache_hits_total", 0) >= cached
+    assert after["lserve:prefix_cache_queries_total"] - before.get("lserve:prefix_cache_queries_total", 0) >= 2 * num_prompt
+    assert after["lserve:prefix_cache_pages"] > 0
+    assert http.post("/reset_prefix_cache").status_code == 200
+    assert metrics_of(http)["lserve:prefix_cache_pages"] == 0
+    third = http.post("/v1/completions", json=body).json()
+    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
 def test_sigterm_shuts_down_cleanly(server):
     """Last in this module: it stops the shared server."""
     first_chunk, result = threading.Event(), {}
@@ -218,3 +240,4 @@ def test_sigterm_shuts_down_cleanly(server):
     assert result.get("status") == 200 and "error" not in result and events[-1] == "[DONE]", result
     assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("length", "abort")
     parse_sse("".join(f"data: {event}\n\n" for event in events))  # every event is well-formed
+

@@ -45,6 +45,10 @@ struct EngineConfig {
   bool capture_logits = false;             // return the logits of every sampled row (tests)
   std::vector<int32_t> eos_token_ids;      // empty: the model config's eos_token_id
   SparsityConfig sparsity;                 // enabled: LServe sparse attention (page_size = physical_page_size)
+  // Automatic prefix caching (kv/page_pool.h): full pages of computed tokens stay cached and a new
+  // request computes only what is not. Dense attention only for now: with sparsity it stays off
+  // (the streaming heads' KV of a cached prefix is not kept yet; issue 14).
+  bool enable_prefix_caching = true;
 
   void validate() const;
 };
@@ -64,6 +68,7 @@ struct RequestOutput {
   std::string error;          // why the engine aborted the request (e.g. NaN logits); "" otherwise
   int64_t num_prompt_tokens = 0;
   int64_t num_output_tokens = 0;
+  int64_t num_cached_tokens = 0;  // prompt tokens that came from the prefix cache (or a sibling sample)
   std::vector<float> logits;  // (vocab_size,) when capture_logits, for the sampled row
 };
 
@@ -94,6 +99,15 @@ struct EngineStats {
   // CUDA graphs: the decode batch sizes captured (empty: none) and the steps that replayed one.
   std::vector<int> graph_batch_sizes;
   int64_t num_graph_replays = 0;
+  // Prefix caching: on or off (sparse engines: off), pages cached (evictable ones included), tokens
+  // looked up and found at admission; prompt tokens computed by the model (a prefix hit or a forked
+  // sample computes fewer) and samples forked from a sibling's prefill (add_request_group).
+  bool prefix_caching = false;
+  int num_cached_pages = 0;
+  int64_t prefix_cache_queries = 0;
+  int64_t prefix_cache_hits = 0;
+  int64_t num_prompt_tokens_computed = 0;
+  int64_t num_forked_samples = 0;
   // Allocations, copies or synchronisations inside the model's per-layer work so far (STYLE.md 2b;
   // Backend::begin_isolated): zero on the CPU; a device counts its first-step workspace growth.
   int64_t isolation_violations = 0;
@@ -117,8 +131,17 @@ class Engine {
   // Queues a request; raises lserve::Error (and queues nothing) for an empty prompt, a prompt of
   // max_model_len tokens or more, token ids outside the vocabulary, invalid params or a reused id.
   void add_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids, const SamplingParams& params);
+  // n samples of one prompt (n = request_ids.size(), one SamplingParams each, e.g. their own seeds):
+  // the prompt is prefilled once, by the first; when it samples its first token, the others sample
+  // theirs from the same logits and continue on its pages (full pages shared, the partial last page
+  // and, with sparsity, the streaming heads' slot copied). A sample that cannot be forked then (no
+  // free page, slot or sequence) runs as an ordinary request. Checks as add_request, for every id.
+  void add_request_group(const std::vector<int64_t>& request_ids, const std::vector<int32_t>& prompt_token_ids,
+                         const std::vector<SamplingParams>& params);
   // True when the request existed; its pages are freed and step() reports it finished ("abort").
   bool abort_request(int64_t request_id);
+  // Forgets every cached prefix page (requests in flight keep theirs); no-op without prefix caching.
+  void reset_prefix_cache();
   std::vector<RequestOutput> step();
   bool has_unfinished_requests() const;
   EngineStats stats() const;
@@ -129,6 +152,18 @@ class Engine {
 
  private:
   bool is_eos(int32_t token_id) const;
+  void check_new_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids,
+                         const SamplingParams& params) const;
+  std::unique_ptr<Request> make_request(int64_t request_id, const std::vector<int32_t>& prompt_token_ids,
+                                        const SamplingParams& params);
+  // Appends a sampled token to `request` and fills `output`; finishes the request (pages freed)
+  // when it stops.
+  void accept_token(Request& request, SampledToken sampled, RequestOutput& output);
+  // Moves `follower` onto `leader`'s pages after the leader's prefill; false (nothing taken) when
+  // pages, a streaming slot or a running place are missing.
+  bool fork_sample(const Request& leader, std::unique_ptr<Request>& follower);
+  // Hands the samples waiting for leader_id to the scheduler as ordinary requests.
+  void release_followers(int64_t leader_id);
   // Samples the rows of `logits` (device, one per sampling chunk in order) with Backend::sample and
   // returns the token ids (-1 where the device found the row invalid).
   std::vector<int32_t> sample_on_device(const SchedulerOutput& scheduled, const TensorView& logits);
@@ -144,6 +179,9 @@ class Engine {
   std::vector<int32_t> eos_token_ids_;
   std::mt19937_64 seed_rng_;
   std::vector<RequestOutput> pending_aborts_;
+  // Samples waiting for their first sibling's prefill (add_request_group), by that sibling's id.
+  std::unordered_map<int64_t, std::vector<std::unique_ptr<Request>>> followers_;
+  int64_t prefix_cache_queries_ = 0, prefix_cache_hits_ = 0, num_prompt_tokens_computed_ = 0, num_forked_ = 0;
   int64_t num_preemptions_ = 0;
   int64_t num_steps_ = 0;
   bool ready_ = false;

@@ -3,6 +3,8 @@
 // unfinished prefills), then waiting requests are admitted while the token budget,
 // max_num_seqs and free KV pages allow. When pages run out, the most recently admitted request
 // is preempted: its pages are released and it is recomputed later from its tokens so far.
+// With prefix caching (kv/page_pool.h), a request that starts from position 0 first maps the longest
+// cached run of its full pages and computes only the rest; each commit names the pages it filled.
 #pragma once
 
 #include <cstdint>
@@ -32,10 +34,15 @@ struct Request {
   RequestStatus status = RequestStatus::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
   int64_t num_computed_tokens = 0;  // tokens whose K/V are in the cache
+  int64_t num_cached_tokens = -1;   // prompt tokens found in the prefix cache at first admission (-1: not yet)
   int num_preemptions = 0;
 
   int64_t num_tokens() const {
     return static_cast<int64_t>(prompt_token_ids.size() + output_token_ids.size());
+  }
+  TokenRuns tokens() const {
+    return {prompt_token_ids.data(), static_cast<int64_t>(prompt_token_ids.size()), output_token_ids.data(),
+            static_cast<int64_t>(output_token_ids.size())};
   }
   int32_t token_at(int64_t position) const {
     const int64_t num_prompt = static_cast<int64_t>(prompt_token_ids.size());
@@ -60,6 +67,9 @@ struct SchedulerOutput {
   std::vector<ScheduledChunk> chunks;
   int64_t num_tokens = 0;
   std::vector<int64_t> preempted_request_ids;
+  // Prefix caching, over the requests admitted this step: tokens looked up and tokens found cached.
+  int64_t prefix_cache_queries = 0;
+  int64_t prefix_cache_hits = 0;
 };
 
 class Scheduler {
@@ -68,6 +78,10 @@ class Scheduler {
   Scheduler(const SchedulerConfig& config, KvCacheManager& kv_cache, PageSelector* selector = nullptr);
 
   void add_request(std::unique_ptr<Request> request);
+  // Adds a request that already holds its pages (and sparse state) and has computed
+  // num_computed_tokens tokens, as running (a forked sample of a prompt: Engine::add_request_group).
+  // False (nothing taken) when max_num_seqs requests run already.
+  bool add_running(std::unique_ptr<Request> request);
   // Removes a waiting or running request and frees its pages; returns it (finish reason abort),
   // or nullptr when the id is unknown.
   std::unique_ptr<Request> abort_request(int64_t request_id);

@@ -117,6 +117,22 @@ bool PageSelector::acquire(int64_t seq_id, int64_t prefill_tokens) {
   return true;
 }
 
+bool PageSelector::fork(int64_t src_seq_id, int64_t dst_seq_id) {
+  const auto src = seqs_.find(src_seq_id);
+  LSERVE_CHECK(src != seqs_.end(), "page selector: fork of sequence ", src_seq_id, ", which holds no slot");
+  LSERVE_CHECK(seqs_.count(dst_seq_id) == 0, "page selector: fork onto sequence ", dst_seq_id, ", which holds a slot");
+  // A source still on a prefill ring (its context below dense_below_tokens) keeps its streaming keys
+  // there, not in its slot alone: no fork.
+  if (free_slots_.empty() || src->second.prefill_ring >= 0 || src->second.ends_prefill) return false;
+  SeqState state = src->second;
+  state.slot = free_slots_.back();
+  free_slots_.pop_back();
+  state.steps = 0;
+  state.base_pages = 0;
+  seqs_[dst_seq_id] = state;
+  return true;
+}
+
 void PageSelector::release(int64_t seq_id) {
   const auto it = seqs_.find(seq_id);
   if (it == seqs_.end()) return;

@@ -335,6 +335,33 @@ void LlamaModel::allocate_streaming_cache(int num_pages, int page_size, DType kv
   streaming_allocated_ = true;
 }
 
+void LlamaModel::copy_kv_page(int src_page, int dst_page) {
+  LSERVE_CHECK(kv_allocated_, "copy_kv_page() before allocate_kv_cache()");
+  for (Layer& layer : layers_) {
+    for (Tensor* cache : {&layer.k_cache, &layer.v_cache, &layer.kmax, &layer.kmin}) {
+      if (!cache->defined()) continue;
+      const TensorView all = cache->view();
+      LSERVE_CHECK(src_page >= 0 && src_page < all.size(0) && dst_page >= 0 && dst_page < all.size(0),
+                   "copy_kv_page: pages ", src_page, " -> ", dst_page, " outside [0, ", all.size(0), ")");
+      backend_.copy(all.select_row(dst_page), all.select_row(src_page));
+    }
+  }
+}
+
+void LlamaModel::copy_streaming_pages(int src_page, int dst_page, int num_pages) {
+  LSERVE_CHECK(streaming_allocated_, "copy_streaming_pages() before allocate_streaming_cache()");
+  for (Layer& layer : layers_) {
+    for (Tensor* cache : {&layer.ks_cache, &layer.vs_cache}) {
+      if (!cache->defined()) continue;
+      const TensorView all = cache->view();
+      LSERVE_CHECK(src_page >= 0 && dst_page >= 0 && src_page + num_pages <= all.size(0) &&
+                   dst_page + num_pages <= all.size(0), "copy_streaming_pages: ", num_pages, " pages ", src_page,
+                   " -> ", dst_page, " outside [0, ", all.size(0), ")");
+      backend_.copy(all.slice(0, dst_page, dst_page + num_pages), all.slice(0, src_page, src_page + num_pages));
+    }
+  }
+}
+
 void LlamaModel::prepare_steps(int64_t max_tokens, int64_t max_seqs, int64_t max_pages) {
   LSERVE_CHECK(max_tokens >= 1 && max_seqs >= 1 && max_pages >= 1, "prepare_steps: capacities must be >= 1");
   step_layout_ = StepLayout{max_tokens, max_seqs, max_pages, sparsity_.enabled};

@@ -6,6 +6,12 @@ ignore_eos so it generates exactly --random-output-len tokens, and reads exact t
 final usage chunk. Reports TTFT, TPOT (excluding the first token), ITL and end-to-end latency
 (mean, median, std, chosen percentiles) and throughputs, laid out as vLLM's benchmark_serving
 prints them; --output-json writes the summary plus per-request figures.
+
+--dataset prefix makes a shared-prefix workload: --num-prefixes long random "documents" of
+--prefix-len words, each request one of them (in turn) followed by its own random question of
+--random-input-len words, as when several questions are asked of the same documents. The report
+adds the prefix-cache hit rate: prompt tokens the server reported cached
+(usage.prompt_tokens_details.cached_tokens) over all prompt tokens.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ class RequestResult:
     ttft: float = 0.0
     latency: float = 0.0
     itl: List[float] = field(default_factory=list)
+    cached_tokens: int = 0
     generated_text: str = ""
     error: str = ""
 
@@ -57,6 +64,19 @@ def sample_prompts(num_prompts: int, input_len: int, output_len: int, range_rati
                                   max(1, int(output_len * (1 + range_ratio))))
         prompts.append((" ".join(rng.choice(WORDS) for _ in range(num_words)), num_words, num_outputs))
     return prompts
+
+
+def sample_prefix_prompts(num_prompts: int, prefix_len: int, num_prefixes: int, input_len: int, output_len: int,
+                          range_ratio: float, seed: int) -> List[tuple]:
+    """The shared-prefix workload: request i is prefix i % num_prefixes (prefix_len words) followed by
+    its own random question (sample_prompts' lengths); [(prompt_text, target_input_len, output_len)]."""
+    if prefix_len < 1 or num_prefixes < 1:
+        raise ValueError(f"--prefix-len and --num-prefixes must be >= 1, got {prefix_len} and {num_prefixes}")
+    rng = random.Random(seed + 7)
+    prefixes = [" ".join(rng.choice(WORDS) for _ in range(prefix_len)) for _ in range(num_prefixes)]
+    questions = sample_prompts(num_prompts, input_len, output_len, range_ratio, seed)
+    return [(prefixes[index % num_prefixes] + " " + text, prefix_len + words, outputs)
+            for index, (text, words, outputs) in enumerate(questions)]
 
 
 def _payload(args: argparse.Namespace, model: str, prompt: str, output_len: int) -> dict:
@@ -112,6 +132,7 @@ async def send_request(client, url: str, payload: dict) -> RequestResult:
                 if usage:
                     result.prompt_len = usage.get("prompt_tokens", 0)
                     result.output_len = usage.get("completion_tokens", 0)
+                    result.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         result.latency = time.perf_counter() - start
         result.success = result.ttft > 0.0 or result.output_len == 0
     except Exception as error:  # a failed request is counted, not fatal
@@ -138,8 +159,12 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
     import httpx
 
     base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
-    prompts = sample_prompts(args.num_prompts, args.random_input_len, args.random_output_len,
-                             args.random_range_ratio, args.seed)
+    if args.dataset == "prefix":
+        prompts = sample_prefix_prompts(args.num_prompts, args.prefix_len, args.num_prefixes, args.random_input_len,
+                                        args.random_output_len, args.random_range_ratio, args.seed)
+    else:
+        prompts = sample_prompts(args.num_prompts, args.random_input_len, args.random_output_len,
+                                 args.random_range_ratio, args.seed)
     concurrency = args.max_concurrency or args.num_prompts
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
@@ -224,6 +249,8 @@ def summarize(args: argparse.Namespace, model: str, results: List[RequestResult]
         "request_throughput": len(ok) / duration if duration > 0 else 0.0,
         "output_throughput": total_output / duration if duration > 0 else 0.0,
         "total_token_throughput": (total_input + total_output) / duration if duration > 0 else 0.0,
+        "total_cached_tokens": sum(result.cached_tokens for result in ok),
+        "prefix_cache_hit_rate": sum(result.cached_tokens for result in ok) / total_input if total_input else 0.0,
     }
     selected = {name.strip() for name in args.percentile_metrics.split(",")}
     for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
@@ -265,6 +292,7 @@ def format_report(summary: dict, args: argparse.Namespace) -> str:
     row("Request throughput (req/s):", summary["request_throughput"])
     row("Output token throughput (tok/s):", summary["output_throughput"])
     row("Total Token throughput (tok/s):", summary["total_token_throughput"])
+    row("Prefix cache hit rate (%):", 100.0 * summary["prefix_cache_hit_rate"])
     selected = {name.strip() for name in args.percentile_metrics.split(",")}
     percentiles = [float(value) for value in args.metric_percentiles.split(",")]
     for name, title, short in _SECTIONS:
@@ -292,7 +320,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent clients (default: all requests at once)")
     parser.add_argument("--request-rate", type=float, default=float("inf"),
                         help="requests per second, Poisson arrivals; inf sends all at once (default: %(default)s)")
-    parser.add_argument("--random-input-len", type=int, default=128, help="mean prompt length in tokens")
+    parser.add_argument("--dataset", default="random", choices=["random", "prefix"],
+                        help="random prompts, or prompts sharing --num-prefixes long prefixes (default: %(default)s)")
+    parser.add_argument("--prefix-len", type=int, default=1024,
+                        help="--dataset prefix: words (about tokens) of each shared prefix (default: %(default)s)")
+    parser.add_argument("--num-prefixes", type=int, default=4,
+                        help="--dataset prefix: distinct shared prefixes (default: %(default)s)")
+    parser.add_argument("--random-input-len", type=int, default=128,
+                        help="mean prompt length in tokens (--dataset prefix: of the part after the prefix)")
     parser.add_argument("--random-output-len", type=int, default=64, help="mean output length in tokens")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="lengths are uniform in len * [1 - r, 1 + r] (default: %(default)s)")

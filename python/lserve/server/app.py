@@ -251,8 +251,10 @@ async def _client_disconnected(request: Request) -> None:
 def _usage(prompts: List[_Prompt], outputs: Dict[str, RequestOutput]) -> p.UsageInfo:
     prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
     completion_tokens = sum(len(seq.token_ids) for output in outputs.values() for seq in output.outputs)
+    cached_tokens = sum(int(getattr(output, "num_cached_tokens", 0) or 0) for output in outputs.values())
     return p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                       total_tokens=prompt_tokens + completion_tokens)
+                       total_tokens=prompt_tokens + completion_tokens,
+                       prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def _text_delta(seq: CompletionOutput, state: _ChoiceState, hold_back: int) -> str:
@@ -553,6 +555,14 @@ def build_app(engine, served_model_name: Union[str, Sequence[str], None] = None,
         except Exception as error:  # out-of-vocabulary ids: the tokenizer's own message says which
             raise APIError(400, f"cannot detokenize: {error}", "tokens") from None
         return JSONResponse(p.DetokenizeResponse(prompt=text).model_dump())
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """Forgets every cached prefix page (as vLLM's endpoint does); requests in flight keep theirs."""
+        if not hasattr(engine, "reset_prefix_cache"):
+            raise APIError(400, "this engine has no prefix cache")
+        await engine_loop.call(lambda eng: eng.reset_prefix_cache())
+        return Response(status_code=200)
 
     @app.get("/health")
     async def health():

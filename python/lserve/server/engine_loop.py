@@ -218,6 +218,20 @@ class EngineLoop:
             raise
         return stream
 
+    async def call(self, function):
+        """Runs function(engine) on the engine thread between steps (e.g. reset_prefix_cache); an
+        exception it raises comes back here."""
+        if self._error is not None or not self.is_alive:
+            raise EngineDeadError(f"the engine has stopped: {self._error or 'not running'}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        with self._cond:
+            if self._closed:
+                raise EngineDeadError(f"the engine has stopped: {self._error or 'shut down'}")
+            self._commands.append(("call", function, loop, done))
+            self._cond.notify()
+        await done
+
     def abort(self, request_ids: Sequence[str]) -> None:
         """Queues aborts; safe from any thread except inside a signal handler."""
         with self._cond:
@@ -255,6 +269,13 @@ class EngineLoop:
                 for command in commands:
                     if command[0] == "add":
                         self._add(*command[1:])
+                    elif command[0] == "call":
+                        function, loop, done = command[1:]
+                        try:
+                            function(self.engine)
+                            _call_soon(loop, _settle, done, None)
+                        except Exception as error:  # the caller reports it; the engine goes on
+                            _call_soon(loop, _settle, done, error)
                     else:
                         self._abort(command[1])
                 if stop:

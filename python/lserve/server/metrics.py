@@ -135,6 +135,18 @@ class ServerMetrics:
                              [f"lserve:kv_cache_usage_perc{sample} {format_value(usage)}"])
             lines += _family("lserve:num_preemptions_total", "counter", "Cumulative number of preemptions.",
                              [f"lserve:num_preemptions_total{sample} {format_value(stats.num_preemptions)}"])
+            if getattr(stats, "prefix_caching", False):
+                lines += _family("lserve:prefix_cache_queries_total", "counter",
+                                 "Prompt tokens looked up in the prefix cache at admission.",
+                                 [f"lserve:prefix_cache_queries_total{sample} "
+                                  f"{format_value(stats.prefix_cache_queries)}"])
+                lines += _family("lserve:prefix_cache_hits_total", "counter",
+                                 "Prompt tokens found in the prefix cache (not computed again).",
+                                 [f"lserve:prefix_cache_hits_total{sample} {format_value(stats.prefix_cache_hits)}"])
+                lines += _family("lserve:prefix_cache_pages", "gauge",
+                                 "KV pages named in the prefix cache (in use or evictable; evictable pages count "
+                                 "as free in kv_cache_usage_perc).",
+                                 [f"lserve:prefix_cache_pages{sample} {format_value(stats.num_cached_pages)}"])
             if getattr(stats, "num_stream_slots", 0):  # sparse attention (LServe) is on
                 lines += _family("lserve:sparse_pages_selected", "gauge",
                                  "KV pages the dense heads read in the last step (sum over layers and heads).",

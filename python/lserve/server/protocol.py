@@ -143,10 +143,15 @@ class CompletionChoice(ResponseModel):
     stop_reason: Optional[Union[int, str]] = None
 
 
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's and vLLM's field)
+
+
 class UsageInfo(ResponseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionResponse(ResponseModel):

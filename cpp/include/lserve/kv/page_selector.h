@@ -95,6 +95,11 @@ class PageSelector {
   bool acquire(int64_t seq_id, int64_t prefill_tokens);
   void release(int64_t seq_id);
   bool has(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
+  // A sample forked from src after src's prefill (Engine::add_request_group): dst takes a free
+  // decode slot and src's decode state (no prefill ring; a fresh selection at its first decode).
+  // The caller copies src's slot pages onto dst's. False, nothing taken, when no slot is free or
+  // src still prefills through a prefill ring.
+  bool fork(int64_t src_seq_id, int64_t dst_seq_id);
   int num_free_slots() const { return static_cast<int>(free_slots_.size()); }
   int num_free_prefill_rings() const { return static_cast<int>(free_rings_.size()); }
   int slot_of(int64_t seq_id) const;

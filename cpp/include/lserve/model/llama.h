@@ -65,6 +65,11 @@ class LlamaModel {
   // Streaming heads (sparsity only): their cache of num_pages pages (the page selector's tiers).
   void allocate_streaming_cache(int num_pages, int page_size, DType kv_cache_dtype);
   int64_t streaming_bytes_per_token(DType kv_cache_dtype) const;
+  // Copies whole pages on the backend, every layer: the dense heads' K, V (and kmax/kmin) of page
+  // src onto page dst (a copy-on-write page), and num_pages streaming pages from src_page on
+  // (a forked sequence's decode slot). Stream-ordered: no synchronisation.
+  void copy_kv_page(int src_page, int dst_page);
+  void copy_streaming_pages(int src_page, int dst_page, int num_pages);
   // Pages read by the dense heads' attention in the last forward() (summed over layers and heads), and
   // pages they would have read densely: selection statistics for metrics.
   int64_t last_pages_selected() const { return last_pages_selected_; }

@@ -1,0 +1,192 @@
+"""Automatic prefix caching and n > 1 on one prefill (issue 14): the same tokens as without them.
+
+A tiny random Llama on the CPU (fp32): each case runs the same requests on an engine with prefix
+caching and on one without, and compares the tokens (greedy, and seeded sampling), while the
+engine statistics show that the cached part was not computed again.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lserve_testing import assert_exact
+from tiny_models import make_tiny_model
+
+pytest.importorskip("torch")
+from lserve import Engine, SamplingParams, SparsityConfig  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, max_tokens=12, ignore_eos=True, seed=11)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama_prefix")
+    make_tiny_model("llama", directory, seed=5)
+    return directory
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, 211, size=n)]
+
+
+def engine(llama_dir, caching: bool, **kwargs) -> Engine:
+    options = dict(max_model_len=512, page_size=8, show_progress=False, enable_prefix_caching=caching)
+    options.update(kwargs)
+    return Engine(str(llama_dir), **options)
+
+
+def run(eng: Engine, prompts, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in eng.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("prefix_len", [64, 61, 200], ids=["page_edge", "inside_page", "past_chunk"])
+def test_second_request_reuses_prefix(llama_dir, params, prefix_len):
+    """A second request sharing a prefix (ending on a page edge, inside a page, or longer than the
+    prefill chunk) computes only its own part and gives the tokens of an uncached engine."""
+    prefix = tokens(1, prefix_len)
+    first, second = prefix + tokens(2, 9), prefix + tokens(3, 23)
+    cached = engine(llama_dir, True, max_num_batched_tokens=64)
+    plain = engine(llama_dir, False, max_num_batched_tokens=64)
+    for prompt in (first, second):
+        before = cached.stats().num_prompt_tokens_computed
+        out = cached.generate([prompt], params, use_tqdm=False)[0]
+        computed = cached.stats().num_prompt_tokens_computed - before
+        assert_exact(out.outputs[0].token_ids, run(plain, [prompt], params)[0], what=f"prefix {prefix_len}")
+        if prompt is second:
+            full_pages = (prefix_len // 8) * 8
+            assert out.num_cached_tokens == full_pages
+            assert computed == len(second) - full_pages
+        else:
+            assert out.num_cached_tokens == 0 and computed == len(first)
+    stats = cached.stats()
+    assert stats.prefix_caching and stats.prefix_cache_hits == (prefix_len // 8) * 8
+    assert stats.prefix_cache_queries == len(first) + len(second)
+    assert plain.stats().prefix_cache_hits == 0 and not plain.stats().prefix_caching
+
+
+def test_whole_prompt_cached_still_computes_last_token(llama_dir):
+    prompt = tokens(4, 48)  # 6 full pages: the last token is computed for its logits
+    cached = engine(llama_dir, True)
+    a = cached.generate([prompt], GREEDY, use_tqdm=False)[0]
+    b = cached.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert b.num_cached_tokens == 40
+    assert_exact(b.outputs[0].token_ids, a.outputs[0].token_ids, what="identical prompt twice")
+
+
+def test_concurrent_requests_share_a_prefix_being_prefilled(llama_dir):
+    """Requests that arrive while the shared prefix is still being prefilled (small chunks) pick up
+    the pages as they are computed, and all give the uncached tokens."""
+    prefix = tokens(5, 150)
+    prompts = [prefix + tokens(10 + i, 5 + 3 * i) for i in range(4)]
+    cached = engine(llama_dir, True, max_num_batched_tokens=32)
+    ids = [cached.add_request(None, p, GREEDY) for p in prompts[:1]]
+    for _ in range(2):  # the first request is part-way through its prefix
+        cached.step()
+    ids += [cached.add_request(None, p, GREEDY) for p in prompts[1:]]
+    results = {}
+    while cached.has_unfinished_requests():
+        for out in cached.step():
+            if out.finished:
+                results[out.request_id] = out
+    expected = run(engine(llama_dir, False, max_num_batched_tokens=32), prompts, GREEDY)
+    for index, request_id in enumerate(ids):
+        assert_exact(results[request_id].outputs[0].token_ids, expected[index], what=f"request {index}")
+    assert all(results[request_id].num_cached_tokens > 0 for request_id in ids[1:])
+
+
+def test_preemption_with_shared_pages(llama_dir):
+    """A pool too small for everyone: requests holding shared pages are preempted, recomputed (hitting
+    the cache again) and finish with the roomy engine's tokens; every page comes back."""
+    prefix = tokens(6, 40)
+    prompts = [prefix + tokens(20 + i, 10 + 7 * i) for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    expected = run(engine(llama_dir, False, num_kv_pages=512), prompts, params)
+    tight = engine(llama_dir, True, max_model_len=128, num_kv_pages=24, max_num_batched_tokens=32)
+    outputs = tight.generate(prompts, params, use_tqdm=False)
+    stats = tight.stats()
+    assert stats.num_preemptions > 0, "the pool was meant to be too small"
+    assert stats.prefix_cache_hits > 0
+    for index, (out, ref) in enumerate(zip(outputs, expected)):
+        assert_exact(out.outputs[0].token_ids, ref, what=f"prompt {index} under preemption")
+    assert stats.num_free_pages == stats.num_total_pages
+    assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+@pytest.mark.parametrize("prompt_len", [37, 40], ids=["partial_last_page", "page_edge"])
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "no_caching"])
+def test_n_samples_one_prefill(llama_dir, prompt_len, caching):
+    """n = 4 prefills the prompt once; each sample equals the same seed run alone."""
+    prompt = tokens(7, prompt_len)
+    params = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=3, n=4)
+    eng = engine(llama_dir, caching)
+    out = eng.generate([prompt], params, use_tqdm=False)[0]
+    stats = eng.stats()
+    assert stats.num_prompt_tokens_computed == prompt_len, "the prompt was prefilled more than once"
+    assert stats.num_forked_samples == 3
+    alone = engine(llama_dir, False)
+    for index, sample in enumerate(out.outputs):
+        one = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=3 + index)
+        assert_exact(sample.token_ids, run(alone, [prompt], one)[0], what=f"sample {index}")
+    assert len({tuple(s.token_ids) for s in out.outputs}) > 1, "the samples should differ"
+    assert stats.num_free_pages == stats.num_total_pages
+
+
+def test_n_samples_fall_back_when_no_room(llama_dir):
+    """With max_num_seqs = 2, two of four samples cannot fork at once: they prefill later on their own."""
+    prompt = tokens(8, 30)
+    params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=9, n=4)
+    eng = engine(llama_dir, False, max_num_seqs=2)
+    out = eng.generate([prompt], params, use_tqdm=False)[0]
+    assert eng.stats().num_forked_samples == 1
+    alone = engine(llama_dir, False)
+    for index, sample in enumerate(out.outputs):
+        one = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=9 + index)
+        assert_exact(sample.token_ids, run(alone, [prompt], one)[0], what=f"sample {index}")
+
+
+def test_abort_leader_releases_samples(llama_dir):
+    prompt = tokens(9, 100)
+    eng = engine(llama_dir, False, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, seed=1, n=3)
+    request_id = eng.add_request(None, prompt, params)
+    eng.step()
+    assert eng.abort_request(request_id)
+    while eng.has_unfinished_requests():
+        eng.step()
+    stats = eng.stats()
+    assert stats.num_free_pages == stats.num_total_pages and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_reset_prefix_cache(llama_dir):
+    prompt = tokens(11, 80)
+    eng = engine(llama_dir, True)
+    eng.generate([prompt], GREEDY, use_tqdm=False)
+    # Generated tokens' pages are cached too (a multi-turn chat resends them): 80 + 12 tokens, the
+    # last one never computed, fill 11 pages of 8.
+    assert eng.stats().num_cached_pages == (80 + 12 - 1) // 8
+    eng.reset_prefix_cache()
+    assert eng.stats().num_cached_pages == 0
+    assert eng.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_sparse_n_samples_fork_the_streaming_slot(llama_dir):
+    """With sparse attention (streaming heads, page selection), n = 4 forks the decode slot too:
+    each sample equals its seed run alone. Prefix caching stays off there; asking for it is an error."""
+    sparsity = SparsityConfig(streaming_heads=[[1], [0]], prefill_sink_tokens=8, prefill_local_tokens=32,
+                              decode_sink_tokens=8, decode_local_tokens=32, decode_token_budget=32,
+                              selection_reuse_interval=2, physical_page_size=16, logical_page_size=8)
+    prompt = tokens(12, 150)
+    eng = Engine(str(llama_dir), max_model_len=512, show_progress=False, sparsity=sparsity)
+    assert not eng.stats().prefix_caching
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=4, n=4)
+    out = eng.generate([prompt], params, use_tqdm=False)[0]
+    assert eng.stats().num_forked_samples == 3
+    assert eng.stats().num_prompt_tokens_computed == len(prompt)
+    alone = Engine(str(llama_dir), max_model_len=512, show_progress=False, sparsity=sparsity)
+    for index, sample in enumerate(out.outputs):
+        one = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=4 + index)
+        assert_exact(sample.token_ids, run(alone, [prompt], one)[0], what=f"sparse sample {index}")
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        Engine(str(llama_dir), max_model_len=512, show_progress=False, sparsity=sparsity, enable_prefix_caching=True)
