@@ -15,35 +15,38 @@ namespace lserve::bindings {
 
 namespace {
 
-py::object string_to_python(const std::string& text, const std::string& key) {
+// `where` names the file and the key: "model.gguf: metadata 'tokenizer.ggml.tokens'".
+py::object string_to_python(const std::string& text, const std::string& where, size_t item_idx) {
   PyObject* decoded = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "strict");
   if (decoded == nullptr) {
     PyErr_Clear();
-    throw Error("GGUF metadata '" + key + "' holds a string that is not valid UTF-8");
+    throw Error(where + " holds a string that is not valid UTF-8 (item " + std::to_string(item_idx) + ")");
   }
   return py::reinterpret_steal<py::object>(decoded);
 }
 
-py::object item_to_python(const GgufValue& value, size_t item_idx, const std::string& key) {
+py::object item_to_python(const GgufValue& value, size_t item_idx, const std::string& where) {
   switch (value.element_type) {
     case GgufValueType::kU64: return py::int_(static_cast<uint64_t>(value.ints[item_idx]));
     case GgufValueType::kBool: return py::bool_(value.ints[item_idx] != 0);
     case GgufValueType::kF32: case GgufValueType::kF64: return py::float_(value.floats[item_idx]);
-    case GgufValueType::kString: return string_to_python(value.strings[item_idx], key);
+    case GgufValueType::kString: return string_to_python(value.strings[item_idx], where, item_idx);
     case GgufValueType::kArray: {
       const GgufValue& inner = value.arrays[item_idx];
       py::list out(inner.num_items());
-      for (size_t idx = 0; idx < inner.num_items(); ++idx) out[idx] = item_to_python(inner, idx, key);
+      for (size_t idx = 0; idx < inner.num_items(); ++idx) out[idx] = item_to_python(inner, idx, where);
       return std::move(out);
     }
     default: return py::int_(value.ints[item_idx]);
   }
 }
 
-py::object value_to_python(const GgufValue& value, const std::string& key) {
-  if (!value.is_array()) return item_to_python(value, 0, key);
+py::object value_to_python(const GgufFile& file, const std::string& key) {
+  const GgufValue& value = file.get(key);
+  const std::string where = file.path() + ": metadata '" + key + "'";
+  if (!value.is_array()) return item_to_python(value, 0, where);
   py::list out(value.num_items());
-  for (size_t idx = 0; idx < value.num_items(); ++idx) out[idx] = item_to_python(value, idx, key);
+  for (size_t idx = 0; idx < value.num_items(); ++idx) out[idx] = item_to_python(value, idx, where);
   return std::move(out);
 }
 
@@ -136,7 +139,7 @@ void bind_gguf(pybind11::module_& m) {
       .def("keys", &GgufFile::keys, "Metadata keys in file order.")
       .def("has_key", &GgufFile::has_key, py::arg("key"))
       .def("__contains__", &GgufFile::has_key, py::arg("key"))
-      .def("get", [](const GgufFile& file, const std::string& key) { return value_to_python(file.get(key), key); },
+      .def("get", [](const GgufFile& file, const std::string& key) { return value_to_python(file, key); },
            py::arg("key"), "The value of a metadata key (arrays as lists); ValueError when missing.")
       .def("value_type",
            [](const GgufFile& file, const std::string& key) {

@@ -2,16 +2,81 @@
 // stop checks), and statistics.
 #include "lserve/engine.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <sstream>
 #include <string>
 
 #include "lserve/packed_upload.h"
 
 namespace lserve {
+
+namespace {
+
+constexpr int64_t kCpuDefaultKvBytes = int64_t{1} << 30;  // the KV budget on the CPU without kv_cache_memory
+
+// Bytes this process could hold on the host: physical memory, capped by an address-space limit.
+int64_t host_memory_limit() {
+  int64_t limit = std::numeric_limits<int64_t>::max();
+  const long num_pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page_bytes = ::sysconf(_SC_PAGE_SIZE);
+  if (num_pages > 0 && page_bytes > 0) limit = static_cast<int64_t>(num_pages) * page_bytes;
+  struct rlimit address_space;
+  if (::getrlimit(RLIMIT_AS, &address_space) == 0 && address_space.rlim_cur != RLIM_INFINITY) {
+    limit = std::min<int64_t>(limit, static_cast<int64_t>(address_space.rlim_cur));
+  }
+  return limit;
+}
+
+// Refuses, before anything is allocated, a model and max_model_len that cannot fit: the weights and
+// the rotary table must fit the device's memory (on the CPU the host's memory and address-space
+// limit), and, with dense attention, the KV cache of one max_model_len sequence must fit the largest
+// budget finalize() could find (its own rule, checked again there with the real budget). A corrupt
+// model file thus fails with the size named instead of an allocation failure midway.
+void check_fits_memory(const ModelConfig& model, const EngineConfig& config, Backend& backend) {
+  const int64_t device_total = backend.memory_info().second;
+  const bool on_host = device_total <= 0;
+  const int64_t memory = on_host ? host_memory_limit() : device_total;
+  const char* where = on_host ? "the host" : "the device";
+  const DType weight_dtype = dtype_from_string(config.dtype);
+  const int64_t weight_bytes = LlamaModel::weight_bytes(model, weight_dtype);
+  const int64_t rope_bytes = LlamaModel::rope_table_bytes(model, config.max_model_len);
+  LSERVE_CHECK(weight_bytes <= memory, "the model's weights need ", weight_bytes, " bytes as ", config.dtype,
+               " (", model.num_layers, " layers, hidden size ", model.hidden_size, ", vocabulary ", model.vocab_size,
+               "), more than the ", memory, " bytes ", where, " has");
+  LSERVE_CHECK(rope_bytes <= memory - weight_bytes, "max_model_len = ", config.max_model_len, " needs a ", rope_bytes,
+               "-byte rotary table beside ", weight_bytes, " bytes of weights, more than the ", memory, " bytes ",
+               where, " has: lower max_model_len");
+  if (config.sparsity.enabled) return;  // streaming heads hold fewer tokens: finalize() decides
+  const int64_t pages_per_seq = (static_cast<int64_t>(config.max_model_len) + config.page_size - 1) / config.page_size;
+  const int64_t token_bytes = 2LL * model.num_layers * model.num_kv_heads * model.head_dim *
+                              static_cast<int64_t>(dtype_size(dtype_from_string(config.kv_cache_dtype)));
+  const int64_t page_bytes = std::max<int64_t>(1, token_bytes * config.page_size);
+  int64_t max_pages;
+  const char* remedy = "raise kv_cache_memory or lower max_model_len";
+  if (config.num_kv_pages > 0) {
+    max_pages = config.num_kv_pages;
+    remedy = "raise num_kv_pages or lower max_model_len";
+  } else if (config.kv_cache_memory > 0) {
+    max_pages = config.kv_cache_memory / page_bytes;
+  } else if (!on_host) {
+    max_pages = static_cast<int64_t>(config.gpu_memory_utilization * static_cast<double>(device_total)) / page_bytes;
+    remedy = "raise gpu_memory_utilization or lower max_model_len";
+  } else {
+    max_pages = kCpuDefaultKvBytes / page_bytes;
+  }
+  LSERVE_CHECK(max_pages >= pages_per_seq, "the KV cache can hold at most ", max_pages * config.page_size,
+               " tokens (", max_pages, " pages of ", config.page_size, " tokens, ", page_bytes,
+               " bytes each), fewer than max_model_len = ", config.max_model_len, ": ", remedy);
+}
+
+}  // namespace
 
 void EngineConfig::validate() const {
   LSERVE_CHECK(max_model_len >= 0, "max_model_len must be >= 0 (0 = the model's), got ", max_model_len);
@@ -44,6 +109,7 @@ Engine::Engine(const ModelConfig& model_config, const EngineConfig& config) : co
   LSERVE_CHECK(!config_.sparsity.enabled || backend_->device().type == DeviceType::kCPU || allow_device_sparsity,
                "sparse attention runs on the CPU backend only for now: the ", backend_->name(),
                " backend's sparse kernels are not verified yet (use sparsity='dense' on ", config_.device, ")");
+  check_fits_memory(checked, config_, *backend_);
   model_ = std::make_unique<LlamaModel>(checked, *backend_, dtype_from_string(config_.dtype), config_.max_model_len);
   model_->set_sparsity(config_.sparsity);
   eos_token_ids_ = config_.eos_token_ids;
@@ -63,7 +129,7 @@ void Engine::finalize() {
   model_->finalize();
   const DType kv_dtype = dtype_from_string(config_.kv_cache_dtype);
   const int64_t page_bytes = std::max<int64_t>(1, model_->kv_bytes_per_token(kv_dtype) * config_.page_size);
-  const int64_t pages_per_seq = (config_.max_model_len + config_.page_size - 1) / config_.page_size;
+  const int64_t pages_per_seq = (static_cast<int64_t>(config_.max_model_len) + config_.page_size - 1) / config_.page_size;
   // The KV budget: kv_cache_memory if given; on a device, what gpu_memory_utilization leaves after
   // everything in use now; on the CPU 1 GiB.
   const char* remedy = "raise kv_cache_memory or lower max_model_len";
@@ -79,7 +145,7 @@ void Engine::finalize() {
       budget = std::max<int64_t>(budget, 0);
       remedy = "raise gpu_memory_utilization, lower max_model_len or max_num_batched_tokens";
     } else {
-      budget = 1LL << 30;
+      budget = kCpuDefaultKvBytes;
     }
   }
   if (config_.sparsity.enabled) {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -30,6 +31,16 @@ from tokenizers import Tokenizer as BackendTokenizer
 # GGUF token types (llama.cpp llama_token_type).
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
+
+# GGUF metadata types the tokenizer accepts, as _C.GgufFile.value_type() names them: (type, item type).
+_GGUF_INTEGERS = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
+_GGUF_TYPES = {
+    "string": {("string", "string")},
+    "bool": {("bool", "bool")},
+    "integer": {(name, name) for name in _GGUF_INTEGERS},
+    "array of string": {("array", "string")},
+    "array of integers": {("array", name) for name in _GGUF_INTEGERS},
+}
 
 # tokenizer.ggml.pre values whose split rule is GPT-2's, which ByteLevel(use_regex=True) applies.
 # "smollm" is listed although llama.cpp also splits digits one by one for it: SmolLM's vocabulary
@@ -93,7 +104,7 @@ def _strftime_now(format_string):
     return datetime.now().strftime(format_string)
 
 
-def _compile_chat_template(source: str) -> jinja2.Template:
+def _compile_chat_template(source: str, origin: str = "chat template") -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -102,7 +113,10 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as error:
-        raise ValueError(f"chat template does not compile: {error} (line {error.lineno})") from None
+        raise ValueError(f"{origin} does not compile: {error} (line {error.lineno})") from None
+    except RecursionError:  # Jinja's parser and compiler recurse once per nesting level
+        raise ValueError(f"{origin} does not compile: it nests deeper than Python's recursion limit "
+                         f"({sys.getrecursionlimit()})") from None
 
 
 def _special_post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None):
@@ -117,7 +131,9 @@ class Tokenizer:
     """Token ids <-> text for one model; build with from_gguf() or from_pretrained()."""
 
     def __init__(self, backend: BackendTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 unk_token: str | None = None, pad_token: str | None = None, chat_template: str | None = None):
+                 unk_token: str | None = None, pad_token: str | None = None, chat_template: str | None = None,
+                 chat_template_origin: str = "chat template"):
+        """chat_template_origin names the template in errors, e.g. "model.gguf: tokenizer.chat_template"."""
         self._backend = backend
         self._special = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token,
                          "pad_token": pad_token}
@@ -125,6 +141,7 @@ class Tokenizer:
             if token is not None and backend.token_to_id(token) is None:
                 raise ValueError(f"{name} {token!r} is not in the vocabulary")
         self.chat_template = chat_template
+        self._chat_template_origin = chat_template_origin
         self._compiled_template = None
 
     # ---- construction --------------------------------------------------------------------------
@@ -141,19 +158,27 @@ class Tokenizer:
 
         file = path_or_file if isinstance(path_or_file, _C.GgufFile) else _C.GgufFile(os.fspath(path_or_file))
 
-        def get(key, default=None):
-            return file.get(key) if file.has_key(key) else default
+        def get(key, expected, default=None):
+            """The value of `key` (default when absent); a value of another type than `expected` (a
+            _GGUF_TYPES key) raises naming the file, the key and both types."""
+            if not file.has_key(key):
+                return default
+            value_type, item_type = file.value_type(key)
+            if (value_type, item_type) not in _GGUF_TYPES[expected]:
+                found = f"array of {item_type}" if value_type == "array" else value_type
+                raise ValueError(f"{file.path}: metadata '{key}' has type {found}, expected {expected}")
+            return file.get(key)
 
-        model = get("tokenizer.ggml.model")
+        model = get("tokenizer.ggml.model", "string")
         if model is None:
             raise ValueError(f"{file.path}: no tokenizer.ggml.model in the metadata")
         if model != "gpt2":
             raise ValueError(f"{file.path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2)")
-        tokens = get("tokenizer.ggml.tokens")
-        merges = get("tokenizer.ggml.merges")
+        tokens = get("tokenizer.ggml.tokens", "array of string")
+        merges = get("tokenizer.ggml.merges", "array of string")
         if not tokens or merges is None:
             raise ValueError(f"{file.path}: a gpt2 tokenizer needs tokenizer.ggml.tokens and tokenizer.ggml.merges")
-        token_types = get("tokenizer.ggml.token_type") or []
+        token_types = get("tokenizer.ggml.token_type", "array of integers") or []
         if token_types and len(token_types) != len(tokens):
             raise ValueError(f"{file.path}: tokenizer.ggml.token_type has {len(token_types)} entries for "
                              f"{len(tokens)} tokens")
@@ -179,7 +204,7 @@ class Tokenizer:
             raise ValueError(f"{file.path}: cannot build the BPE model: {error}") from None
         backend = BackendTokenizer(bpe)
 
-        pre = get("tokenizer.ggml.pre", "default")
+        pre = get("tokenizer.ggml.pre", "string", "default")
         if pre in _GPT2_SPLIT_PRE:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         elif pre in _REGEX_SPLIT_PRE:
@@ -201,22 +226,27 @@ class Tokenizer:
         backend.add_tokens(user_defined)
 
         def token_of(key):
-            token_id = get(key)
+            token_id = get(key, "integer")
             if token_id is None:
                 return None
             if not 0 <= token_id < len(tokens):
                 raise ValueError(f"{file.path}: {key} = {token_id} is outside the vocabulary of {len(tokens)}")
+            if backend.token_to_id(tokens[token_id]) is None:  # a token not in GPT-2's byte alphabet
+                raise ValueError(f"{file.path}: {key} = {token_id} names {tokens[token_id]!r}, which is not a "
+                                 "byte-level BPE token")
             return tokens[token_id]
 
         bos, eos = token_of("tokenizer.ggml.bos_token_id"), token_of("tokenizer.ggml.eos_token_id")
-        add_bos, add_eos = get("tokenizer.ggml.add_bos_token", False), get("tokenizer.ggml.add_eos_token", False)
+        add_bos = get("tokenizer.ggml.add_bos_token", "bool", False)
+        add_eos = get("tokenizer.ggml.add_eos_token", "bool", False)
         if (add_bos and bos is None) or (add_eos and eos is None):
             raise ValueError(f"{file.path}: add_bos_token / add_eos_token is set but the file names no such token")
         backend.post_processor = _special_post_processor(
             (bos, backend.token_to_id(bos)) if add_bos else None, (eos, backend.token_to_id(eos)) if add_eos else None)
         return cls(backend, bos_token=bos, eos_token=eos, unk_token=token_of("tokenizer.ggml.unknown_token_id"),
                    pad_token=token_of("tokenizer.ggml.padding_token_id"),
-                   chat_template=get("tokenizer.chat_template"))
+                   chat_template=get("tokenizer.chat_template", "string"),
+                   chat_template_origin=f"{file.path}: tokenizer.chat_template")
 
     @classmethod
     def from_pretrained(cls, hf_dir) -> "Tokenizer":
@@ -330,19 +360,23 @@ class Tokenizer:
         for message in messages:
             if not isinstance(message, Mapping):
                 raise ValueError(f"each message must be a dict, got {message!r}")
+        origin = self._chat_template_origin if chat_template is None else "chat template"
         if chat_template is None:
             if self._compiled_template is None:
-                self._compiled_template = _compile_chat_template(source)
+                self._compiled_template = _compile_chat_template(source, origin)
             template = self._compiled_template
         else:
-            template = _compile_chat_template(source)
+            template = _compile_chat_template(source, origin)
         context = {name: token for name, token in self._special.items() if token is not None}
         context.update(kwargs)
         try:
             return template.render(messages=[dict(message) for message in messages],
                                    add_generation_prompt=add_generation_prompt, **context)
         except jinja2.exceptions.TemplateError as error:
-            raise ValueError(f"chat template error: {error}") from None
+            raise ValueError(f"{origin} error: {error}") from None
+        except RecursionError:  # a macro that calls itself without end
+            raise ValueError(f"{origin} error: rendering recursed deeper than Python's recursion limit "
+                             f"({sys.getrecursionlimit()})") from None
 
 
 class IncrementalDecoder:

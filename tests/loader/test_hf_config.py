@@ -150,6 +150,8 @@ def _base(**overrides):
     (_base(rms_norm_eps="small"), "'rms_norm_eps' must be a number"),
     (_base(eos_token_id="</s>"), "eos_token_id must be a token id"),
     (_base(head_dim=6, partial_rotary_factor=0.5), "must be even"),
+    (_base(rms_norm_eps=float("inf")), "must be finite and > 0, got inf"),  # json.load reads Infinity
+    (_base(rope_theta=float("nan")), "must be finite and > 0, got .* and nan"),
 ])
 def test_bad_configs(hf_config, reason):
     with pytest.raises(ValueError, match=reason):

@@ -3,7 +3,7 @@
 References: gguf-py's GGUFWriter writes the synthetic files and its GGUFReader / quants.dequantize
 read them back; a small struct-based writer below builds corrupt files byte by byte; transformers'
 LlamaTensorProcessor and get_gguf_hf_weights_map are the reference for Hugging Face names and the
-rotary un-permutation; llama.cpp's forward permutation is written out in _llama_cpp_permute.
+rotary un-permutation; llama.cpp's forward permutation is written out in gguf_testing.py.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
 from conftest_gguf import gguf_py_reader, shared_gguf_reader, smollm2_gguf_path
+from gguf_testing import write_tiny_llama
 from lserve import _C
 from lserve_testing import assert_exact
 
@@ -34,12 +35,6 @@ def assert_same_floats(actual, expected, what: str) -> None:
     assert_exact(nan_a, nan_e, what=f"{what} (NaN positions)", seed=SEED)
     keep = ~nan_e
     assert_exact(actual[keep].view(np.uint32), expected[keep].view(np.uint32), what=what, seed=SEED)
-
-
-def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute: HF rows (2, dim) -> GGUF rows (dim, 2)."""
-    shape = weights.shape
-    return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 # ---- a synthetic file with every metadata type and the six readable tensor types -----------------
@@ -340,67 +335,9 @@ def test_random_byte_flips_never_crash(synthetic, tmp_path):
 
 # ---- llama: config and Hugging Face weights ------------------------------------------------------
 
-def _write_llama(path, *, num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, vocab=40,
-                 bias=False, tied=False, extra_tensor=None, rope_freqs=None, metadata=None, qtype=None, seed=SEED):
-    """A tiny llama GGUF built the way llama.cpp's converter does (q/k rows permuted). Returns the
-    Hugging Face state dict it encodes."""
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    writer.add_uint32("llama.block_count", num_layers)
-    writer.add_uint32("llama.context_length", 512)
-    writer.add_uint32("llama.embedding_length", hidden)
-    writer.add_uint32("llama.feed_forward_length", inter)
-    writer.add_uint32("llama.attention.head_count", heads)
-    writer.add_uint32("llama.attention.head_count_kv", kv_heads)
-    writer.add_uint32("llama.rope.dimension_count", head_dim)
-    writer.add_uint32("llama.attention.key_length", head_dim)
-    writer.add_float32("llama.rope.freq_base", 500000.0)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(vocab)])
-    writer.add_uint32("tokenizer.ggml.bos_token_id", 3)
-    writer.add_uint32("tokenizer.ggml.eos_token_id", 4)
-    for key, (value, vtype) in (metadata or {}).items():
-        writer.add_key_value(key, value, vtype)
-    hf = {}
-
-    def add(gguf_name, hf_name, shape, permute_heads=0):
-        values = rng.standard_normal(shape).astype(np.float32)
-        hf[hf_name] = values
-        stored = _llama_cpp_permute(values, permute_heads) if permute_heads else values
-        if qtype is not None and stored.ndim == 2:
-            writer.add_tensor(gguf_name, gguf.quantize(stored, qtype), raw_dtype=qtype)
-            hf[hf_name] = gguf.dequantize(gguf.quantize(values, qtype), qtype)  # rows permute, blocks stay whole
-        else:
-            writer.add_tensor(gguf_name, stored)
-
-    add("token_embd.weight", "model.embed_tokens.weight", (vocab, hidden))
-    if rope_freqs is not None:
-        writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
-    for layer in range(num_layers):
-        b, h = f"blk.{layer}.", f"model.layers.{layer}."
-        add(b + "attn_norm.weight", h + "input_layernorm.weight", (hidden,))
-        add(b + "attn_q.weight", h + "self_attn.q_proj.weight", (heads * head_dim, hidden), heads)
-        add(b + "attn_k.weight", h + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden), kv_heads)
-        add(b + "attn_v.weight", h + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden))
-        if bias:
-            add(b + "attn_q.bias", h + "self_attn.q_proj.bias", (heads * head_dim,), heads)
-            add(b + "attn_k.bias", h + "self_attn.k_proj.bias", (kv_heads * head_dim,), kv_heads)
-            add(b + "attn_v.bias", h + "self_attn.v_proj.bias", (kv_heads * head_dim,))
-        add(b + "attn_output.weight", h + "self_attn.o_proj.weight", (hidden, heads * head_dim))
-        add(b + "ffn_norm.weight", h + "post_attention_layernorm.weight", (hidden,))
-        add(b + "ffn_gate.weight", h + "mlp.gate_proj.weight", (inter, hidden))
-        add(b + "ffn_up.weight", h + "mlp.up_proj.weight", (inter, hidden))
-        add(b + "ffn_down.weight", h + "mlp.down_proj.weight", (hidden, inter))
-    add("output_norm.weight", "model.norm.weight", (hidden,))
-    if not tied:
-        add("output.weight", "lm_head.weight", (vocab, hidden))
-    if extra_tensor:
-        writer.add_tensor(extra_tensor, np.zeros(4, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return hf
+def _write_llama(path, **kwargs):
+    """A tiny llama GGUF (tests/gguf_testing.py), its vocabulary without a tokenizer model."""
+    return write_tiny_llama(path, tokenizer=False, **kwargs)
 
 
 @pytest.mark.parametrize("bias,tied,qtype", [(False, False, None), (True, True, None), (False, False, QT.Q8_0)])

@@ -1,4 +1,6 @@
 // ModelConfig::validate: derives head_dim and checks every field with a message naming it.
+#include <cmath>
+
 #include "lserve/check.h"
 #include "lserve/model/config.h"
 
@@ -23,8 +25,11 @@ void ModelConfig::validate() {
   }
   LSERVE_CHECK(head_dim > 0 && head_dim % 2 == 0, "model config: head_dim must be positive and even, got ",
                head_dim);
-  LSERVE_CHECK(rms_norm_eps > 0, "model config: rms_norm_eps must be positive, got ", rms_norm_eps);
-  LSERVE_CHECK(rope_theta > 0, "model config: rope_theta must be positive, got ", rope_theta);
+  // Finite: an infinite epsilon or base loads and then produces garbage.
+  LSERVE_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "model config: rms_norm_eps must be finite and positive, got ",
+               rms_norm_eps);
+  LSERVE_CHECK(std::isfinite(rope_theta) && rope_theta > 0, "model config: rope_theta must be finite and positive, got ",
+               rope_theta);
   LSERVE_CHECK(partial_rotary_factor > 0 && partial_rotary_factor <= 1, "model config: partial_rotary_factor ",
                partial_rotary_factor, " not in (0, 1]");
   LSERVE_CHECK(rotary_dim() % 2 == 0 && rotary_dim() > 0, "model config: rotary dimension ", rotary_dim(),

@@ -16,8 +16,8 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <new>
 #include <set>
-#include <sstream>
 
 namespace lserve {
 
@@ -279,26 +279,39 @@ void dequantize_q4_1(const uint8_t* src, int64_t num_blocks, float* out) {
   }
 }
 
-int to_int(int64_t value, const std::string& key) {
-  LSERVE_CHECK(value >= std::numeric_limits<int>::min() && value <= std::numeric_limits<int>::max(), "GGUF key '",
-               key, "' = ", value, " does not fit a 32-bit int");
-  return static_cast<int>(value);
-}
-
+// Strings built by appending, not ostringstream: see the locale note in lserve/check.h.
 std::string shape_string(const std::vector<int64_t>& shape) {
-  std::ostringstream stream;
-  stream << "(";
-  for (size_t dim = 0; dim < shape.size(); ++dim) stream << (dim ? ", " : "") << shape[dim];
-  stream << (shape.size() == 1 ? ",)" : ")");
-  return stream.str();
+  std::string out = "(";
+  for (size_t dim = 0; dim < shape.size(); ++dim) out += (dim ? ", " : "") + std::to_string(shape[dim]);
+  return out + (shape.size() == 1 ? ",)" : ")");
 }
 
 // "a, b, c" of at most `limit` names, then "... and N more".
 std::string name_list(const std::vector<std::string>& names, size_t limit = 8) {
-  std::ostringstream stream;
-  for (size_t idx = 0; idx < names.size() && idx < limit; ++idx) stream << (idx ? ", " : "") << names[idx];
-  if (names.size() > limit) stream << " ... and " << names.size() - limit << " more";
-  return stream.str();
+  std::string out;
+  for (size_t idx = 0; idx < names.size() && idx < limit; ++idx) out += (idx ? ", " : "") + names[idx];
+  if (names.size() > limit) out += " ... and " + std::to_string(names.size() - limit) + " more";
+  return out;
+}
+
+// A string from the file, fit to quote in an error message: at most 64 bytes, with bytes outside
+// printable ASCII written as \xNN (a message must stay valid UTF-8 to reach Python).
+std::string quoted(const std::string& text) {
+  constexpr size_t kMaxShown = 64;
+  static const char kHex[] = "0123456789abcdef";
+  std::string out = "'";
+  for (size_t idx = 0; idx < text.size() && idx < kMaxShown; ++idx) {
+    const auto byte = static_cast<unsigned char>(text[idx]);
+    if (byte >= 0x20 && byte < 0x7f && byte != '\\') {
+      out += static_cast<char>(byte);
+    } else {
+      out += "\\x";
+      out += kHex[byte >> 4];
+      out += kHex[byte & 0xf];
+    }
+  }
+  if (text.size() > kMaxShown) out += "...";
+  return out + "'";
 }
 
 }  // namespace
@@ -366,6 +379,12 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
   data_ = static_cast<const uint8_t*>(mapping);
   try {
     parse();
+  } catch (const std::bad_alloc&) {
+    // Every count is bounded by the file size, but metadata takes more memory than file bytes
+    // (an empty inner array: 12 bytes in the file, a GgufValue in memory).
+    ::munmap(const_cast<uint8_t*>(data_), size_);
+    data_ = nullptr;
+    LSERVE_THROW(path, ": the metadata of this ", size_, "-byte file does not fit in memory");
   } catch (...) {
     ::munmap(const_cast<uint8_t*>(data_), size_);
     data_ = nullptr;
@@ -483,11 +502,31 @@ void GgufFile::parse() {
   data_offset_ = (end_of_infos + alignment_ - 1) / alignment_ * alignment_;
   for (GgufTensorInfo& info : tensors_) {
     if (data_offset_ > size_ || info.offset > size_ - data_offset_ || info.nbytes > size_ - data_offset_ - info.offset) {
-      LSERVE_THROW(path_, ": tensor '", info.name, "' data [", data_offset_ + info.offset, ", ",
-                   data_offset_ + info.offset + info.nbytes, ") lies beyond the end of the file (", size_,
-                   " bytes): truncated file?");
+      // Printed without overflow: offset and nbytes are each at most 2^64 - 1.
+      LSERVE_THROW(path_, ": tensor '", info.name, "' data at offset ", info.offset, " (", info.nbytes,
+                   " bytes) after the data section start ", data_offset_, " lies beyond the end of the file (",
+                   size_, " bytes): truncated file?");
     }
     info.offset += data_offset_;
+  }
+  // Two tensors sharing bytes would load as each other's data: refuse any overlap. Sorted by start,
+  // each tensor must end before the next begins (empty tensors overlap nothing).
+  std::vector<const GgufTensorInfo*> by_offset;
+  by_offset.reserve(tensors_.size());
+  for (const GgufTensorInfo& info : tensors_) {
+    if (info.nbytes > 0) by_offset.push_back(&info);
+  }
+  std::sort(by_offset.begin(), by_offset.end(), [](const GgufTensorInfo* a, const GgufTensorInfo* b) {
+    return a->offset != b->offset ? a->offset < b->offset : a->nbytes < b->nbytes;
+  });
+  for (size_t idx = 1; idx < by_offset.size(); ++idx) {
+    const GgufTensorInfo& before = *by_offset[idx - 1];
+    const GgufTensorInfo& after = *by_offset[idx];
+    if (after.offset < before.offset + before.nbytes) {
+      LSERVE_THROW(path_, ": tensor '", after.name, "' data [", after.offset, ", ", after.offset + after.nbytes,
+                   ") overlaps tensor '", before.name, "' data [", before.offset, ", ", before.offset + before.nbytes,
+                   ")");
+    }
   }
 }
 
@@ -604,16 +643,54 @@ void GgufFile::read_f32(const GgufTensorInfo& info, float* out) const {
 
 namespace {
 
+// Sanity bounds of llama metadata, beyond what the tensors pin down. A file outside them is
+// corrupt, not an unusual model, and would load into garbage or an allocation failure.
+// Context length: 16 is below any released model's (GPT-2: 1024; lserve's own tiny test models use
+// 64); 2^30 is 100x Llama 4 Scout's 10M and keeps max_model_len + page_size and prompt + output
+// counts inside the engine's int32 arithmetic.
+constexpr int64_t kMinContextLength = 16;
+constexpr int64_t kMaxContextLength = int64_t{1} << 30;
+
+// The integer value of `key`, which must lie in [min_value, max_value]; errors name file, key, value.
+int64_t int_in_range(const GgufFile& file, const std::string& key, int64_t min_value, int64_t max_value,
+                     const char* why = nullptr) {
+  const int64_t value = file.get_int(key);
+  if (value < min_value || value > max_value) {
+    LSERVE_THROW(file.path(), ": metadata '", key, "' = ", value, " is outside [", min_value, ", ", max_value, "]",
+                 why ? ": " : "", why ? why : "");
+  }
+  return value;
+}
+
+// A positive count that must fit the int fields of ModelConfig.
+int positive_int(const GgufFile& file, const std::string& key) {
+  return static_cast<int>(int_in_range(file, key, 1, std::numeric_limits<int>::max()));
+}
+
+// The float value of `key`: finite and in (min_exclusive, max_exclusive).
+double finite_float(const GgufFile& file, const std::string& key, double min_exclusive, double max_exclusive) {
+  const double value = file.get_float(key);
+  if (!std::isfinite(value) || value <= min_exclusive || value >= max_exclusive) {
+    LSERVE_THROW(file.path(), ": metadata '", key, "' = ", value, " must be finite and in (", min_exclusive, ", ",
+                 max_exclusive, ")");
+  }
+  return value;
+}
+
 // Llama 3.x files carry rope_freqs.weight, the per-frequency divisors of Meta's llama3 rope rule,
 // instead of scaling metadata (llama.cpp convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors).
 // Recover the rule: factor = the largest divisor, low/high frequency factors 1 and 4 and the
 // original context 8192 (the converter's defaults), then check every value against it.
 void infer_llama3_rope(const GgufFile& file, ModelConfig& config, const std::string& arch) {
   const GgufTensorInfo& info = file.tensor("rope_freqs.weight");
-  const std::vector<float> divisors = file.read_f32(info.name);
   const int rotary_dim = config.rotary_dim();
-  LSERVE_CHECK(static_cast<int>(divisors.size()) * 2 == rotary_dim, file.path(), ": rope_freqs.weight has ",
-               divisors.size(), " values, expected rotary_dim / 2 = ", rotary_dim / 2);
+  LSERVE_CHECK(info.numel() * 2 == rotary_dim, file.path(), ": rope_freqs.weight has shape ", shape_string(info.shape),
+               ", expected (rotary_dim / 2,) = (", rotary_dim / 2, ",)");
+  const std::vector<float> divisors = file.read_f32(info.name);
+  for (size_t idx = 0; idx < divisors.size(); ++idx) {
+    LSERVE_CHECK(std::isfinite(divisors[idx]) && divisors[idx] > 0.0f, file.path(), ": rope_freqs.weight[", idx,
+                 "] = ", divisors[idx], " must be finite and positive");
+  }
   RopeScaling scaling;
   scaling.rope_type = "llama3";
   scaling.factor = *std::max_element(divisors.begin(), divisors.end());
@@ -621,7 +698,9 @@ void infer_llama3_rope(const GgufFile& file, ModelConfig& config, const std::str
   scaling.high_freq_factor = 4.0;
   const std::string original_key = arch + ".rope.scaling.original_context_length";
   scaling.original_max_position_embeddings =
-      file.has_key(original_key) ? to_int(file.get_int(original_key), original_key) : 8192;
+      file.has_key(original_key)
+          ? static_cast<int>(int_in_range(file, original_key, kMinContextLength, kMaxContextLength))
+          : 8192;
   const double original = scaling.original_max_position_embeddings;
   const double low_freq_wavelen = original / scaling.low_freq_factor;
   const double high_freq_wavelen = original / scaling.high_freq_factor;
@@ -648,21 +727,16 @@ void infer_llama3_rope(const GgufFile& file, ModelConfig& config, const std::str
   if (scaling.factor != 1.0) config.rope_scaling = scaling;
 }
 
+void check_weights(const GgufFile& file, const ModelConfig& config);
+
 }  // namespace
 
 ModelConfig gguf_model_config(const GgufFile& file) {
   const std::string arch = file.get_string("general.architecture");
   if (arch != "llama") {
-    LSERVE_THROW(file.path(), ": GGUF architecture '", arch, "' is not supported (supported: llama)");
+    LSERVE_THROW(file.path(), ": GGUF architecture ", quoted(arch), " is not supported (supported: llama)");
   }
-  auto int_key = [&](const std::string& suffix) {
-    const std::string key = arch + "." + suffix;
-    return to_int(file.get_int(key), key);
-  };
-  auto positive = [&](int value, const std::string& what) {
-    LSERVE_CHECK(value > 0, file.path(), ": ", what, " = ", value, " must be positive");
-    return value;
-  };
+  auto key_of = [&](const std::string& suffix) { return arch + "." + suffix; };
 
   ModelConfig config;
   config.architecture = "LlamaForCausalLM";
@@ -670,83 +744,106 @@ ModelConfig gguf_model_config(const GgufFile& file) {
     const GgufValue& tokens = file.get("tokenizer.ggml.tokens");
     LSERVE_CHECK(tokens.is_array() && tokens.element_type == GgufValueType::kString, file.path(),
                  ": metadata 'tokenizer.ggml.tokens' must be an array of string");
+    LSERVE_CHECK(!tokens.strings.empty() && tokens.strings.size() <= static_cast<size_t>(std::numeric_limits<int>::max()),
+                 file.path(), ": metadata 'tokenizer.ggml.tokens' holds ", tokens.strings.size(),
+                 " tokens (expected 1 to 2^31 - 1)");
     config.vocab_size = static_cast<int>(tokens.strings.size());
   } else {
-    config.vocab_size = int_key("vocab_size");
+    config.vocab_size = positive_int(file, key_of("vocab_size"));
   }
-  positive(config.vocab_size, "vocab size");
-  config.hidden_size = positive(int_key("embedding_length"), arch + ".embedding_length");
-  config.intermediate_size = positive(int_key("feed_forward_length"), arch + ".feed_forward_length");
-  config.num_layers = positive(int_key("block_count"), arch + ".block_count");
-  config.num_qo_heads = positive(int_key("attention.head_count"), arch + ".attention.head_count");
-  config.num_kv_heads = file.has_key(arch + ".attention.head_count_kv")
-                            ? positive(int_key("attention.head_count_kv"), arch + ".attention.head_count_kv")
-                            : config.num_qo_heads;
-  LSERVE_CHECK(config.num_qo_heads % config.num_kv_heads == 0, file.path(), ": head_count ", config.num_qo_heads,
-               " is not a multiple of head_count_kv ", config.num_kv_heads);
+  config.hidden_size = positive_int(file, key_of("embedding_length"));
+  config.intermediate_size = positive_int(file, key_of("feed_forward_length"));
+  config.num_layers = positive_int(file, key_of("block_count"));
+  config.num_qo_heads = positive_int(file, key_of("attention.head_count"));
+  const std::string kv_heads_key = key_of("attention.head_count_kv");
+  config.num_kv_heads = file.has_key(kv_heads_key) ? positive_int(file, kv_heads_key) : config.num_qo_heads;
+  LSERVE_CHECK(config.num_qo_heads % config.num_kv_heads == 0, file.path(), ": metadata '", key_of("attention.head_count"),
+               "' = ", config.num_qo_heads, " is not a multiple of '", kv_heads_key, "' = ", config.num_kv_heads);
 
-  const std::string key_length = arch + ".attention.key_length";
-  const std::string rope_dims = arch + ".rope.dimension_count";
+  const std::string key_length = key_of("attention.key_length");
+  const std::string rope_dims = key_of("rope.dimension_count");
   if (file.has_key(key_length)) {
-    config.head_dim = positive(int_key("attention.key_length"), key_length);
+    config.head_dim = positive_int(file, key_length);
   } else if (file.has_key(rope_dims)) {
-    config.head_dim = positive(int_key("rope.dimension_count"), rope_dims);
+    config.head_dim = positive_int(file, rope_dims);
   } else {
-    LSERVE_CHECK(config.hidden_size % config.num_qo_heads == 0, file.path(), ": embedding_length ",
-                 config.hidden_size, " is not a multiple of head_count ", config.num_qo_heads,
-                 " and the file states no head size");
+    LSERVE_CHECK(config.hidden_size % config.num_qo_heads == 0, file.path(), ": metadata '", key_of("embedding_length"),
+                 "' = ", config.hidden_size, " is not a multiple of '", key_of("attention.head_count"), "' = ",
+                 config.num_qo_heads, " and the file states no head size");
     config.head_dim = config.hidden_size / config.num_qo_heads;
   }
+  if (config.head_dim % 2 != 0) {
+    const std::string source = file.has_key(key_length)  ? "metadata '" + key_length + "'"
+                               : file.has_key(rope_dims) ? "metadata '" + rope_dims + "'"
+                                                         : "embedding_length / head_count";
+    LSERVE_THROW(file.path(), ": the head size ", config.head_dim, " (", source, ") must be even");
+  }
   if (file.has_key(rope_dims)) {
-    const int rotary_dim = positive(int_key("rope.dimension_count"), rope_dims);
-    LSERVE_CHECK(rotary_dim <= config.head_dim && rotary_dim % 2 == 0, file.path(), ": ", rope_dims, " = ",
+    const int rotary_dim = positive_int(file, rope_dims);
+    LSERVE_CHECK(rotary_dim <= config.head_dim && rotary_dim % 2 == 0, file.path(), ": metadata '", rope_dims, "' = ",
                  rotary_dim, " must be even and at most the head size ", config.head_dim);
     config.partial_rotary_factor = static_cast<double>(rotary_dim) / config.head_dim;
   }
 
-  config.rms_norm_eps = file.get_float(arch + ".attention.layer_norm_rms_epsilon");
-  LSERVE_CHECK(config.rms_norm_eps > 0, file.path(), ": layer_norm_rms_epsilon must be positive");
-  if (file.has_key(arch + ".rope.freq_base")) config.rope_theta = file.get_float(arch + ".rope.freq_base");
-  LSERVE_CHECK(config.rope_theta > 0, file.path(), ": rope.freq_base must be positive");
-  config.max_position_embeddings = positive(int_key("context_length"), arch + ".context_length");
+  // Finite and positive, else every activation is NaN or zero; an epsilon of 1 or more would
+  // swamp the mean square of the activations it normalises.
+  config.rms_norm_eps = finite_float(file, key_of("attention.layer_norm_rms_epsilon"), 0.0, 1.0);
+  // A base <= 1 makes the rotary frequencies constant or growing: no model uses one.
+  const std::string freq_base = key_of("rope.freq_base");
+  if (file.has_key(freq_base)) config.rope_theta = finite_float(file, freq_base, 1.0, HUGE_VAL);
+  config.max_position_embeddings = static_cast<int>(
+      int_in_range(file, key_of("context_length"), kMinContextLength, kMaxContextLength,
+                   "not a plausible context length"));
 
-  const std::string scaling_type_key = arch + ".rope.scaling.type";
+  const std::string scaling_type_key = key_of("rope.scaling.type");
   const std::string scaling_type = file.has_key(scaling_type_key) ? file.get_string(scaling_type_key) : "none";
   auto scaling_float = [&](const std::string& suffix, double fallback) {
-    const std::string key = arch + ".rope.scaling." + suffix;
-    return file.has_key(key) ? file.get_float(key) : fallback;
+    const std::string key = key_of("rope.scaling." + suffix);
+    return file.has_key(key) ? finite_float(file, key, -HUGE_VAL, HUGE_VAL) : fallback;
   };
-  const std::string original_key = arch + ".rope.scaling.original_context_length";
+  const std::string original_key = key_of("rope.scaling.original_context_length");
   if (scaling_type == "linear" || scaling_type == "yarn") {
     config.rope_scaling.rope_type = scaling_type;
-    config.rope_scaling.factor = file.get_float(arch + ".rope.scaling.factor");
-    LSERVE_CHECK(config.rope_scaling.factor > 0, file.path(), ": rope.scaling.factor must be positive");
+    config.rope_scaling.factor = finite_float(file, key_of("rope.scaling.factor"), 0.0, HUGE_VAL);
     if (file.has_key(original_key)) {
-      config.rope_scaling.original_max_position_embeddings = to_int(file.get_int(original_key), original_key);
+      config.rope_scaling.original_max_position_embeddings =
+          static_cast<int>(int_in_range(file, original_key, kMinContextLength, kMaxContextLength));
     }
     if (scaling_type == "yarn") {
       config.rope_scaling.attention_factor = scaling_float("attn_factor", 0.0);
       config.rope_scaling.beta_fast = scaling_float("yarn_beta_fast", config.rope_scaling.beta_fast);
       config.rope_scaling.beta_slow = scaling_float("yarn_beta_slow", config.rope_scaling.beta_slow);
+      LSERVE_CHECK(config.rope_scaling.attention_factor >= 0.0, file.path(), ": metadata '",
+                   key_of("rope.scaling.attn_factor"), "' = ", config.rope_scaling.attention_factor,
+                   " must be >= 0");
     }
   } else if (scaling_type != "none") {
-    LSERVE_THROW(file.path(), ": ", scaling_type_key, " = '", scaling_type,
-                 "' is not supported (supported: none, linear, yarn)");
+    LSERVE_THROW(file.path(), ": metadata '", scaling_type_key, "' = ", quoted(scaling_type),
+                 " is not supported (supported: none, linear, yarn)");
   }
   if (file.has_tensor("rope_freqs.weight")) {
-    LSERVE_CHECK(scaling_type == "none", file.path(), ": rope_freqs.weight together with ", scaling_type_key, " = '",
-                 scaling_type, "' is not supported");
+    LSERVE_CHECK(scaling_type == "none", file.path(), ": rope_freqs.weight together with ", scaling_type_key, " = ",
+                 quoted(scaling_type), " is not supported");
     infer_llama3_rope(file, config, arch);
   }
 
   config.tie_word_embeddings = !file.has_tensor("output.weight");
   config.attention_bias = file.has_tensor("blk.0.attn_q.bias");
-  if (file.has_key("tokenizer.ggml.bos_token_id")) {
-    config.bos_token_id = to_int(file.get_int("tokenizer.ggml.bos_token_id"), "tokenizer.ggml.bos_token_id");
+  // Special tokens must be in the vocabulary: an EOS id past it never ends a sequence.
+  auto token_id = [&](const std::string& key, int& out) {
+    if (file.has_key(key)) out = static_cast<int>(int_in_range(file, key, 0, config.vocab_size - 1, "not a token id"));
+  };
+  token_id("tokenizer.ggml.bos_token_id", config.bos_token_id);
+  token_id("tokenizer.ggml.eos_token_id", config.eos_token_id);
+  try {
+    config.validate();
+  } catch (const Error& error) {
+    LSERVE_THROW(file.path(), ": ", error.what());
   }
-  if (file.has_key("tokenizer.ggml.eos_token_id")) {
-    config.eos_token_id = to_int(file.get_int("tokenizer.ggml.eos_token_id"), "tokenizer.ggml.eos_token_id");
-  }
+  // Every size the engine allocates from (layers, dimensions, vocabulary) must agree with the
+  // tensors the file holds, which are bounded by the file itself: checked here, before any caller
+  // allocates a model from this config.
+  check_weights(file, config);
   return config;
 }
 
@@ -806,20 +903,154 @@ void unpermute_rows(const float* in, float* out, int64_t num_rows, int64_t row_s
   }
 }
 
-}  // namespace
+// The layer index of a mapped "blk.N.*" tensor name; -1 for the other tensors.
+int64_t block_index(const std::string& gguf_name) {
+  if (gguf_name.compare(0, 4, "blk.") != 0) return -1;
+  int64_t index = 0;
+  for (size_t pos = 4; pos < gguf_name.size() && std::isdigit(static_cast<unsigned char>(gguf_name[pos])); ++pos) {
+    index = index * 10 + (gguf_name[pos] - '0');  // at most 6 digits: gguf_to_hf_name accepted the name
+  }
+  return index;
+}
 
-void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
-                          const std::function<void(const std::string& hf_name, const TensorView& f32_tensor)>& fn) {
-  const int head_dim = config.head_dim > 0 ? config.head_dim : config.hidden_size / std::max(config.num_qo_heads, 1);
-  const int64_t hidden = config.hidden_size;
-  const int64_t q_rows = static_cast<int64_t>(config.num_qo_heads) * head_dim;
-  const int64_t kv_rows = static_cast<int64_t>(config.num_kv_heads) * head_dim;
-  const int64_t inter = config.intermediate_size;
+// The dimensions of the llama weights, each with the metadata that sets it, so that a disagreement
+// shared by every tensor names the key rather than the tensors.
+enum WeightDimIdx : int { kVocabDim, kHiddenDim, kInterDim, kQRowsDim, kKvRowsDim, kNumWeightDims };
 
+struct WeightDim {
+  const char* what;    // "hidden size"
+  std::string source;  // "metadata 'llama.embedding_length' = 32"
+  int64_t value;
+};
+
+std::vector<WeightDim> weight_dims(const GgufFile& file, const ModelConfig& config) {
+  auto stated = [](const std::string& key, int64_t value) {
+    return "metadata '" + key + "' = " + std::to_string(value);
+  };
+  const std::string vocab = file.has_key("tokenizer.ggml.tokens")
+                                ? "metadata 'tokenizer.ggml.tokens' (" + std::to_string(config.vocab_size) + " tokens)"
+                                : stated("llama.vocab_size", config.vocab_size);
+  std::string head_size;
+  if (file.has_key("llama.attention.key_length")) {
+    head_size = stated("llama.attention.key_length", config.head_dim);
+  } else if (file.has_key("llama.rope.dimension_count")) {
+    head_size = stated("llama.rope.dimension_count", config.head_dim);
+  } else {
+    head_size = "head size " + std::to_string(config.head_dim) + " (embedding_length / head_count)";
+  }
+  const std::string kv_heads_key =
+      file.has_key("llama.attention.head_count_kv") ? "llama.attention.head_count_kv" : "llama.attention.head_count";
+  std::vector<WeightDim> dims(kNumWeightDims);
+  dims[kVocabDim] = {"vocabulary size", vocab, config.vocab_size};
+  dims[kHiddenDim] = {"hidden size", stated("llama.embedding_length", config.hidden_size), config.hidden_size};
+  dims[kInterDim] = {"feed-forward size", stated("llama.feed_forward_length", config.intermediate_size),
+                     config.intermediate_size};
+  dims[kQRowsDim] = {"query rows (heads x head size)",
+                     stated("llama.attention.head_count", config.num_qo_heads) + " times " + head_size,
+                     static_cast<int64_t>(config.num_qo_heads) * config.head_dim};
+  dims[kKvRowsDim] = {"key/value rows (KV heads x head size)",
+                      stated(kv_heads_key, config.num_kv_heads) + " times " + head_size,
+                      static_cast<int64_t>(config.num_kv_heads) * config.head_dim};
+  return dims;
+}
+
+// What the model needs of one tensor.
+enum class Permute { kNone, kQueryHeads, kKvHeads };
+
+struct ExpectedTensor {
+  std::string hf_name;
+  std::vector<int> dims;  // WeightDimIdx per axis, row-major (torch) order
+  Permute permute;        // rotary rows to un-permute
+};
+
+struct LayerPart {
+  const char* gguf_suffix;
+  const char* hf_suffix;
+  std::vector<int> dims;
+  Permute permute;
+};
+
+const std::vector<LayerPart>& layer_parts(bool attention_bias) {
+  static const std::vector<LayerPart> kWeights = {
+      {"attn_norm.weight", "input_layernorm.weight", {kHiddenDim}, Permute::kNone},
+      {"attn_q.weight", "self_attn.q_proj.weight", {kQRowsDim, kHiddenDim}, Permute::kQueryHeads},
+      {"attn_k.weight", "self_attn.k_proj.weight", {kKvRowsDim, kHiddenDim}, Permute::kKvHeads},
+      {"attn_v.weight", "self_attn.v_proj.weight", {kKvRowsDim, kHiddenDim}, Permute::kNone},
+      {"attn_output.weight", "self_attn.o_proj.weight", {kHiddenDim, kQRowsDim}, Permute::kNone},
+      {"ffn_norm.weight", "post_attention_layernorm.weight", {kHiddenDim}, Permute::kNone},
+      {"ffn_gate.weight", "mlp.gate_proj.weight", {kInterDim, kHiddenDim}, Permute::kNone},
+      {"ffn_up.weight", "mlp.up_proj.weight", {kInterDim, kHiddenDim}, Permute::kNone},
+      {"ffn_down.weight", "mlp.down_proj.weight", {kHiddenDim, kInterDim}, Permute::kNone},
+  };
+  static const std::vector<LayerPart> kWithBias = [] {
+    std::vector<LayerPart> parts = kWeights;
+    parts.push_back({"attn_q.bias", "self_attn.q_proj.bias", {kQRowsDim}, Permute::kQueryHeads});
+    parts.push_back({"attn_k.bias", "self_attn.k_proj.bias", {kKvRowsDim}, Permute::kKvHeads});
+    parts.push_back({"attn_v.bias", "self_attn.v_proj.bias", {kKvRowsDim}, Permute::kNone});
+    return parts;
+  }();
+  return attention_bias ? kWithBias : kWeights;
+}
+
+bool read_f32_supports(uint32_t ggml_type) {
+  switch (static_cast<GgmlType>(ggml_type)) {
+    case GgmlType::kF32: case GgmlType::kF16: case GgmlType::kBF16:
+    case GgmlType::kQ8_0: case GgmlType::kQ4_0: case GgmlType::kQ4_1:
+      return true;
+  }
+  return false;
+}
+
+struct WeightPlan {
+  const GgufTensorInfo* info;
+  std::string hf_name;
+  int permute_heads;  // 0: copy as is
+};
+
+// The layer count against the blk.N tensors: when the file holds whole layers 0..K-1 and the
+// metadata says another count, the count is what is wrong, and the error says so.
+void check_layer_count(const GgufFile& file, const ModelConfig& config) {
+  std::set<int64_t> layers;
+  for (const GgufTensorInfo& info : file.tensors()) {
+    const int64_t layer_idx = block_index(info.name);
+    if (layer_idx >= 0) layers.insert(layer_idx);
+  }
+  const std::string key = "metadata 'llama.block_count' = " + std::to_string(config.num_layers);
+  const bool contiguous = layers.empty() || *layers.rbegin() + 1 == static_cast<int64_t>(layers.size());
+  const int64_t num_file_layers = static_cast<int64_t>(layers.size());
+  if (contiguous && num_file_layers != config.num_layers) {
+    if (num_file_layers == 0) LSERVE_THROW(file.path(), ": ", key, ", but the file holds no layer tensors (blk.*)");
+    std::vector<std::string> names;
+    if (config.num_layers > num_file_layers) {
+      const std::string layer = std::to_string(num_file_layers);
+      for (const LayerPart& part : layer_parts(config.attention_bias)) {
+        names.push_back("blk." + layer + "." + part.gguf_suffix + " (model.layers." + layer + "." + part.hf_suffix + ")");
+      }
+      LSERVE_THROW(file.path(), ": ", key, ", but the file holds tensors for layers 0 to ", num_file_layers - 1,
+                   " only; missing from the file: ", name_list(names, 3));
+    }
+    for (const GgufTensorInfo& info : file.tensors()) {
+      if (block_index(info.name) >= config.num_layers) names.push_back(info.name);
+    }
+    LSERVE_THROW(file.path(), ": ", key, ", but the file holds tensors for layers 0 to ", num_file_layers - 1,
+                 "; tensors the model config does not use: ", name_list(names, 3));
+  }
+  // Each layer needs nine tensors: more layers than tensors is a corrupt count, refused before the
+  // expected set is built from it.
+  LSERVE_CHECK(static_cast<size_t>(config.num_layers) <= file.tensors().size(), file.path(), ": ", key,
+               ", but the file holds only ", file.tensors().size(), " tensors (each layer needs 9)");
+}
+
+// Checks every tensor against `config` without reading data, and returns what to read: names map
+// to Hugging Face names, shapes agree with the config's dimensions, every tensor the model needs is
+// present and of a type read_f32 reads. Errors name the file and the culprit: the metadata key when
+// every tensor disagrees with it, else the tensors.
+std::vector<WeightPlan> plan_weights(const GgufFile& file, const ModelConfig& config) {
+  const bool llama3_rope = config.rope_scaling.rope_type == "llama3";
   // Names first: a tensor with no Hugging Face counterpart is reported as such.
   std::vector<std::string> unmapped;
   for (const GgufTensorInfo& info : file.tensors()) {
-    if (info.name == "rope_freqs.weight" && config.rope_scaling.rope_type == "llama3") continue;  // in the config
+    if (info.name == "rope_freqs.weight" && llama3_rope) continue;  // in the config
     try {
       gguf_to_hf_name(info.name);
     } catch (const Error&) {
@@ -829,77 +1060,113 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
   if (!unmapped.empty()) {
     LSERVE_THROW(file.path(), ": cannot map GGUF tensors to Hugging Face llama names: ", name_list(unmapped));
   }
-  // Each layer needs at least nine tensors, so more layers than tensors is a corrupt count; checked
-  // before the expected set below is built from it.
-  LSERVE_CHECK(config.num_layers >= 0 && static_cast<size_t>(config.num_layers) <= file.tensors().size(),
-               file.path(), ": the model config has ", config.num_layers, " layers but the file holds only ",
-               file.tensors().size(), " tensors");
+  check_layer_count(file, config);
 
-  // Every tensor the model needs, with its Hugging Face shape.
-  std::map<std::string, std::vector<int64_t>> expected;
-  expected["model.embed_tokens.weight"] = {config.vocab_size, hidden};
-  expected["model.norm.weight"] = {hidden};
-  if (!config.tie_word_embeddings) expected["lm_head.weight"] = {config.vocab_size, hidden};
+  // Every tensor the model needs, by GGUF name.
+  std::map<std::string, ExpectedTensor> expected;
+  expected["token_embd.weight"] = {"model.embed_tokens.weight", {kVocabDim, kHiddenDim}, Permute::kNone};
+  expected["output_norm.weight"] = {"model.norm.weight", {kHiddenDim}, Permute::kNone};
+  if (!config.tie_word_embeddings) expected["output.weight"] = {"lm_head.weight", {kVocabDim, kHiddenDim}, Permute::kNone};
   for (int layer_idx = 0; layer_idx < config.num_layers; ++layer_idx) {
-    const std::string layer = "model.layers." + std::to_string(layer_idx) + ".";
-    expected[layer + "self_attn.q_proj.weight"] = {q_rows, hidden};
-    expected[layer + "self_attn.k_proj.weight"] = {kv_rows, hidden};
-    expected[layer + "self_attn.v_proj.weight"] = {kv_rows, hidden};
-    expected[layer + "self_attn.o_proj.weight"] = {hidden, q_rows};
-    expected[layer + "mlp.gate_proj.weight"] = {inter, hidden};
-    expected[layer + "mlp.up_proj.weight"] = {inter, hidden};
-    expected[layer + "mlp.down_proj.weight"] = {hidden, inter};
-    expected[layer + "input_layernorm.weight"] = {hidden};
-    expected[layer + "post_attention_layernorm.weight"] = {hidden};
-    if (config.attention_bias) {
-      expected[layer + "self_attn.q_proj.bias"] = {q_rows};
-      expected[layer + "self_attn.k_proj.bias"] = {kv_rows};
-      expected[layer + "self_attn.v_proj.bias"] = {kv_rows};
+    const std::string layer = std::to_string(layer_idx);
+    for (const LayerPart& part : layer_parts(config.attention_bias)) {
+      expected["blk." + layer + "." + part.gguf_suffix] = {"model.layers." + layer + "." + part.hf_suffix, part.dims,
+                                                          part.permute};
     }
   }
 
-  // Check names and shapes of the whole file before reading any data.
-  struct Plan {
-    const GgufTensorInfo* info;
-    std::string hf_name;
-    int permute_heads;  // 0: copy as is
+  // One pass over the file: names, ranks, per-dimension agreement, types.
+  const std::vector<WeightDim> dims = weight_dims(file, config);
+  auto expected_shape = [&](const ExpectedTensor& tensor) {
+    std::vector<int64_t> shape;
+    for (int dim_idx : tensor.dims) shape.push_back(dims[dim_idx].value);
+    return shape;
   };
-  std::vector<Plan> plans;
-  std::vector<std::string> unexpected, bad_shapes;
+  std::vector<int64_t> num_agreeing(kNumWeightDims, 0);
+  std::vector<std::vector<const GgufTensorInfo*>> disagreeing(kNumWeightDims);
+  std::vector<std::set<int64_t>> disagreeing_values(kNumWeightDims);
+  std::vector<WeightPlan> plans;
+  std::vector<std::string> unexpected, bad_ranks, unsupported;
   std::set<std::string> seen;
   for (const GgufTensorInfo& info : file.tensors()) {
-    if (info.name == "rope_freqs.weight" && config.rope_scaling.rope_type == "llama3") continue;
-    std::string hf_name = gguf_to_hf_name(info.name);
-    auto found = expected.find(hf_name);
+    if (info.name == "rope_freqs.weight" && llama3_rope) continue;
+    auto found = expected.find(info.name);
     if (found == expected.end()) {
-      unexpected.push_back(info.name + " (" + hf_name + ")");
+      unexpected.push_back(info.name + " (" + gguf_to_hf_name(info.name) + ")");
       continue;
     }
-    if (info.shape != found->second) {
-      bad_shapes.push_back(info.name + " " + shape_string(info.shape) + " vs " + shape_string(found->second));
+    const ExpectedTensor& want = found->second;
+    seen.insert(info.name);
+    if (info.shape.size() != want.dims.size()) {
+      bad_ranks.push_back(info.name + " " + shape_string(info.shape) + " vs " + shape_string(expected_shape(want)));
       continue;
     }
-    seen.insert(hf_name);
+    bool agrees = true;
+    for (size_t axis = 0; axis < want.dims.size(); ++axis) {
+      const int dim_idx = want.dims[axis];
+      if (info.shape[axis] == dims[dim_idx].value) {
+        ++num_agreeing[dim_idx];
+      } else {
+        if (disagreeing[dim_idx].empty() || disagreeing[dim_idx].back() != &info) disagreeing[dim_idx].push_back(&info);
+        disagreeing_values[dim_idx].insert(info.shape[axis]);
+        agrees = false;
+      }
+    }
+    if (!read_f32_supports(info.ggml_type)) unsupported.push_back(info.name + " (" + ggml_type_name(info.ggml_type) + ")");
+    if (!agrees) continue;
     int permute_heads = 0;
-    if (info.name.find(".attn_q.") != std::string::npos) permute_heads = config.num_qo_heads;
-    if (info.name.find(".attn_k.") != std::string::npos) permute_heads = config.num_kv_heads;
-    plans.push_back(Plan{&info, std::move(hf_name), permute_heads});
-  }
-  std::vector<std::string> missing;
-  for (const auto& entry : expected) {
-    if (seen.count(entry.first) == 0) missing.push_back(entry.first);
+    if (want.permute == Permute::kQueryHeads) permute_heads = config.num_qo_heads;
+    if (want.permute == Permute::kKvHeads) permute_heads = config.num_kv_heads;
+    plans.push_back(WeightPlan{&info, want.hf_name, permute_heads});
   }
   if (!unexpected.empty()) {
     LSERVE_THROW(file.path(), ": tensors the model config does not use: ", name_list(unexpected));
   }
-  if (!bad_shapes.empty()) {
-    LSERVE_THROW(file.path(), ": tensor shapes disagree with the model config: ", name_list(bad_shapes));
+
+  std::vector<std::string> shape_errors;
+  for (int dim_idx = 0; dim_idx < kNumWeightDims; ++dim_idx) {
+    if (disagreeing[dim_idx].empty()) continue;
+    const WeightDim& dim = dims[dim_idx];
+    std::vector<std::string> tensors;
+    for (const GgufTensorInfo* info : disagreeing[dim_idx]) tensors.push_back(info->name + " " + shape_string(info->shape));
+    std::string values;
+    for (int64_t value : disagreeing_values[dim_idx]) values += (values.empty() ? "" : " or ") + std::to_string(value);
+    const std::string stated = "the " + std::string(dim.what) + " is " + std::to_string(dim.value) + " (" + dim.source + ")";
+    if (num_agreeing[dim_idx] == 0) {  // no tensor has the config's value: the metadata is wrong
+      shape_errors.push_back(stated + ", but every tensor with that dimension has " + values + ": " +
+                             name_list(tensors, 4));
+    } else {  // the tensors that differ from the rest are wrong
+      shape_errors.push_back(stated + " and " + std::to_string(num_agreeing[dim_idx]) + " tensor axes agree, but " +
+                             name_list(tensors, 4) + (tensors.size() == 1 ? " has " : " have ") + values);
+    }
+  }
+  for (const std::string& bad_rank : bad_ranks) shape_errors.push_back(bad_rank);
+  if (!shape_errors.empty()) {
+    std::string message;
+    for (const std::string& error : shape_errors) message += (message.empty() ? "" : "; ") + error;
+    LSERVE_THROW(file.path(), ": tensor shapes disagree with the model config: ", message);
+  }
+  std::vector<std::string> missing;
+  for (const auto& entry : expected) {
+    if (seen.count(entry.first) == 0) missing.push_back(entry.first + " (" + entry.second.hf_name + ")");
   }
   if (!missing.empty()) LSERVE_THROW(file.path(), ": tensors missing from the file: ", name_list(missing));
-  LSERVE_CHECK(head_dim % 2 == 0, file.path(), ": head_dim ", head_dim, " must be even to undo the rotary permutation");
+  if (!unsupported.empty()) {
+    LSERVE_THROW(file.path(), ": tensors of types lserve cannot read: ", name_list(unsupported),
+                 " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
+  }
+  return plans;
+}
 
+void check_weights(const GgufFile& file, const ModelConfig& config) { plan_weights(file, config); }
+
+}  // namespace
+
+void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
+                          const std::function<void(const std::string& hf_name, const TensorView& f32_tensor)>& fn) {
+  const std::vector<WeightPlan> plans = plan_weights(file, config);
   std::vector<float> buffer, permuted;
-  for (const Plan& plan : plans) {
+  for (const WeightPlan& plan : plans) {
     const GgufTensorInfo& info = *plan.info;
     buffer.resize(static_cast<size_t>(info.numel()));
     file.read_f32(info, buffer.data());

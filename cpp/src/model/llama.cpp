@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "lserve/model/rope.h"
 #include "lserve/packed_upload.h"
@@ -130,6 +131,42 @@ std::vector<std::string> LlamaModel::weight_names(const ModelConfig& config) {
     }
   }
   return names;
+}
+
+namespace {
+
+// Saturating int64 arithmetic for sizes derived from an untrusted config.
+int64_t saturating_add(int64_t a, int64_t b) {
+  int64_t sum;
+  return __builtin_add_overflow(a, b, &sum) ? std::numeric_limits<int64_t>::max() : sum;
+}
+
+int64_t saturating_mul(int64_t a, int64_t b) {
+  int64_t product;
+  return __builtin_mul_overflow(a, b, &product) ? std::numeric_limits<int64_t>::max() : product;
+}
+
+}  // namespace
+
+int64_t LlamaModel::weight_bytes(const ModelConfig& config, DType weight_dtype) {
+  // The shapes of the constructor's backend_.empty calls.
+  const int64_t weight_size = static_cast<int64_t>(dtype_size(weight_dtype));
+  const int64_t hidden = config.hidden_size, inter = config.intermediate_size, head_dim = config.head_dim;
+  const int64_t q_rows = saturating_mul(config.num_qo_heads, head_dim);
+  const int64_t qkv_rows = saturating_add(q_rows, saturating_mul(2 * static_cast<int64_t>(config.num_kv_heads), head_dim));
+  const int64_t embed = saturating_mul(saturating_mul(config.vocab_size, hidden), weight_size);
+  int64_t total = saturating_add(embed, 4 * hidden);
+  if (!config.tie_word_embeddings) total = saturating_add(total, embed);
+  int64_t layer_elements = saturating_mul(qkv_rows, hidden);              // qkv
+  layer_elements = saturating_add(layer_elements, saturating_mul(hidden, q_rows));   // o
+  layer_elements = saturating_add(layer_elements, saturating_mul(3 * inter, hidden));  // gate, up, down
+  int64_t layer = saturating_add(saturating_mul(layer_elements, weight_size), 2 * 4 * hidden);  // + norms
+  if (config.attention_bias) layer = saturating_add(layer, saturating_mul(qkv_rows, 4));
+  return saturating_add(total, saturating_mul(layer, config.num_layers));
+}
+
+int64_t LlamaModel::rope_table_bytes(const ModelConfig& config, int64_t max_positions) {
+  return saturating_mul(saturating_mul(max_positions, config.rotary_dim()), 4);
 }
 
 void LlamaModel::set_sparsity(const SparsityConfig& sparsity) {

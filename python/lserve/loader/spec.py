@@ -7,6 +7,7 @@ in Python with the field named, before any weight is read.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -109,8 +110,9 @@ def validate_model_config_fields(fields: Mapping[str, Any]) -> None:
     if fields["num_qo_heads"] % fields["num_kv_heads"]:
         raise ValueError(f"num_qo_heads ({fields['num_qo_heads']}) must be a multiple of "
                          f"num_kv_heads ({fields['num_kv_heads']})")
-    if fields["rms_norm_eps"] <= 0 or fields["rope_theta"] <= 0:
-        raise ValueError(f"rms_norm_eps and rope_theta must be > 0, got {fields['rms_norm_eps']} and "
+    if not (math.isfinite(fields["rms_norm_eps"]) and math.isfinite(fields["rope_theta"])
+            and fields["rms_norm_eps"] > 0 and fields["rope_theta"] > 0):
+        raise ValueError(f"rms_norm_eps and rope_theta must be finite and > 0, got {fields['rms_norm_eps']} and "
                          f"{fields['rope_theta']}")
     if not 0 < fields["partial_rotary_factor"] <= 1:
         raise ValueError(f"partial_rotary_factor must be in (0, 1], got {fields['partial_rotary_factor']}")

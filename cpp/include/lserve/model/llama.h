@@ -39,6 +39,11 @@ class LlamaModel {
   std::vector<std::string> missing_weights() const;
   void finalize();
   static std::vector<std::string> weight_names(const ModelConfig& config);
+  // Bytes the constructor allocates for the weights of `config` in `weight_dtype` (norms and biases
+  // float32), saturating at INT64_MAX: what the engine checks against the memory before allocating.
+  static int64_t weight_bytes(const ModelConfig& config, DType weight_dtype);
+  // Bytes of the rotary table for max_positions positions (float32, (max_positions, rotary_dim)).
+  static int64_t rope_table_bytes(const ModelConfig& config, int64_t max_positions);
 
   // Sparse attention. Must come before the first load_weight(): it reorders each layer's KV heads
   // (dense heads first, then streaming heads; query heads and o_proj columns follow their groups)
