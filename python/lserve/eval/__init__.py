@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lserve.extras import require_extra
+
 
 def _int_list(text: str):
     return [int(v) for v in text.split(",") if v.strip()]
@@ -57,6 +59,11 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
 
 def _niah(args: argparse.Namespace) -> int:
     from lserve.eval.niah import plot_heatmap, run_niah, write_results
+
+    if args.plot:
+        require_extra("eval", "lserve eval niah --plot", ["matplotlib"])
+    if args.recall:
+        require_extra("eval", "lserve eval niah --recall", ["torch", "transformers", "gguf"])
 
     configs = [c.strip() for c in args.sparsity.split(",") if c.strip()]
     for config in configs:
