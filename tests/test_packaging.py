@@ -156,9 +156,9 @@ def test_pip_install_gives_a_working_server(tmp_path, smollm2_gguf):
     """`pip install .` (no extras) into a fresh venv, then `lserve serve` answers /health and a completion.
     LSERVE_CUDA=OFF keeps the build to the CPU core (about 10 minutes on 2 cores, plus the downloads of the
     build requirements); everything else is the README's command."""
-    import httpx
+    import socket
 
-    from server_utils import free_port
+    import httpx
 
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs a git checkout to copy the source from")
@@ -173,7 +173,9 @@ def test_pip_install_gives_a_working_server(tmp_path, smollm2_gguf):
         installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "."], cwd=source, env=env,
                                    stdout=handle, stderr=subprocess.STDOUT, timeout=3600)
     assert installed.returncode == 0, log.read_text()[-5000:]
-    port = free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     server_log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([str(venv / "bin" / "lserve"), "serve", "--model", str(smollm2_gguf), "--port", str(port),
                                "--max-model-len", "256", "--quiet", "--log-level", "warning"],
