@@ -124,3 +124,14 @@ def test_engine_refuses_a_prompt_the_bound_rules_out_before_tokenizing(tmp_path)
         engine.generate("Hi \ud800", SamplingParams(max_tokens=1), use_tqdm=False)
     assert engine.generate("The capital of France is", SamplingParams(max_tokens=2, temperature=0),
                            use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_concurrent_encoding_matches_serial(smollm2):
+    """The server tokenizes on several threads at once: the ids must equal a serial run's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = list(random_texts(SEED + 2, 64))
+    serial = [smollm2.encode(text) for text in texts]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            assert list(pool.map(smollm2.encode, texts)) == serial
