@@ -3,11 +3,13 @@
 // overwrites its input; the caller's array is never modified.
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <sstream>
 #include <tuple>
 
 #include "bindings.h"
 #include "dlpack.h"
+#include "lserve/check.h"
 #include "lserve/sampling.h"
 
 namespace lserve::bindings {
@@ -47,6 +49,15 @@ SampleResult sample(const py::handle& logits_object, const SamplingParams& param
   return {token.token_id, token.logprob, std::move(token.top_logprobs)};
 }
 
+// The C++ fields are int32: a Python int beyond that is refused naming the field (ValueError), not
+// wrapped or turned into pybind11's TypeError. Ints beyond int64 still fail pybind11's conversion;
+// lserve.SamplingParams checks every field's range before it gets here.
+int32_t to_int32(int64_t value, const char* name) {
+  LSERVE_CHECK(value >= std::numeric_limits<int32_t>::min() && value <= std::numeric_limits<int32_t>::max(),
+               "SamplingParams.", name, " must fit a 32-bit int, got ", value);
+  return static_cast<int32_t>(value);
+}
+
 std::string repr(const SamplingParams& p) {
   std::ostringstream out;
   out << "SamplingParams(temperature=" << p.temperature << ", top_p=" << p.top_p << ", top_k=" << p.top_k
@@ -65,22 +76,24 @@ void bind_sampling(py::module_& m) {
   const SamplingParams defaults;
   py::class_<SamplingParams>(m, "SamplingParams",
                              "vLLM-style sampling parameters; the constructor validates (ValueError).")
-      .def(py::init([](float temperature, float top_p, int top_k, float min_p, float repetition_penalty,
-                       float presence_penalty, float frequency_penalty, int max_tokens, int min_tokens,
-                       std::vector<int32_t> stop_token_ids, bool ignore_eos, int logprobs, int64_t seed) {
+      .def(py::init([](float temperature, float top_p, int64_t top_k, float min_p, float repetition_penalty,
+                       float presence_penalty, float frequency_penalty, int64_t max_tokens, int64_t min_tokens,
+                       const std::vector<int64_t>& stop_token_ids, bool ignore_eos, int64_t logprobs,
+                       int64_t seed) {
              SamplingParams p;
              p.temperature = temperature;
              p.top_p = top_p;
-             p.top_k = top_k;
+             p.top_k = to_int32(top_k, "top_k");
              p.min_p = min_p;
              p.repetition_penalty = repetition_penalty;
              p.presence_penalty = presence_penalty;
              p.frequency_penalty = frequency_penalty;
-             p.max_tokens = max_tokens;
-             p.min_tokens = min_tokens;
-             p.stop_token_ids = std::move(stop_token_ids);
+             p.max_tokens = to_int32(max_tokens, "max_tokens");
+             p.min_tokens = to_int32(min_tokens, "min_tokens");
+             p.stop_token_ids.reserve(stop_token_ids.size());
+             for (int64_t token_id : stop_token_ids) p.stop_token_ids.push_back(to_int32(token_id, "stop_token_ids"));
              p.ignore_eos = ignore_eos;
-             p.logprobs = logprobs;
+             p.logprobs = to_int32(logprobs, "logprobs");
              p.seed = seed;
              p.validate();
              return p;

@@ -21,6 +21,7 @@ from lserve.models import DEFAULT_MODEL
 from lserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lserve.sampling import SamplingParams
 from lserve.sparsity import SparsityConfig, resolve_sparsity
+from lserve.text import check_text
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -210,6 +211,13 @@ class Engine:
                 raise ValueError("this model has no tokenizer: pass token ids instead of text")
             if not prompt:
                 raise ValueError("the prompt is empty")
+            check_text(prompt, "prompt")
+            # A prompt whose bytes alone are max_model_len tokens or more is refused without tokenizing it.
+            min_num_tokens = self.tokenizer.min_num_tokens(prompt)
+            if min_num_tokens >= self.max_model_len:
+                raise ValueError(f"the prompt is at least {min_num_tokens} tokens long (no token spans more than "
+                                 f"{self.tokenizer.max_token_text_bytes} bytes), but max_model_len is "
+                                 f"{self.max_model_len}")
             return prompt, self.tokenizer.encode(prompt)
         return None, self._check_ids(prompt)
 
@@ -434,6 +442,11 @@ class Engine:
         finally:
             if request_id in self._requests:
                 self.abort_request(request_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes: [0, vocab_size)."""
+        return self._core.model_config.vocab_size
 
     def stats(self):
         """Scheduler and KV-cache figures: running/waiting requests, total/free pages, preemptions."""

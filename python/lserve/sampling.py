@@ -11,7 +11,15 @@ import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
+import numpy as np
+
+from lserve.text import check_text
+
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; the C++ SamplingParams::validate holds the same bound
+# The C++ SamplingParams holds ints as int32 and reals as float: larger values are refused here, naming
+# the field, rather than overflowing in the bindings (a TypeError) or turning into inf / 0.
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -55,13 +63,15 @@ class SamplingParams:
             self.stop_list = list(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop_list):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        for stop in self.stop_list:
+            check_text(stop, "stop")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         self._check_int("n", self.n, 1)
         self._check_float("temperature", self.temperature, 0.0, None, "must be >= 0 (0 means greedy)")
         self._check_float("top_p", self.top_p, 0.0, 1.0, "must be in (0, 1]", low_open=True)
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be 0 or -1 (disabled) or an int >= 1, got {self.top_k!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT32_MAX:
+            raise ValueError(f"top_k must be 0 or -1 (disabled) or an int in [1, {INT32_MAX}], got {self.top_k!r}")
         self._check_float("min_p", self.min_p, 0.0, 1.0, "must be in [0, 1]")
         self._check_float("repetition_penalty", self.repetition_penalty, 0.0, None, "must be > 0 (1 means none)",
                           low_open=True)
@@ -79,21 +89,26 @@ class SamplingParams:
         if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
             raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids}")
+        bad = [t for t in self.stop_token_ids if not (_is_int(t) and 0 <= t <= INT32_MAX)]
+        if bad:
+            raise ValueError(f"stop_token_ids must be ints in [0, {INT32_MAX}], got {bad[:5]}")
 
     @staticmethod
     def _check_float(name: str, value, low: float, high: Optional[float], rule: str, low_open: bool = False) -> None:
-        """value must be a finite real number in [low, high] ((low, high] with low_open)."""
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-        if not ok:
+        """value must be a real number in [low, high] ((low, high] with low_open) that stays finite, and
+        on the right side of low, as the 32-bit float the C++ sampler holds."""
+        def within(x: float) -> bool:
+            return math.isfinite(x) and (x > low if low_open else x >= low) and (high is None or x <= high)
+
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and within(value)):
             raise ValueError(f"{name} {rule}, got {value!r}")
+        if not within(float(np.float32(value)) if abs(value) <= FLOAT32_MAX else math.inf):
+            raise ValueError(f"{name} {rule} as a 32-bit float (finite, and not rounding to the bound), got {value!r}")
 
     @staticmethod
     def _check_int(name: str, value, minimum: int) -> None:
-        if not _is_int(value) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if not _is_int(value) or not minimum <= value <= INT32_MAX:
+            raise ValueError(f"{name} must be an int in [{minimum}, {INT32_MAX}], got {value!r}")
 
     def to_core(self, max_tokens: int, seed: Optional[int]):
         """The C++ lserve._C.SamplingParams for one continuation: max_tokens resolved (the engine

@@ -15,6 +15,7 @@ Every failure raises ValueError with the reason.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -27,6 +28,8 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
+
+from lserve.text import check_text
 
 # GGUF token types (llama.cpp llama_token_type).
 _TOKEN_TYPE_CONTROL = 3
@@ -322,15 +325,63 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. "<|im_start|>") map to their
-        ids. add_special_tokens adds BOS/EOS where the tokenizer is configured to."""
+        ids. add_special_tokens adds BOS/EOS where the tokenizer is configured to. Text that is not
+        valid Unicode (a lone surrogate) raises ValueError.
+
+        Thread-safe, and other Python threads run meanwhile: tokenizers' encode() holds the GIL for
+        the whole call (a 6 MB text stopped every other thread for 8 s), encode_batch() releases it."""
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        check_text(text, "text")
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; invalid UTF-8 byte sequences become U+FFFD."""
+        """Text of `ids`; invalid UTF-8 byte sequences become U+FFFD. Like encode, it lets other
+        threads run while it works."""
         ids = self._check_ids(ids)
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+
+    # ---- a lower bound on the token count, without tokenizing -------------------------------------
+
+    @functools.cached_property
+    def max_token_text_bytes(self) -> int | None:
+        """The most bytes of (normalized) input text that one token can stand for, or None when this
+        tokenizer's pipeline may drop text, so that no such bound holds.
+
+        The bound holds for byte-level BPE, what GGUF "gpt2" tokenizers and Llama-3 / Qwen2 tokenizer.json
+        files are: the pre-tokenizer maps each input byte to one character, so a vocabulary entry of k
+        characters stands for exactly k bytes, and an added token matches its own text. Pre-tokenizers
+        that remove text (BERT's Whitespace, a Split with behavior "Removed") and added tokens that strip
+        the whitespace around them give None.
+        SmolLM2-135M: 81 ("\n" and 80 spaces is one token)."""
+        pipeline = json.loads(self._backend.to_str())
+        if (pipeline.get("model") or {}).get("type") != "BPE" or not _keeps_every_byte(pipeline.get("pre_tokenizer")):
+            return None
+        added = self._backend.get_added_tokens_decoder().values()
+        if any(token.lstrip or token.rstrip for token in added):  # such a token also swallows a whitespace run
+            return None
+        vocab = self._backend.get_vocab(with_added_tokens=False)
+        longest = max((len(token) for token in vocab), default=1)
+        return max([longest, *(len(token.content.encode("utf-8")) for token in added)])
+
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) at the cost of one pass over the text (the normalizer,
+        if any, and a UTF-8 length): ceil(bytes / max_token_text_bytes); 0 when no bound is known."""
+        per_token = self.max_token_text_bytes
+        if per_token is None:
+            return 0
+        check_text(text, "text")
+        if self._backend.normalizer is not None:
+            text = self._backend.normalizer.normalize_str(text)
+        return -(-len(text.encode("utf-8")) // per_token)
+
+    def min_num_tokens_of_length(self, num_chars: int) -> int:
+        """min_num_tokens for any text of num_chars characters, at no cost (every character is at least
+        one byte); 0 when a normalizer could shorten the text or no bound is known."""
+        per_token = self.max_token_text_bytes
+        if per_token is None or self._backend.normalizer is not None:
+            return 0
+        return -(-num_chars // per_token)
 
     def _check_ids(self, ids) -> list[int]:
         ids = [ids] if isinstance(ids, int) else list(ids)
@@ -430,6 +481,23 @@ class IncrementalDecoder:
         self._prefix_offset = self._read_offset = len(self._ids)
         self.text += new_text
         return new_text
+
+
+def _keeps_every_byte(pre_tokenizer) -> bool:
+    """Whether a tokenizer.json pre_tokenizer hands every input byte on, one character per byte:
+    ByteLevel, possibly after Split rules that keep what they match."""
+    if pre_tokenizer is None:
+        return False
+    kind = pre_tokenizer.get("type")
+    if kind == "ByteLevel":
+        return True
+    if kind == "Sequence":
+        steps = pre_tokenizer.get("pretokenizers") or []
+        kinds = [step.get("type") for step in steps]
+        keeps = all(kind == "ByteLevel" or (kind == "Split" and step.get("behavior") != "Removed")
+                    for kind, step in zip(kinds, steps))
+        return keeps and kinds.count("ByteLevel") == 1
+    return False
 
 
 def _read_json(path: str):

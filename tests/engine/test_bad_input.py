@@ -146,3 +146,61 @@ def test_nan_logits_abort_only_their_request(model_dir, tmp_path):
     stats = engine._core.stats()
     assert stats.num_running == 0 and stats.num_free_pages == stats.num_total_pages
     assert engine.generate([good], params)[0].outputs[0].token_ids == alone.token_ids
+
+
+# ---- values the C++ core cannot hold (issue 13): a ValueError naming the field, never an overflow ----------
+
+INT32_OVERFLOW = 2**31
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(top_k=INT32_OVERFLOW), "top_k"), (dict(top_k=2**64), "top_k"),
+    (dict(stop_token_ids=[5, INT32_OVERFLOW]), "stop_token_ids"), (dict(stop_token_ids=[2**70]), "stop_token_ids"),
+    (dict(max_tokens=INT32_OVERFLOW), "max_tokens"), (dict(min_tokens=INT32_OVERFLOW), "min_tokens"),
+    (dict(n=INT32_OVERFLOW), "n"), (dict(logprobs=INT32_OVERFLOW), "logprobs"),
+    (dict(seed=2**64), "seed"), (dict(seed=-1), "seed"),
+    (dict(temperature=1e39), "temperature"), (dict(repetition_penalty=1e-50), "repetition_penalty"),
+    (dict(top_p=1e-50), "top_p"), (dict(stop=["ok", "\ud800"]), "stop"),
+])
+def test_out_of_range_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_largest_values_are_accepted():
+    params = SamplingParams(top_k=2**31 - 1, stop_token_ids=[2**31 - 1], seed=2**63 - 1, max_tokens=2**31 - 1,
+                            temperature=3e38, repetition_penalty=1e-40)
+    assert params.to_core(max_tokens=8, seed=params.seed).top_k == 2**31 - 1
+
+
+@pytest.mark.parametrize("field, value", [("top_k", INT32_OVERFLOW), ("stop_token_ids", [INT32_OVERFLOW]),
+                                          ("logprobs", INT32_OVERFLOW)])
+def test_generate_with_params_changed_after_validation(engine, field, value):
+    """SamplingParams is a plain dataclass: a field set after __post_init__ reaches the bindings, which
+    refuse it by name (ValueError) instead of pybind11's TypeError; the engine goes on serving."""
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    setattr(params, field, value)
+    with pytest.raises(ValueError, match=field):
+        engine.generate([[4, 5, 6]], params, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    out = engine.generate([[4, 5, 6]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(top_k=INT32_OVERFLOW), "top_k"), (dict(max_tokens=INT32_OVERFLOW), "max_tokens"),
+    (dict(min_tokens=-INT32_OVERFLOW - 1), "min_tokens"), (dict(logprobs=INT32_OVERFLOW), "logprobs"),
+    (dict(stop_token_ids=[1, INT32_OVERFLOW]), "stop_token_ids"),
+])
+def test_core_sampling_params_refuse_int32_overflow(kwargs, field):
+    from lserve import _C
+
+    with pytest.raises(ValueError, match=field):
+        _C.SamplingParams(**kwargs)
+
+
+def test_prompt_ids_beyond_int32_are_outside_the_vocabulary(engine):
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([[4, INT32_OVERFLOW]], SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([[4, 2**64]], SamplingParams(max_tokens=2), use_tqdm=False)

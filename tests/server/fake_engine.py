@@ -83,6 +83,7 @@ class FakeEngine:
                  page_size: int = 4, step_delay: float = 0.0, seed: int = 0) -> None:
         self.model = "fake-model"
         self.tokenizer = FakeTokenizer()
+        self.vocab_size = VOCAB_SIZE
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.num_total_pages = num_total_pages

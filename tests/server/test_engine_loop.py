@@ -8,8 +8,8 @@ import pytest
 
 from fake_engine import FakeEngine
 from lserve.sampling import SamplingParams
-from lserve.server.engine_loop import (EngineDeadError, EngineLoop, GenerateItem, ServerOverloadedError,
-                                       ShuttingDownError)
+from lserve.server.engine_loop import (EngineDeadError, EngineLoop, GenerateItem, RequestTooLargeError,
+                                       ServerOverloadedError, ShuttingDownError)
 from lserve.server.metrics import ServerMetrics
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
@@ -150,3 +150,31 @@ def test_stop_ends_running_streams():
             return (await stream.final())["a"]
 
     assert run(scenario, engine).outputs[0].finish_reason == "abort"
+
+
+def test_pending_limit_counts_sequences():
+    """Each request counts its n continuations: 2 x n=3 = 6 of 8 pending, so 1 x n=3 more is refused (503)
+    and 1 x n=2 fits; 3 x n=3 = 9 could never fit: RequestTooLargeError (400), nothing queued."""
+    engine = FakeEngine(step_delay=0.005)
+    three = SamplingParams(temperature=0.0, max_tokens=100, n=3)
+
+    async def scenario(engine_loop):
+        first = await engine_loop.submit([GenerateItem("a", "hi", three), GenerateItem("b", "hi", three)])
+        assert engine_loop.num_pending == 6
+        with pytest.raises(ServerOverloadedError, match="6 sequences pending"):
+            await engine_loop.submit([GenerateItem("c", "hi", three)])
+        second = await engine_loop.submit([GenerateItem("d", "hi", SamplingParams(max_tokens=2, n=2))])
+        assert engine_loop.num_pending == 8
+        with pytest.raises(RequestTooLargeError, match="9 sequences"):
+            await engine_loop.submit([GenerateItem(f"e{i}", "hi", three) for i in range(3)])
+        assert engine_loop.num_pending == 8
+        with second:
+            await second.final()
+        first.close()
+        for _ in range(200):
+            if engine_loop.num_pending == 0:
+                break
+            await asyncio.sleep(0.01)
+        return engine_loop.num_pending
+
+    assert run(scenario, engine, max_pending_requests=8) == 0

@@ -20,6 +20,8 @@ import json
 import time
 from typing import Callable, Dict
 
+from lserve.extras import require_extra
+
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 64
 GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                "lm_head": (128256, 4096)}
@@ -162,6 +164,7 @@ def copy_tbps(torch) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    require_extra("bench", "lserve bench kernels", ["torch"])
     import torch
 
     from lserve import _C

@@ -18,6 +18,8 @@ import tempfile
 import time
 from typing import Dict, List, Tuple
 
+from lserve.extras import require_extra
+
 # Shapes of well-known models (config.json fields); weights are random.
 SHAPES: Dict[str, Dict] = {
     "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
@@ -171,6 +173,9 @@ def plot(report: Dict, path: str) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not args.skip_transformers:
+        require_extra("bench", "lserve bench latency (against transformers; --skip-transformers runs without)",
+                      ["torch", "transformers"])
     requested = [int(v) for v in str(args.lengths).split(",") if v.strip()]
     if not requested or min(requested) < 1:
         raise ValueError("--lengths needs positive prompt lengths")

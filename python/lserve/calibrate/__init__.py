@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from lserve.calibrate.trainer import CalibrationConfig, CalibrationResult, calibrate, calibrate_gates
+from lserve.calibrate.trainer import CALIBRATE_MODULES, CalibrationConfig, CalibrationResult, calibrate, calibrate_gates
+from lserve.extras import require_extra
 
 __all__ = ["CalibrationConfig", "CalibrationResult", "calibrate", "calibrate_gates", "add_calibrate_parser"]
 
@@ -47,6 +48,8 @@ def add_calibrate_parser(commands) -> argparse.ArgumentParser:
 
 def _main(args: argparse.Namespace) -> int:
     from lserve.sparsity import write_head_scores
+
+    require_extra("calibrate", "lserve calibrate", CALIBRATE_MODULES)
 
     config = CalibrationConfig(seq_len=args.seq_len, steps=args.steps, lr=args.lr, l1=args.l1,
                                sink_tokens=args.sink, local_tokens=args.local, num_passkeys=args.num_passkeys,

@@ -21,6 +21,9 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+# What calibration imports: torch and transformers, and gguf for transformers to read a .gguf model.
+CALIBRATE_MODULES = ("torch", "transformers", "gguf")
+
 
 @dataclass
 class CalibrationConfig:
@@ -183,7 +186,11 @@ def sampler_for(model, tokenizer, config: CalibrationConfig):
 
 
 def calibrate(model: str, config: CalibrationConfig, show_progress: bool = True) -> CalibrationResult:
-    """Loads `model` with transformers and calibrates its gates (see calibrate_gates)."""
+    """Loads `model` with transformers and calibrates its gates (see calibrate_gates). Needs the
+    `calibrate` extra (MissingExtraError before anything loads when it is not installed)."""
+    from lserve.extras import require_extra
+
+    require_extra("calibrate", "lserve calibrate", CALIBRATE_MODULES)
     import torch
 
     torch.manual_seed(config.seed)

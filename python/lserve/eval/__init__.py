@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lserve.extras import require_extra
+
 
 def _int_list(text: str):
     return [int(v) for v in text.split(",") if v.strip()]
@@ -156,6 +158,11 @@ def _retrieval(args: argparse.Namespace) -> int:
 
 def _niah(args: argparse.Namespace) -> int:
     from lserve.eval.niah import plot_heatmap, run_niah, write_results
+
+    if args.plot:
+        require_extra("eval", "lserve eval niah --plot", ["matplotlib"])
+    if args.recall:
+        require_extra("eval", "lserve eval niah --recall", ["torch", "transformers", "gguf"])
 
     configs = [c.strip() for c in args.sparsity.split(",") if c.strip()]
     for config in configs:

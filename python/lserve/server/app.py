@@ -1,20 +1,24 @@
 """The OpenAI-compatible FastAPI app: build_app(engine, served_model_name) -> FastAPI.
 
 Routes: /v1/completions, /v1/chat/completions (JSON or server-sent events), /v1/models, /tokenize,
-/detokenize, /health, /version, /metrics. Handlers validate and tokenize on the event loop, then
-hand engine requests to the EngineLoop thread; every error is OpenAI's JSON error shape with vLLM's
-"object": "error" (400 bad input, 404 unknown model, 503 overloaded or shutting down, 500 bugs).
+/detokenize, /health, /version, /metrics. Handlers run the cheap checks on the event loop (fields,
+sequence count, a prompt's length in characters), hand tokenization and chat templating to a small
+thread pool, then hand engine requests to the EngineLoop thread, so no request stalls the others.
+Every error is OpenAI's JSON error shape with vLLM's "object": "error" (400 bad input, 404 unknown
+model, 413 body over the size limit, 503 overloaded or shutting down, 500 bugs, logged).
 Behavioural reference: vLLM's `vllm/entrypoints/openai/` (read, not copied).
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Union
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,31 +30,26 @@ from lserve.outputs import CompletionOutput, RequestOutput
 from lserve.sampling import SamplingParams
 from lserve.server import protocol as p
 from lserve.server.engine_loop import EngineLoop, GenerateItem, RequestStream, ServiceUnavailableError
+from lserve.server.errors import APIError, error_event, error_response
 from lserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from lserve.server.middleware import BodySizeLimit, InternalErrors
+from lserve.text import check_text
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
-               413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Tokenizer threads: tokenizers releases the GIL while it encodes, so a few threads tokenize in
+# parallel while the event loop goes on; more than the cores would only queue on them.
+MAX_TOKENIZER_THREADS = 4
+# No token spans more than this many bytes, for tokenizers that give no bound of their own (the body
+# size default only: the early length check needs the tokenizer's exact bound).
+FALLBACK_TOKEN_BYTES = 32
 
 
-class APIError(Exception):
-    """An error the client caused or must retry; rendered as the OpenAI error JSON with this status."""
-
-    def __init__(self, status_code: int, message: str, param: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.param = param
-
-
-def error_response(status_code: int, message: str, param: Optional[str] = None) -> JSONResponse:
-    error = p.ErrorInfo(message=message, type=ERROR_TYPES.get(status_code, "Error"), param=param, code=status_code)
-    return JSONResponse(p.ErrorResponse(error=error).model_dump(), status_code=status_code)
-
-
-def error_event(status_code: int, message: str) -> str:
-    error = p.ErrorInfo(message=message, type=ERROR_TYPES.get(status_code, "Error"), code=status_code)
-    return f"data: {p.ErrorResponse(error=error).model_dump_json()}\n\n"
+def default_max_body_bytes(max_model_len: int, tokenizer) -> int:
+    """The default request-body limit: twice the longest prompt the context could hold in UTF-8 bytes
+    (max_model_len x the most bytes one token stands for: JSON's \\uXXXX escapes spell a 3-byte
+    character in 6), plus 4 MiB for everything else. SmolLM2 at 8192 tokens: 5.3 MiB; at 512: 4.1 MiB."""
+    per_token = getattr(tokenizer, "max_token_text_bytes", None) or FALLBACK_TOKEN_BYTES
+    return 2 * max_model_len * per_token + (4 << 20)
 
 
 @dataclass
@@ -70,18 +69,27 @@ class _ChoiceState:
 
 
 class OpenAIServer:
-    """The handlers' shared state: engine facts, the engine loop, metrics and the token-string cache."""
+    """The handlers' shared state: engine facts, the engine loop, metrics, the tokenizer threads and the
+    token-string cache."""
 
     def __init__(self, engine, served_model_names: Sequence[str], engine_loop: EngineLoop, metrics: ServerMetrics,
                  max_n: int = 128) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = int(engine.max_model_len)
+        self.vocab_size = getattr(engine, "vocab_size", None)
         self.served_model_names = list(served_model_names)
         self.engine_loop = engine_loop
         self.metrics = metrics
         self.max_n = max_n
+        self.max_token_text_bytes = getattr(self.tokenizer, "max_token_text_bytes", None)
         self.token_str = functools.lru_cache(maxsize=1 << 16)(self._decode_one)
+        self.executor = ThreadPoolExecutor(max_workers=max(1, min(MAX_TOKENIZER_THREADS, os.cpu_count() or 1)),
+                                           thread_name_prefix="lserve-tokenize")
+
+    async def offload(self, fn: Callable, *args):
+        """fn(*args) on a tokenizer thread; the event loop (and /health) goes on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
     # ---- request checks -------------------------------------------------------------------------
 
@@ -110,12 +118,57 @@ class OpenAIServer:
             raise APIError(400, "continuous_usage_stats requires include_usage", "stream_options")
         return params
 
-    def encode(self, text: str, add_special_tokens: bool, param: str) -> List[int]:
+    def check_capacity(self, num_prompts: int, body: p.SamplingFields) -> None:
+        """A request whose sequences (prompts x max(n, best_of)) exceed the pending limit could never be
+        admitted, however long the client waited: 400 naming the limit, not 503 "retry later"."""
+        n = max(body.n, body.best_of or 1)
+        num_seqs = num_prompts * n
+        limit = self.engine_loop.max_pending_requests
+        if num_seqs > limit:
+            raise APIError(400, f"This request needs {num_seqs} sequences ({num_prompts} prompts x n={n}), more "
+                                f"than this server ever holds at once ({limit}, lserve serve --max-pending-requests). "
+                                "Please send fewer prompts or a smaller n.", "n" if n > 1 else "prompt")
+
+    def check_min_length(self, min_num_tokens: int, num_bytes: int, max_tokens: Optional[int], param: str) -> None:
+        """check_length for a prompt not yet tokenized, of which a lower bound on its token count is known
+        (its bytes over the most bytes one token stands for)."""
+        if min_num_tokens <= 0:
+            return
+        why = (f"its {num_bytes} bytes of text are at least {min_num_tokens} tokens (no token of this model stands "
+               f"for more than {self.max_token_text_bytes} bytes)")
+        if min_num_tokens >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                                f"prompt is longer: {why}, which leaves no room for a completion. Please reduce the "
+                                "length of the prompt.", param)
+        if max_tokens is not None and min_num_tokens + max_tokens > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                                f"requested at least {min_num_tokens + max_tokens} tokens ({why}; {max_tokens} in the "
+                                "completion). Please reduce the length of the prompt or completion.", "max_tokens")
+
+    def quick_check_length(self, text: str, max_tokens: Optional[int], param: str) -> None:
+        """check_min_length from the character count alone: costs nothing, so it runs on the event loop."""
+        bound = getattr(self.tokenizer, "min_num_tokens_of_length", None)
+        if bound is not None:
+            self.check_min_length(bound(len(text)), len(text), max_tokens, param)
+
+    def encode(self, text: str, add_special_tokens: bool, max_tokens: Optional[int], param: str) -> List[int]:
+        """Token ids of text, after the checks that need no tokenization. Blocking: call through offload()."""
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send token ids instead of text", param)
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        try:
+            check_text(text, param)
+            min_num_tokens = self.tokenizer.min_num_tokens(text) if self.max_token_text_bytes else 0
+        except ValueError as error:
+            raise APIError(400, str(error), param) from None
+        self.check_min_length(min_num_tokens, len(text.encode("utf-8")), max_tokens, param)
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        except ValueError as error:
+            raise APIError(400, str(error), param) from None
 
-    def completion_prompts(self, body: p.CompletionRequest) -> List[_Prompt]:
+    @staticmethod
+    def completion_items(body: p.CompletionRequest) -> List[Union[str, List[int]]]:
+        """The request's prompts, each a string or a list of token ids."""
         prompt = body.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -123,18 +176,33 @@ class OpenAIServer:
             raise APIError(400, "prompt must not be empty", "prompt")
         if all(isinstance(item, int) for item in prompt):
             prompt = [prompt]
+        return list(prompt)
+
+    def check_token_ids(self, token_ids: List[int], param: str) -> None:
+        if not token_ids:
+            raise APIError(400, "a token-id prompt must not be empty", param)
+        upper = self.vocab_size if self.vocab_size is not None else 2**31
+        bad = [token_id for token_id in token_ids if not 0 <= token_id < upper]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {upper})", param)
+
+    def completion_prompts(self, items: List[Union[str, List[int]]], add_special_tokens: bool,
+                           max_tokens: Optional[int]) -> List[_Prompt]:
+        """Tokenized and length-checked prompts. Blocking: call through offload()."""
         prompts = []
-        for item in prompt:
+        for item in items:
             if isinstance(item, str):
-                prompts.append(_Prompt(item, self.encode(item, body.add_special_tokens, "prompt")))
+                prompts.append(_Prompt(item, self.encode(item, add_special_tokens, max_tokens, "prompt")))
             else:
-                if not item:
-                    raise APIError(400, "a token-id prompt must not be empty", "prompt")
+                self.check_token_ids(item, "prompt")
                 prompts.append(_Prompt(None, list(item)))
+            self.check_length(prompts[-1], max_tokens, "prompt")
         return prompts
 
-    def render_chat(self, messages: List[p.ChatMessage], add_generation_prompt: bool, add_special_tokens: bool
-                    ) -> _Prompt:
+    def render_chat(self, messages: List[p.ChatMessage], add_generation_prompt: bool, add_special_tokens: bool,
+                    max_tokens: Optional[int] = None, check_length: bool = True) -> _Prompt:
+        """The templated, tokenized (and, with check_length, length-checked) conversation. Blocking: call
+        through offload()."""
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template", "messages")
         try:
@@ -144,7 +212,11 @@ class OpenAIServer:
             raise APIError(400, str(error), "messages") from None
         except Exception as error:  # a template error (jinja2) is the request's fault: say what it was
             raise APIError(400, f"the chat template failed on these messages: {error}", "messages") from None
-        return _Prompt(text, self.encode(text, add_special_tokens, "messages"))
+        prompt = _Prompt(text, self.encode(text, add_special_tokens, max_tokens if check_length else None,
+                                           "messages"))
+        if check_length:
+            self.check_length(prompt, max_tokens, "messages")
+        return prompt
 
     def check_length(self, prompt: _Prompt, max_tokens: Optional[int], param: str) -> None:
         num_prompt_tokens = len(prompt.token_ids)
@@ -157,6 +229,29 @@ class OpenAIServer:
                                 f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
                                 f"messages, {max_tokens} in the completion). Please reduce the length of the "
                                 "messages or completion.", "max_tokens")
+
+    def tokenize(self, body: Union[p.TokenizeCompletionRequest, p.TokenizeChatRequest]) -> p.TokenizeResponse:
+        """/tokenize's answer. Text that could not fit the context even at the most bytes per token is
+        refused; anything shorter is counted exactly. Blocking: call through offload()."""
+        if isinstance(body, p.TokenizeChatRequest):
+            token_ids = self.render_chat(body.messages, body.add_generation_prompt, body.add_special_tokens,
+                                         check_length=False).token_ids
+        else:
+            token_ids = self.encode(body.prompt, body.add_special_tokens, None, "prompt")
+        token_strs = [self.token_str(token_id) for token_id in token_ids] if body.return_token_strs else None
+        return p.TokenizeResponse(count=len(token_ids), max_model_len=self.max_model_len, tokens=token_ids,
+                                  token_strs=token_strs)
+
+    def detokenize(self, token_ids: List[int]) -> str:
+        """/detokenize's text. Blocking: call through offload()."""
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "tokens")
+        if any(token_id < 0 for token_id in token_ids):
+            raise APIError(400, "token ids must be non-negative", "tokens")
+        try:
+            return self.tokenizer.decode(token_ids)
+        except Exception as error:  # out-of-vocabulary ids: the tokenizer's own message says which
+            raise APIError(400, f"cannot detokenize: {error}", "tokens") from None
 
     async def submit(self, request_id: str, prompts: List[_Prompt], params: SamplingParams) -> RequestStream:
         items = [GenerateItem(f"{request_id}-{index}", {"prompt": prompt.text, "prompt_token_ids": prompt.token_ids},
@@ -292,9 +387,12 @@ def _sse(chunk: p.ResponseModel, include_usage: bool) -> str:
 async def create_completion(server: OpenAIServer, body: p.CompletionRequest, request: Request):
     model = server.check_model(body.model)
     params = server.sampling_params(body, chat=False)
-    prompts = server.completion_prompts(body)
-    for prompt in prompts:
-        server.check_length(prompt, body.max_tokens, "prompt")
+    items = server.completion_items(body)
+    server.check_capacity(len(items), body)
+    for item in items:
+        if isinstance(item, str):
+            server.quick_check_length(item, body.max_tokens, "prompt")
+    prompts = await server.offload(server.completion_prompts, items, body.add_special_tokens, body.max_tokens)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = await server.submit(request_id, prompts, params)
@@ -377,8 +475,9 @@ async def _completion_events(server: OpenAIServer, body: p.CompletionRequest, st
 async def create_chat_completion(server: OpenAIServer, body: p.ChatCompletionRequest, request: Request):
     model = server.check_model(body.model)
     params = server.sampling_params(body, chat=True)
-    prompt = server.render_chat(body.messages, body.add_generation_prompt, body.add_special_tokens)
-    server.check_length(prompt, body.requested_max_tokens, "messages")
+    server.check_capacity(1, body)
+    prompt = await server.offload(server.render_chat, body.messages, body.add_generation_prompt,
+                                  body.add_special_tokens, body.requested_max_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = await server.submit(request_id, [prompt], params)
@@ -463,11 +562,15 @@ def _validation_message(errors: Sequence[dict]) -> tuple:
 
 
 def build_app(engine, served_model_name: Union[str, Sequence[str], None] = None, *,
-              max_pending_requests: int = 4096, shutdown_grace_s: float = 30.0, max_n: int = 128) -> FastAPI:
+              max_pending_requests: int = 4096, shutdown_grace_s: float = 30.0, max_n: int = 128,
+              max_request_body_bytes: Optional[int] = None) -> FastAPI:
     """The OpenAI-compatible app around an Engine (or anything with its add_request/step/abort API).
 
     served_model_name: the name(s) clients put in "model" (default: engine.model). The app's lifespan
     starts the engine thread and stops it; app.state.engine_loop and app.state.metrics expose both.
+    max_pending_requests: sequences (prompts x n) queued or running beyond which requests get 503; a
+    request that alone exceeds it gets 400. max_request_body_bytes: larger bodies get 413 (default:
+    default_max_body_bytes, from max_model_len and the tokenizer).
 
     Example:
         >>> app = build_app(Engine("smollm2-135m-instruct"), "smollm2")
@@ -478,6 +581,10 @@ def build_app(engine, served_model_name: Union[str, Sequence[str], None] = None,
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names or not all(isinstance(name, str) and name for name in names):
         raise ValueError(f"served_model_name must be a non-empty name or list of names, got {served_model_name!r}")
+    if max_request_body_bytes is None:
+        max_request_body_bytes = default_max_body_bytes(int(engine.max_model_len), engine.tokenizer)
+    if max_request_body_bytes < 1:
+        raise ValueError(f"max_request_body_bytes must be >= 1, got {max_request_body_bytes}")
     metrics = ServerMetrics(names[0])
     engine_loop = EngineLoop(engine, metrics, max_pending_requests=max_pending_requests,
                              shutdown_grace_s=shutdown_grace_s)
@@ -490,11 +597,16 @@ def build_app(engine, served_model_name: Union[str, Sequence[str], None] = None,
             yield
         finally:
             await asyncio.to_thread(engine_loop.stop)
+            server.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lserve", lifespan=lifespan)
     app.state.engine_loop = engine_loop
     app.state.metrics = metrics
     app.state.server = server
+    app.state.max_request_body_bytes = max_request_body_bytes
+    # The last added runs first: the size cap before anything reads the body.
+    app.add_middleware(InternalErrors)
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_request_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -513,10 +625,6 @@ def build_app(engine, served_model_name: Union[str, Sequence[str], None] = None,
     async def _http_error(request: Request, error: StarletteHTTPException):
         return error_response(error.status_code, str(error.detail))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, error: Exception):
-        return error_response(500, f"internal server error: {type(error).__name__}: {error}")
-
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
         return await create_completion(server, body, request)
@@ -534,26 +642,14 @@ def build_app(engine, served_model_name: Union[str, Sequence[str], None] = None,
     @app.post("/tokenize")
     async def tokenize(body: Union[p.TokenizeCompletionRequest, p.TokenizeChatRequest]):
         server.check_model(body.model)
-        if isinstance(body, p.TokenizeChatRequest):
-            token_ids = server.render_chat(body.messages, body.add_generation_prompt, body.add_special_tokens).token_ids
-        else:
-            token_ids = server.encode(body.prompt, body.add_special_tokens, "prompt")
-        token_strs = [server.token_str(token_id) for token_id in token_ids] if body.return_token_strs else None
-        response = p.TokenizeResponse(count=len(token_ids), max_model_len=server.max_model_len, tokens=token_ids,
-                                      token_strs=token_strs)
-        return JSONResponse(response.model_dump())
+        if isinstance(body, p.TokenizeCompletionRequest):
+            server.quick_check_length(body.prompt, None, "prompt")
+        return JSONResponse((await server.offload(server.tokenize, body)).model_dump())
 
     @app.post("/detokenize")
     async def detokenize(body: p.DetokenizeRequest):
         server.check_model(body.model)
-        if server.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer", "tokens")
-        if any(token_id < 0 for token_id in body.tokens):
-            raise APIError(400, "token ids must be non-negative", "tokens")
-        try:
-            text = server.tokenizer.decode(body.tokens)
-        except Exception as error:  # out-of-vocabulary ids: the tokenizer's own message says which
-            raise APIError(400, f"cannot detokenize: {error}", "tokens") from None
+        text = await server.offload(server.detokenize, body.tokens)
         return JSONResponse(p.DetokenizeResponse(prompt=text).model_dump())
 
     @app.post("/reset_prefix_cache")

@@ -40,6 +40,10 @@ class EngineDeadError(ServiceUnavailableError):
     pass
 
 
+class RequestTooLargeError(ValueError):
+    """The request alone holds more sequences than max_pending_requests: no retry could admit it (HTTP 400)."""
+
+
 @dataclass
 class GenerateItem:
     """One engine request: prompt is whatever Engine.add_request takes (text, ids or a prompt dict)."""
@@ -47,6 +51,11 @@ class GenerateItem:
     request_id: str
     prompt: object
     params: SamplingParams
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences this request runs (one per continuation): what the pending limit counts."""
+        return self.params.n
 
 
 class RequestStream:
@@ -125,6 +134,7 @@ class _Tracked:
     stream: RequestStream
     loop: asyncio.AbstractEventLoop
     arrival: float
+    num_seqs: int
     last_token_at: Optional[float] = None
     num_tokens: int = 0
     num_tokens_per_seq: int = 0
@@ -133,8 +143,10 @@ class _Tracked:
 class EngineLoop:
     """Runs engine.step() on a dedicated thread while requests are pending.
 
-    max_pending_requests: engine requests (queued + running) beyond which submit() raises
-    ServerOverloadedError. shutdown_grace_s: after begin_shutdown(), how long running requests may
+    max_pending_requests: sequences (each request's n continuations, queued + running) beyond which
+    submit() raises ServerOverloadedError; a submit that alone exceeds it raises RequestTooLargeError.
+    Counting sequences, not requests, is what bounds the work: one request of 8 prompts x n=128 is
+    1,024 sequences. shutdown_grace_s: after begin_shutdown(), how long running requests may
     go on before they are aborted (their streams then end with finish_reason "abort").
     """
 
@@ -148,7 +160,7 @@ class EngineLoop:
         self.shutdown_grace_s = shutdown_grace_s
         self._cond = threading.Condition(threading.Lock())
         self._commands: List[Tuple] = []  # guarded by _cond
-        self._num_pending = 0  # guarded by _cond
+        self._num_pending = 0  # sequences, guarded by _cond
         self._stop = False  # guarded by _cond
         self._closed = False  # guarded by _cond: the thread takes no more commands
         self._shutdown_requested_at: Optional[float] = None  # set from a signal handler: no lock
@@ -190,9 +202,15 @@ class EngineLoop:
     async def submit(self, items: Sequence[GenerateItem]) -> RequestStream:
         """Queues engine requests (all or none); returns their stream once the engine took them.
 
-        Raises ValueError when the engine rejects one (nothing stays queued), ServerOverloadedError,
+        Raises ValueError when the engine rejects one (nothing stays queued) or RequestTooLargeError
+        (a ValueError) when the items' sequences alone exceed max_pending_requests; ServerOverloadedError,
         ShuttingDownError or EngineDeadError (all ServiceUnavailableError).
         """
+        num_seqs = sum(item.num_seqs for item in items)
+        if num_seqs > self.max_pending_requests:
+            raise RequestTooLargeError(
+                f"this request needs {num_seqs} sequences, more than the server ever holds at once "
+                f"(max_pending_requests={self.max_pending_requests})")
         if self._error is not None or not self.is_alive:
             raise EngineDeadError(f"the engine has stopped: {self._error or 'not running'}")
         if self.is_shutting_down:
@@ -203,11 +221,11 @@ class EngineLoop:
         with self._cond:
             if self._closed:
                 raise EngineDeadError(f"the engine has stopped: {self._error or 'shut down'}")
-            if self._num_pending + len(items) > self.max_pending_requests:
+            if self._num_pending + num_seqs > self.max_pending_requests:
                 raise ServerOverloadedError(
-                    f"the server is overloaded ({self._num_pending} requests pending, limit "
-                    f"{self.max_pending_requests}); retry later")
-            self._num_pending += len(items)
+                    f"the server is overloaded ({self._num_pending} sequences pending, this request adds "
+                    f"{num_seqs}, limit {self.max_pending_requests}); retry later")
+            self._num_pending += num_seqs
             self._commands.append(("add", list(items), stream, loop, accepted, time.monotonic()))
             self._cond.notify()
         try:
@@ -306,11 +324,11 @@ class EngineLoop:
             for request_id in added:
                 self.engine.abort_request(request_id)  # its "abort" output is dropped: not tracked
             with self._cond:
-                self._num_pending -= len(items)
+                self._num_pending -= sum(item.num_seqs for item in items)
             _call_soon(loop, _settle, accepted, error)
             return
-        for request_id in added:
-            self._tracked[request_id] = _Tracked(stream, loop, arrival)
+        for item in items:
+            self._tracked[item.request_id] = _Tracked(stream, loop, arrival, item.num_seqs)
         _call_soon(loop, _settle, accepted, None)
 
     def _abort(self, request_ids: List[str]) -> None:
@@ -321,7 +339,7 @@ class EngineLoop:
     def _dispatch(self, outputs: List[RequestOutput]) -> None:
         now = time.monotonic()
         deliveries: Dict[asyncio.AbstractEventLoop, List[Tuple[RequestStream, RequestOutput]]] = {}
-        num_finished = 0
+        num_finished_seqs = 0
         for output in outputs:
             tracked = self._tracked.get(output.request_id)
             if tracked is None:
@@ -329,11 +347,11 @@ class EngineLoop:
             self._record(tracked, output, now)
             if output.finished:
                 del self._tracked[output.request_id]
-                num_finished += 1
+                num_finished_seqs += tracked.num_seqs
             deliveries.setdefault(tracked.loop, []).append((tracked.stream, output))
-        if num_finished:
+        if num_finished_seqs:
             with self._cond:
-                self._num_pending -= num_finished
+                self._num_pending -= num_finished_seqs
         for loop, batch in deliveries.items():
             _call_soon(loop, _deliver_batch, batch)
 

@@ -24,7 +24,11 @@ def add_serve_parser(commands, add_engine_args: Callable, engine_from_args: Call
     server.add_argument("--served-model-name", nargs="+", default=None,
                         help="name(s) clients use in 'model' (default: --model)")
     server.add_argument("--max-pending-requests", type=int, default=4096,
-                        help="queued + running requests beyond which the server answers 503 (default: %(default)s)")
+                        help="queued + running sequences (prompts x n) beyond which the server answers 503; a "
+                             "request that alone needs more gets 400 (default: %(default)s)")
+    server.add_argument("--max-request-body-bytes", type=int, default=None,
+                        help="larger request bodies get 413 (default: twice the longest prompt --max-model-len "
+                             "tokens can spell, in bytes, plus 4 MiB)")
     server.add_argument("--shutdown-grace", type=float, default=5.0,
                         help="seconds running requests get to finish after SIGTERM (default: %(default)s)")
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -35,27 +39,41 @@ def add_serve_parser(commands, add_engine_args: Callable, engine_from_args: Call
 
 
 def _serve(args: argparse.Namespace, engine_from_args: Callable) -> int:
-    for name, value, minimum in (("--port", args.port, 0), ("--max-pending-requests", args.max_pending_requests, 1)):
-        if value < minimum:
+    for name, value, minimum in (("--port", args.port, 0), ("--max-pending-requests", args.max_pending_requests, 1),
+                                 ("--max-request-body-bytes", args.max_request_body_bytes, 1)):
+        if value is not None and value < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if not args.shutdown_grace >= 0:
         raise ValueError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    check_server_dependencies()  # before the model loads, which takes a while
     engine = engine_from_args(args)
     return run_server(engine, args.served_model_name or args.model, host=args.host, port=args.port,
                       log_level=args.log_level, max_pending_requests=args.max_pending_requests,
-                      shutdown_grace_s=args.shutdown_grace)
+                      shutdown_grace_s=args.shutdown_grace, max_request_body_bytes=args.max_request_body_bytes)
+
+
+def check_server_dependencies() -> None:
+    """Imports what the server needs; RuntimeError in one line when the environment lacks any of it
+    (`pip install lserve` installs all of it, so only a broken environment gets here)."""
+    try:
+        import uvicorn  # noqa: F401
+
+        import lserve.server.app  # noqa: F401  (fastapi, starlette, pydantic)
+    except ImportError as error:
+        raise RuntimeError(f"lserve serve needs {error.name or error}, which is missing from this environment; "
+                           "reinstall lserve (pip install lserve), which installs the server's dependencies") from None
 
 
 def run_server(engine, served_model_name: Union[str, Sequence[str], None] = None, *, host: str = "127.0.0.1",
                port: int = 8000, log_level: str = "info", max_pending_requests: int = 4096,
-               shutdown_grace_s: float = 5.0) -> int:
+               shutdown_grace_s: float = 5.0, max_request_body_bytes: Optional[int] = None) -> int:
     """Serves engine until SIGTERM/SIGINT; returns 0 after a graceful shutdown. Must run on the main thread."""
     import uvicorn
 
     from lserve.server.app import build_app
 
     app = build_app(engine, served_model_name, max_pending_requests=max_pending_requests,
-                    shutdown_grace_s=shutdown_grace_s)
+                    shutdown_grace_s=shutdown_grace_s, max_request_body_bytes=max_request_body_bytes)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
