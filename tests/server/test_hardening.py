@@ -5,7 +5,7 @@ a prompt longer than the context could hold is refused before it is tokenized; i
 overflow the C++ bindings or break UTF-8 encoding (and so gave a 500 that dropped the keep-alive
 connection) are 400s naming the field, on a connection that goes on working; the pending limit counts
 sequences (prompts x n), and a request that could never fit gets a 400 naming the limit.
-Figures from these tests are in docs/ROBUSTNESS_SERVER.md.
+Figures from these tests are in docs/ROBUSTNESS.md (Server under hostile input).
 """
 from __future__ import annotations
 
