@@ -198,8 +198,8 @@ def test_sparse_n_samples_fork_the_streaming_slot(llama_dir):
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-@pytest.mark.parametrize("prefix_len,budget", [(200, 64), (200, 512), (40, 512), (100, 16)],
-                         ids=["prefill_ring", "one_chunk", "in_slot", "small_chunks"])
+@pytest.mark.parametrize("prefix_len,budget", [(200, 64), (200, 512), (40, 512), (100, 16), (192, 64)],
+                         ids=["prefill_ring", "one_chunk", "in_slot", "small_chunks", "page_edge"])
 def test_sparse_prefix_hit_equals_miss(llama_dir, params, prefix_len, budget):
     """Sparse attention with prefix caching: the streaming heads' sinks and windows come back from
     shadow pages, so a request hitting a cached prefix (longer than the streaming window and the
@@ -237,7 +237,28 @@ def test_sparse_prefix_cache_under_pressure(llama_dir):
                           max_num_seqs=4)
     outputs = tight.generate(prompts, params, use_tqdm=False)
     stats = tight.stats()
-    assert stats.prefix_cache_hits > 0
+    assert stats.prefix_cache_hits > 0 and stats.num_preemptions > 0
     for index, (out, ref) in enumerate(zip(outputs, expected)):
         assert_exact(out.outputs[0].token_ids, ref, what=f"prompt {index}")
     assert stats.num_free_pages == stats.num_total_pages and stats.num_running == 0
+
+
+def test_sparse_concurrent_requests_share_a_prefix_being_prefilled(llama_dir):
+    """Sparse: requests arriving while the shared prefix is still being prefilled (small chunks, a
+    prefill ring) take its finished pages and their shadows as they appear."""
+    prefix = tokens(50, 180)
+    prompts = [prefix + tokens(60 + i, 4 + 5 * i) for i in range(3)]
+    cached = sparse_engine(llama_dir, True, max_num_batched_tokens=48)
+    ids = [cached.add_request(None, prompts[0], GREEDY)]
+    for _ in range(3):
+        cached.step()
+    ids += [cached.add_request(None, p, GREEDY) for p in prompts[1:]]
+    results = {}
+    while cached.has_unfinished_requests():
+        for out in cached.step():
+            if out.finished:
+                results[out.request_id] = out
+    expected = run(sparse_engine(llama_dir, False, max_num_batched_tokens=48), prompts, GREEDY)
+    for index, request_id in enumerate(ids):
+        assert_exact(results[request_id].outputs[0].token_ids, expected[index], what=f"request {index}")
+    assert all(results[request_id].num_cached_tokens > 0 for request_id in ids[1:])
