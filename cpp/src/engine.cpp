@@ -157,14 +157,13 @@ void Engine::finalize() {
     budget = std::max<int64_t>(budget, 0);
     if (config_.enable_prefix_caching) {
       // Prefix caching keeps the streaming heads' K/V of cached pages in shadow pages: 1/32 of what
-      // is left, when that holds at least one prefix's sinks and trailing window; otherwise none (a
-      // prefill window so wide that restoring it would cost more than the cache saves: sparse
-      // prefix hits are then off and stats().num_shadow_pages says 0).
+      // is left. A hit needs shadows for its sinks and for the window before its end (the whole
+      // prefix when it is shorter than the window), so a small tier still serves short prefixes,
+      // and a prefix longer than the window needs the window's pages, not all of them.
       const int64_t shadow_page_bytes =
           std::max<int64_t>(1, model_->streaming_bytes_per_token(kv_dtype) * config_.page_size);
-      const int64_t minimum = selector_->num_sink_pages() + selector_->restore_window_pages() + 1;
       int64_t shadows = std::min<int64_t>(budget / 32 / shadow_page_bytes, 1 << 24);
-      if (shadows < minimum) shadows = 0;
+      if (shadows < selector_->num_sink_pages() + 1) shadows = 0;
       selector_->set_shadow_pages(static_cast<int>(shadows));
       budget = std::max<int64_t>(budget - shadows * shadow_page_bytes, 0);
     }
