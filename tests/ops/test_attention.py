@@ -111,8 +111,13 @@ def test_attention_is_independent_of_thread_count():
 
 
 def test_attention_empty_batch(backend):
+    """A sequence with no queries: the op runs, returns no rows, and leaves the caches as they were."""
     batch = PagedBatch(1, [(0, 5)], 2, 1, 64, 16, "float32")
-    batch.run(backend)
+    k_before, v_before = batch.k_cache.numpy().copy(), batch.v_cache.numpy().copy()
+    out = batch.run(backend)
+    assert out.shape[0] == 0
+    assert_exact(batch.k_cache.numpy(), k_before, "k cache untouched", 1)
+    assert_exact(batch.v_cache.numpy(), v_before, "v cache untouched", 1)
 
 
 def _run_with(backend, batch, **overrides):

@@ -33,9 +33,11 @@ def test_embed_strided_output_rows(backend):
 
 
 def test_embed_no_tokens(backend):
+    """No tokens: nothing is written (the rows around an empty output slice keep their values)."""
     weight = np.ones((5, 3), np.float32)
-    output = np.empty((0, 3), np.float32)
-    backend.embed(np.empty((0,), np.int32), weight, output)
+    buffer = np.full((2, 3), 7.0, np.float32)
+    backend.embed(np.empty((0,), np.int32), weight, buffer[1:1])
+    assert_exact(buffer, np.full((2, 3), 7.0, np.float32), "buffer around an empty output", 0)
 
 
 @pytest.mark.parametrize("bad_id", [-1, 13])
