@@ -2,7 +2,7 @@
 // output = weight * (x / sqrt(mean(x^2) + eps)), float32 arithmetic, rounded once to Out.
 // One block per token: pass 1 adds, stores the residual and sums squares; pass 2 normalises.
 // output may alias input (each element is read and written by the same thread).
-// Reference: cpp/src/cpu (cpu_rms_norm).
+// Reference: cpp/src/cpu/rms_norm.cpp (cpu::rms_norm).
 #pragma once
 
 #include "lserve/cuda/common/math.cuh"
