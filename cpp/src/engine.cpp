@@ -406,10 +406,8 @@ std::vector<RequestOutput> Engine::step() {
     // Pages just named in the prefix cache keep their streaming heads' K/V in shadows (copied from
     // the rings, which still hold them), before commit hands prefill rings back.
     for (const NamedPage& named : named_pages_) {
-      const std::vector<uint64_t>& chain = kv_cache_->chain(named.seq_id);
-      const std::vector<uint64_t> sinks(chain.begin(),
-                                        chain.begin() + std::min<size_t>(chain.size(), selector_->num_sink_pages()));
-      const auto [page, shadow] = selector_->shadow_page_for(named.seq_id, named.logical_page, named.name, sinks);
+      const auto [page, shadow] =
+          selector_->shadow_page_for(named.seq_id, named.logical_page, named.name, kv_cache_->chain(named.seq_id));
       if (page >= 0) model_->copy_streaming_pages(page, shadow, 1);
     }
     selector_->commit();

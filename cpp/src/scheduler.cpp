@@ -2,6 +2,7 @@
 #include "lserve/scheduler.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "lserve/check.h"
 
@@ -136,14 +137,9 @@ SchedulerOutput Scheduler::schedule() {
     // leaving at least its last token to compute: the step needs its logits).
     int64_t matched = 0;
     if (request->num_computed_tokens == 0 && !kv_cache_.has(request->request_id)) {
-      if (selector_ != nullptr) {  // only as far as the streaming heads' state can be restored
-        matched = kv_cache_.match_prefix(request->request_id, request->tokens(), request->num_tokens() - 1,
-                                         [this](const std::vector<uint64_t>& names) {
-                                           return selector_->usable_prefix_pages(names);
-                                         });
-      } else {
-        matched = kv_cache_.match_prefix(request->request_id, request->tokens(), request->num_tokens() - 1);
-      }
+      std::function<int(const std::vector<uint64_t>&)> usable;  // sparse: as far as shadows restore
+      if (selector_ != nullptr) usable = [this](const auto& names) { return selector_->usable_prefix_pages(names); };
+      matched = kv_cache_.match_prefix(request->request_id, request->tokens(), request->num_tokens() - 1, usable);
       request->num_computed_tokens = matched;
     }
     const int64_t num_new = std::min(request->num_tokens() - request->num_computed_tokens, budget);

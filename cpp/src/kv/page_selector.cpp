@@ -100,9 +100,23 @@ void PageSelector::set_shadow_pages(int num_shadow_pages) {
   }
 }
 
-int PageSelector::restore_window_pages() const {
-  const int64_t prefill = ceil_div(sparsity_.prefill_local_tokens, page_size_);
-  return static_cast<int>(std::max<int64_t>(std::min<int64_t>(prefill, prefill_ring_pages_ - 1), decode_ring_pages_));
+int PageSelector::prefill_restore_pages() const {
+  return static_cast<int>(
+      std::min<int64_t>(ceil_div(sparsity_.prefill_local_tokens, page_size_), prefill_ring_pages_ - 1));
+}
+
+int PageSelector::restore_window_pages() const { return std::max(prefill_restore_pages(), decode_ring_pages_); }
+
+void PageSelector::rings_of(const SeqState& state, int32_t decode_ring[4], int32_t ring[4]) const {
+  const int32_t slot_base = state.slot * slot_pages();
+  decode_ring[0] = ring[0] = slot_base;
+  decode_ring[1] = ring[1] = num_sink_pages_;
+  decode_ring[2] = ring[2] = slot_base + num_sink_pages_;
+  decode_ring[3] = ring[3] = decode_ring_pages_;
+  if (state.prefill_ring >= 0) {
+    ring[2] = num_slots_ * slot_pages() + state.prefill_ring * prefill_ring_pages_;
+    ring[3] = prefill_ring_pages_;
+  }
 }
 
 void PageSelector::touch_shadow(int shadow) {
@@ -131,10 +145,10 @@ int PageSelector::usable_prefix_pages(const std::vector<uint64_t>& names) const 
 }
 
 std::pair<int, int> PageSelector::shadow_page_for(int64_t seq_id, int64_t logical_page, uint64_t name,
-                                                  const std::vector<uint64_t>& sink_names) {
+                                                  const std::vector<uint64_t>& chain) {
   if (num_shadow_pages_ == 0) return {-1, -1};
-  for (const uint64_t sink : sink_names) {
-    const int shadow = find_shadow(sink);
+  for (size_t lp = 0; lp < std::min<size_t>(chain.size(), num_sink_pages_); ++lp) {
+    const int shadow = find_shadow(chain[lp]);
     if (shadow >= 0) touch_shadow(shadow);
   }
   if (find_shadow(name) >= 0) {
@@ -143,13 +157,8 @@ std::pair<int, int> PageSelector::shadow_page_for(int64_t seq_id, int64_t logica
   }
   const auto it = seqs_.find(seq_id);
   LSERVE_CHECK(it != seqs_.end(), "page selector: sequence ", seq_id, " named a page without a slot");
-  const SeqState& state = it->second;
-  const int32_t slot_base = state.slot * slot_pages();
-  int32_t ring[4] = {slot_base, num_sink_pages_, slot_base + num_sink_pages_, decode_ring_pages_};
-  if (state.prefill_ring >= 0) {
-    ring[2] = num_slots_ * slot_pages() + state.prefill_ring * prefill_ring_pages_;
-    ring[3] = prefill_ring_pages_;
-  }
+  int32_t decode_ring[4], ring[4];
+  rings_of(it->second, decode_ring, ring);
   const int shadow = shadow_lru_.front();  // least recently used: recycled
   if (shadow_used_[static_cast<size_t>(shadow)]) shadow_of_.erase(shadow_name_[static_cast<size_t>(shadow)]);
   shadow_name_[static_cast<size_t>(shadow)] = name;
@@ -163,9 +172,8 @@ std::vector<std::pair<int, int>> PageSelector::restore_copies(int64_t seq_id, co
                                                               int64_t num_pages) {
   const auto it = seqs_.find(seq_id);
   LSERVE_CHECK(it != seqs_.end(), "page selector: restore for sequence ", seq_id, ", which holds no slot");
-  const SeqState& state = it->second;
-  const int32_t slot_base = state.slot * slot_pages();
-  const int32_t decode_ring[4] = {slot_base, num_sink_pages_, slot_base + num_sink_pages_, decode_ring_pages_};
+  int32_t decode_ring[4], ring[4];
+  rings_of(it->second, decode_ring, ring);
   std::vector<std::pair<int, int>> copies;
   auto shadow_of = [&](int64_t lp) {
     const int shadow = find_shadow(names[static_cast<size_t>(lp)]);
@@ -179,11 +187,8 @@ std::vector<std::pair<int, int>> PageSelector::restore_copies(int64_t seq_id, co
   for (int64_t lp = std::max<int64_t>(num_sink_pages_, num_pages - decode_ring_pages_); lp < num_pages; ++lp) {
     copies.emplace_back(shadow_of(lp), static_cast<int>(stream_ring_page(decode_ring, lp)));
   }
-  if (state.prefill_ring >= 0) {
-    int32_t ring[4] = {decode_ring[0], decode_ring[1], num_slots_ * slot_pages() + state.prefill_ring * prefill_ring_pages_,
-                       prefill_ring_pages_};
-    const int64_t window = std::min<int64_t>(ceil_div(sparsity_.prefill_local_tokens, page_size_), prefill_ring_pages_ - 1);
-    for (int64_t lp = std::max<int64_t>(num_sink_pages_, num_pages - window); lp < num_pages; ++lp) {
+  if (it->second.prefill_ring >= 0) {
+    for (int64_t lp = std::max<int64_t>(num_sink_pages_, num_pages - prefill_restore_pages()); lp < num_pages; ++lp) {
       copies.emplace_back(shadow_of(lp), static_cast<int>(stream_ring_page(ring, lp)));
     }
   }
@@ -261,13 +266,8 @@ void PageSelector::plan_chunk(int64_t seq_id, int64_t start_position, int64_t nu
                num_new_tokens, " tokens in one step");
 
   // Where its streaming heads' keys live this step.
-  const int32_t slot_base = state.slot * slot_pages();
-  const int32_t decode_ring[4] = {slot_base, num_sink_pages_, slot_base + num_sink_pages_, decode_ring_pages_};
-  int32_t ring[4] = {decode_ring[0], decode_ring[1], decode_ring[2], decode_ring[3]};
-  if (state.prefill_ring >= 0) {
-    ring[2] = num_slots_ * slot_pages() + state.prefill_ring * prefill_ring_pages_;
-    ring[3] = prefill_ring_pages_;
-  }
+  int32_t decode_ring[4], ring[4];
+  rings_of(state, decode_ring, ring);
   plan->stream_ring.insert(plan->stream_ring.end(), ring, ring + 4);
   const int64_t sink_end = static_cast<int64_t>(num_sink_pages_) * page_size_;
   const int64_t mirror_from = std::max(sink_end, end_position - static_cast<int64_t>(decode_ring_pages_) * page_size_);

@@ -135,9 +135,9 @@ class PageSelector {
   int usable_prefix_pages(const std::vector<uint64_t>& names) const;
   // seq_id's logical page `logical_page` was just named `name` in the prefix cache: returns
   // (the stream page now holding its streaming K/V, the shadow page to copy it into), or (-1, -1)
-  // when it has a shadow already. sink_names: the chain's sink page names (their shadows are kept fresh).
+  // when it has a shadow already. chain: the sequence's page names (its sink pages' shadows are kept fresh).
   std::pair<int, int> shadow_page_for(int64_t seq_id, int64_t logical_page, uint64_t name,
-                                      const std::vector<uint64_t>& sink_names);
+                                      const std::vector<uint64_t>& chain);
   // seq_id (holding its slot, and a prefill ring when it needs one) starts at page num_pages of a
   // cached prefix: the (shadow, stream page) copies that restore its sinks and windows.
   // names: its chain's page names.
@@ -175,6 +175,10 @@ class PageSelector {
   std::list<int> shadow_lru_;  // front: least recently used
   std::vector<std::list<int>::iterator> shadow_pos_;
   int shadow_base() const { return num_slots_ * slot_pages() + num_prefill_rings_ * prefill_ring_pages_; }
+  // A sequence's decode ring and the ring it writes now (its prefill ring while it holds one, else
+  // the decode ring), as AttentionArgs::stream_ring rows.
+  void rings_of(const SeqState& state, int32_t decode_ring[4], int32_t ring[4]) const;
+  int prefill_restore_pages() const;  // pages before a hit a prefill ring needs back
   void touch_shadow(int shadow);
   int find_shadow(uint64_t name) const;
 };
