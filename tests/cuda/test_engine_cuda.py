@@ -283,3 +283,57 @@ def test_device_sampling(smollm2_dir):
     params = SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, stop_token_ids=[banned], ignore_eos=True)
     tokens = _generate(device_engine, prompts[:1], params)[0]
     assert tokens[0] != banned and len(tokens) >= 2, f"min_tokens did not mask the stop token: {tokens}"
+
+
+def _collect(engine):
+    """Steps until idle; per request id the captured logits (steps, vocab), tokens and cached-token count."""
+    logits, tokens, cached = {}, {}, {}
+    while engine._core.has_unfinished_requests():
+        for out in engine._core.step():
+            if out.logits is not None:
+                logits.setdefault(out.request_id, []).append(np.asarray(out.logits, dtype=np.float64))
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            cached[out.request_id] = out.num_cached_tokens
+    return {k: np.stack(v) for k, v in logits.items()}, tokens, cached
+
+
+def test_prefix_cache_hit_and_fork_match_cpu(tiny_dir):
+    """Prefix caching on the device (on by default): a prompt sharing four full pages with a finished one
+    maps them and computes only its tail, and its logits match the CPU computing it cold; n = 4 greedy
+    samples of one prefill (full pages shared, the partial last page copied on the device) decode what the
+    CPU decodes alone. Pages all return to the pool after."""
+    common = dict(dtype="float32", kv_cache_dtype="float32", capture_logits=True, show_progress=False, seed=3,
+                  max_num_batched_tokens=512, max_model_len=512)
+    cpu = Engine(str(tiny_dir), device="cpu", num_kv_pages=512, enable_prefix_caching=False, **common)
+    gpu = Engine(str(tiny_dir), device=engine_device(), **common)
+    rng = np.random.default_rng(11)
+    stem = [int(t) for t in rng.integers(3, 200, size=70)]
+    first = stem + [int(t) for t in rng.integers(3, 200, size=20)]
+    second = stem + [int(t) for t in rng.integers(3, 200, size=13)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True).to_core(6, None)
+    expected = {}
+    for rid, ids in ((1, first), (2, second)):
+        cpu._core.add_request(rid, ids, greedy)
+        expected.update(_collect(cpu)[0])
+    for rid, ids in ((1, first), (2, second)):
+        gpu._core.add_request(rid, ids, greedy)
+        logits, _, cached = _collect(gpu)
+        assert cached[rid] == (0 if rid == 1 else 64), f"{tiny_dir.name}: request {rid} cached {cached[rid]} tokens"
+        scale = float(np.abs(expected[rid]).max())
+        err = float(np.abs(logits[rid] - expected[rid]).max())
+        assert err <= REL["float32"] * scale, f"{tiny_dir.name}: request {rid} (cached prefix) max err {err:.3e}"
+
+    # n = 4 on one prefill: a prompt ending inside a page, so each fork copies the partial page.
+    prompt = stem + [int(t) for t in rng.integers(3, 200, size=7)]
+    cpu._core.add_request(10, prompt, greedy)
+    want_logits, want_tokens, _ = _collect(cpu)
+    gpu._core.add_request_group([20, 21, 22, 23], prompt, [greedy] * 4)
+    got_logits, got_tokens, _ = _collect(gpu)
+    scale = float(np.abs(want_logits[10]).max())
+    for rid in (20, 21, 22, 23):
+        err = float(np.abs(got_logits[rid] - want_logits[10]).max())
+        assert err <= REL["float32"] * scale, f"{tiny_dir.name}: fork {rid} max err {err:.3e}"
+        assert got_tokens[rid] == want_tokens[10], f"{tiny_dir.name}: fork {rid} tokens differ"
+    stats = gpu._core.stats()
+    assert stats.num_forked_samples == 3
+    assert stats.num_free_pages == stats.num_total_pages
