@@ -129,13 +129,16 @@ void bind_ops(py::module_& m) {
           py::arg("dst"))
       .def(
           "embed",
-          [](PyCpuBackend& self, py::handle token_ids, py::handle weight, py::handle output) {
+          [](PyCpuBackend& self, py::handle token_ids, py::handle weight, py::handle output,
+             const std::string& weight_dtype) {
             DlpackTensor ids_t(token_ids, "token_ids"), weight_t(weight, "weight"), output_t(output, "output");
-            const EmbedArgs args{ids_t.view(), weight_t.view(), output_t.writable_view("output")};
+            const EmbedArgs args{ids_t.view(), block_view(weight_t.view(), weight_dtype, "weight"),
+                                 output_t.writable_view("output")};
             run_without_gil([&] { self.backend->embed(args); });
           },
-          py::arg("token_ids"), py::arg("weight"), py::arg("output"),
-          "output (num_tokens, hidden_size) f32 = weight[token_ids]")
+          py::arg("token_ids"), py::arg("weight"), py::arg("output"), py::arg("weight_dtype") = "",
+          "output (num_tokens, hidden_size) f32 = weight[token_ids]; weight_dtype q8_0 | q4_0 | q4_1: weight is the "
+          "(vocab_size, row_bytes) uint8 array of its blocks")
       .def(
           "rms_norm",
           [](PyCpuBackend& self, py::handle input, py::handle residual, py::handle weight, py::handle output,
@@ -152,15 +155,17 @@ void bind_ops(py::module_& m) {
           "output = rms_norm(input [+ residual, written back to residual]) * weight")
       .def(
           "gemm",
-          [](PyCpuBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output) {
+          [](PyCpuBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output,
+             const std::string& weight_dtype) {
             std::vector<DlpackTensor> keep;
             DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
-            const GemmArgs args{input_t.view(), weight_t.view(), optional_view(bias, keep, "bias"),
-                                output_t.writable_view("output")};
+            const GemmArgs args{input_t.view(), block_view(weight_t.view(), weight_dtype, "weight"),
+                                optional_view(bias, keep, "bias"), output_t.writable_view("output")};
             run_without_gil([&] { self.backend->gemm(args); });
           },
-          py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"),
-          "output (num_tokens, out_features) = input @ weight.T (+ bias)")
+          py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"), py::arg("weight_dtype") = "",
+          "output (num_tokens, out_features) = input @ weight.T (+ bias); weight_dtype q8_0 | q4_0 | q4_1: weight "
+          "is the (out_features, row_bytes) uint8 array of its blocks")
       .def(
           "silu_mul",
           [](PyCpuBackend& self, py::handle input, py::handle output) {

@@ -88,4 +88,18 @@ py::array_t<float> to_numpy(const float* data, const std::vector<int64_t>& shape
   return out;
 }
 
+TensorView block_view(const TensorView& bytes, const std::string& dtype, const char* what) {
+  if (dtype.empty()) return bytes;
+  const DType block_dtype = dtype_from_string(dtype);
+  LSERVE_CHECK(dtype_is_block(block_dtype), "'", what, "': weight_dtype must be q8_0, q4_0 or q4_1, got '", dtype, "'");
+  LSERVE_CHECK(bytes.dtype == DType::kU8 && bytes.ndim == 2 && bytes.is_contiguous(), "'", what,
+               "': a ", dtype, " weight is passed as a contiguous 2-D uint8 array of its blocks, got ",
+               dtype_name(bytes.dtype), " of shape ", bytes.shape_str());
+  const int64_t block_bytes = static_cast<int64_t>(dtype_block_bytes(block_dtype));
+  LSERVE_CHECK(bytes.size(1) % block_bytes == 0, "'", what, "': rows of ", bytes.size(1), " bytes are not whole ",
+               dtype, " blocks of ", block_bytes, " bytes");
+  const int64_t shape[2] = {bytes.size(0), bytes.size(1) / block_bytes * dtype_block_size(block_dtype)};
+  return TensorView::contiguous(bytes.data, block_dtype, shape, 2, bytes.device);
+}
+
 }  // namespace lserve::bindings

@@ -84,6 +84,11 @@ inline TensorView optional_view(const py::handle& object, std::vector<DlpackTens
   return keep.back().view();
 }
 
+// A ggml block-format weight handed over as its raw bytes: a contiguous uint8 array of shape
+// (rows, row_bytes) becomes a (rows, row_bytes / block_bytes * 32) view of `dtype` (q8_0 | q4_0 |
+// q4_1) over the same memory. Plain dtypes ("" or None) return `bytes` unchanged.
+TensorView block_view(const TensorView& bytes, const std::string& dtype, const char* what);
+
 py::array_t<float> to_numpy(const float* data, const std::vector<int64_t>& shape);
 
 }  // namespace lserve::bindings

@@ -152,9 +152,12 @@ Tensor Backend::empty(const int64_t* shape, int ndim, DType dtype) {
     LSERVE_CHECK(shape[d] >= 0, "negative extent ", shape[d], " in tensor shape");
     count *= shape[d];
   }
+  LSERVE_CHECK(!dtype_is_block(dtype) || (ndim >= 1 && shape[ndim - 1] % dtype_block_size(dtype) == 0),
+               "a ", dtype_name(dtype), " tensor needs a last dimension that is a multiple of its block size ",
+               dtype_block_size(dtype));
   note_isolation();
   // Allocate at least one byte so an empty tensor still has a distinct, valid pointer.
-  auto storage = allocate_bytes(std::max<size_t>(1, static_cast<size_t>(count) * dtype_size(dtype)));
+  auto storage = allocate_bytes(std::max<size_t>(1, dtype_nbytes(dtype, count)));
   return Tensor(storage, TensorView::contiguous(storage.get(), dtype, shape, ndim, device()));
 }
 

@@ -12,7 +12,10 @@ DType dtype_from_string(const std::string& name) {
   if (name == "bfloat16" || name == "bf16") return DType::kBF16;
   if (name == "int32") return DType::kI32;
   if (name == "int64") return DType::kI64;
-  LSERVE_THROW("unknown dtype '", name, "' (expected float32, float16 or bfloat16)");
+  if (name == "q8_0") return DType::kQ8_0;
+  if (name == "q4_0") return DType::kQ4_0;
+  if (name == "q4_1") return DType::kQ4_1;
+  LSERVE_THROW("unknown dtype '", name, "' (expected float32, float16, bfloat16, q8_0, q4_0 or q4_1)");
 }
 
 float f16_to_float(f16_t value) {
@@ -148,7 +151,10 @@ TensorView TensorView::slice(int dim, int64_t start, int64_t stop) const {
                ") out of range for extent ", shape[dim]);
   TensorView out = *this;
   out.shape[dim] = stop - start;
-  out.data = static_cast<char*>(data) + start * strides[dim] * static_cast<int64_t>(dtype_size(dtype));
+  const int64_t offset_items = start * strides[dim];
+  LSERVE_CHECK(offset_items % dtype_block_size(dtype) == 0, "slice start ", start, " of dimension ", dim,
+               " falls inside a ", dtype_block_size(dtype), "-item block of a ", dtype_name(dtype), " tensor");
+  out.data = static_cast<char*>(data) + dtype_nbytes(dtype, offset_items);
   return out;
 }
 

@@ -15,9 +15,21 @@
 
 namespace lserve {
 
-enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64, kU8 };
+// kQ8_0, kQ4_0, kQ4_1 are ggml's block formats, kept as stored for CPU weights: blocks of 32
+// items along the last dimension, each a float16 scale d (and, Q4_1, a float16 minimum m) then the
+// items: Q8_0 = {d, int8 q[32]} (34 bytes), value d*q; Q4_0 = {d, uint8 nibbles[16]} (18 bytes),
+// value d*(q-8); Q4_1 = {d, m, uint8 nibbles[16]} (20 bytes), value d*q+m; item i < 16 is the low
+// nibble of byte i, item 16+i its high nibble (ggml ggml-common.h; gguf-py quants.py).
+// Shapes and strides count items, so a (rows, cols) block tensor has cols / 32 blocks per row.
+enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64, kU8, kQ8_0, kQ4_0, kQ4_1 };
 
-inline size_t dtype_size(DType dtype) {
+inline bool dtype_is_block(DType dtype) {
+  return dtype == DType::kQ8_0 || dtype == DType::kQ4_0 || dtype == DType::kQ4_1;
+}
+// Items per block: 32 for the block formats, 1 otherwise.
+inline int64_t dtype_block_size(DType dtype) { return dtype_is_block(dtype) ? 32 : 1; }
+// Bytes of one block (of one item for the plain dtypes).
+inline size_t dtype_block_bytes(DType dtype) {
   switch (dtype) {
     case DType::kF32: return 4;
     case DType::kF16: return 2;
@@ -25,8 +37,17 @@ inline size_t dtype_size(DType dtype) {
     case DType::kI32: return 4;
     case DType::kI64: return 8;
     case DType::kU8: return 1;
+    case DType::kQ8_0: return 34;
+    case DType::kQ4_0: return 18;
+    case DType::kQ4_1: return 20;
   }
   return 0;
+}
+// Bytes of one item; block formats have no whole size per item and answer 0 (use dtype_nbytes).
+inline size_t dtype_size(DType dtype) { return dtype_is_block(dtype) ? 0 : dtype_block_bytes(dtype); }
+// Bytes of num_items items (a whole number of blocks for the block formats).
+inline size_t dtype_nbytes(DType dtype, int64_t num_items) {
+  return static_cast<size_t>(num_items / dtype_block_size(dtype)) * dtype_block_bytes(dtype);
 }
 
 inline const char* dtype_name(DType dtype) {
@@ -37,11 +58,14 @@ inline const char* dtype_name(DType dtype) {
     case DType::kI32: return "int32";
     case DType::kI64: return "int64";
     case DType::kU8: return "uint8";
+    case DType::kQ8_0: return "q8_0";
+    case DType::kQ4_0: return "q4_0";
+    case DType::kQ4_1: return "q4_1";
   }
   return "unknown";
 }
 
-// Parses "float32"/"fp32"/"f32", "float16"/"fp16"/"half", "bfloat16"/"bf16".
+// Parses "float32"/"fp32"/"f32", "float16"/"fp16"/"half", "bfloat16"/"bf16", "q8_0", "q4_0", "q4_1".
 DType dtype_from_string(const std::string& name);
 
 // C++ mirror of each dtype, for typed access (TensorView::data_ptr<T>() checks it at run time).
@@ -102,7 +126,7 @@ struct TensorView {
   int64_t size(int dim) const;
   int64_t stride(int dim) const;
   int64_t numel() const;
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  size_t nbytes() const { return dtype_nbytes(dtype, numel()); }
   bool is_contiguous() const;
   // True when every dimension but the first is contiguous (rows may be strided).
   bool rows_contiguous() const;

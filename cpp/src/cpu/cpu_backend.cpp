@@ -50,8 +50,8 @@ bool CpuBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) c
   const bool float_cache = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
   switch (op) {
     case OpKind::kEmbed:
-    case OpKind::kRmsNorm:
-    case OpKind::kGemm: return float_weight;
+    case OpKind::kGemm: return float_weight || dtype_is_block(weight_dtype);
+    case OpKind::kRmsNorm: return float_weight;
     case OpKind::kRopeKvAppend:
     case OpKind::kAttention:
     case OpKind::kSparseAttention: return float_cache;
@@ -79,6 +79,10 @@ void copy(const CpuContext& context, const TensorView& dst, const TensorView& sr
                "copy: the CPU backend copies host tensors only, got dst on ", dst.device.str(), " and src on ",
                src.device.str());
   const int64_t count = src.numel();
+  if (dst.dtype == src.dtype && dtype_is_block(src.dtype)) {  // whole blocks, as bytes
+    std::memmove(dst.data, src.data, src.nbytes());
+    return;
+  }
   if (dst.dtype == src.dtype) {
     const size_t element_bytes = dtype_size(src.dtype);
     context.pool->parallel_for(0, count, kCopyGrain, [&](int64_t begin, int64_t end, int) {

@@ -24,6 +24,8 @@ bool detect_avx2_fma();
 void embed(const CpuContext& context, const EmbedArgs& args);
 void rms_norm(const CpuContext& context, const RmsNormArgs& args);
 void gemm(const CpuContext& context, const GemmArgs& args);
+// gemm with a q8_0 | q4_0 | q4_1 weight (cpp/src/cpu/gemm_quant.cpp); gemm() forwards to it.
+void gemm_quant(const CpuContext& context, const GemmArgs& args);
 void silu_mul(const CpuContext& context, const SiluMulArgs& args);
 void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args);
 void attention(const CpuContext& context, const AttentionArgs& args);

@@ -401,6 +401,10 @@ void gemm(const CpuContext& context, const GemmArgs& args) {
     }
     return;
   }
+  if (dtype_is_block(args.weight.dtype)) {
+    gemm_quant(context, args);
+    return;
+  }
 #ifdef LSERVE_CPU_X86
   if (context.has_avx2_fma) {
     gemm_with<Avx2Kernels>(context, args);
