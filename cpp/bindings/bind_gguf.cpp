@@ -1,6 +1,7 @@
 // Python view of the GGUF reader (cpp/include/lserve/model/gguf.h): _C.GgufFile (metadata as Python
 // values, arrays as lists; tensors as float32 numpy arrays), _C.gguf_model_config_dict (a llama
-// file's ModelConfig as a dict) and _C.gguf_hf_weights (Hugging Face-named float32 weights).
+// file's ModelConfig as a dict), _C.gguf_hf_weights (Hugging Face-named float32 weights) and
+// _C.gguf_load_stored_weights (weights as stored, into an Engine with native weights).
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -9,6 +10,7 @@
 
 #include "bindings.h"
 #include "dlpack.h"
+#include "lserve/engine.h"
 #include "lserve/model/gguf.h"
 
 namespace lserve::bindings {
@@ -124,6 +126,18 @@ py::object hf_weights(const GgufFile& file, const py::object& callback) {
   return py::none();
 }
 
+// engine.load_weight(hf_name, weight as stored) for each weight, straight from the mapping;
+// callback(hf_name) after each when given (a progress bar).
+void load_stored_weights(const GgufFile& file, Engine& engine, const py::object& callback) {
+  gguf_for_each_stored_weight(file, engine.model_config(), [&](const std::string& hf_name, const TensorView& weight) {
+    {
+      py::gil_scoped_release release;
+      engine.load_weight(hf_name, weight);
+    }
+    if (!callback.is_none()) callback(hf_name);
+  });
+}
+
 }  // namespace
 
 void bind_gguf(pybind11::module_& m) {
@@ -160,6 +174,10 @@ void bind_gguf(pybind11::module_& m) {
         "ModelConfig fields of a llama GGUF as a dict (rope_scaling nested).");
   m.def("gguf_hf_weights", &hf_weights, py::arg("file"), py::arg("callback") = py::none(),
         "Hugging Face-named float32 weights: {name: array}, or callback(name, array) for each.");
+  m.def("gguf_load_stored_weights", &load_stored_weights, py::arg("file"), py::arg("engine"),
+        py::arg("callback") = py::none(),
+        "engine.load_weight(name, weight) for every weight as stored (q4_1 stays q4_1: an Engine with dtype "
+        "'native'), then callback(name) when given.");
 }
 
 }  // namespace lserve::bindings

@@ -44,7 +44,8 @@ void check_fits_memory(const ModelConfig& model, const EngineConfig& config, Bac
   const bool on_host = device_total <= 0;
   const int64_t memory = on_host ? host_memory_limit() : device_total;
   const char* where = on_host ? "the host" : "the device";
-  const DType weight_dtype = dtype_from_string(config.dtype);
+  // Native weights take at least q4_0's 18 bytes per 32 items: the bound refuses only what cannot fit.
+  const DType weight_dtype = config.native_weights() ? DType::kQ4_0 : dtype_from_string(config.dtype);
   const int64_t weight_bytes = LlamaModel::weight_bytes(model, weight_dtype);
   const int64_t rope_bytes = LlamaModel::rope_table_bytes(model, config.max_model_len);
   LSERVE_CHECK(weight_bytes <= memory, "the model's weights need ", weight_bytes, " bytes as ", config.dtype,
@@ -87,8 +88,14 @@ void EngineConfig::validate() const {
   LSERVE_CHECK(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0,
                "gpu_memory_utilization must be in (0, 1], got ", gpu_memory_utilization);
   LSERVE_CHECK(page_size >= 1 && page_size <= 1024, "page_size must be in [1, 1024], got ", page_size);
-  const DType weights = dtype_from_string(dtype);
-  (void)weights;
+  if (!native_weights()) {
+    const DType weights = dtype_from_string(dtype);
+    LSERVE_CHECK(weights == DType::kF32 || weights == DType::kBF16 || weights == DType::kF16,
+                 "dtype must be float32, bfloat16, float16 or native, got ", dtype);
+  } else {
+    LSERVE_CHECK(device == "cpu", "dtype native (weights as stored, e.g. q4_1) runs on the CPU only, got device ",
+                 device, ": use bfloat16 or float32 there");
+  }
   const DType kv = dtype_from_string(kv_cache_dtype);
   LSERVE_CHECK(kv == DType::kF32 || kv == DType::kBF16, "kv_cache_dtype must be float32 or bfloat16, got ",
                kv_cache_dtype);
@@ -110,7 +117,9 @@ Engine::Engine(const ModelConfig& model_config, const EngineConfig& config) : co
                "sparse attention runs on the CPU backend only for now: the ", backend_->name(),
                " backend's sparse kernels are not verified yet (use sparsity='dense' on ", config_.device, ")");
   check_fits_memory(checked, config_, *backend_);
-  model_ = std::make_unique<LlamaModel>(checked, *backend_, dtype_from_string(config_.dtype), config_.max_model_len);
+  const DType weight_dtype = config_.native_weights() ? DType::kF32 : dtype_from_string(config_.dtype);
+  model_ = std::make_unique<LlamaModel>(checked, *backend_, weight_dtype, config_.max_model_len,
+                                        config_.native_weights());
   model_->set_sparsity(config_.sparsity);
   eos_token_ids_ = config_.eos_token_ids;
   if (eos_token_ids_.empty() && checked.eos_token_id >= 0) eos_token_ids_.push_back(checked.eos_token_id);

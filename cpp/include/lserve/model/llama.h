@@ -25,7 +25,12 @@ namespace lserve {
 class LlamaModel {
  public:
   // max_positions: rows of the rotary table (the engine passes max_model_len).
-  LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions);
+  // native_weights: the weight matrices (embedding, q|k|v, o, gate|up, down, lm_head) take the dtype
+  // each arrives in at load_weight() (float32 | bfloat16 | float16 | q8_0 | q4_0 | q4_1), allocated
+  // then, instead of weight_dtype; the parts of a fused matrix must share one. Norms and biases stay
+  // float32. weight_dtype then only sets the activation dtype.
+  LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions,
+             bool native_weights = false);
 
   const ModelConfig& config() const { return config_; }
   DType activation_dtype() const { return activation_dtype_; }
@@ -41,6 +46,7 @@ class LlamaModel {
   static std::vector<std::string> weight_names(const ModelConfig& config);
   // Bytes the constructor allocates for the weights of `config` in `weight_dtype` (norms and biases
   // float32), saturating at INT64_MAX: what the engine checks against the memory before allocating.
+  // A block dtype counts its bytes per 32 items (q4_0: the least any native weights can take).
   static int64_t weight_bytes(const ModelConfig& config, DType weight_dtype);
   // Bytes of the rotary table for max_positions positions (float32, (max_positions, rotary_dim)).
   static int64_t rope_table_bytes(const ModelConfig& config, int64_t max_positions);
@@ -96,6 +102,7 @@ class LlamaModel {
     Tensor* tensor;
     int64_t row_offset;
     std::vector<int64_t> shape;
+    std::vector<int64_t> matrix_shape;  // the whole (fused) tensor's shape: native weights allocate it on first load
   };
   struct Layer {
     Tensor input_norm, qkv_weight, qkv_bias, o_weight, post_norm, gate_up_weight, down_weight;
@@ -118,6 +125,7 @@ class LlamaModel {
   Backend& backend_;
   DType weight_dtype_;
   DType activation_dtype_;
+  bool native_weights_ = false;
   Tensor embed_tokens_, final_norm_, lm_head_, cos_sin_cache_;
   std::vector<Layer> layers_;
   std::map<std::string, Slot> slots_;
