@@ -1,6 +1,8 @@
 """The real model: SmolLM2-135M-Instruct (Q4_1 GGUF) through lserve vs transformers loading the same
-GGUF (dequantised to fp32): identical 32-token greedy continuations on plain and chat prompts, and
-close final-position logits."""
+GGUF (dequantised to fp32). dtype float32 (the reference path): identical 32-token greedy
+continuations on plain and chat prompts, and close final-position logits. Native q4_1 weights (the
+CPU default): the same continuations except where the reference's top-1 margin is within the
+quantisation error (slow)."""
 from __future__ import annotations
 
 import pytest
@@ -31,7 +33,7 @@ CHAT_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engines(smollm2_gguf):
-    ours = Engine(str(smollm2_gguf), max_model_len=1024, show_progress=False, capture_logits=True)
+    ours = Engine(str(smollm2_gguf), dtype="float32", max_model_len=1024, show_progress=False, capture_logits=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
                                                            torch_dtype=torch.float32).eval()
     return ours, hf
@@ -54,6 +56,41 @@ def test_greedy_tokens_identical(engines, text, chat):
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                           pad_token_id=2)[0, len(ids):].tolist()
     assert_exact(out.outputs[0].token_ids, ref, what=f"SmolLM2 greedy on {text!r} (chat={chat})")
+
+
+# Native q4_1 weights multiply 8-bit activation blocks: measured 2026-12-05 on these prompts, the
+# final-position logits differ from transformers' fp32 by 0.46 to 0.85 (max abs, logits ~ +-20).
+# Greedy continuations may part where the reference's top-1 margin is below that; measured, they
+# parted at margins 0.005 to 0.22 (6 of 10 prompts), never above. A parting at a margin above
+# NATIVE_MARGIN is a failure.
+NATIVE_MARGIN = 0.5
+
+
+@pytest.fixture(scope="module")
+def native_engine(smollm2_gguf):
+    engine = Engine(str(smollm2_gguf), max_model_len=1024, show_progress=False, capture_logits=True)
+    assert engine.dtype == "native"
+    return engine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text, chat", [(p, False) for p in PLAIN_PROMPTS] + [(p, True) for p in CHAT_PROMPTS])
+def test_native_greedy_tokens_agree_up_to_margin(engines, native_engine, text, chat):
+    _, hf = engines
+    ids = _prompt_ids(native_engine, text, chat)
+    out = native_engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32),
+                                 use_tqdm=False)[0].outputs[0].token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          pad_token_id=2)[0, len(ids):].tolist()
+        parting = next((i for i in range(len(ref)) if out[i] != ref[i]), None)
+        if parting is None:
+            return
+        top2 = torch.topk(hf(torch.tensor([ids + ref[:parting]])).logits[0, -1], 2).values
+    margin = float(top2[0] - top2[1])
+    assert margin <= NATIVE_MARGIN, (f"native q4_1 greedy on {text!r} (chat={chat}) parts from transformers at token "
+                                     f"{parting}, where the reference's top-1 margin {margin:.3f} exceeds "
+                                     f"{NATIVE_MARGIN}")
 
 
 def test_final_position_logits_close(engines):

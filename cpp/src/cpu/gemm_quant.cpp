@@ -13,7 +13,8 @@
 //
 // Floor (decode, 1 token): the weight bytes, 20 B per 32 Q4_1 items: SmolLM2-135M's 30 layers are
 // 66 MB and its Q8_0 lm_head 30 MB per token; at the ~10-20 GB/s of a 2-core VM that is 5-10 ms.
-// Compute per (token, feature, block): 6 vector ops (maddubs, madd, cvt, mul, 2 fma) on 2 ports.
+// Compute per (token, feature, block): 5 vector ops (maddubs, madd, cvt, fma, add) and two scalar
+// products on the 2 FMA ports.
 #include <algorithm>
 #include <cmath>
 
@@ -31,8 +32,8 @@ namespace lserve::cpu {
 
 namespace {
 
-// Register tile: kTileTokens x kTileFeatures accumulators (8 ymm) plus, per feature, the unpacked
-// weight block, its scale and minimum (6 ymm), and the token's block and scales: 16 of AVX2's 16.
+// Register tile: kTileTokens x kTileFeatures accumulators (8 ymm), the features' unpacked weight
+// blocks (2), the token's block and temporaries: at most AVX2's 16 (see tile_avx2).
 constexpr int kTileTokens = 4;
 constexpr int kTileFeatures = 2;
 // Tokens per pass over a thread's features: their ActBlocks (64 x in_features x 40/32 B, 120 KiB
@@ -151,13 +152,12 @@ LSERVE_AVX2 void quantize_row_avx2(const float* x, ActBlock* out, int64_t num_bl
   }
 }
 
-// One weight block, unpacked: items as bytes (unsigned nibbles for Q4_x, signed for Q8_0), the
-// scale broadcast, and the minimum in lane 0 (zero elsewhere) so that one FMA with the broadcast
-// s_x adds m_w * s_x to the accumulator.
+// One weight block, unpacked: items as bytes (unsigned nibbles for Q4_x, signed for Q8_0), scale
+// and minimum as floats.
 struct UnpackedBlock {
   __m256i items;
-  __m256 scale;
-  __m256 minimum;
+  float scale;
+  float minimum;
 };
 
 template <DType kWeight>
@@ -166,27 +166,24 @@ LSERVE_AVX2_INLINE UnpackedBlock unpack_block(const uint8_t* weight_row, int64_t
   if constexpr (kWeight == DType::kQ8_0) {
     const auto* block = reinterpret_cast<const BlockQ8_0*>(weight_row) + b;
     out.items = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block->qs));
-    out.scale = _mm256_set1_ps(_cvtsh_ss(block->d));
-    out.minimum = _mm256_setzero_ps();
+    out.scale = _cvtsh_ss(block->d);
+    out.minimum = 0.0f;
   } else {
     const uint8_t* qs;
-    float d, m;
     if constexpr (kWeight == DType::kQ4_0) {
       const auto* block = reinterpret_cast<const BlockQ4_0*>(weight_row) + b;
-      d = _cvtsh_ss(block->d);
-      m = -8.0f * d;
+      out.scale = _cvtsh_ss(block->d);
+      out.minimum = -8.0f * out.scale;
       qs = block->qs;
     } else {
       const auto* block = reinterpret_cast<const BlockQ4_1*>(weight_row) + b;
-      d = _cvtsh_ss(block->d);
-      m = _cvtsh_ss(block->m);
+      out.scale = _cvtsh_ss(block->d);
+      out.minimum = _cvtsh_ss(block->m);
       qs = block->qs;
     }
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
     const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
     out.items = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));  // low nibbles: items 0-15, high: 16-31
-    out.scale = _mm256_set1_ps(d);
-    out.minimum = _mm256_setr_ps(m, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
   }
   return out;
 }
@@ -206,6 +203,10 @@ LSERVE_AVX2_INLINE __m256i block_dot(__m256i weight_items, __m256i x_items) {
   return _mm256_madd_epi16(pairs, ones);
 }
 
+// Per (token i, feature j) and block: t = (d_w d_x) * dot + m_w * s_x / 8 in each of the 8 lanes
+// (so the final lane sum adds m_w * s_x once; / 8 is exact), then acc += t: one add on the
+// accumulator's dependency chain per block, so even a 1 x 2 tile keeps the FMA ports busy.
+// Registers of the 4 x 2 tile: 8 accumulators, 2 weight blocks, 1 token block, temporaries.
 template <DType kWeight, int kMt, int kNt>
 LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBlock* const* x_rows, int64_t num_blocks,
                                   const float* bias, float* const* out_rows) {
@@ -219,12 +220,17 @@ LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBl
     for (int i = 0; i < kMt; ++i) {
       const ActBlock& xb = x_rows[i][b];
       const __m256i x_items = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.qs));
-      const __m256 x_scale = _mm256_set1_ps(xb.d);
-      const __m256 x_sum = _mm256_set1_ps(xb.s);
+      const float x_sum_eighth = xb.s * 0.125f;
       for (int j = 0; j < kNt; ++j) {
         const __m256 dot = _mm256_cvtepi32_ps(block_dot<kWeight>(w[j].items, x_items));
-        acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(w[j].scale, x_scale), dot, acc[i][j]);
-        if constexpr (kWeight != DType::kQ8_0) acc[i][j] = _mm256_fmadd_ps(w[j].minimum, x_sum, acc[i][j]);
+        const __m256 scale = _mm256_set1_ps(w[j].scale * xb.d);
+        __m256 term;
+        if constexpr (kWeight == DType::kQ8_0) {
+          term = _mm256_mul_ps(scale, dot);
+        } else {
+          term = _mm256_fmadd_ps(scale, dot, _mm256_set1_ps(w[j].minimum * x_sum_eighth));
+        }
+        acc[i][j] = _mm256_add_ps(acc[i][j], term);
       }
     }
   }
