@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'Generator', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_token', 'sample_workspace_bytes']
+__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'Generator', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_load_stored_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_token', 'sample_workspace_bytes']
 class Error(ValueError):
     pass
 class CpuBackend:
@@ -25,9 +25,9 @@ class CpuBackend:
         """
         dst[...] = src, converting between float32/bfloat16/float16.
         """
-    def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any) -> None:
+    def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any, weight_dtype: str = '') -> None:
         """
-        output (num_tokens, hidden_size) f32 = weight[token_ids]
+        output (num_tokens, hidden_size) f32 = weight[token_ids]; weight_dtype q8_0 | q4_0 | q4_1: weight is the (vocab_size, row_bytes) uint8 array of its blocks
         """
     def fill_zero(self, dst: typing.Any) -> None:
         ...
@@ -35,9 +35,9 @@ class CpuBackend:
         """
         output = input[indices]
         """
-    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any) -> None:
+    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any, weight_dtype: str = '') -> None:
         """
-        output (num_tokens, out_features) = input @ weight.T (+ bias)
+        output (num_tokens, out_features) = input @ weight.T (+ bias); weight_dtype q8_0 | q4_0 | q4_1: weight is the (out_features, row_bytes) uint8 array of its blocks
         """
     def rms_norm(self, input: typing.Any, residual: typing.Any, weight: typing.Any, output: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex = 9.999999974752427e-07) -> None:
         """
@@ -859,6 +859,10 @@ class Backend:
 def gguf_hf_weights(file: GgufFile, callback: typing.Any = None) -> typing.Any:
     """
     Hugging Face-named float32 weights: {name: array}, or callback(name, array) for each.
+    """
+def gguf_load_stored_weights(file: GgufFile, engine: ..., callback: typing.Any = None) -> None:
+    """
+    engine.load_weight(name, weight) for every weight as stored (q4_1 stays q4_1: an Engine with dtype 'native'), then callback(name) when given.
     """
 def gguf_model_config_dict(file: GgufFile) -> dict:
     """
