@@ -184,8 +184,8 @@ def main() -> None:
         from lserve.models import resolve_model
 
         path = str(resolve_model("smollm2-135m-instruct").path)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    batches = [int(x) for x in args.batches.split(",") if x]
     runners = {f"lserve_{dtype}": (lambda dtype=dtype: bench_lserve(path, lengths, batches, args.decode_steps,
                                                                      args.repeats, dtype))
                for dtype in args.dtype.split(",")}
