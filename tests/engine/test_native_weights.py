@@ -109,3 +109,21 @@ def test_native_resident_memory(smollm2_gguf):
     file_bytes = os.path.getsize(smollm2_gguf)
     assert grown <= 1.5 * file_bytes + kv_bytes, (
         f"native SmolLM2 grew the resident set by {grown} bytes, more than 1.5 x {file_bytes} + {kv_bytes}")
+
+
+def test_native_sparse_head_reordering(tmp_path):
+    """Sparse attention serves KV heads reordered (dense first): q/k/v rows and o_proj columns of
+    q4_1 blocks move whole. Layer 1 streams KV head 0, so its heads are reordered."""
+    from lserve import SparsityConfig
+
+    path = tmp_path / "tiny_q4_1.gguf"
+    write_tiny_llama(path, qtype=QTYPES["q4_1"], inter=96)  # 4 query / 2 KV heads of 16: a group is one block
+    sparsity = SparsityConfig(streaming_heads=[[], [0]], prefill_sink_tokens=4, prefill_local_tokens=8,
+                              decode_sink_tokens=4, decode_local_tokens=8, physical_page_size=16, logical_page_size=4,
+                              decode_token_budget=32)
+    common = dict(sparsity=sparsity, max_model_len=256, num_kv_pages=32, show_progress=False, capture_logits=True)
+    native = Engine(str(path), **common)
+    reference = Engine(str(path), dtype="float32", **common)
+    prompts = [PROMPT[:length] for length in (3, 9, 13)]
+    assert_nmse(prompt_logits(native, prompts), prompt_logits(reference, prompts), 5e-2,
+                "native q4_1 sparse logits vs float32")
