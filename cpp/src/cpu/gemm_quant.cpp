@@ -5,13 +5,14 @@
 // exactly gguf-py's dequantised value, see quant.h) into a small per-thread panel (kTileFeatures
 // rows of in_features floats, in L1/L2) once per (feature group, block of up to kTokenBlock tokens),
 // then multiplied with fp32 FMAs by a register tile of kTileTokens tokens x kTileFeatures features.
-// The dequantisation is amortised over the token block in prefill; in decode it costs a few
-// vector ops per 8 weights, under the weight bytes' memory time.
+// The dequantisation is amortised over the token block in prefill. A single token (decode) takes
+// kRowFeatures features at a time with the blocks dequantised in registers and used at once.
 //
 // Batch invariance: every (token, feature) output has its own 8-lane accumulator; lane l sums
 // w[k] * x[k] for k = l, l + 8, ... in increasing k by FMA, then a fixed horizontal sum, then +bias.
-// A tile of fewer tokens or features (leftovers) runs the same per-accumulator sequence, and the
-// weight values do not depend on the tile, the token count or the thread. So row i of an M-row call
+// A tile of fewer tokens (leftovers; missing features repeat a present one into scratch outputs)
+// and the one-token path run the same per-accumulator sequence, and the weight values do not
+// depend on the tile, the token count or the thread. So row i of an M-row call
 // equals the 1-row call on row i bit for bit (tests/ops/test_gemm_quant.py checks it). The scalar
 // fallback does the same math in the same order (its own bits: no FMA contraction guarantee).
 //
@@ -19,6 +20,7 @@
 // 66 MB and its Q8_0 lm_head 30 MB per token; at the ~10-20 GB/s of a 2-core VM that is 5-10 ms.
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "aligned_buffer.h"
 #include "convert.h"
@@ -34,16 +36,32 @@ namespace lserve::cpu {
 
 namespace {
 
-// Register tile: kTileTokens x kTileFeatures 8-lane accumulators (8 ymm), the features' weight
-// vectors (2) and a token's vector: within AVX2's 16 registers.
+// Register tile: kTileTokens x kTileFeatures 8-lane accumulators (12 ymm), the features' weight
+// vectors (3) and a token's vector: AVX2's 16 registers. 7 loads per 12 FMAs (4 x 2: 6 per 8 ran
+// at 0.8x the float32 GEMM, 4 x 3 at ~1.0x on a 256 x 576 x 1536 q4_1 product).
 constexpr int kTileTokens = 4;
-constexpr int kTileFeatures = 2;
+constexpr int kTileFeatures = 3;
 // Tokens per dequantised panel: its kTileFeatures x in_features floats (12 KiB at 1536 inputs) are
 // reused by up to kTokenBlock tokens, whose rows (64 x 6 KiB) stay in L2 across feature groups.
 constexpr int64_t kTokenBlock = 64;
 constexpr int kLanes = 8;
+// Decode (one token): kRowFeatures features at a time, their blocks dequantised in registers and
+// multiplied at once (8 independent FMA chains; no panel round trip).
+constexpr int kRowFeatures = 8;
 
 // ---- portable kernel -------------------------------------------------------------------------
+
+// One accumulator's sequence: lane l sums w[k] * x[k] for k = l, l + 8, ..., then the AVX2 hsum's
+// order ((l, l + 4), then pairs, then the last two), then + bias.
+inline float dot_generic(const float* w, const float* x, int64_t in_features, float bias) {
+  float acc[kLanes] = {};
+  for (int64_t k = 0; k < in_features; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += w[k + l] * x[k + l];
+  }
+  float s[4];
+  for (int l = 0; l < 4; ++l) s[l] = acc[l] + acc[l + 4];
+  return ((s[0] + s[2]) + (s[1] + s[3])) + bias;
+}
 
 struct GenericKernels {
   static void dequantize(DType dtype, const uint8_t* weight_row, float* out, int64_t in_features) {
@@ -54,16 +72,16 @@ struct GenericKernels {
                    float* const* out_rows) {
     for (int i = 0; i < kMt; ++i) {
       for (int j = 0; j < kTileFeatures; ++j) {
-        float acc[kLanes] = {};
-        for (int64_t k = 0; k < in_features; k += kLanes) {
-          for (int l = 0; l < kLanes; ++l) acc[l] += panel[j][k + l] * x_rows[i][k + l];
-        }
-        // the AVX2 hsum's order: (l, l + 4), then pairs, then the last two
-        float s[4];
-        for (int l = 0; l < 4; ++l) s[l] = acc[l] + acc[l + 4];
-        const float sum = (s[0] + s[2]) + (s[1] + s[3]);
-        out_rows[i][j] = sum + (bias ? bias[j] : 0.0f);
+        out_rows[i][j] = dot_generic(panel[j], x_rows[i], in_features, bias ? bias[j] : 0.0f);
       }
+    }
+  }
+  // One token x kRowFeatures features (decode): the same per-output sequence as tile.
+  static void row(DType dtype, const uint8_t* const* weight_rows, const float* x, int64_t in_features,
+                  const float* bias, float* out, float* scratch) {
+    for (int j = 0; j < kRowFeatures; ++j) {
+      dequantize_row(dtype, weight_rows[j], scratch, in_features);
+      out[j] = dot_generic(scratch, x, in_features, bias ? bias[j] : 0.0f);
     }
   }
 };
@@ -85,42 +103,66 @@ LSERVE_AVX2_INLINE float hsum(__m256 v) {
 // an integer of <= 8 bits), so fma(q, d, m) rounds d * q + m once as dequantize_row does, and
 // d * (q - 8) = fma(q, d, -8 d) exactly.
 template <DType kWeight>
-LSERVE_AVX2 void dequantize_avx2(const uint8_t* weight_row, float* out, int64_t num_blocks) {
-  const __m128i low_mask = _mm_set1_epi8(0x0f);
-  for (int64_t b = 0; b < num_blocks; ++b, out += kQuantBlock) {
-    if constexpr (kWeight == DType::kQ8_0) {
-      const auto* block = reinterpret_cast<const BlockQ8_0*>(weight_row) + b;
-      const __m256 d = _mm256_set1_ps(_cvtsh_ss(block->d));
-      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block->qs));
-      const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block->qs + 16));
-      _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), d));
-      _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), d));
-      _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), d));
-      _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), d));
+LSERVE_AVX2_INLINE void dequantize_block(const uint8_t* weight_row, int64_t b, __m256 out[4]) {
+  if constexpr (kWeight == DType::kQ8_0) {
+    const auto* block = reinterpret_cast<const BlockQ8_0*>(weight_row) + b;
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(block->d));
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block->qs));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block->qs + 16));
+    out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), d);
+    out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), d);
+    out[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), d);
+    out[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), d);
+  } else {
+    const uint8_t* qs;
+    float scale, minimum;
+    if constexpr (kWeight == DType::kQ4_0) {
+      const auto* block = reinterpret_cast<const BlockQ4_0*>(weight_row) + b;
+      scale = _cvtsh_ss(block->d);
+      minimum = -8.0f * scale;
+      qs = block->qs;
     } else {
-      const uint8_t* qs;
-      float scale, minimum;
-      if constexpr (kWeight == DType::kQ4_0) {
-        const auto* block = reinterpret_cast<const BlockQ4_0*>(weight_row) + b;
-        scale = _cvtsh_ss(block->d);
-        minimum = -8.0f * scale;
-        qs = block->qs;
-      } else {
-        const auto* block = reinterpret_cast<const BlockQ4_1*>(weight_row) + b;
-        scale = _cvtsh_ss(block->d);
-        minimum = _cvtsh_ss(block->m);
-        qs = block->qs;
-      }
-      const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-      const __m128i lo = _mm_and_si128(raw, low_mask);                     // items 0-15
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);  // items 16-31
-      _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m));
-      _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m));
-      _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m));
-      _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m));
+      const auto* block = reinterpret_cast<const BlockQ4_1*>(weight_row) + b;
+      scale = _cvtsh_ss(block->d);
+      minimum = _cvtsh_ss(block->m);
+      qs = block->qs;
+    }
+    const __m128i low_mask = _mm_set1_epi8(0x0f);
+    const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i lo = _mm_and_si128(raw, low_mask);                     // items 0-15
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);  // items 16-31
+    out[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m);
+    out[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
+    out[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
+    out[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
+  }
+}
+
+template <DType kWeight>
+LSERVE_AVX2 void dequantize_avx2(const uint8_t* weight_row, float* out, int64_t num_blocks) {
+  for (int64_t b = 0; b < num_blocks; ++b, out += kQuantBlock) {
+    __m256 v[4];
+    dequantize_block<kWeight>(weight_row, b, v);
+    for (int s = 0; s < 4; ++s) _mm256_storeu_ps(out + 8 * s, v[s]);
+  }
+}
+
+// One token x kRowFeatures features, weights dequantised in registers: acc[j] lane l += w * x over
+// k = l, l + 8, ... in order, the sequence of tile_avx2's accumulators.
+template <DType kWeight>
+LSERVE_AVX2 void row_avx2(const uint8_t* const* weight_rows, const float* x, int64_t num_blocks, const float* bias,
+                          float* out) {
+  __m256 acc[kRowFeatures];
+  for (int j = 0; j < kRowFeatures; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    for (int j = 0; j < kRowFeatures; ++j) {
+      __m256 w[4];
+      dequantize_block<kWeight>(weight_rows[j], b, w);
+      for (int s = 0; s < 4; ++s) acc[j] = _mm256_fmadd_ps(w[s], _mm256_loadu_ps(x + b * kQuantBlock + 8 * s), acc[j]);
     }
   }
+  for (int j = 0; j < kRowFeatures; ++j) out[j] = hsum(acc[j]) + (bias ? bias[j] : 0.0f);
 }
 
 // acc[i][j] lane l += panel[j][k + l] * x[i][k + l] for k = 0, 8, ...: the same FMA chain per
@@ -159,6 +201,15 @@ struct Avx2Kernels {
                                const float* bias, float* const* out_rows) {
     tile_avx2<kMt>(panel, x_rows, in_features, bias, out_rows);
   }
+  LSERVE_AVX2 static void row(DType dtype, const uint8_t* const* weight_rows, const float* x, int64_t in_features,
+                              const float* bias, float* out, float*) {
+    const int64_t num_blocks = in_features / kQuantBlock;
+    switch (dtype) {
+      case DType::kQ8_0: row_avx2<DType::kQ8_0>(weight_rows, x, num_blocks, bias, out); return;
+      case DType::kQ4_0: row_avx2<DType::kQ4_0>(weight_rows, x, num_blocks, bias, out); return;
+      default: row_avx2<DType::kQ4_1>(weight_rows, x, num_blocks, bias, out); return;
+    }
+  }
 };
 #endif  // LSERVE_CPU_X86
 
@@ -178,6 +229,42 @@ void run_tile(int num_tokens, const float* const* panel, const float* const* x_r
   Kernels::template tile<kMt>(panel, x_rows, in_features, bias, out_rows);
 }
 
+// Same chunking as below, over groups of kRowFeatures features.
+template <typename Kernels>
+void gemv_quant(const CpuContext& context, const GemmArgs& args) {
+  const DType dtype = args.weight.dtype;
+  const int64_t in_features = args.input.size(1), out_features = args.weight.size(0);
+  const size_t row_bytes = dtype_nbytes(dtype, in_features);
+  const auto* weight = static_cast<const uint8_t*>(args.weight.data);
+  const float* bias = args.bias.defined() ? args.bias.data_ptr<float>() : nullptr;
+  const float* x = row_ptr<const float>(args.input, 0);
+  float* output = row_ptr<float>(args.output, 0);
+  const int num_threads = context.pool->num_threads();
+  constexpr int64_t kMinChunkMacs = 1 << 17;
+  const int64_t num_groups = (out_features + kRowFeatures - 1) / kRowFeatures;
+  const int64_t chunks_per_thread =
+      std::clamp<int64_t>(out_features * in_features / (kMinChunkMacs * num_threads), 1, 8);
+  const int64_t num_chunks = chunks_per_thread * num_threads;
+  const int64_t grain = std::max<int64_t>(1, (num_groups + num_chunks - 1) / num_chunks);
+  context.pool->parallel_for(0, num_groups, grain, [&](int64_t group_begin, int64_t group_end, int) {
+    std::vector<float> scratch(static_cast<size_t>(in_features));  // the generic kernel's dequantised row
+    for (int64_t group = group_begin; group < group_end; ++group) {
+      const int64_t n0 = group * kRowFeatures;
+      const int num_features = static_cast<int>(std::min<int64_t>(kRowFeatures, out_features - n0));
+      const uint8_t* weight_rows[kRowFeatures];
+      float group_bias[kRowFeatures];
+      for (int j = 0; j < kRowFeatures; ++j) {  // a missing feature repeats the group's first
+        const int64_t n = n0 + (j < num_features ? j : 0);
+        weight_rows[j] = weight + n * row_bytes;
+        group_bias[j] = bias ? bias[n] : 0.0f;
+      }
+      float out[kRowFeatures];
+      Kernels::row(dtype, weight_rows, x, in_features, bias ? group_bias : nullptr, out, scratch.data());
+      std::copy(out, out + num_features, output + n0);
+    }
+  });
+}
+
 template <typename Kernels>
 void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
   const DType dtype = args.weight.dtype;
@@ -187,6 +274,10 @@ void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
   const auto* weight = static_cast<const uint8_t*>(args.weight.data);  // (out_features, num_blocks) blocks
   const float* bias = args.bias.defined() ? args.bias.data_ptr<float>() : nullptr;  // (out_features,)
   const int num_threads = context.pool->num_threads();
+  if (num_tokens == 1) {
+    gemv_quant<Kernels>(context, args);
+    return;
+  }
 
   // Tasks: groups of kTileFeatures features in equal chunks, 1 to 8 per thread, each of at least
   // kMinChunkMacs multiply-adds (waking a worker costs tens of microseconds on a busy host); equal
