@@ -227,7 +227,7 @@ void bind_backend(py::module_& m) {
           "page_select",
           [](PyBackend& self, py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr,
              py::handle kv_page_indices, py::handle kv_lens, py::handle selected, py::handle num_selected,
-             int physical_page_size, bool keep_first_page, const std::string& page_score, py::handle qo_indptr,
+             int physical_page_size, bool keep_first_page, const std::string& page_score, const std::string& group_score, py::handle qo_indptr,
              py::handle select_mode, py::handle select_slot) {
             DlpackTensor query_t(query, "query"), kmax_t(kmax, "kmax"), kmin_t(kmin, "kmin");
             DlpackTensor indptr_t(kv_page_indptr, "kv_page_indptr"), indices_t(kv_page_indices, "kv_page_indices");
@@ -238,7 +238,8 @@ void bind_backend(py::module_& m) {
                                 indptr_t.view(),    indices_t.view(), kv_lens_t.view(),
                                 selected_t.writable_view("selected"),
                                 num_selected_t.writable_view("num_selected"),
-                                physical_page_size, keep_first_page, page_score_from_string(page_score)};
+                                physical_page_size, keep_first_page, page_score_from_string(page_score),
+                            group_score_from_string(group_score)};
             args.qo_indptr = optional_view(qo_indptr, keep, "qo_indptr");
             args.select_mode = optional_view(select_mode, keep, "select_mode");
             args.select_slot = optional_view(select_slot, keep, "select_slot");
@@ -246,12 +247,13 @@ void bind_backend(py::module_& m) {
           },
           py::arg("query"), py::arg("kmax"), py::arg("kmin"), py::arg("kv_page_indptr"), py::arg("kv_page_indices"),
           py::arg("kv_lens"), py::arg("selected"), py::arg("num_selected"), py::arg("physical_page_size"),
-          py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::kw_only(),
+          py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::arg("group_score") = "sum",
+          py::kw_only(),
           py::arg("qo_indptr") = py::none(), py::arg("select_mode") = py::none(), py::arg("select_slot") = py::none(),
           "The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h "
           "of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = "
           "select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is "
-          "'bound' or 'center'.")
+          "'bound' or 'center'; group_score 'sum', 'max' or 'mass'.")
       .def(
           "page_stats_append",
           [](PyBackend& self, py::handle key, py::handle slot_mapping, py::handle kmax, py::handle kmin,

@@ -20,5 +20,7 @@ void bind_backend(pybind11::module_& m);   // bind_backend.cpp: Backend("cpu" | 
 
 // "bound" | "center" -> PageScore, else lserve::Error (bind_sparse.cpp).
 PageScore page_score_from_string(const std::string& name);
+// "sum" | "max" | "mass" -> GroupScore, else lserve::Error (bind_sparse.cpp).
+GroupScore group_score_from_string(const std::string& name);
 
 }  // namespace lserve::bindings

@@ -294,6 +294,7 @@ class GgufFile:
 class SparsityConfig:
     always_select_sink_page: bool
     enabled: bool
+    group_score: str
     page_score: str
     def __init__(self) -> None:
         ...
@@ -824,9 +825,9 @@ class Backend:
         """
         (free, total) device bytes, or (-1, -1) on the host
         """
-    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
+    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
         """
-        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound' or 'center'.
+        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound' or 'center'; group_score 'sum', 'max' or 'mass'.
         """
     def page_stats_append(self, key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
@@ -864,7 +865,7 @@ def gguf_model_config_dict(file: GgufFile) -> dict:
     """
     ModelConfig fields of a llama GGUF as a dict (rope_scaling nested).
     """
-def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
+def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
     ...
 def page_stats_append(key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...
