@@ -34,7 +34,7 @@ namespace {
 // kKvTile keys x 4 B = 4 vectors of 8: a score row lives in 4 AVX2 registers, and two score rows
 // (8 accumulators) share each K^T load. kQoRows rows x the GQA group bound the item's scratch.
 constexpr int64_t kKvTile = 32;
-constexpr int64_t kQoRows = 16;
+constexpr int64_t kQoRows = 32;
 
 typedef float Vec8 __attribute__((vector_size(32)));  // 8 lanes: one ymm with AVX2, 2 xmm without
 constexpr int kVecsPerTile = kKvTile / 8;
