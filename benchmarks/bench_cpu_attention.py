@@ -6,8 +6,9 @@ head_dim 64, 16-token pages). FLOPs count only causally visible (query, key) pai
 4 * head_dim per pair and query head (Q.K and P.V, one multiply-add = 2 FLOPs).
 The FMA peak runs a C loop of independent ymm FMA chains on every core (compiled here with
 explicit -mavx2 -mfma, never -march=native); it needs a C compiler, else it is skipped.
+--e2e GGUF times the engine's whole prefill instead (tokens/s, --chunk = max_num_batched_tokens).
 Usage: PYTHONPATH=python python benchmarks/bench_cpu_attention.py [--lengths 512 2048 4096 8000]
-       [--so /tmp/attn_before/_C.cpython-311-x86_64-linux-gnu.so] [--output results.json]
+       [--so /tmp/attn_before/_C.cpython-311-x86_64-linux-gnu.so] [--e2e model.gguf] [--output results.json]
 """
 from __future__ import annotations
 
@@ -112,6 +113,28 @@ def bench_prefill(backend, length: int, chunk: int, num_qo_heads: int, num_kv_he
             "ns_per_pair_head": best / (pairs * num_qo_heads) * 1e9}
 
 
+def bench_engine_prefill(gguf: str, lengths, chunk: int, repeats: int) -> dict:
+    """End-to-end prefill tokens/s of one request per length (greedy, one output token)."""
+    from lserve import Engine, SamplingParams
+
+    engine = Engine(gguf, max_model_len=max(lengths) + 16, max_num_batched_tokens=chunk, show_progress=False)
+    engine.add_request(None, list(range(100, 164)), SamplingParams(temperature=0.0, max_tokens=1))  # warm-up
+    while engine.has_unfinished_requests():
+        engine.step()
+    results = {}
+    for length in lengths:
+        best = math.inf
+        for rep in range(repeats):
+            prompt = [int(t) for t in np.random.default_rng(rep).integers(100, 49000, size=length)]
+            engine.add_request(None, prompt, SamplingParams(temperature=0.0, max_tokens=1))
+            start = time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+            best = min(best, time.perf_counter() - start)
+        results[length] = length / best
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8000])
@@ -123,8 +146,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--so", help="path of a _C module to time instead of lserve's")
     parser.add_argument("--no-peak", action="store_true")
+    parser.add_argument("--e2e", metavar="GGUF", help="time end-to-end engine prefill of this model instead")
     parser.add_argument("--output")
     args = parser.parse_args()
+    if args.e2e:
+        rates = bench_engine_prefill(args.e2e, args.lengths, args.chunk, args.repeats)
+        print(f"engine prefill, chunk {args.chunk}, load {os.getloadavg()[0]:.2f}: "
+              + "  ".join(f"{length}: {rate:.1f} tok/s" for length, rate in rates.items()))
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({"prefill_tok_per_s": rates, "loadavg": os.getloadavg()}, f, indent=1)
+        return
 
     module = load_module(args.so)
     backend = module.CpuBackend(args.threads)

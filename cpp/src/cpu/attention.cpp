@@ -1,15 +1,22 @@
 // CPU attention: causal GQA over the paged KV cache with an online (flash-style) softmax.
 // Work item = (sequence, kv head, block of kQoRows query rows); the item's group of query heads
 // shares every K/V tile it reads. Per KV tile of kKvTile keys: gather K (transposed) and V into
-// fp32 scratch, scores S = (sm_scale * Q) K^T, causal mask from positions, running max/sum
-// update, O += P V. Index arrays are validated on the host first. Reference: dense softmax
-// attention with an explicit causal mask (tests/ops/test_attention.py).
+// fp32 scratch, scores S = (sm_scale * Q) K^T, mask from positions, running max/sum update,
+// O += P V. Index arrays are validated on the host first. Reference: dense softmax attention with
+// an explicit mask (tests/ops/test_attention.py, tests/ops/test_attention_long.py).
 // Block-iterator policy (lserve/ops/attention.h): an item walks key ranges, not all keys: the
 // whole causal prefix (dense), its KV head's stored selection plus the pages made since (sparse
-// decode), or the sink and window pages (Lambda mask, streaming heads), with adjacent pages merged
-// into one range. Keys outside the ranges are never read; the Lambda mask is applied token-exactly
-// inside them (tests/sparse/test_block_sparse_attention.py). Pages come from the page list or, for a
-// stream ring, from (slot, logical page) arithmetic.
+// decode), or the sink and window pages (Lambda mask, streaming heads). Keys outside the ranges
+// are never read; the Lambda mask is applied token-exactly inside them
+// (tests/sparse/test_block_sparse_attention.py). Pages come from the page list or, for a stream
+// ring, from (slot, logical page) arithmetic.
+// Batch invariance: tiles sit on a fixed grid of key positions and a row's reduction order depends
+// only on its own visible keys, so its output bits do not depend on the batch, the chunking or
+// the thread count (tests/ops/test_attention_long.py::test_batch_invariance).
+// Floor: 4 * head_dim FLOPs per visible (query, key) pair and query head, against 2 * head_dim *
+// sizeof(cache) bytes of K/V per key and item (kQoRows * group rows share them: ~48 FLOPs a byte
+// for SmolLM2's group 3 in fp32), so the op is bound by FMA issue, not memory; measured
+// figures in docs/PERFORMANCE.md ("CPU attention for long prompts").
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -32,7 +39,10 @@ namespace lserve::cpu {
 namespace {
 
 // kKvTile keys x 4 B = 4 vectors of 8: a score row lives in 4 AVX2 registers, and two score rows
-// (8 accumulators) share each K^T load. kQoRows rows x the GQA group bound the item's scratch.
+// (8 accumulators) share each K^T load. kQoRows rows x the GQA group share one K/V gather:
+// 16 rows left the gathers at a quarter of the op's perf samples (2K tokens, group 3); 32 and 64
+// measured alike on the shared 2-core VM, and 32 keeps q and o scratch (96 rows x 64 floats
+// each, 24 KiB) near the 32 KiB L1 and more items for the two threads at 512 tokens.
 constexpr int64_t kKvTile = 32;
 constexpr int64_t kQoRows = 32;
 
