@@ -5,7 +5,8 @@ paged float32 (or bfloat16) cache, SmolLM2-135M's shape by default (9 query / 3 
 head_dim 64, 16-token pages). FLOPs count only causally visible (query, key) pairs:
 4 * head_dim per pair and query head (Q.K and P.V, one multiply-add = 2 FLOPs).
 The FMA peak runs a C loop of independent ymm FMA chains on every core (compiled here with
-explicit -mavx2 -mfma, never -march=native); it needs a C compiler, else it is skipped.
+explicit -mavx2 -mfma, never -march=native; -O3 keeps the ten chains in registers, -O2 left them
+in memory and measured a third of the rate); it needs a C compiler, else it is skipped.
 --e2e GGUF times the engine's whole prefill instead (tokens/s, --chunk = max_num_batched_tokens).
 Usage: PYTHONPATH=python python benchmarks/bench_cpu_attention.py [--lengths 512 2048 4096 8000]
        [--so /tmp/attn_before/_C.cpython-311-x86_64-linux-gnu.so] [--e2e model.gguf] [--output results.json]
@@ -63,7 +64,7 @@ def fma_peak_gflops(threads: int) -> float | None:
         with open(src, "w") as f:
             f.write(_FMA_PEAK_C)
         try:
-            subprocess.run(["cc", "-O2", "-mavx2", "-mfma", "-pthread", src, "-o", exe], check=True,
+            subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-pthread", src, "-o", exe], check=True,
                            capture_output=True)
         except (OSError, subprocess.CalledProcessError):
             return None
