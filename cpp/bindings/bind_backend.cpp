@@ -224,6 +224,26 @@ void bind_backend(py::module_& m) {
           "ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of "
           "sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.")
       .def(
+          "logprobs",
+          [](PyBackend& self, py::handle logits, py::handle row_indices, py::handle token_ids, py::handle logprobs,
+             py::handle top_token_ids, py::handle top_logprobs) {
+            DlpackTensor logits_t(logits, "logits"), row_indices_t(row_indices, "row_indices");
+            DlpackTensor token_ids_t(token_ids, "token_ids"), logprobs_t(logprobs, "logprobs");
+            DlpackTensor top_token_ids_t(top_token_ids, "top_token_ids"), top_logprobs_t(top_logprobs, "top_logprobs");
+            const LogprobsArgs args{logits_t.view(),
+                                    row_indices_t.view(),
+                                    token_ids_t.view(),
+                                    logprobs_t.writable_view("logprobs"),
+                                    top_token_ids_t.writable_view("top_token_ids"),
+                                    top_logprobs_t.writable_view("top_logprobs")};
+            run(self, [&] { self.backend->logprobs(args); });
+          },
+          py::arg("logits"), py::arg("row_indices"), py::arg("token_ids"), py::arg("logprobs"),
+          py::arg("top_token_ids"), py::arg("top_logprobs"),
+          "logprobs[r] = log_softmax(logits[row_indices[r]])[token_ids[r]]; top_token_ids[r] / top_logprobs[r]: "
+          "the row's num_top best tokens (larger logit first, lower id on ties) and their logprobs. See "
+          "ops/logprobs.h.")
+      .def(
           "page_select",
           [](PyBackend& self, py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr,
              py::handle kv_page_indices, py::handle kv_lens, py::handle selected, py::handle num_selected,

@@ -169,6 +169,7 @@ void CudaBackend::rope_kv_append_impl(const RopeKvAppendArgs& args) { activate()
 void CudaBackend::attention_impl(const AttentionArgs& args) { activate(); cuda_attention(*this, args); }
 void CudaBackend::gather_rows_impl(const GatherRowsArgs& args) { activate(); cuda_gather_rows(*this, args); }
 void CudaBackend::sample_impl(const SampleArgs& args) { activate(); cuda_sample(*this, args); }
+void CudaBackend::logprobs_impl(const LogprobsArgs& args) { activate(); cuda_logprobs(*this, args); }
 void CudaBackend::page_select_impl(const PageSelectArgs& args) { activate(); cuda_page_select(*this, args); }
 void CudaBackend::page_stats_append_impl(const PageStatsAppendArgs& args) {
   activate();

@@ -1,7 +1,7 @@
 """sample on CUDA against the CPU reference on the same Args (ops/sample.h).
 
 Exact, row by row, sampled tokens included: the two backends share the op's arithmetic
-(cuda/include/lserve/cuda/ops/sample_rules.h: IEEE-rounded float steps, integer weights, an integer
+(cpp/include/lserve/ops/sample_rules.h: IEEE-rounded float steps, integer weights, an integer
 draw target from Philox4x32-10), so there is no floating-point CDF for a uniform to land near and no
 tolerance to tune. On a mismatch the message also compares the scratch both backends leave in the
 logits (penalised logits for greedy rows, probabilities otherwise) to say which step diverged.
