@@ -57,11 +57,24 @@ void CudaBackend::activate() const { LSERVE_CUDA_CHECK(cudaSetDevice(context_->d
 bool CudaBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const {
   const bool weights_ok = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16;
   const bool kv_ok = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
+  // Per op, the argument the op reads: weights (embed, rms_norm, gemm), the KV cache (attention: the
+  // reference kernel reads float32 or bfloat16 caches; rope_kv_append writes any float dtype), or
+  // neither (the rest take float32 logits, ids or activations in any float dtype).
+  const bool any_float_kv = kv_ok || kv_cache_dtype == DType::kF16;
   switch (op) {
-    case OpKind::kSparseAttention: return kv_ok;  // the reference kernel; TODO(#17): tensor cores
+    case OpKind::kEmbed:
+    case OpKind::kRmsNorm:
+    case OpKind::kGemm: return weights_ok;
+    case OpKind::kRopeKvAppend: return any_float_kv;
+    case OpKind::kAttention:
+    case OpKind::kSparseAttention: return kv_ok;  // sparse: the reference kernel; TODO(#17): tensor cores
+    case OpKind::kSiluMul:
+    case OpKind::kGatherRows:
+    case OpKind::kSample:
+    case OpKind::kLogprobs:
     case OpKind::kPageSelect: return true;
-    default: return weights_ok && kv_ok;
   }
+  return false;
 }
 
 void CudaBackend::synchronize_impl() {

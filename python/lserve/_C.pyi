@@ -829,9 +829,9 @@ class Backend:
         ...
     def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any, *, mirror_slot_mapping: typing.Any = None) -> None:
         ...
-    def sample(self, logits: typing.Any, temperature: typing.Any, top_k: typing.Any, top_p: typing.Any, min_p: typing.Any, seed: typing.Any, offset: typing.Any, output: typing.Any, *, history_indptr: typing.Any = None, history_token_ids: typing.Any = None, num_prompt_tokens: typing.Any = None, repetition_penalty: typing.Any = None, presence_penalty: typing.Any = None, frequency_penalty: typing.Any = None, workspace: typing.Any = None, banned_indptr: typing.Any = None, banned_token_ids: typing.Any = None) -> None:
+    def sample(self, logits: typing.Any, temperature: typing.Any, top_k: typing.Any, top_p: typing.Any, min_p: typing.Any, seed: typing.Any, offset: typing.Any, output: typing.Any, *, history_indptr: typing.Any = None, history_token_ids: typing.Any = None, num_prompt_tokens: typing.Any = None, repetition_penalty: typing.Any = None, presence_penalty: typing.Any = None, frequency_penalty: typing.Any = None, workspace: typing.Any = None, banned_indptr: typing.Any = None, banned_token_ids: typing.Any = None, raise_invalid_rows: bool = True) -> None:
         """
-        output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.
+        output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids. Invalid rows: CUDA writes -1; the CPU raises, or writes -1 with raise_invalid_rows=False.
         """
     def silu_mul(self, input: typing.Any, output: typing.Any) -> None:
         ...
