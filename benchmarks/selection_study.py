@@ -39,8 +39,16 @@ def logical_scores(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, spread: fl
     return s
 
 
+def page_mass(probs: np.ndarray, page_size: int) -> np.ndarray:
+    num_keys = probs.shape[1]
+    num_pages = -(-num_keys // page_size)
+    padded = np.zeros((probs.shape[0], num_pages * page_size))
+    padded[:, :num_keys] = probs
+    return padded.reshape(probs.shape[0], num_pages, page_size).sum(axis=2)
+
+
 def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, page_size: int, logical: int,
-           num_select: int, score: str, aggregate: str, probs: np.ndarray = None) -> np.ndarray:
+           num_select: int, spread: float, aggregate: str, probs: np.ndarray = None) -> np.ndarray:
     """Page positions selected for one KV head: forced newest and first page, then the best."""
     num_pages = -(-num_keys // page_size)
     if num_pages <= num_select:
@@ -48,11 +56,9 @@ def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, pag
     per = page_size // logical
     num_logical = -(-num_keys // logical)
     if aggregate == "oracle":
-        padded = np.zeros((probs.shape[0], num_pages * page_size))
-        padded[:, :num_keys] = probs
-        agg = padded.reshape(probs.shape[0], num_pages, page_size).sum(axis=2).sum(axis=0)
+        agg = page_mass(probs, page_size).sum(axis=0)
     else:
-        s = logical_scores(q, kmax[:num_logical], kmin[:num_logical], score)  # (G, num_logical)
+        s = logical_scores(q, kmax[:num_logical], kmin[:num_logical], spread)  # (G, num_logical)
         full = np.full((q.shape[0], num_pages * per), -np.inf)
         full[:, :num_logical] = s
         full = full.reshape(q.shape[0], num_pages, per)
@@ -73,14 +79,6 @@ def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, pag
     return np.sort(order[:num_select])
 
 
-def page_mass(probs: np.ndarray, page_size: int) -> np.ndarray:
-    num_keys = probs.shape[1]
-    num_pages = -(-num_keys // page_size)
-    padded = np.zeros((probs.shape[0], num_pages * page_size))
-    padded[:, :num_keys] = probs
-    return padded.reshape(probs.shape[0], num_pages, page_size).sum(axis=2)
-
-
 def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, rules: List[Dict], sparsity,
                needle: np.ndarray) -> Dict:
     """needle: bool (num_prompt,) marking the answer needles' tokens."""
@@ -88,8 +86,6 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
 
     page_size, logical = sparsity.physical_page_size, sparsity.logical_page_size
     num_select = sparsity.decode_token_budget // page_size
-    per = page_size // logical
-    out = {rule["name"]: np.zeros((num_steps, 0)).tolist() for rule in rules}
     recalls = {rule["name"]: [[] for _ in range(num_steps)] for rule in rules}
     # Mass on the needle tokens: kept by the pages read / in dense attention, summed over dense heads
     # and answer steps (steps >= 1); for streaming heads, kept by their window.
@@ -110,6 +106,7 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
             # kmax/kmin per logical page over all keys; a step only reads the pages its keys fill
             # (the newest logical page's bounds grow token by token: recomputed per step below).
             blocks = pad.reshape(num_l, logical, -1)
+            stored = {}  # per rule: (pages, pages when selected, steps since) of the last fresh selection
             for step in range(num_steps):
                 position = num_prompt - 1 + step
                 num_keys = position + 1
@@ -137,30 +134,25 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
                 needle_page_mass = page_mass(needle_probs, page_size).sum(axis=0)
                 if step > 0:
                     needle_total += float(needle_page_mass.sum())
+                num_pages = mass.shape[1]
                 for rule in rules:
-                    state = rule.setdefault("_state", {})
-                    key = (layer, h)
-                    num_pages = mass.shape[1]
+                    name = rule["name"]
                     if step == 0:
-                        recalls[rule["name"]][step].append(np.ones(group))  # prefill: every page
-                        state[key] = None
+                        recalls[name][step].append(np.ones(group))  # prefill: every page
                         continue
-                    reuse = rule["reuse"]
-                    stored = state.get(key)
+                    last_fresh = stored.get(name)
                     if num_pages <= num_select:
                         pages = np.arange(num_pages)
-                        state[key] = None
-                    elif stored is None or stored[2] >= reuse:
+                        stored[name] = None
+                    elif last_fresh is None or last_fresh[2] >= rule["reuse"]:
                         pages = select(queries[step][rows].astype(np.float64), kmax, kmin, num_keys, page_size,
-                                       logical, num_select, rule["score"], rule["aggregate"], probs)
-                        state[key] = (pages, num_pages, 1)
+                                       logical, num_select, rule["spread"], rule["aggregate"], probs)
+                        stored[name] = (pages, num_pages, 1)
                     else:
-                        pages = np.union1d(stored[0], np.arange(stored[1], num_pages))
-                        state[key] = (stored[0], stored[1], stored[2] + 1)
-                    recalls[rule["name"]][step].append(mass[:, pages].sum(axis=1) / mass.sum(axis=1))
-                    needle_kept[rule["name"]] += float(needle_page_mass[pages].sum())
-    for rule in rules:
-        rule.pop("_state", None)
+                        pages = np.union1d(last_fresh[0], np.arange(last_fresh[1], num_pages))
+                        stored[name] = (last_fresh[0], last_fresh[1], last_fresh[2] + 1)
+                    recalls[name][step].append(mass[:, pages].sum(axis=1) / mass.sum(axis=1))
+                    needle_kept[name] += float(needle_page_mass[pages].sum())
     result = {}
     for name, per_step in recalls.items():
         steps = [np.concatenate(v) for v in per_step]
@@ -202,10 +194,10 @@ def main() -> None:
     num_layers = capture.model.config.num_hidden_layers
     num_kv_heads = capture.model.config.num_key_value_heads
     streaming = np.asarray(sparsity.streaming_mask(num_layers, num_kv_heads), dtype=bool)
-    rules = [dict(name=f"s{spread}/{aggregate}/r4", score=spread, aggregate=aggregate, reuse=4)
+    rules = [dict(name=f"s{spread}/{aggregate}/r4", spread=spread, aggregate=aggregate, reuse=4)
              for spread, aggregate in itertools.product((0.0, 0.125, 0.25, 0.5, 1.0), ("sum", "max", "mass"))]
-    rules += [dict(name=f"s0.0/sum/r{reuse}", score=0.0, aggregate="sum", reuse=reuse) for reuse in (1, 2)]
-    rules += [dict(name="oracle/r4", score=0.0, aggregate="oracle", reuse=4)]
+    rules += [dict(name=f"s0.0/sum/r{reuse}", spread=0.0, aggregate="sum", reuse=reuse) for reuse in (1, 2)]
+    rules += [dict(name="oracle/r4", spread=0.0, aggregate="oracle", reuse=4)]
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     rows = []
     for task, length, index in itertools.product(tasks, [int(x) for x in args.lengths.split(",")],
