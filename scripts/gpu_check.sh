@@ -5,6 +5,7 @@
 # without CUDA graphs), and print short tables last.
 # Usage, from the repository root: bash scripts/gpu_check.sh [WHEEL_DIR] [PYTEST ARGS...]
 #   WHEEL_DIR (default .whl): the wheels the machine lacks (nvidia-cutlass; see shared/device/README.md).
+#   The build directory (default build/gpu, ignored by git) survives between calls on a warm machine.
 #   Logs go to $OUT (the device tool's folder) or /tmp/lserve_gpu_check: build.log, pytest.log, junit.xml.
 # LSERVE_CUDA_ARCHITECTURES (default 90a) limits the build to the GPU at hand; CI builds 90a and 80.
 set -uo pipefail
@@ -25,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 start=$(date +%s)
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} python3 -m pip install -v --no-build-isolation --no-deps \
   -Ccmake.define.LSERVE_CUDA=ON -Ccmake.define.LSERVE_CUDA_ARCHITECTURES="${LSERVE_CUDA_ARCHITECTURES:-90a}" \
-  -Cbuild-dir=/tmp/lserve_build . >"$out/build.log" 2>&1
+  -Cbuild-dir="${LSERVE_BUILD_DIR:-build/gpu}" . >"$out/build.log" 2>&1
 build_rc=$?
 build_s=$(( $(date +%s) - start ))
 if [ $build_rc -ne 0 ]; then
@@ -37,7 +38,7 @@ grep -E "lserve: CUDA backend" "$out/build.log" | head -2
 
 start=$(date +%s)
 # Ops first: their results stand even if an end-to-end test brings the process down.
-python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_sample_cuda.py tests/cuda/test_page_select_cuda.py tests/cuda/test_sparse_ops_cuda.py tests/cuda/test_engine_cuda.py tests/cuda/test_sparse_engine_cuda.py \
+timeout "${LSERVE_TEST_TIMEOUT:-900}" python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_sample_cuda.py tests/cuda/test_logprobs_cuda.py tests/cuda/test_page_select_cuda.py tests/cuda/test_sparse_ops_cuda.py tests/cuda/test_engine_cuda.py tests/cuda/test_sparse_engine_cuda.py \
   tests/cuda/test_attention_kernels.py -m cuda -q -rfEs \
   -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
 test_rc=${PIPESTATUS[0]}

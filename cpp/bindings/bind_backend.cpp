@@ -187,7 +187,7 @@ void bind_backend(py::module_& m) {
              py::handle min_p, py::handle seed, py::handle offset, py::handle output, py::handle history_indptr,
              py::handle history_token_ids, py::handle num_prompt_tokens, py::handle repetition_penalty,
              py::handle presence_penalty, py::handle frequency_penalty, py::handle workspace,
-             py::handle banned_indptr, py::handle banned_token_ids) {
+             py::handle banned_indptr, py::handle banned_token_ids, bool raise_invalid_rows) {
             DlpackTensor logits_t(logits, "logits"), temperature_t(temperature, "temperature");
             DlpackTensor top_k_t(top_k, "top_k"), top_p_t(top_p, "top_p"), min_p_t(min_p, "min_p");
             DlpackTensor seed_t(seed, "seed"), offset_t(offset, "offset"), output_t(output, "output");
@@ -211,6 +211,7 @@ void bind_backend(py::module_& m) {
             if (args.workspace.defined()) keep.back().writable_view("workspace");
             args.banned_indptr = optional_view(banned_indptr, keep, "banned_indptr");
             args.banned_token_ids = optional_view(banned_token_ids, keep, "banned_token_ids");
+            args.raise_invalid_rows = raise_invalid_rows;
             run(self, [&] { self.backend->sample(args); });
           },
           py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
@@ -219,15 +220,36 @@ void bind_backend(py::module_& m) {
           py::arg("num_prompt_tokens") = py::none(), py::arg("repetition_penalty") = py::none(),
           py::arg("presence_penalty") = py::none(), py::arg("frequency_penalty") = py::none(),
           py::arg("workspace") = py::none(), py::arg("banned_indptr") = py::none(),
-          py::arg("banned_token_ids") = py::none(),
+          py::arg("banned_token_ids") = py::none(), py::arg("raise_invalid_rows") = true,
           "output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see "
           "ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of "
-          "sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.")
+          "sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids. "
+          "Invalid rows: CUDA writes -1; the CPU raises, or writes -1 with raise_invalid_rows=False.")
+      .def(
+          "logprobs",
+          [](PyBackend& self, py::handle logits, py::handle row_indices, py::handle token_ids, py::handle logprobs,
+             py::handle top_token_ids, py::handle top_logprobs) {
+            DlpackTensor logits_t(logits, "logits"), row_indices_t(row_indices, "row_indices");
+            DlpackTensor token_ids_t(token_ids, "token_ids"), logprobs_t(logprobs, "logprobs");
+            DlpackTensor top_token_ids_t(top_token_ids, "top_token_ids"), top_logprobs_t(top_logprobs, "top_logprobs");
+            const LogprobsArgs args{logits_t.view(),
+                                    row_indices_t.view(),
+                                    token_ids_t.view(),
+                                    logprobs_t.writable_view("logprobs"),
+                                    top_token_ids_t.writable_view("top_token_ids"),
+                                    top_logprobs_t.writable_view("top_logprobs")};
+            run(self, [&] { self.backend->logprobs(args); });
+          },
+          py::arg("logits"), py::arg("row_indices"), py::arg("token_ids"), py::arg("logprobs"),
+          py::arg("top_token_ids"), py::arg("top_logprobs"),
+          "logprobs[r] = log_softmax(logits[row_indices[r]])[token_ids[r]]; top_token_ids[r] / top_logprobs[r]: "
+          "the row's num_top best tokens (larger logit first, lower id on ties) and their logprobs. See "
+          "ops/logprobs.h.")
       .def(
           "page_select",
           [](PyBackend& self, py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr,
              py::handle kv_page_indices, py::handle kv_lens, py::handle selected, py::handle num_selected,
-             int physical_page_size, bool keep_first_page, const std::string& page_score, py::handle qo_indptr,
+             int physical_page_size, bool keep_first_page, const std::string& page_score, const std::string& group_score, py::handle qo_indptr,
              py::handle select_mode, py::handle select_slot) {
             DlpackTensor query_t(query, "query"), kmax_t(kmax, "kmax"), kmin_t(kmin, "kmin");
             DlpackTensor indptr_t(kv_page_indptr, "kv_page_indptr"), indices_t(kv_page_indices, "kv_page_indices");
@@ -238,7 +260,8 @@ void bind_backend(py::module_& m) {
                                 indptr_t.view(),    indices_t.view(), kv_lens_t.view(),
                                 selected_t.writable_view("selected"),
                                 num_selected_t.writable_view("num_selected"),
-                                physical_page_size, keep_first_page, page_score_from_string(page_score)};
+                                physical_page_size, keep_first_page, page_score_from_string(page_score),
+                            group_score_from_string(group_score)};
             args.qo_indptr = optional_view(qo_indptr, keep, "qo_indptr");
             args.select_mode = optional_view(select_mode, keep, "select_mode");
             args.select_slot = optional_view(select_slot, keep, "select_slot");
@@ -246,12 +269,13 @@ void bind_backend(py::module_& m) {
           },
           py::arg("query"), py::arg("kmax"), py::arg("kmin"), py::arg("kv_page_indptr"), py::arg("kv_page_indices"),
           py::arg("kv_lens"), py::arg("selected"), py::arg("num_selected"), py::arg("physical_page_size"),
-          py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::kw_only(),
+          py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::arg("group_score") = "sum",
+          py::kw_only(),
           py::arg("qo_indptr") = py::none(), py::arg("select_mode") = py::none(), py::arg("select_slot") = py::none(),
           "The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h "
           "of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = "
           "select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is "
-          "'bound' or 'center'.")
+          "'bound' or 'center'; group_score 'sum', 'max' or 'mass'.")
       .def(
           "page_stats_append",
           [](PyBackend& self, py::handle key, py::handle slot_mapping, py::handle kmax, py::handle kmin,

@@ -41,6 +41,9 @@ OpKind op_kind_from_string(const std::string& name) {
   if (name == "attention") return OpKind::kAttention;
   if (name == "gather_rows") return OpKind::kGatherRows;
   if (name == "sample") return OpKind::kSample;
+  if (name == "logprobs") return OpKind::kLogprobs;
+  if (name == "sparse_attention") return OpKind::kSparseAttention;
+  if (name == "page_select") return OpKind::kPageSelect;
   LSERVE_THROW("unknown op '", name, "'");
 }
 

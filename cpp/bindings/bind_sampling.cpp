@@ -1,53 +1,18 @@
-// _C.SamplingParams, _C.sample_token and _C.Generator: the host sampler (lserve/sampling.h) for
-// Python callers and tests. Logits arrive through DLPack and are copied, since the sampler
-// overwrites its input; the caller's array is never modified.
+// _C.SamplingParams (lserve/sampling.h). Sampling itself is the backends' sample op
+// (_C.Backend.sample) and logprobs their logprobs op (_C.Backend.logprobs).
 #include <pybind11/stl.h>
 
 #include <limits>
 #include <sstream>
-#include <tuple>
 
 #include "bindings.h"
-#include "dlpack.h"
+#include "dlpack.h"  // namespace py
 #include "lserve/check.h"
 #include "lserve/sampling.h"
 
 namespace lserve::bindings {
 
 namespace {
-
-// A seeded std::mt19937_64 held by Python, so that successive samples continue one stream.
-struct Generator {
-  explicit Generator(uint64_t seed) : engine(seed) {}
-  std::mt19937_64 engine;
-};
-
-using SampleResult = std::tuple<int32_t, float, std::vector<std::pair<int32_t, float>>>;
-
-// (vocab_size,) float32 host logits -> a contiguous copy the sampler may overwrite.
-std::vector<float> copy_logits(const py::handle& object) {
-  DlpackTensor tensor(object, "logits");
-  const TensorView& view = tensor.view();
-  LSERVE_CHECK(view.device.type == DeviceType::kCPU, "logits: expected a host tensor, got ", view.device.str());
-  LSERVE_CHECK(view.ndim == 1, "logits: expected shape (vocab_size,), got ", view.shape_str());
-  const float* data = view.data_ptr<float>();
-  std::vector<float> logits(static_cast<size_t>(view.shape[0]));
-  for (size_t i = 0; i < logits.size(); ++i) logits[i] = data[static_cast<int64_t>(i) * view.strides[0]];
-  return logits;
-}
-
-SampleResult sample(const py::handle& logits_object, const SamplingParams& params,
-                    const std::vector<int32_t>& prompt_token_ids, const std::vector<int32_t>& output_token_ids,
-                    const std::vector<int32_t>& eos_token_ids, std::mt19937_64& engine) {
-  std::vector<float> logits = copy_logits(logits_object);
-  SampledToken token;
-  {
-    py::gil_scoped_release release;
-    token = sample_token(logits.data(), static_cast<int>(logits.size()), params, prompt_token_ids,
-                         output_token_ids, eos_token_ids, engine);
-  }
-  return {token.token_id, token.logprob, std::move(token.top_logprobs)};
-}
 
 // The C++ fields are int32: a Python int beyond that is refused naming the field (ValueError), not
 // wrapped or turned into pybind11's TypeError. Ints beyond int64 still fail pybind11's conversion;
@@ -125,35 +90,6 @@ void bind_sampling(py::module_& m) {
            py::arg("eos_token_ids") = std::vector<int32_t>(),
            "validate(), and that min_tokens masking leaves some token of the vocabulary to sample.")
       .def("__repr__", &repr);
-
-  py::class_<Generator>(m, "Generator", "A seeded std::mt19937_64 stream for repeated sampling.")
-      .def(py::init<uint64_t>(), py::arg("seed"))
-      .def("sample",
-           [](Generator& self, const py::handle& logits, const SamplingParams& params,
-              const std::vector<int32_t>& prompt_token_ids, const std::vector<int32_t>& output_token_ids,
-              const std::vector<int32_t>& eos_token_ids) {
-             return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_ids, self.engine);
-           },
-           py::arg("logits"), py::arg("params"), py::arg("prompt_token_ids") = std::vector<int32_t>(),
-           py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_ids") = std::vector<int32_t>(),
-           "Samples one token from logits (vocab_size,) float32, continuing this generator's stream.\n"
-           "Returns (token_id, logprob, top_logprobs); see sample_token.");
-
-  m.def("sample_token",
-        [](const py::handle& logits, const SamplingParams& params, const std::vector<int32_t>& prompt_token_ids,
-           const std::vector<int32_t>& output_token_ids, const std::vector<int32_t>& eos_token_ids, uint64_t seed) {
-          std::mt19937_64 engine(seed);
-          return sample(logits, params, prompt_token_ids, output_token_ids, eos_token_ids, engine);
-        },
-        py::arg("logits"), py::arg("params"), py::arg("prompt_token_ids") = std::vector<int32_t>(),
-        py::arg("output_token_ids") = std::vector<int32_t>(), py::arg("eos_token_ids") = std::vector<int32_t>(),
-        py::arg("seed") = 0,
-        "Samples one token from logits (vocab_size,) float32 with a fresh mt19937_64(seed). While\n"
-        "len(output_token_ids) < params.min_tokens, params.stop_token_ids and (unless params.ignore_eos)\n"
-        "eos_token_ids are masked. Returns (token_id, logprob, top_logprobs): logprob and top_logprobs\n"
-        "(best first, params.logprobs entries of (token_id, logprob)) come from log_softmax of the raw\n"
-        "logits; logprob is 0 when params.logprobs is -1. The input array is not modified.\n\n"
-        "Example: sample_token(np.array([0., 2., 1.], np.float32), SamplingParams(temperature=0))[0] == 1");
 }
 
 }  // namespace lserve::bindings

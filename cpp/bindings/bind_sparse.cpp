@@ -17,9 +17,19 @@ PageScore page_score_from_string(const std::string& name) {
   throw Error("page_score must be 'bound' or 'center', got '" + name + "'");
 }
 
+GroupScore group_score_from_string(const std::string& name) {
+  if (name == "sum") return GroupScore::kSum;
+  if (name == "max") return GroupScore::kMax;
+  if (name == "mass") return GroupScore::kMass;
+  throw Error("group_score must be 'sum', 'max' or 'mass', got '" + name + "'");
+}
+
 namespace {
 
 std::string page_score_name(PageScore score) { return score == PageScore::kCenter ? "center" : "bound"; }
+std::string group_score_name(GroupScore score) {
+  return score == GroupScore::kMax ? "max" : score == GroupScore::kMass ? "mass" : "sum";
+}
 
 }  // namespace
 
@@ -41,6 +51,9 @@ void bind_sparse(py::module_& m) {
       .def_property(
           "page_score", [](const SparsityConfig& config) { return page_score_name(config.page_score); },
           [](SparsityConfig& config, const std::string& name) { config.page_score = page_score_from_string(name); })
+      .def_property(
+          "group_score", [](const SparsityConfig& config) { return group_score_name(config.group_score); },
+          [](SparsityConfig& config, const std::string& name) { config.group_score = group_score_from_string(name); })
       .def("validate", &SparsityConfig::validate, py::arg("num_layers"), py::arg("num_kv_heads"));
   py::class_<PageSelector>(m, "PageSelector",
                            "The sparse-attention state owner (kv/page_selector.h), bound for tests of its policy.")
@@ -88,7 +101,7 @@ void bind_sparse(py::module_& m) {
       "page_select",
       [](py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr, py::handle kv_page_indices,
          py::handle kv_lens, py::handle selected, py::handle num_selected, int physical_page_size,
-         bool keep_first_page, const std::string& page_score, py::handle qo_indptr, py::handle select_mode,
+         bool keep_first_page, const std::string& page_score, const std::string& group_score, py::handle qo_indptr, py::handle select_mode,
          py::handle select_slot) {
         DlpackTensor t_query(query, "query"), t_kmax(kmax, "kmax"), t_kmin(kmin, "kmin"),
             t_indptr(kv_page_indptr, "kv_page_indptr"), t_indices(kv_page_indices, "kv_page_indices"),
@@ -98,7 +111,8 @@ void bind_sparse(py::module_& m) {
         std::vector<DlpackTensor> keep;
         PageSelectArgs args{t_query.view(), t_kmax.view(),     t_kmin.view(), t_indptr.view(),
                             t_indices.view(), t_lens.view(),   t_selected.view(), t_num.view(),
-                            physical_page_size, keep_first_page, page_score_from_string(page_score)};
+                            physical_page_size, keep_first_page, page_score_from_string(page_score),
+                            group_score_from_string(group_score)};
         args.qo_indptr = optional_view(qo_indptr, keep, "qo_indptr");
         args.select_mode = optional_view(select_mode, keep, "select_mode");
         args.select_slot = optional_view(select_slot, keep, "select_slot");
@@ -109,7 +123,8 @@ void bind_sparse(py::module_& m) {
       },
       py::arg("query"), py::arg("kmax"), py::arg("kmin"), py::arg("kv_page_indptr"), py::arg("kv_page_indices"),
       py::arg("kv_lens"), py::arg("selected"), py::arg("num_selected"), py::arg("physical_page_size"),
-      py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::kw_only(),
+      py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::arg("group_score") = "sum",
+          py::kw_only(),
       py::arg("qo_indptr") = py::none(), py::arg("select_mode") = py::none(), py::arg("select_slot") = py::none());
   m.def(
       "page_stats_append",

@@ -12,7 +12,7 @@ namespace lserve::bindings {
 
 void bind_ops(pybind11::module_& m);       // bind_ops.cpp: CPU backend ops for tests
 void bind_kv(pybind11::module_& m);        // bind_kv.cpp: PagePool, KvCacheManager
-void bind_sampling(pybind11::module_& m);  // bind_sampling.cpp: SamplingParams, sample_token
+void bind_sampling(pybind11::module_& m);  // bind_sampling.cpp: SamplingParams
 void bind_gguf(pybind11::module_& m);      // bind_gguf.cpp: GgufFile reader
 void bind_engine(pybind11::module_& m);    // bind_engine.cpp: ModelConfig, EngineConfig, Engine
 void bind_sparse(pybind11::module_& m);    // bind_sparse.cpp: page selection reference ops
@@ -20,5 +20,7 @@ void bind_backend(pybind11::module_& m);   // bind_backend.cpp: Backend("cpu" | 
 
 // "bound" | "center" -> PageScore, else lserve::Error (bind_sparse.cpp).
 PageScore page_score_from_string(const std::string& name);
+// "sum" | "max" | "mass" -> GroupScore, else lserve::Error (bind_sparse.cpp).
+GroupScore group_score_from_string(const std::string& name);
 
 }  // namespace lserve::bindings

@@ -262,7 +262,6 @@ std::unique_ptr<Request> Engine::make_request(int64_t request_id, const std::vec
   request->prompt_token_ids = prompt_token_ids;
   request->params = params;
   request->sample_seed = params.seed >= 0 ? static_cast<uint64_t>(params.seed) : seed_rng_();
-  request->rng.seed(request->sample_seed);
   return request;
 }
 
@@ -394,20 +393,14 @@ std::vector<RequestOutput> Engine::step() {
     }
   }
 
-  // On a device, sample there and bring back only token ids, unless logits or logprobs are wanted
-  // (or a group's samples fork from this step's logits).
-  bool device_sampling = backend_->device().type != DeviceType::kCPU && !config_.capture_logits;
-  for (const ScheduledChunk& chunk : scheduled.chunks) {
-    if (chunk.samples && chunk.request->params.logprobs >= 0) device_sampling = false;
-    if (chunk.samples && followers_.count(chunk.request->request_id) != 0) device_sampling = false;
-  }
-  std::vector<float> logits;
-  std::vector<int32_t> device_tokens;
-  if (device_sampling) {
-    const TensorView device_logits = model_->forward_logits(batch);
-    if (device_logits.defined()) device_tokens = sample_on_device(scheduled, device_logits);
-  } else {
-    logits = model_->forward(batch);
+  // One path on every backend: logits stay on the backend, the sample op draws there (the logprobs
+  // op too, when asked), and only token ids and logprobs come back. capture_logits copies the rows.
+  const TensorView logits = model_->forward_logits(batch);
+  std::vector<float> captured_logits;
+  if (config_.capture_logits && logits.defined()) {
+    captured_logits.resize(static_cast<size_t>(logits.numel()));
+    backend_->copy(TensorView(captured_logits.data(), DType::kF32, {logits.size(0), logits.size(1)}), logits);
+    backend_->synchronize();
   }
   named_pages_.clear();
   scheduler_->commit(scheduled, selector_ ? &named_pages_ : nullptr);
@@ -423,46 +416,16 @@ std::vector<RequestOutput> Engine::step() {
   }
   ++num_steps_;
 
-  const int vocab_size = model_->config().vocab_size;
-  size_t logits_row = 0;
-  std::vector<float> raw_row;  // a forking leader's logits, before its sampling changes them
+  // Sampling rows: each sampling chunk's request, then the samples of its group that fork from it
+  // now (they draw their first token from its logits with their own seeds, so a follower's tokens
+  // are those it would draw alone); one that cannot fork now prefills later on its own.
+  std::vector<SampleRow> rows;
+  int32_t logits_row = 0;
   for (const ScheduledChunk& chunk : scheduled.chunks) {
     if (!chunk.samples) continue;
     Request& request = *chunk.request;
-    RequestOutput output;
-    output.request_id = request.request_id;
-    SampledToken sampled;
+    rows.push_back({&request, logits_row});
     const auto group = followers_.find(request.request_id);
-    // A row that cannot be sampled (NaN logits, everything masked) aborts its own request only:
-    // the others in the batch keep their tokens and the engine stays consistent.
-    try {
-      if (device_sampling) {
-        sampled.token_id = device_tokens[logits_row++];
-        LSERVE_CHECK(sampled.token_id >= 0 && sampled.token_id < vocab_size, "request ", request.request_id,
-                     ": the device sampler found its logits row invalid (NaN logits, or every token masked)");
-      } else {
-        float* row = logits.data() + logits_row * static_cast<size_t>(vocab_size);
-        ++logits_row;
-        if (config_.capture_logits) output.logits.assign(row, row + vocab_size);
-        if (group != followers_.end()) raw_row.assign(row, row + vocab_size);
-        sampled = sample_token(row, vocab_size, request.params, request.prompt_token_ids, request.output_token_ids,
-                               eos_token_ids_, request.rng);
-      }
-    } catch (const Error& error) {
-      output.finished = true;
-      output.finish_reason = finish_reason_name(FinishReason::kAbort);
-      output.error = error.what();
-      output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
-      output.num_output_tokens = static_cast<int64_t>(request.output_token_ids.size());
-      output.num_cached_tokens = std::max<int64_t>(0, request.num_cached_tokens);
-      const int64_t request_id = request.request_id;
-      scheduler_->finish_request(request_id, FinishReason::kAbort);
-      release_followers(request_id);
-      outputs.push_back(std::move(output));
-      continue;
-    }
-    // The group's other samples: each draws its first token from the leader's logits and goes on
-    // from the leader's pages; one that cannot fork now prefills later on its own.
     if (group != followers_.end()) {
       std::vector<std::unique_ptr<Request>> waiting = std::move(group->second);
       followers_.erase(group);
@@ -472,26 +435,50 @@ std::vector<RequestOutput> Engine::step() {
           scheduler_->add_request(std::move(follower));
           continue;
         }
-        RequestOutput forked_output;
-        forked_output.request_id = forked->request_id;
-        std::vector<float> row(raw_row);
-        try {
-          if (config_.capture_logits) forked_output.logits = raw_row;
-          SampledToken first = sample_token(row.data(), vocab_size, forked->params, forked->prompt_token_ids,
-                                            forked->output_token_ids, eos_token_ids_, forked->rng);
-          accept_token(*forked, std::move(first), forked_output);
-        } catch (const Error& error) {
-          forked_output.finished = true;
-          forked_output.finish_reason = finish_reason_name(FinishReason::kAbort);
-          forked_output.error = error.what();
-          forked_output.num_prompt_tokens = static_cast<int64_t>(forked->prompt_token_ids.size());
-          forked_output.num_cached_tokens = forked->num_cached_tokens;
-          scheduler_->finish_request(forked->request_id, FinishReason::kAbort);
-        }
-        outputs.push_back(std::move(forked_output));
+        rows.push_back({forked, logits_row});
       }
     }
-    accept_token(request, std::move(sampled), output);  // may finish the request: `request` dies there
+    ++logits_row;
+  }
+  if (rows.empty()) return outputs;
+  const SampledRows sampled = sample_rows(rows, logits);
+
+  const int vocab_size = model_->config().vocab_size;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    Request& request = *rows[r].request;
+    RequestOutput output;
+    output.request_id = request.request_id;
+    if (config_.capture_logits) {
+      const auto begin = captured_logits.begin() + static_cast<int64_t>(rows[r].logits_row) * vocab_size;
+      output.logits.assign(begin, begin + vocab_size);
+    }
+    const int32_t token_id = sampled.token_ids[r];
+    if (token_id < 0 || token_id >= vocab_size) {
+      // A row that cannot be sampled (NaN logits, everything masked) aborts its own request only:
+      // the others in the batch keep their tokens and the engine stays consistent.
+      output.finished = true;
+      output.finish_reason = finish_reason_name(FinishReason::kAbort);
+      output.error = "request " + std::to_string(request.request_id) +
+                     ": the sampler found its logits row invalid (NaN logits, or every token masked)";
+      output.num_prompt_tokens = static_cast<int64_t>(request.prompt_token_ids.size());
+      output.num_output_tokens = static_cast<int64_t>(request.output_token_ids.size());
+      output.num_cached_tokens = std::max<int64_t>(0, request.num_cached_tokens);
+      const int64_t request_id = request.request_id;
+      scheduler_->finish_request(request_id, FinishReason::kAbort);  // `request` dies here
+      release_followers(request_id);
+      outputs.push_back(std::move(output));
+      continue;
+    }
+    SampledToken token;
+    token.token_id = token_id;
+    if (request.params.logprobs >= 0) {
+      token.logprob = sampled.logprobs[r];
+      const size_t top_begin = r * static_cast<size_t>(sampled.num_top);
+      for (int j = 0; j < request.params.logprobs; ++j) {
+        token.top_logprobs.emplace_back(sampled.top_token_ids[top_begin + j], sampled.top_logprobs[top_begin + j]);
+      }
+    }
+    accept_token(request, std::move(token), output);  // may finish the request: `request` dies there
     outputs.push_back(std::move(output));
   }
   return outputs;
@@ -556,19 +543,23 @@ bool Engine::fork_sample(const Request& leader, std::unique_ptr<Request>& follow
   return true;
 }
 
-std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, const TensorView& logits) {
+Engine::SampledRows Engine::sample_rows(const std::vector<SampleRow>& rows, const TensorView& logits) {
   std::vector<float> temperature, top_p, min_p, repetition, presence, frequency;
-  std::vector<int32_t> top_k, history_indptr = {0}, history, num_prompt, banned_indptr = {0}, banned;
+  std::vector<int32_t> top_k, history_indptr = {0}, history, num_prompt, banned_indptr = {0}, banned, row_map;
   std::vector<int64_t> seeds, offsets;
   bool any_penalty = false;
-  for (const ScheduledChunk& chunk : scheduled.chunks) {
-    if (!chunk.samples) continue;
-    const Request& request = *chunk.request;
+  int num_top = -1;  // the most top logprobs a row asks for; -1: no row wants logprobs
+  for (const SampleRow& row : rows) {
+    const Request& request = *row.request;
     const SamplingParams& p = request.params;
+    row_map.push_back(row.logits_row);
+    num_top = std::max(num_top, p.logprobs);
     temperature.push_back(p.temperature);
     top_k.push_back(p.top_k);
     top_p.push_back(p.top_p);
     min_p.push_back(p.min_p);
+    // The Philox key and counter: (the request's seed, its tokens so far). Neither depends on the
+    // batch, on preemption or on forking, so a seeded request draws the same numbers everywhere.
     seeds.push_back(static_cast<int64_t>(request.sample_seed));
     offsets.push_back(static_cast<int64_t>(request.output_token_ids.size()));
     const bool penalised = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
@@ -588,14 +579,18 @@ std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, 
     }
     banned_indptr.push_back(static_cast<int32_t>(banned.size()));
   }
-  const int64_t num_rows = static_cast<int64_t>(temperature.size());
-  LSERVE_CHECK(num_rows == logits.size(0), "sample_on_device: ", num_rows, " sampling rows, ", logits.size(0),
-               " logits rows");
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const int64_t vocab_size = logits.size(1);
+  const bool want_logprobs = num_top >= 0;
+  // The sampler overwrites its logits: it gets its own copy when the raw rows are still needed
+  // (logprobs) or when rows share one (forked samples).
+  const bool gather = want_logprobs || num_rows != logits.size(0);
   // Parameters: one host -> device copy.
   PackedUpload pack;
   const int i_temperature = pack.add(temperature, DType::kF32), i_top_k = pack.add(top_k, DType::kI32);
   const int i_top_p = pack.add(top_p, DType::kF32), i_min_p = pack.add(min_p, DType::kF32);
   const int i_seed = pack.add(seeds, DType::kI64), i_offset = pack.add(offsets, DType::kI64);
+  const int i_row_map = pack.add(row_map, DType::kI32);
   int i_history_indptr = -1, i_history = -1, i_num_prompt = -1, i_repetition = -1, i_presence = -1,
       i_frequency = -1, i_banned_indptr = -1, i_banned = -1;
   if (any_penalty) {
@@ -611,14 +606,21 @@ std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, 
     i_banned = pack.add(banned, DType::kI32);
   }
   const Tensor block = pack.upload(*backend_);
+  Tensor sample_logits;
   SampleArgs args;
   args.logits = logits;
+  if (gather) {
+    sample_logits = backend_->empty({num_rows, vocab_size}, DType::kF32);
+    backend_->gather_rows({logits, pack.view(i_row_map, block), sample_logits.view()});
+    args.logits = sample_logits.view();
+  }
   args.temperature = pack.view(i_temperature, block);
   args.top_k = pack.view(i_top_k, block);
   args.top_p = pack.view(i_top_p, block);
   args.min_p = pack.view(i_min_p, block);
   args.seed = pack.view(i_seed, block);
   args.offset = pack.view(i_offset, block);
+  args.raise_invalid_rows = false;  // a bad row aborts its own request (step() reads the -1)
   Tensor output = backend_->empty({num_rows}, DType::kI32);
   args.output = output.view();
   Tensor workspace;
@@ -629,7 +631,7 @@ std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, 
     args.repetition_penalty = pack.view(i_repetition, block);
     args.presence_penalty = pack.view(i_presence, block);
     args.frequency_penalty = pack.view(i_frequency, block);
-    workspace = backend_->empty({sample_workspace_bytes(num_rows, logits.size(1))}, DType::kU8);
+    workspace = backend_->empty({sample_workspace_bytes(num_rows, vocab_size)}, DType::kU8);
     args.workspace = workspace.view();
   }
   if (!banned.empty()) {
@@ -637,10 +639,29 @@ std::vector<int32_t> Engine::sample_on_device(const SchedulerOutput& scheduled, 
     args.banned_token_ids = pack.view(i_banned, block);
   }
   backend_->sample(args);
-  std::vector<int32_t> tokens(static_cast<size_t>(num_rows));
-  backend_->copy(TensorView(tokens.data(), DType::kI32, {num_rows}), output);
+
+  SampledRows result;
+  result.token_ids.resize(static_cast<size_t>(num_rows));
+  Tensor logprobs, top_token_ids, top_logprobs;
+  if (want_logprobs) {
+    result.num_top = num_top;
+    logprobs = backend_->empty({num_rows}, DType::kF32);
+    top_token_ids = backend_->empty({num_rows, num_top}, DType::kI32);
+    top_logprobs = backend_->empty({num_rows, num_top}, DType::kF32);
+    backend_->logprobs({logits, pack.view(i_row_map, block), output.view(), logprobs.view(), top_token_ids.view(),
+                        top_logprobs.view()});
+    result.logprobs.resize(static_cast<size_t>(num_rows));
+    result.top_token_ids.resize(static_cast<size_t>(num_rows * num_top));
+    result.top_logprobs.resize(static_cast<size_t>(num_rows * num_top));
+    backend_->copy(TensorView(result.logprobs.data(), DType::kF32, {num_rows}), logprobs);
+    if (num_top > 0) {
+      backend_->copy(TensorView(result.top_token_ids.data(), DType::kI32, {num_rows, num_top}), top_token_ids);
+      backend_->copy(TensorView(result.top_logprobs.data(), DType::kF32, {num_rows, num_top}), top_logprobs);
+    }
+  }
+  backend_->copy(TensorView(result.token_ids.data(), DType::kI32, {num_rows}), output);
   backend_->synchronize();
-  return tokens;
+  return result;
 }
 
 EngineStats Engine::stats() const {

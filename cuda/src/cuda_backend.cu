@@ -57,11 +57,24 @@ void CudaBackend::activate() const { LSERVE_CUDA_CHECK(cudaSetDevice(context_->d
 bool CudaBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const {
   const bool weights_ok = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16;
   const bool kv_ok = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
+  // Per op, the argument the op reads: weights (embed, rms_norm, gemm), the KV cache (attention: the
+  // reference kernel reads float32 or bfloat16 caches; rope_kv_append writes any float dtype), or
+  // neither (the rest take float32 logits, ids or activations in any float dtype).
+  const bool any_float_kv = kv_ok || kv_cache_dtype == DType::kF16;
   switch (op) {
-    case OpKind::kSparseAttention: return kv_ok;  // the reference kernel; TODO(#17): tensor cores
+    case OpKind::kEmbed:
+    case OpKind::kRmsNorm:
+    case OpKind::kGemm: return weights_ok;
+    case OpKind::kRopeKvAppend: return any_float_kv;
+    case OpKind::kAttention:
+    case OpKind::kSparseAttention: return kv_ok;  // sparse: the reference kernel; TODO(#17): tensor cores
+    case OpKind::kSiluMul:
+    case OpKind::kGatherRows:
+    case OpKind::kSample:
+    case OpKind::kLogprobs:
     case OpKind::kPageSelect: return true;
-    default: return weights_ok && kv_ok;
   }
+  return false;
 }
 
 void CudaBackend::synchronize_impl() {
@@ -169,6 +182,7 @@ void CudaBackend::rope_kv_append_impl(const RopeKvAppendArgs& args) { activate()
 void CudaBackend::attention_impl(const AttentionArgs& args) { activate(); cuda_attention(*this, args); }
 void CudaBackend::gather_rows_impl(const GatherRowsArgs& args) { activate(); cuda_gather_rows(*this, args); }
 void CudaBackend::sample_impl(const SampleArgs& args) { activate(); cuda_sample(*this, args); }
+void CudaBackend::logprobs_impl(const LogprobsArgs& args) { activate(); cuda_logprobs(*this, args); }
 void CudaBackend::page_select_impl(const PageSelectArgs& args) { activate(); cuda_page_select(*this, args); }
 void CudaBackend::page_stats_append_impl(const PageStatsAppendArgs& args) {
   activate();

@@ -69,6 +69,7 @@ class CudaBackend : public Backend {
   void attention_impl(const AttentionArgs& args) override;
   void gather_rows_impl(const GatherRowsArgs& args) override;
   void sample_impl(const SampleArgs& args) override;
+  void logprobs_impl(const LogprobsArgs& args) override;
   void page_select_impl(const PageSelectArgs& args) override;
   void page_stats_append_impl(const PageStatsAppendArgs& args) override;
 
@@ -90,6 +91,7 @@ void cuda_rope_kv_append(CudaBackend& backend, const RopeKvAppendArgs& args);
 void cuda_attention(CudaBackend& backend, const AttentionArgs& args);
 void cuda_gather_rows(CudaBackend& backend, const GatherRowsArgs& args);
 void cuda_sample(CudaBackend& backend, const SampleArgs& args);
+void cuda_logprobs(CudaBackend& backend, const LogprobsArgs& args);
 void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args);
 void cuda_page_stats_append(CudaBackend& backend, const PageStatsAppendArgs& args);
 // The simple paged attention every faster kernel is checked against (attention_reference.cu).

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'Generator', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_load_stored_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_token', 'sample_workspace_bytes']
+__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_load_stored_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_workspace_bytes']
 class Error(ValueError):
     pass
 class CpuBackend:
@@ -236,17 +236,6 @@ class SamplingParams:
     @top_p.setter
     def top_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
-class Generator:
-    """
-    A seeded std::mt19937_64 stream for repeated sampling.
-    """
-    def __init__(self, seed: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
-    def sample(self, logits: typing.Any, params: SamplingParams, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], output_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], eos_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> tuple[int, float, list[tuple[int, float]]]:
-        """
-        Samples one token from logits (vocab_size,) float32, continuing this generator's stream.
-        Returns (token_id, logprob, top_logprobs); see sample_token.
-        """
 class GgufFile:
     """
     A GGUF file, memory-mapped read-only; raises ValueError on corrupt input.
@@ -294,6 +283,7 @@ class GgufFile:
 class SparsityConfig:
     always_select_sink_page: bool
     enabled: bool
+    group_score: str
     page_score: str
     def __init__(self) -> None:
         ...
@@ -820,13 +810,17 @@ class Backend:
         """
         output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait (benchmarks)
         """
+    def logprobs(self, logits: typing.Any, row_indices: typing.Any, token_ids: typing.Any, logprobs: typing.Any, top_token_ids: typing.Any, top_logprobs: typing.Any) -> None:
+        """
+        logprobs[r] = log_softmax(logits[row_indices[r]])[token_ids[r]]; top_token_ids[r] / top_logprobs[r]: the row's num_top best tokens (larger logit first, lower id on ties) and their logprobs. See ops/logprobs.h.
+        """
     def memory_info(self) -> tuple[int, int]:
         """
         (free, total) device bytes, or (-1, -1) on the host
         """
-    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
+    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
         """
-        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound' or 'center'.
+        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound' or 'center'; group_score 'sum', 'max' or 'mass'.
         """
     def page_stats_append(self, key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
@@ -836,9 +830,9 @@ class Backend:
         ...
     def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any, *, mirror_slot_mapping: typing.Any = None) -> None:
         ...
-    def sample(self, logits: typing.Any, temperature: typing.Any, top_k: typing.Any, top_p: typing.Any, min_p: typing.Any, seed: typing.Any, offset: typing.Any, output: typing.Any, *, history_indptr: typing.Any = None, history_token_ids: typing.Any = None, num_prompt_tokens: typing.Any = None, repetition_penalty: typing.Any = None, presence_penalty: typing.Any = None, frequency_penalty: typing.Any = None, workspace: typing.Any = None, banned_indptr: typing.Any = None, banned_token_ids: typing.Any = None) -> None:
+    def sample(self, logits: typing.Any, temperature: typing.Any, top_k: typing.Any, top_p: typing.Any, min_p: typing.Any, seed: typing.Any, offset: typing.Any, output: typing.Any, *, history_indptr: typing.Any = None, history_token_ids: typing.Any = None, num_prompt_tokens: typing.Any = None, repetition_penalty: typing.Any = None, presence_penalty: typing.Any = None, frequency_penalty: typing.Any = None, workspace: typing.Any = None, banned_indptr: typing.Any = None, banned_token_ids: typing.Any = None, raise_invalid_rows: bool = True) -> None:
         """
-        output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids.
+        output[r] = one token sampled from logits[r] (used as scratch) with row r's parameters; see ops/sample.h. The penalty tensors (history_*, num_prompt_tokens, *_penalty, workspace of sample_workspace_bytes(num_rows, vocab_size) uint8) go together, as do banned_indptr/banned_token_ids. Invalid rows: CUDA writes -1; the CPU raises, or writes -1 with raise_invalid_rows=False.
         """
     def silu_mul(self, input: typing.Any, output: typing.Any) -> None:
         ...
@@ -868,7 +862,7 @@ def gguf_model_config_dict(file: GgufFile) -> dict:
     """
     ModelConfig fields of a llama GGUF as a dict (rope_scaling nested).
     """
-def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
+def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
     ...
 def page_stats_append(key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...
@@ -879,16 +873,6 @@ def rope_cos_sin_cache(head_dim: typing.SupportsInt | typing.SupportsIndex, rope
 def rope_frequencies(head_dim: typing.SupportsInt | typing.SupportsIndex, rope_theta: typing.SupportsFloat | typing.SupportsIndex, partial_rotary_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0, rope_scaling: typing.Any = None, max_position_embeddings: typing.SupportsInt | typing.SupportsIndex = 2048) -> tuple[numpy.typing.NDArray[numpy.float64], float]:
     """
     (inv_freq (rotary_dim / 2,) float64, attention_scaling) as transformers' ROPE_INIT_FUNCTIONS return them.
-    """
-def sample_token(logits: typing.Any, params: SamplingParams, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], output_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], eos_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], seed: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[int, float, list[tuple[int, float]]]:
-    """
-    Samples one token from logits (vocab_size,) float32 with a fresh mt19937_64(seed). While
-    len(output_token_ids) < params.min_tokens, params.stop_token_ids and (unless params.ignore_eos)
-    eos_token_ids are masked. Returns (token_id, logprob, top_logprobs): logprob and top_logprobs
-    (best first, params.logprobs entries of (token_id, logprob)) come from log_softmax of the raw
-    logits; logprob is 0 when params.logprobs is -1. The input array is not modified.
-    
-    Example: sample_token(np.array([0., 2., 1.], np.float32), SamplingParams(temperature=0))[0] == 1
     """
 def sample_workspace_bytes(num_rows: typing.SupportsInt | typing.SupportsIndex, vocab_size: typing.SupportsInt | typing.SupportsIndex) -> int:
     """

@@ -25,6 +25,9 @@ PRESETS = ("dense", "lserve")
 # Logical page scores of the decode page selection (cpp/include/lserve/ops/page_select.h):
 # "bound" = sum_d max(q_d kmax_d, q_d kmin_d) (the paper's), "center" = sum_d q_d (kmax_d + kmin_d) / 2.
 PAGE_SCORES = ("bound", "center")
+# How the query heads of a GQA group combine their page scores (ops/page_select.h GroupScore): "sum" of
+# the scores (the paper's), "max" over heads, or "mass": each head's softmax over pages, summed.
+GROUP_SCORES = ("sum", "max", "mass")
 
 
 def read_head_scores(path: Union[str, os.PathLike]) -> np.ndarray:
@@ -98,7 +101,9 @@ class SparsityConfig:
     token budget of dense heads, the selection reuse interval, and a context length below which a
     sequence runs dense. page_score: how a logical page is scored from its kmax/kmin, "bound" (the
     paper's upper bound sum_d max(q_d kmax_d, q_d kmin_d)) or "center" (sum_d q_d (kmax_d + kmin_d) / 2,
-    the bound without its spread term; same statistics, no extra memory).
+    the bound without its spread term; same statistics, no extra memory). group_score: how the query
+    heads of a GQA group share one selection, "sum" of their scores (the paper's), "max" over heads,
+    or "mass" (each head's page scores as a softmax over pages, summed: every head gets the same say).
     """
 
     enabled: bool = True
@@ -116,6 +121,7 @@ class SparsityConfig:
     dense_below_tokens: int = 0
     always_select_sink_page: bool = True
     page_score: str = "bound"
+    group_score: str = "sum"
     _scores: Optional[np.ndarray] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +138,8 @@ class SparsityConfig:
                              f"({self.physical_page_size} tokens)")
         if self.page_score not in PAGE_SCORES:
             raise ValueError(f"page_score must be one of {', '.join(PAGE_SCORES)}, got {self.page_score!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {', '.join(GROUP_SCORES)}, got {self.group_score!r}")
         if not 0.0 <= self.streaming_fraction <= 1.0:
             raise ValueError(f"streaming_fraction must be in [0, 1], got {self.streaming_fraction}")
         if self.head_pattern is not None and self.streaming_heads is not None:
@@ -216,7 +224,7 @@ class SparsityConfig:
 
     _CORE_FIELDS = ("prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens", "decode_local_tokens",
                     "physical_page_size", "logical_page_size", "decode_token_budget", "selection_reuse_interval",
-                    "dense_below_tokens", "always_select_sink_page", "page_score")
+                    "dense_below_tokens", "always_select_sink_page", "page_score", "group_score")
 
     def to_core(self, num_layers: int, num_kv_heads: int):
         """The C++ mirror (lserve._C.SparsityConfig) for a model of this shape. Raises ValueError as

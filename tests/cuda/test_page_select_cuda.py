@@ -52,7 +52,7 @@ def make_select_case(seed: int, kv_lens, num_kv: int, group: int, head_dim: int,
 
 
 def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page_score: str, on_device: bool,
-               strided_query: bool = False, query_dtype: str = "float32", store=None) -> tuple:
+               strided_query: bool = False, query_dtype: str = "float32", store=None, group_score: str = "sum") -> tuple:
     """The store (selected, num_selected) after page_select. host may hold qo_indptr, select_mode and
     select_slot; store: its starting contents (default: POISON, one row per sequence)."""
     num_seqs, num_kv = host["kv_lens"].shape[0], host["kmax"].shape[2]
@@ -78,20 +78,22 @@ def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page
                  np.full((num_seqs, num_kv), POISON, np.int32))
     selected, num_selected = (ints(store[0]), ints(store[1])) if on_device else (store[0].copy(), store[1].copy())
     backend.page_select(selected=selected, num_selected=num_selected, keep_first_page=keep_first_page,
-                        page_score=page_score, **args)
+                        page_score=page_score, group_score=group_score, **args)
     if on_device:
         return selected.cpu().numpy(), num_selected.cpu().numpy()
     return selected, num_selected
 
 
 def check_select(cuda_backend, cpu_backend, host: dict, num_select: int, keep_first_page: bool, page_score: str,
-                 what: str, seed, strided_query: bool = False, query_dtype: str = "float32", store=None) -> tuple:
+                 what: str, seed, strided_query: bool = False, query_dtype: str = "float32", store=None,
+                 group_score: str = "sum") -> tuple:
     """CUDA against the CPU on the same Args and the same starting store, exactly; returns the store."""
     expected = run_select(cpu_backend, host, num_select, keep_first_page, page_score, on_device=False,
-                          query_dtype=query_dtype, store=store)
+                          query_dtype=query_dtype, store=store, group_score=group_score)
     actual = run_select(cuda_backend, host, num_select, keep_first_page, page_score, on_device=True,
-                        strided_query=strided_query, query_dtype=query_dtype, store=store)
-    what = f"{what} num_select={num_select} keep_first={keep_first_page} {page_score} query {query_dtype}"
+                        strided_query=strided_query, query_dtype=query_dtype, store=store, group_score=group_score)
+    what = (f"{what} num_select={num_select} keep_first={keep_first_page} {page_score}/{group_score} "
+            f"query {query_dtype}")
     if store is None:
         assert not (actual[1] == POISON).any(), (
             f"{what}: num_selected unwritten at {np.argwhere(actual[1] == POISON)[:5]}")
@@ -107,13 +109,24 @@ KV_LENS = [1, 64, 65, 127, 130, 640, 1000, 1153, 4095, 4096, 4097, 9000]
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("page_score", ["bound", "center"])
-def test_page_select_matches_cpu(cuda_backend, cpu_backend, group, head_dim, page_score):
+@pytest.mark.parametrize("group_score", ["sum", "max"])
+def test_page_select_matches_cpu(cuda_backend, cpu_backend, group, head_dim, page_score, group_score):
     seed = 10 * group + head_dim + (1 if page_score == "center" else 0)
     host = make_select_case(seed, KV_LENS, num_kv=2, group=group, head_dim=head_dim)
     for num_select in (2, 3, 17, 80):  # up to more than half of the longest sequence's 141 pages
         for keep_first in (True, False):
             check_select(cuda_backend, cpu_backend, host, num_select, keep_first, page_score,
-                         f"group {group} head_dim {head_dim}", seed, strided_query=num_select == 17)
+                         f"group {group} head_dim {head_dim}", seed, strided_query=num_select == 17,
+                         group_score=group_score)
+
+
+def test_page_select_mass_refused_on_cuda(cuda_backend):
+    """group_score 'mass' runs on the CPU only: CUDA says so instead of selecting something else."""
+    if STANDIN:
+        pytest.skip("standing in: the CPU runs 'mass'")
+    host = make_select_case(3, [1000], num_kv=2, group=3, head_dim=64)
+    with pytest.raises(ValueError, match="group_score 'mass' runs on the CPU backend only"):
+        run_select(cuda_backend, host, 4, True, "center", on_device=True, group_score="mass")
 
 
 @pytest.mark.parametrize("page_size, logical", [(64, 64), (32, 8), (16, 1)])

@@ -1,7 +1,7 @@
 """sample on CUDA against the CPU reference on the same Args (ops/sample.h).
 
 Exact, row by row, sampled tokens included: the two backends share the op's arithmetic
-(cuda/include/lserve/cuda/ops/sample_rules.h: IEEE-rounded float steps, integer weights, an integer
+(cpp/include/lserve/ops/sample_rules.h: IEEE-rounded float steps, integer weights, an integer
 draw target from Philox4x32-10), so there is no floating-point CDF for a uniform to land near and no
 tolerance to tune. On a mismatch the message also compares the scratch both backends leave in the
 logits (penalised logits for greedy rows, probabilities otherwise) to say which step diverged.
@@ -77,7 +77,7 @@ def run_cpu(cpu_backend, host: dict) -> tuple:
     return args["output"], args["logits"]
 
 
-def run_cuda(cuda_backend, host: dict, strided: bool = False) -> tuple:
+def run_cuda(cuda_backend, host: dict, strided: bool = False, raise_invalid_rows: bool = True) -> tuple:
     num_rows, vocab_size = host["logits"].shape
     args = {}
     for key, value in host.items():
@@ -90,7 +90,7 @@ def run_cuda(cuda_backend, host: dict, strided: bool = False) -> tuple:
     if "history_indptr" in args:  # garbage first: the op needs no initialised workspace
         num_bytes = _C.sample_workspace_bytes(num_rows, vocab_size)
         args["workspace"] = torch.full((num_bytes,), 0xA5, dtype=torch.uint8, device=DEVICE)
-    cuda_backend.sample(**args)
+    cuda_backend.sample(**args, raise_invalid_rows=raise_invalid_rows)  # CUDA: -1 either way
     return args["output"].cpu().numpy(), args["logits"].cpu().numpy()
 
 
@@ -157,9 +157,8 @@ def test_many_draws_match_cpu(cuda_backend, cpu_backend):
 
 
 def test_invalid_rows_get_minus_one(cuda_backend, cpu_backend):
-    """CUDA cannot raise without a sync: rows the CPU rejects get -1, the others their usual token."""
-    if STANDIN:
-        pytest.skip("the CPU stand-in raises instead of writing -1")
+    """CUDA cannot raise without a sync: rows the CPU rejects get -1, the others their usual token.
+    (The CPU stand-in writes -1 too, with raise_invalid_rows=False, the engine's setting.)"""
     seed = 600
     vocab_size = 3000
     num_rows = 9
@@ -178,7 +177,7 @@ def test_invalid_rows_get_minus_one(cuda_backend, cpu_backend):
     host["banned_indptr"], host["banned_token_ids"] = csr(banned)
     host["temperature"][6] = np.inf                    # row 6
     invalid = [0, 1, 2, 3, 5, 6]
-    actual, _ = run_cuda(cuda_backend, host)
+    actual, _ = run_cuda(cuda_backend, host, raise_invalid_rows=not STANDIN)
     assert_exact(actual[invalid], np.full(len(invalid), -1, np.int32), "invalid rows", seed)
     for row in invalid:
         one = select_rows(host, [row])

@@ -1,10 +1,10 @@
-"""Per-request sampling inside the engine (cpp/src/engine.cpp calling cpp/src/sampling.cpp) on a tiny
-random Llama, and the KV pool sized from a memory budget.
+"""Per-request sampling inside the engine (cpp/src/engine.cpp calling the backend's sample and
+logprobs ops) on a tiny random Llama, and the KV pool sized from a memory budget.
 
-The sampler itself is checked against numpy in tests/test_sampling.py; here every token the engine
-samples is replayed through _C.Generator from the step's captured logits (same params, token history,
-eos ids and seed), which pins that each request gets its own parameters and generator stream in a
-mixed batch. Stop ids, eos, min_tokens, ignore_eos, max_tokens and logprobs are checked on the
+The ops themselves are checked against numpy in tests/ops/test_sample.py and test_logprobs.py; here
+every token the engine samples is replayed through the sample op, one row alone, from the step's
+captured logits (same params, token history, eos ids, seed, and offset = tokens so far), which pins
+that each request gets its own parameters and Philox stream in a mixed batch. Stop ids, eos, min_tokens, ignore_eos, max_tokens and logprobs are checked on the
 outputs, vLLM-style.
 """
 from __future__ import annotations
@@ -84,8 +84,41 @@ MIXED = [
 ]
 
 
-def test_mixed_batch_replays_through_the_reference_sampler(model_dir):
+def replay(cpu, logits, params, prompt, outputs, eos=(EOS,)):
+    """The token the sample op draws for one row alone, and the logprobs op's answer for it."""
+    penalised = params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
+    args = dict(logits=np.array(logits, np.float32)[None].copy(),
+                temperature=np.array([params.temperature], np.float32), top_k=np.array([params.top_k], np.int32),
+                top_p=np.array([params.top_p], np.float32), min_p=np.array([params.min_p], np.float32),
+                seed=np.array([max(params.seed, 0)], np.int64),  # greedy draws nothing: any key will do
+                offset=np.array([len(outputs)], np.int64), output=np.full(1, -9, np.int32))
+    if penalised:
+        history = list(prompt) + list(outputs)
+        args.update(history_indptr=np.array([0, len(history)], np.int32),
+                    history_token_ids=np.array(history, np.int32),
+                    num_prompt_tokens=np.array([len(prompt)], np.int32),
+                    repetition_penalty=np.array([params.repetition_penalty], np.float32),
+                    presence_penalty=np.array([params.presence_penalty], np.float32),
+                    frequency_penalty=np.array([params.frequency_penalty], np.float32),
+                    workspace=np.zeros(_C.sample_workspace_bytes(1, len(logits)), np.uint8))
+    if len(outputs) < params.min_tokens:
+        banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos))
+        args.update(banned_indptr=np.array([0, len(banned)], np.int32), banned_token_ids=np.array(banned, np.int32))
+    cpu.sample(**args)
+    token_id = int(args["output"][0])
+    if params.logprobs < 0:
+        return token_id, None
+    num_top = params.logprobs
+    logprob, top_ids, top_logprobs = np.zeros(1, np.float32), np.zeros((1, num_top), np.int32), np.zeros(
+        (1, num_top), np.float32)
+    cpu.logprobs(np.array(logits, np.float32)[None], np.zeros(1, np.int32), np.array([token_id], np.int32), logprob,
+                 top_ids, top_logprobs)
+    return token_id, (float(logprob[0]), [(int(t), float(v)) for t, v in zip(top_ids[0], top_logprobs[0])])
+
+
+def test_mixed_batch_replays_through_the_sample_op(model_dir):
     engine = _engine(model_dir, capture_logits=True, max_num_batched_tokens=24)
+    cpu = _C.Backend("cpu", 1)
     requests = {}
     for index, kwargs in enumerate(MIXED):
         params = _C.SamplingParams(max_tokens=14, **kwargs)
@@ -94,12 +127,11 @@ def test_mixed_batch_replays_through_the_reference_sampler(model_dir):
     for core_id, (prompt, params) in requests.items():
         result = results[core_id]
         what = f"request {core_id} {MIXED[core_id]}"
-        generator = _C.Generator(max(params.seed, 0))  # greedy draws nothing: any stream will do
         for position, (token_id, logits) in enumerate(zip(result["tokens"], result["logits"])):
-            expected, logprob, top = generator.sample(logits, params, prompt, result["tokens"][:position], [EOS])
-            assert token_id == expected, f"{what}: token {position} is {token_id}, the sampler says {expected}"
+            expected, logprobs = replay(cpu, logits, params, prompt, result["tokens"][:position])
+            assert token_id == expected, f"{what}: token {position} is {token_id}, the sample op says {expected}"
             if params.logprobs >= 0:
-                assert result["logprobs"][position] == (logprob, top), f"{what}: logprobs at {position}"
+                assert result["logprobs"][position] == logprobs, f"{what}: logprobs at {position}"
         assert len(result["logprobs"]) == (len(result["tokens"]) if params.logprobs >= 0 else 0), what
         ended_on_stop = result["tokens"][-1] in [EOS] + list(params.stop_token_ids)
         if result["finish_reason"] == "stop":

@@ -75,14 +75,12 @@ def test_whole_prompt_cached_still_computes_last_token(llama_dir):
     assert_exact(b.outputs[0].token_ids, a.outputs[0].token_ids, what="identical prompt twice")
 
 
-def test_concurrent_requests_share_a_prefix_being_prefilled(llama_dir):
-    """Requests that arrive while the shared prefix is still being prefilled (small chunks) pick up
-    the pages as they are computed, and all give the uncached tokens."""
-    prefix = tokens(5, 150)
-    prompts = [prefix + tokens(10 + i, 5 + 3 * i) for i in range(4)]
-    cached = engine(llama_dir, True, max_num_batched_tokens=32)
-    ids = [cached.add_request(None, p, GREEDY) for p in prompts[:1]]
-    for _ in range(2):  # the first request is part-way through its prefix
+def check_joining_a_prefix_being_prefilled(make_engine, prompts, steps_before_join: int) -> None:
+    """prompts[0] runs alone for steps_before_join steps (part-way through its prefix), then the others
+    join: every request gives the uncached engine's tokens and the joiners find cached tokens."""
+    cached = make_engine(True)
+    ids = [cached.add_request(None, prompts[0], GREEDY)]
+    for _ in range(steps_before_join):
         cached.step()
     ids += [cached.add_request(None, p, GREEDY) for p in prompts[1:]]
     results = {}
@@ -90,10 +88,19 @@ def test_concurrent_requests_share_a_prefix_being_prefilled(llama_dir):
         for out in cached.step():
             if out.finished:
                 results[out.request_id] = out
-    expected = run(engine(llama_dir, False, max_num_batched_tokens=32), prompts, GREEDY)
+    expected = run(make_engine(False), prompts, GREEDY)
     for index, request_id in enumerate(ids):
         assert_exact(results[request_id].outputs[0].token_ids, expected[index], what=f"request {index}")
     assert all(results[request_id].num_cached_tokens > 0 for request_id in ids[1:])
+
+
+def test_concurrent_requests_share_a_prefix_being_prefilled(llama_dir):
+    """Requests that arrive while the shared prefix is still being prefilled (small chunks) pick up
+    the pages as they are computed, and all give the uncached tokens."""
+    prefix = tokens(5, 150)
+    prompts = [prefix + tokens(10 + i, 5 + 3 * i) for i in range(4)]
+    check_joining_a_prefix_being_prefilled(lambda caching: engine(llama_dir, caching, max_num_batched_tokens=32),
+                                           prompts, steps_before_join=2)
 
 
 def test_preemption_with_shared_pages(llama_dir):
@@ -248,17 +255,5 @@ def test_sparse_concurrent_requests_share_a_prefix_being_prefilled(llama_dir):
     prefill ring) take its finished pages and their shadows as they appear."""
     prefix = tokens(50, 180)
     prompts = [prefix + tokens(60 + i, 4 + 5 * i) for i in range(3)]
-    cached = sparse_engine(llama_dir, True, max_num_batched_tokens=48)
-    ids = [cached.add_request(None, prompts[0], GREEDY)]
-    for _ in range(3):
-        cached.step()
-    ids += [cached.add_request(None, p, GREEDY) for p in prompts[1:]]
-    results = {}
-    while cached.has_unfinished_requests():
-        for out in cached.step():
-            if out.finished:
-                results[out.request_id] = out
-    expected = run(sparse_engine(llama_dir, False, max_num_batched_tokens=48), prompts, GREEDY)
-    for index, request_id in enumerate(ids):
-        assert_exact(results[request_id].outputs[0].token_ids, expected[index], what=f"request {index}")
-    assert all(results[request_id].num_cached_tokens > 0 for request_id in ids[1:])
+    check_joining_a_prefix_being_prefilled(
+        lambda caching: sparse_engine(llama_dir, caching, max_num_batched_tokens=48), prompts, steps_before_join=3)

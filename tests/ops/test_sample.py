@@ -380,6 +380,24 @@ def test_bad_data_raises(cpu):
         cpu.sample(**sample_args(bad, temperature=0.0))
 
 
+def test_invalid_rows_get_minus_one_without_raising(cpu):
+    """raise_invalid_rows=False (the engine's setting): bad rows get -1, as on CUDA; the other rows get
+    the token they get alone (a row's place in the batch is no input)."""
+    seed = 31
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((5, 8)).astype(np.float32)
+    logits[1, 3] = np.nan
+    args = sample_args(logits, seed=[1, 2, 3, 4, 5], offset=7, banned=[[], [], list(range(8)), [], []])
+    args["raise_invalid_rows"] = False
+    output = run(cpu, **args)
+    assert output[1] == -1 and output[2] == -1, output
+    for row in (0, 3, 4):
+        alone = run(cpu, **sample_args(logits[row:row + 1], seed=row + 1, offset=7))
+        assert output[row] == alone[0], f"row {row} (seed={seed})"
+    with pytest.raises(ValueError, match=r"logits\[1, 3\] is NaN"):
+        cpu.sample(**sample_args(logits, seed=[1, 2, 3, 4, 5], offset=7))
+
+
 def test_history_ids_unused_without_penalties(cpu):
     """Rows whose penalties are off never read their history: ids there are not checked."""
     logits = np.array([[0.0, 3.0, 1.0]], np.float32)

@@ -21,7 +21,11 @@ def numpy_stats(keys_by_page, logical_page_size):
         return np.nanmax(grouped, axis=2), np.nanmin(grouped, axis=2)
 
 
-def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_select, keep_first, page_score="bound"):
+def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_select, keep_first, page_score="bound",
+                 group_score="sum"):
+    """The rule of ops/page_select.h in float64: logical scores per query head; "sum" adds the heads'
+    scores before the max over logical pages, "max" takes the best head's page score, "mass" sums each
+    head's softmax over pages (scale 1/sqrt(head_dim))."""
     num_qo, head_dim = query.shape
     num_kv = kmax.shape[2]
     group = num_qo // num_kv
@@ -32,6 +36,7 @@ def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_selec
             result.append(list(range(num_pages)))
             continue
         q = query[h * group:(h + 1) * group]  # (group, D)
+        head_scores = []  # per page: (group,) each head's max over its logical pages
         scores = []
         for position, page in enumerate(pages):
             n_tokens = min(page_size, kv_len - position * page_size)
@@ -42,6 +47,13 @@ def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_selec
                 s = np.maximum(q[:, None, :] * kmax[page, :n_logical, h][None],
                                q[:, None, :] * kmin[page, :n_logical, h][None])
             scores.append(s.sum(axis=(0, 2)).max())
+            head_scores.append(s.sum(axis=2).max(axis=1))
+        head_scores = np.asarray(head_scores, dtype=np.float64).T  # (group, num_pages)
+        if group_score == "max":
+            scores = list(head_scores.max(axis=0))
+        elif group_score == "mass":
+            weights = np.exp((head_scores - head_scores.max(axis=1, keepdims=True)) / np.sqrt(head_dim))
+            scores = list((weights / weights.sum(axis=1, keepdims=True)).sum(axis=0))
         forced = {num_pages - 1} | ({0} if keep_first else set())
         rest = sorted((p for p in range(num_pages) if p not in forced), key=lambda p: (-scores[p], p))
         chosen = sorted(list(forced) + rest[:num_select - len(forced)])
@@ -81,20 +93,28 @@ def test_page_select_matches_numpy(num_qo, num_kv, seed):
     assert_close_fp32(kmin[written], ref_min[written], what="kmin", seed=seed)
 
     query = rng.standard_normal((len(kv_lens), num_qo, head_dim)).astype(np.float32)
-    for keep_first, page_score in ((True, "bound"), (False, "bound"), (True, "center"), (False, "center")):
+    rules = [(keep_first, page_score, group_score) for keep_first in (True, False) for page_score in ("bound", "center")
+             for group_score in ("sum", "max", "mass")]
+    chosen_by = {}
+    for keep_first, page_score, group_score in rules:
         selected = np.full((len(kv_lens), num_kv, num_select), -1, dtype=np.int32)
         num_selected = np.zeros((len(kv_lens), num_kv), dtype=np.int32)
         _C.page_select(query, kmax, kmin, np.array(indptr, dtype=np.int32),
                        np.array(sum(pages, []), dtype=np.int32), np.array(kv_lens, dtype=np.int32),
-                       selected, num_selected, page_size, keep_first, page_score)
+                       selected, num_selected, page_size, keep_first, page_score, group_score)
+        chosen_by[(keep_first, page_score, group_score)] = selected.copy()
         for s, (seq_pages, kv_len) in enumerate(zip(pages, kv_lens)):
             expected = numpy_select(query[s], kmax, kmin, seq_pages, kv_len, page_size, logical, num_select, keep_first,
-                                    page_score)
+                                    page_score, group_score)
             for h in range(num_kv):
                 got = selected[s, h, :num_selected[s, h]].tolist()
                 assert_exact(got, expected[h], what=f"seq {s} (len {kv_len}) head {h} keep_first={keep_first} "
-                                                   f"{page_score}",
+                                                   f"{page_score}/{group_score}",
                              seed=seed)
+    if num_qo > num_kv:  # the group rules are different rules: some selection tells them apart
+        for keep_first in (True, False):
+            sums = chosen_by[(keep_first, "center", "sum")]
+            assert any(not np.array_equal(sums, chosen_by[(keep_first, "center", other)]) for other in ("max", "mass"))
 
 
 def test_recycled_page_resets_statistics():
@@ -121,6 +141,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple"):
         _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
                        np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 66, True)
+    with pytest.raises(ValueError, match="group_score must be 'sum', 'max' or 'mass'"):
+        _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
+                       np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "bound", "median")
     with pytest.raises(ValueError, match="page_score must be 'bound' or 'center'"):
         _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
                        np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "median")

@@ -18,6 +18,7 @@
 #include "lserve/ops/embed.h"
 #include "lserve/ops/gather_rows.h"
 #include "lserve/ops/gemm.h"
+#include "lserve/ops/logprobs.h"
 #include "lserve/ops/page_select.h"
 #include "lserve/ops/rms_norm.h"
 #include "lserve/ops/rope_kv_append.h"
@@ -28,7 +29,7 @@
 namespace lserve {
 
 enum class OpKind {
-  kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows, kSample,
+  kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows, kSample, kLogprobs,
   kSparseAttention,  // attention with a block-iterator policy (windows, stream rings, selections)
   kPageSelect,       // page_select and page_stats_append
 };
@@ -95,6 +96,8 @@ class Backend {
   void gather_rows(const GatherRowsArgs& args);
   // One token per logits row on the device (ops/sample.h); float32 logits, used as scratch.
   void sample(const SampleArgs& args) { args.validate(device()); sample_impl(args); }
+  // Logprobs of chosen tokens and the top tokens of raw logits rows (ops/logprobs.h).
+  void logprobs(const LogprobsArgs& args) { args.validate(device()); logprobs_impl(args); }
   // Sparse attention (LServe): hierarchical page selection into the selector's store and the
   // kmax/kmin statistics (float32; queries and keys in the activation dtype).
   void page_select(const PageSelectArgs& args);
@@ -117,6 +120,7 @@ class Backend {
   virtual void attention_impl(const AttentionArgs& args) = 0;
   virtual void gather_rows_impl(const GatherRowsArgs& args) = 0;
   virtual void sample_impl(const SampleArgs& args) = 0;
+  virtual void logprobs_impl(const LogprobsArgs& args) = 0;
   virtual void page_select_impl(const PageSelectArgs& args);
   virtual void page_stats_append_impl(const PageStatsAppendArgs& args);
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -168,9 +169,26 @@ class Engine {
   bool fork_sample(const Request& leader, std::unique_ptr<Request>& follower);
   // Hands the samples waiting for leader_id to the scheduler as ordinary requests.
   void release_followers(int64_t leader_id);
-  // Samples the rows of `logits` (device, one per sampling chunk in order) with Backend::sample and
-  // returns the token ids (-1 where the device found the row invalid).
-  std::vector<int32_t> sample_on_device(const SchedulerOutput& scheduled, const TensorView& logits);
+  // One sampling row: a request and the row of the step's logits it samples from (the samples a
+  // group forks this step share their leader's row).
+  struct SampleRow {
+    Request* request = nullptr;
+    int32_t logits_row = 0;
+  };
+  // What sample_rows brings back to the host: per row the token (-1: the sampler found the row
+  // invalid) and, when some row asks for logprobs, the chosen token's and the num_top best.
+  struct SampledRows {
+    std::vector<int32_t> token_ids;     // (num_rows,)
+    std::vector<float> logprobs;        // (num_rows,), or empty
+    std::vector<int32_t> top_token_ids;  // (num_rows, num_top), or empty
+    std::vector<float> top_logprobs;     // (num_rows, num_top), or empty
+    int num_top = 0;
+  };
+  // Samples every row with Backend::sample (on every backend: one sampler) and, when a row asks
+  // for them, computes logprobs with Backend::logprobs from the same raw logits; one host copy back.
+  // `logits` (num_logits_rows, vocab_size) on the backend is scratch unless rows share a logits row
+  // or logprobs are wanted (then the sampler works on a gathered copy).
+  SampledRows sample_rows(const std::vector<SampleRow>& rows, const TensorView& logits);
 
   EngineConfig config_;
   std::unique_ptr<Backend> backend_;

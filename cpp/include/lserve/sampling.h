@@ -1,9 +1,10 @@
-// SamplingParams (vLLM's names and defaults) and the host-side sampler: penalties, temperature,
-// top-k, top-p, min-p, seeded per request; logprobs from the raw model logits.
+// SamplingParams (vLLM's names and defaults). The engine samples every row with the backend's
+// sample op (ops/sample.h: penalties, min_tokens bans, temperature, top-k, top-p, min-p, one
+// Philox draw keyed by (seed, tokens generated so far)) and computes logprobs with its logprobs op
+// (ops/logprobs.h: log-softmax of the raw model logits, before penalties and temperature).
 #pragma once
 
 #include <cstdint>
-#include <random>
 #include <utility>
 #include <vector>
 
@@ -21,8 +22,8 @@ struct SamplingParams {
   int min_tokens = 0;               // >= 0, <= max_tokens
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
-  int logprobs = -1;                // -1: none; k >= 0: the sampled token's plus the top k
-  int64_t seed = -1;                // -1: drawn from the engine's generator
+  int logprobs = -1;                // -1: none; k in [0, 20]: the sampled token's plus the top k
+  int64_t seed = -1;                // -1: drawn from the engine's generator; the sampler's Philox key
 
   // Throws lserve::Error naming the parameter and the allowed range.
   void validate() const;
@@ -31,20 +32,11 @@ struct SamplingParams {
   void validate_for_model(int vocab_size, const std::vector<int32_t>& eos_token_ids) const;
 };
 
+// One sampled token and, when params.logprobs >= 0, its logprobs (ops/logprobs.h).
 struct SampledToken {
   int32_t token_id = 0;
   float logprob = 0.0f;                                 // of token_id, under the raw logits
   std::vector<std::pair<int32_t, float>> top_logprobs;  // best first, size params.logprobs
 };
-
-// Samples one token from logits (vocab_size,) float32 on the host. `logits` is scratch: the
-// sampler modifies it. prompt/output ids feed the penalties; every eos_token_ids entry (unless
-// params.ignore_eos) and params.stop_token_ids are masked while output_token_ids.size() <
-// min_tokens. Throws lserve::Error on invalid params, ids outside the vocabulary, NaN logits, or
-// when masking leaves no token to sample.
-SampledToken sample_token(float* logits, int vocab_size, const SamplingParams& params,
-                          const std::vector<int32_t>& prompt_token_ids,
-                          const std::vector<int32_t>& output_token_ids,
-                          const std::vector<int32_t>& eos_token_ids, std::mt19937_64& rng);
 
 }  // namespace lserve

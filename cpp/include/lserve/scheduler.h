@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -29,8 +28,8 @@ struct Request {
   std::vector<int32_t> prompt_token_ids;
   std::vector<int32_t> output_token_ids;
   SamplingParams params;
-  std::mt19937_64 rng;       // the host sampler's generator
-  uint64_t sample_seed = 0;  // its seed: the device sampler's Philox key (drawn with the step count)
+  uint64_t sample_seed = 0;  // the sample op's Philox key (params.seed, or drawn from the engine's generator);
+                             // the counter is output_token_ids.size()
   RequestStatus status = RequestStatus::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
   int64_t num_computed_tokens = 0;  // tokens whose K/V are in the cache

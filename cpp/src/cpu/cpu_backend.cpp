@@ -58,7 +58,8 @@ bool CpuBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) c
     case OpKind::kPageSelect:
     case OpKind::kSiluMul:
     case OpKind::kGatherRows:
-    case OpKind::kSample: return true;
+    case OpKind::kSample:
+    case OpKind::kLogprobs: return true;
   }
   return false;
 }

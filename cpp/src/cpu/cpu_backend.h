@@ -31,6 +31,7 @@ void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args);
 void attention(const CpuContext& context, const AttentionArgs& args);
 void gather_rows(const CpuContext& context, const GatherRowsArgs& args);
 void sample(const CpuContext& context, const SampleArgs& args);
+void logprobs(const CpuContext& context, const LogprobsArgs& args);
 // Backend::copy for host tensors: same-dtype bytes, or float32/bfloat16/float16 conversion.
 void copy(const CpuContext& context, const TensorView& dst, const TensorView& src);
 
@@ -59,6 +60,7 @@ class CpuBackend final : public Backend {
   void attention_impl(const AttentionArgs& args) override { cpu::attention(context_, args); }
   void gather_rows_impl(const GatherRowsArgs& args) override { cpu::gather_rows(context_, args); }
   void sample_impl(const SampleArgs& args) override { cpu::sample(context_, args); }
+  void logprobs_impl(const LogprobsArgs& args) override { cpu::logprobs(context_, args); }
   void page_select_impl(const PageSelectArgs& args) override { cpu_page_select(args); }
   void page_stats_append_impl(const PageStatsAppendArgs& args) override { cpu_page_stats_append(args); }
 

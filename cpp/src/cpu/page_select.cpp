@@ -1,5 +1,6 @@
 // CPU reference of page_select and page_stats_append (ops/page_select.h): plain loops, fp32.
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -73,7 +74,12 @@ void cpu_page_select(const PageSelectArgs& args) {
         num_selected[slot * num_kv_heads + kv_head] = static_cast<int32_t>(num_pages);
         continue;
       }
-      std::vector<float> page_scores(static_cast<size_t>(num_pages), -std::numeric_limits<float>::infinity());
+      // kSum: one score per page, the max over its logical pages of the group's summed score.
+      // kMax / kMass: per query head g, head_scores[g * num_pages + position] = max over logical pages.
+      const bool per_head = args.group_score != GroupScore::kSum;
+      const float neg_inf = -std::numeric_limits<float>::infinity();
+      std::vector<float> page_scores(static_cast<size_t>(num_pages), neg_inf);
+      std::vector<float> head_scores(per_head ? static_cast<size_t>(group * num_pages) : 0, neg_inf);
       for (int64_t position = 0; position < num_pages; ++position) {
         const int64_t page = indices[indptr[s] + position];
         LSERVE_CHECK(page >= 0 && page < num_pages_total, "page_select: page index ", page, " out of range");
@@ -86,15 +92,44 @@ void cpu_page_select(const PageSelectArgs& args) {
           for (int64_t g = 0; g < group; ++g) {
             const float* q = args.query.data_ptr<float>() + row * args.query.stride(0) +
                              (kv_head * group + g) * head_dim;
+            float head_score = 0.0f;
+            float& sum = per_head ? head_score : score;  // kSum: one running sum over g then d
             if (args.score == PageScore::kCenter) {
-              for (int64_t d = 0; d < head_dim; ++d) score += q[d] * (0.5f * (kmax[base + d] + kmin[base + d]));
+              for (int64_t d = 0; d < head_dim; ++d) sum += q[d] * (0.5f * (kmax[base + d] + kmin[base + d]));
             } else {
               for (int64_t d = 0; d < head_dim; ++d) {
-                score += std::max(q[d] * kmax[base + d], q[d] * kmin[base + d]);
+                sum += std::max(q[d] * kmax[base + d], q[d] * kmin[base + d]);
               }
             }
+            if (per_head) {
+              float& best = head_scores[static_cast<size_t>(g * num_pages + position)];
+              best = std::max(best, head_score);
+            }
           }
-          page_scores[position] = std::max(page_scores[position], score);
+          if (!per_head) page_scores[position] = std::max(page_scores[position], score);
+        }
+      }
+      if (args.group_score == GroupScore::kMax) {
+        for (int64_t g = 0; g < group; ++g) {
+          for (int64_t position = 0; position < num_pages; ++position) {
+            page_scores[position] = std::max(page_scores[position], head_scores[g * num_pages + position]);
+          }
+        }
+      } else if (args.group_score == GroupScore::kMass) {
+        // Per head: p = exp(scale * (score - max)) / sum over pages; pages sum p over heads in order.
+        const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+        std::fill(page_scores.begin(), page_scores.end(), 0.0f);
+        for (int64_t g = 0; g < group; ++g) {
+          float* scores = head_scores.data() + g * num_pages;
+          float top = neg_inf;
+          for (int64_t position = 0; position < num_pages; ++position) top = std::max(top, scores[position]);
+          if (!std::isfinite(top)) continue;  // no finite score: this head has no say
+          float total = 0.0f;
+          for (int64_t position = 0; position < num_pages; ++position) {
+            scores[position] = std::exp((scores[position] - top) * scale);
+            total += scores[position];
+          }
+          for (int64_t position = 0; position < num_pages; ++position) page_scores[position] += scores[position] / total;
         }
       }
       // Forced pages first, then the best of the rest; ties keep the earlier page.

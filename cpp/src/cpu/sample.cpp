@@ -1,6 +1,6 @@
 // CPU sample (ops/sample.h): the reference of the CUDA kernel. One row at a time, plain loops in the
 // order the contract states; the thresholds by nth_element and a sort. All arithmetic comes from
-// cuda/include/lserve/cuda/ops/sample_rules.h, which the kernel shares, so both give the same bits;
+// lserve/ops/sample_rules.h, which the kernel shares, so both give the same bits;
 // weights are integers, so sums need no care about order. Invalid rows raise lserve::Error.
 #include <algorithm>
 #include <cmath>
@@ -11,14 +11,13 @@
 #include <vector>
 
 #include "cpu_backend.h"
-// Shared with the CUDA kernel (plain C++ outside nvcc): lserve_core sees cuda/include privately.
-#include "lserve/cuda/ops/sample_rules.h"
+#include "lserve/ops/sample_rules.h"  // shared with the CUDA kernel
 
 namespace lserve::cpu {
 
 namespace {
 
-namespace rules = ::lserve::cuda;
+namespace rules = ::lserve::sample_rules;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -196,7 +195,17 @@ void sample(const CpuContext& context, const SampleArgs& args) {
   const int64_t num_rows = args.logits.size(0);
   int32_t* output = args.output.data_ptr<int32_t>();  // (num_rows,)
   context.pool->parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end, int) {
-    for (int64_t row = begin; row < end; ++row) output[row] = sample_row(args, row);
+    for (int64_t row = begin; row < end; ++row) {
+      if (args.raise_invalid_rows) {
+        output[row] = sample_row(args, row);
+        continue;
+      }
+      try {
+        output[row] = sample_row(args, row);
+      } catch (const Error&) {
+        output[row] = -1;  // as CUDA marks it
+      }
+    }
   });
 }
 

@@ -535,6 +535,7 @@ void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_
                               sparsity_.physical_page_size,
                               sparsity_.always_select_sink_page,
                               sparsity_.page_score,
+                              sparsity_.group_score,
                               t.qo_indptr,
                               t.select_mode,
                               t.select_slot};

@@ -123,7 +123,8 @@ def layer_selection_recall(query: np.ndarray, keys: np.ndarray, dense_heads: Seq
     counts = np.zeros((1, len(dense_heads)), dtype=np.int32)
     _C.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32), np.arange(num_pages, dtype=np.int32),
                    np.array([num_keys], dtype=np.int32), selected, counts, page_size,
-                   bool(sparsity.always_select_sink_page), getattr(sparsity, "page_score", "bound"))
+                   bool(sparsity.always_select_sink_page), getattr(sparsity, "page_score", "bound"),
+                   getattr(sparsity, "group_score", "sum"))
     dense_probs = np.concatenate([probs[h * group:(h + 1) * group] for h in dense_heads])
     return selection_recall(dense_probs, selected[0], page_size, counts[0])
 
@@ -250,7 +251,7 @@ def model_selection_recall_steps(capture: QKCapture, prompt_ids: Sequence[int], 
                 _C.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32),
                                np.arange(num_pages, dtype=np.int32), np.array([num_keys], dtype=np.int32),
                                selected, counts, page_size, bool(sparsity.always_select_sink_page),
-                               getattr(sparsity, "page_score", "bound"))
+                               getattr(sparsity, "page_score", "bound"), getattr(sparsity, "group_score", "sum"))
                 selection = [selected[0, h, :counts[0, h]] for h in range(len(dense))]
                 fresh_recall = selection_recall(dense_probs, selection, page_size)
             fresh[step].append(fresh_recall)

@@ -4,8 +4,13 @@
 // (PageScore::kBound, the paper's: an upper bound of q.k over the page's keys), or, with
 // PageScore::kCenter, S = sum_d q_d * (kmax_d + kmin_d) / 2 (q against the centre of the page's
 // bounding box: the bound without its spread term sum_d |q_d| * (kmax_d - kmin_d) / 2). S is
-// summed over the query heads of the GQA group so the group shares one selection; a physical page
-// scores the max of its logical pages. Per (sequence, KV head) the top num_select physical pages win
+// combined over the query heads of the GQA group so the group shares one selection (GroupScore):
+// kSum (the paper's) sums the heads' logical scores and a physical page scores the max of its
+// logical pages; kMax takes each head's page score (max over its logical pages) and the page scores
+// the best head's; kMass turns each head's page scores into a softmax over the sequence's pages at
+// scale 1/sqrt(head_dim) (an estimate of where that head's attention goes: every head gets the
+// same say, a peaked head concentrates it) and sums them over the group, in head order, each
+// head's normaliser summed in page order. Per (sequence, KV head) the top num_select physical pages win
 // (ties: the earlier page), always including the newest page and, if asked, page 0 (the sinks).
 // Selected positions are written in ascending order. Sequences with num_pages <= num_select select
 // every page. Reference: the numpy formula in tests/sparse/test_page_select.py.
@@ -23,6 +28,7 @@
 namespace lserve {
 
 enum class PageScore : int32_t { kBound = 0, kCenter = 1 };
+enum class GroupScore : int32_t { kSum = 0, kMax = 1, kMass = 2 };
 
 // select_mode values (one vocabulary for the page selector, page_select and every backend).
 enum SelectMode : int32_t {
@@ -43,6 +49,7 @@ struct PageSelectArgs {
   int physical_page_size = 64;
   bool keep_first_page = true;
   PageScore score = PageScore::kBound;
+  GroupScore group_score = GroupScore::kSum;
   TensorView qo_indptr;        // optional (num_seqs + 1,) int32: sequence s's query is row qo_indptr[s+1] - 1
   TensorView select_mode;      // optional (num_seqs,) int32 SelectMode
   TensorView select_slot;      // optional (num_seqs,) int32 store row of each fresh sequence
@@ -51,6 +58,8 @@ struct PageSelectArgs {
     const char* op = "page_select";
     LSERVE_CHECK(score == PageScore::kBound || score == PageScore::kCenter, op, ": unknown page score ",
                  static_cast<int>(score));
+    LSERVE_CHECK(group_score == GroupScore::kSum || group_score == GroupScore::kMax || group_score == GroupScore::kMass,
+                 op, ": unknown group score ", static_cast<int>(group_score));
     TensorCheck(query, op, "query").ndim(3).float_dtype().device(device).rows_contiguous();
     TensorCheck(kmax, op, "kmax").ndim(4).dtype(DType::kF32).device(device).contiguous().size(3, query.size(2));
     TensorCheck(kmin, op, "kmin").ndim(4).dtype(DType::kF32).device(device).contiguous()

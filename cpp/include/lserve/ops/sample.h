@@ -1,11 +1,12 @@
 // sample: one token per row of a float32 logits matrix, on the backend's device, with per-row
-// parameters; the batched counterpart of sample_token (sampling.h), same steps in the same order:
+// parameters. The engine's only sampler, on every backend; the steps, in order:
 //   1. banned ids -> -inf (min_tokens masking of eos/stop ids; ids outside the vocabulary skipped);
-//   2. repetition penalty on each distinct prompt or output token, then presence/frequency
-//      penalties on each distinct output token (sample_token's formulas, float32);
+//   2. repetition penalty on each distinct prompt or output token (HF / vLLM: logit > 0 ? logit / p
+//      : logit * p), then presence/frequency penalties on each distinct output token (OpenAI / vLLM:
+//      logit -= frequency * count + presence), float32;
 //   3. temperature 0: argmax, the lowest id on ties;
 //   4. else p = exp((logit - max) / T) (exactly 1 at the maximum), then top-k, top-p, min-p, one draw.
-// Where sample_token sorts, this op uses thresholds, so a GPU needs no sort (CPU = CUDA bit for bit):
+// Filters are thresholds, so a GPU needs no sort (CPU = CUDA bit for bit):
 //   - weights: w = floor(p * 2^40) (integers, so sums are exact in any order; p < 2^-40 weighs 0);
 //   - top-k (1 <= top_k < vocab_size): keeps every token with p >= p_k, p_k the top_k-th largest p
 //     among tokens of non-zero weight (ties at p_k all stay; fewer than top_k such tokens: no cut);
@@ -17,9 +18,11 @@
 //     exceeds target. The same (seed, offset) gives the same token; the row's position in the
 //     batch does not matter. Pass the tokens generated so far as offset for a fresh draw per step.
 // Invalid rows (a parameter out of range, a NaN logit, a history id outside the vocabulary when the
-// row's penalties are on, a malformed CSR range, every token -inf): the CPU reference raises
-// lserve::Error naming the row; the CUDA backend cannot raise without a sync and writes -1.
-// Numerics: cuda/include/lserve/cuda/ops/sample_rules.h and common/philox.h, shared by both.
+// row's penalties are on, a malformed CSR range, every token -inf): the CUDA backend cannot raise
+// without a sync and writes -1; the CPU reference raises lserve::Error naming the row, or, with
+// raise_invalid_rows = false (the engine's setting: one bad row aborts only its own request), writes
+// -1 like CUDA.
+// Numerics: lserve/ops/sample_rules.h and lserve/ops/philox.h, shared by both backends.
 #pragma once
 #include <cstdint>
 
@@ -58,6 +61,8 @@ struct SampleArgs {
   // Banned tokens (set to -inf before the penalties): both present, or both absent.
   TensorView banned_indptr;     // (num_rows + 1,) int32: row r's banned ids are [indptr[r], indptr[r + 1])
   TensorView banned_token_ids;  // (num_banned,) int32; ids outside [0, vocab_size) are skipped
+
+  bool raise_invalid_rows = true;  // CPU: raise on an invalid row (true) or write -1 for it (false)
 
   bool has_penalties() const { return history_indptr.defined(); }
   bool has_banned() const { return banned_indptr.defined(); }

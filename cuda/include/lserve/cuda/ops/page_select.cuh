@@ -189,6 +189,7 @@ struct PageSelectParams {
   int num_select = 0;
   bool keep_first_page = true;
   bool center = false;  // PageScore::kCenter
+  bool group_max = false;  // GroupScore::kMax (else kSum; kMass is not implemented on CUDA)
 };
 
 // SelectMode::kSelectFresh of ops/page_select.h (cuda/src/page_select.cu asserts they agree).
@@ -314,26 +315,34 @@ __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSel
   // (group, head_dim): the query heads of this KV head's group.
   const QueryT* query = static_cast<const QueryT*>(params.query) + query_idx * params.query_stride +
                         kv_head * params.group * head_dim;
+  // kSum: one running sum over g then d. kMax: each head's own sum; the page keeps the best head's
+  // (the atomicMax over heads and logical pages is the CPU's max over both).
   float score = 0.0f;
   for (int64_t g = 0; g < params.group; ++g) {
     const QueryT* q = query + g * head_dim;
+    float sum = params.group_max ? 0.0f : score;
     if constexpr (kVec4) {
       for (int64_t d = 0; d < head_dim; d += 4) {
         const float4 qv = load_query4(q + d);
         const float4 hv = __ldg(reinterpret_cast<const float4*>(high + d));
         const float4 lv = __ldg(reinterpret_cast<const float4*>(low + d));
-        score = __fadd_rn(score, score_term<kCenter>(qv.x, hv.x, lv.x));
-        score = __fadd_rn(score, score_term<kCenter>(qv.y, hv.y, lv.y));
-        score = __fadd_rn(score, score_term<kCenter>(qv.z, hv.z, lv.z));
-        score = __fadd_rn(score, score_term<kCenter>(qv.w, hv.w, lv.w));
+        sum = __fadd_rn(sum, score_term<kCenter>(qv.x, hv.x, lv.x));
+        sum = __fadd_rn(sum, score_term<kCenter>(qv.y, hv.y, lv.y));
+        sum = __fadd_rn(sum, score_term<kCenter>(qv.z, hv.z, lv.z));
+        sum = __fadd_rn(sum, score_term<kCenter>(qv.w, hv.w, lv.w));
       }
     } else {
       for (int64_t d = 0; d < head_dim; ++d) {
-        score = __fadd_rn(score, score_term<kCenter>(to_float(__ldg(q + d)), __ldg(high + d), __ldg(low + d)));
+        sum = __fadd_rn(sum, score_term<kCenter>(to_float(__ldg(q + d)), __ldg(high + d), __ldg(low + d)));
       }
     }
+    if (!params.group_max) {
+      score = sum;
+    } else if (!isnan(sum)) {  // std::max(best, NaN) keeps best
+      atomicMax(page_key, score_key(sum));
+    }
   }
-  if (isnan(score)) return;  // std::max(page_score, NaN) keeps page_score
+  if (params.group_max || isnan(score)) return;  // std::max(page_score, NaN) keeps page_score
   atomicMax(page_key, score_key(score));
 }
 

@@ -1,5 +1,5 @@
 // sample (contract: cpp/include/lserve/ops/sample.h; reference: cpp/src/cpu/sample.cpp, which shares
-// the arithmetic in sample_rules.h, so tokens agree bit for bit). One CTA per row (1024 threads; 256
+// the arithmetic in lserve/ops/sample_rules.h, so tokens agree bit for bit). One CTA per row (1024 threads; 256
 // for vocabularies up to 2048).
 // Passes over the row are block-strided (coalesced) loops: bans and penalties over the row's CSR
 // ranges, the max/argmax, probabilities written in place, then top-k and top-p thresholds by an
@@ -18,8 +18,8 @@
 #include <climits>
 #include <cstdint>
 
-#include "lserve/cuda/common/philox.h"
-#include "lserve/cuda/ops/sample_rules.h"
+#include "lserve/ops/philox.h"
+#include "lserve/ops/sample_rules.h"
 
 namespace lserve::cuda {
 
@@ -49,6 +49,8 @@ struct SampleParams {
 };
 
 namespace sample_detail {
+
+using namespace ::lserve::sample_rules;
 
 // Threads per CTA, by vocabulary: 1024 gives one row the memory parallelism of a whole SM (a decode
 // batch has fewer rows than an H200 has SMs; __launch_bounds__ caps registers at 64 a thread); small

@@ -1,18 +1,22 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): a
 // counter-based generator, ten rounds of 32x32->64-bit multiplies and key bumps, no state. Plain
 // C++ when not compiled by nvcc, so the CPU reference and the CUDA kernels draw identical bits.
-// Known answers (Random123's kat_vectors) are pinned in tests/ops/test_sample.py.
+// Known answers (Random123's kat_vectors) are pinned in tests/ops/test_sample.py. Lives beside the
+// op contracts (cpp/include/lserve/ops/) so the CPU backend and the CUDA kernels include one file.
 #pragma once
 
 #include <cstdint>
 
+// Host and device: nvcc compiles these for both; any other compiler sees plain inline C++.
+#ifndef LSERVE_HOST_DEVICE
 #if defined(__CUDACC__)
 #define LSERVE_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define LSERVE_HOST_DEVICE inline
 #endif
+#endif
 
-namespace lserve::cuda {
+namespace lserve::sample_rules {
 
 struct Philox4x32 {
   uint32_t words[4];
@@ -65,4 +69,4 @@ LSERVE_HOST_DEVICE uint64_t sample_random_bits(int64_t seed, int64_t offset) {
   return (static_cast<uint64_t>(bits.words[0]) << 32) | bits.words[1];
 }
 
-}  // namespace lserve::cuda
+}  // namespace lserve::sample_rules

@@ -1,6 +1,6 @@
-// The arithmetic of the sample op (cpp/include/lserve/ops/sample.h) that the CPU reference
-// (cpp/src/cpu/sample.cpp) and the CUDA kernel (ops/sample.cuh) share, so both produce the same
-// bits: penalties, exp, probability -> integer weight, the top-p target, parameter ranges.
+// The arithmetic of the sample op (ops/sample.h) that the CPU reference (cpp/src/cpu/sample.cpp) and
+// the CUDA kernel (cuda/include/lserve/cuda/ops/sample.cuh) share, so both produce the same bits:
+// penalties, exp, probability -> integer weight, the top-p target, parameter ranges.
 // Only IEEE-rounded +, -, *, / and exact conversions: on the device through the _rn intrinsics,
 // which nvcc never contracts into FMAs; on the host the file must be compiled without FP
 // contraction (lserve_core uses -ffp-contract=off). Plain C++ when not compiled by nvcc.
@@ -10,9 +10,9 @@
 #include <cstdint>
 #include <cstring>
 
-#include "lserve/cuda/common/philox.h"
+#include "lserve/ops/philox.h"
 
-namespace lserve::cuda {
+namespace lserve::sample_rules {
 
 namespace exact {
 
@@ -179,4 +179,4 @@ LSERVE_HOST_DEVICE int sample_param_error(float temperature, float top_p, float 
   return kSampleParamOk;
 }
 
-}  // namespace lserve::cuda
+}  // namespace lserve::sample_rules
