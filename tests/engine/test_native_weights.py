@@ -24,6 +24,7 @@ from lserve import Engine, SamplingParams
 QTYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
           "q4_1": gguf.GGMLQuantizationType.Q4_1}
+NATIVE_NMSE = {"q8_0": 5e-2, "q4_0": 5e-3, "q4_1": 2e-3}
 PROMPT = [3, 17, 5, 9, 22, 31, 4, 8, 12, 2, 19, 7, 33]  # 13 tokens: the prefill takes the M > 8 GEMM path
 
 
@@ -62,10 +63,11 @@ def test_native_logits_match_float32(tiny_pair):
     if qtype in ("f16", "bf16"):
         assert_exact(ours, expected, f"native {qtype} logits vs float32")
     else:
-        # Measured NMSE 2026-12-05 on this tiny random model (fp32 activations x dequantised
-        # weights): q8_0 2.9e-13, q4_0 2.5e-13, q4_1 3.0e-13 (max |diff| / max |logit| < 1e-6).
-        # The former 8-bit activation kernel gave 7e-4 to 5.6e-2.
-        assert_nmse(ours, expected, 1e-10, f"native {qtype} logits vs float32")
+        # The GEMM quantises activations to 8-bit blocks (tests/ops/test_gemm_quant.py). Measured
+        # NMSE 2026-12-05 on this tiny random model (both kernel builds give the same bits): q8_0
+        # 1.6e-2, q4_0 1.4e-3, q4_1 6.9e-4 (the random weights amplify the activation error; SmolLM2
+        # itself is in test_smollm2.py). Bounds about 3x those; a misplaced block or head gives O(1).
+        assert_nmse(ours, expected, NATIVE_NMSE[qtype], f"native {qtype} logits vs float32")
 
 
 def test_native_rows_do_not_depend_on_the_batch(tiny_pair):
@@ -126,5 +128,6 @@ def test_native_sparse_head_reordering(tmp_path):
     native = Engine(str(path), **common)
     reference = Engine(str(path), dtype="float32", **common)
     prompts = [PROMPT[:length] for length in (3, 9, 13)]
-    assert_nmse(prompt_logits(native, prompts), prompt_logits(reference, prompts), 1e-10,
+    # Measured NMSE 6.7e-4 (8-bit activations, as in test_native_logits_match_float32).
+    assert_nmse(prompt_logits(native, prompts), prompt_logits(reference, prompts), NATIVE_NMSE["q4_1"],
                 "native q4_1 sparse logits vs float32")

@@ -58,13 +58,11 @@ def test_greedy_tokens_identical(engines, text, chat):
     assert_exact(out.outputs[0].token_ids, ref, what=f"SmolLM2 greedy on {text!r} (chat={chat})")
 
 
-# Native q4_1 weights: measured 2026-12-05 with the former kernel (8-bit activation blocks), the
+# Native q4_1 weights: the GEMM quantises activations to 8-bit blocks (as llama.cpp does for
+# these formats). Measured 2026-12-05 with an 8-bit activation kernel of the same arithmetic, the
 # final-position logits differed from transformers' fp32 by 0.46 to 0.85 (max abs, logits ~ +-20)
-# and greedy continuations parted at margins 0.005 to 0.22 (6 of 10 prompts). The current kernel
-# multiplies fp32 activations with the same dequantised weights as the float32 path (NMSE ~3e-13
-# vs float32 in test_native_weights.py), so partings now need margins near fp32 summation noise;
-# the bound is kept as an upper limit (not re-measured on this slow test). A parting at a margin
-# above NATIVE_MARGIN is a failure.
+# and greedy continuations parted at margins 0.005 to 0.22 (6 of 10 prompts). A parting at a
+# margin above NATIVE_MARGIN is a failure.
 NATIVE_MARGIN = 0.5
 
 

@@ -1,28 +1,34 @@
 // CPU GEMM with block-format weights (Q8_0, Q4_0, Q4_1; lserve/tensor.h): output (num_tokens,
 // out_features) = input (num_tokens, in_features) f32 @ dequant(weight)^T (+ bias), the weight read
-// as stored. The arithmetic is fp32 throughout: the activations stay fp32 and each weight block of
-// 32 is expanded to fp32 (w = d * q + m by one FMA; Q4_0 is m = -8 d, Q8_0 m = 0; every value is
-// exactly gguf-py's dequantised value, see quant.h) into a small per-thread panel (kTileFeatures
-// rows of in_features floats, in L1/L2) once per (feature group, block of up to kTokenBlock tokens),
-// then multiplied with fp32 FMAs by a register tile of kTileTokens tokens x kTileFeatures features.
-// The dequantisation is amortised over the token block in prefill. A single token (decode) takes
-// kRowFeatures features at a time with the blocks dequantised in registers and used at once.
+// as stored. Each input row is first quantised to ActBlocks (8-bit, 32 items, one fp32 scale d_x
+// and s_x = d_x * sum(q); quant.h), as ggml does for these formats; then per (token, output
+// feature, weight block) an exact integer dot product of 32 {u4, s8} x s8 pairs is scaled in fp32:
+//   acc = fma(float(isum), d_w * d_x, acc);  acc = fma(m_w, s_x, acc)   (Q4_1; Q4_0 is m_w = -8 d_w,
+//   Q8_0 has no minimum term), and finally out = acc + bias.
+// AVX2 layout: eight features at once, one fp32 lane each. A block's 16 nibble bytes of 8 rows are
+// transposed in registers (dword g of row j -> lane j of register g), so one maddubs multiplies
+// 4 items of all 8 features with the token's 4 matching activation bytes (broadcast); 8 maddubs
+// (int16 sums <= 8 * 2 * 15 * 127 = 30480, no overflow) and one madd give the 8 block sums, and
+// the 8 scales come in as one f16 vector. The transposed weights are reused by up to kTileTokens
+// tokens. The technique is ggml's (quantise activations, maddubs dot products); the code is ours.
 //
-// Batch invariance: every (token, feature) output has its own 8-lane accumulator; lane l sums
-// w[k] * x[k] for k = l, l + 8, ... in increasing k by FMA, then a fixed horizontal sum, then +bias.
-// A tile of fewer tokens (leftovers; missing features repeat a present one into scratch outputs)
-// and the one-token path run the same per-accumulator sequence, and the weight values do not
-// depend on the tile, the token count or the thread. So row i of an M-row call
-// equals the 1-row call on row i bit for bit (tests/ops/test_gemm_quant.py checks it). The scalar
-// fallback does the same math in the same order (its own bits: no FMA contraction guarantee).
+// Batch invariance: each (token, feature) result is the same sequence of operations on its own
+// lane (integer sums are exact; the fp32 steps above run in block order), whatever the tile, the
+// number of tokens or the thread. So row i of an M-row call equals the 1-row call on row i bit for
+// bit, and the portable kernel (std::fma) gives the same bits as the AVX2 one
+// (tests/ops/test_gemm_quant.py checks both).
 //
 // Floor (decode, 1 token): the weight bytes, 20 B per 32 Q4_1 items: SmolLM2-135M's 30 layers are
-// 66 MB and its Q8_0 lm_head 30 MB per token; at the ~10-20 GB/s of a 2-core VM that is 5-10 ms.
+// 66 MB and its Q8_0 lm_head 30 MB per token. Compute per 8 features x 1 block x 1 token (Q4): about
+// 20 vector ops to transpose and split the nibbles (shared by the tile's tokens) and 24 per token
+// (8 broadcasts, 8 maddubs, 7 adds, madd, convert, scale, 2 FMAs), i.e. 3 to 5.5 ops per 32 MACs,
+// where the former fp32-activation kernel (weights dequantised to fp32 in registers) spent ~20.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstring>
 #include <vector>
 
-#include "aligned_buffer.h"
 #include "convert.h"
 #include "cpu_backend.h"
 #include "quant.h"
@@ -36,52 +42,96 @@ namespace lserve::cpu {
 
 namespace {
 
-// Register tile: kTileTokens x kTileFeatures 8-lane accumulators (12 ymm), the features' weight
-// vectors (3) and a token's vector: AVX2's 16 registers. 7 loads per 12 FMAs (4 x 2: 6 per 8 ran
-// at 0.8x the float32 GEMM, 4 x 3 at ~1.0x on a 256 x 576 x 1536 q4_1 product).
+// Features per task unit: one fp32 lane each in the AVX2 kernel.
+constexpr int kGroupFeatures = 8;
+// Tokens sharing one transposed weight block: kTileTokens accumulators plus the 8 unpacked nibble
+// registers, 2 scale vectors and temporaries fill AVX2's 16 registers.
 constexpr int kTileTokens = 4;
-constexpr int kTileFeatures = 3;
-// Tokens per dequantised panel: its kTileFeatures x in_features floats (12 KiB at 1536 inputs) are
-// reused by up to kTokenBlock tokens, whose rows (64 x 6 KiB) stay in L2 across feature groups.
+// Tokens per pass over a chunk of features: their ActBlocks (64 x 48 x 40 B = 120 KiB at 1536
+// inputs) stay in L2 while the features' weights stream past.
 constexpr int64_t kTokenBlock = 64;
-constexpr int kLanes = 8;
-// Decode (one token): kRowFeatures features at a time, their blocks dequantised in registers and
-// multiplied at once (8 independent FMA chains; no panel round trip).
-constexpr int kRowFeatures = 8;
+
+template <DType kWeight>
+struct BlockLayout;
+template <>
+struct BlockLayout<DType::kQ8_0> {
+  static constexpr int64_t kBytes = sizeof(BlockQ8_0);
+  static constexpr int64_t kItems = offsetof(BlockQ8_0, qs);
+  static constexpr bool kHasMin = false;
+};
+template <>
+struct BlockLayout<DType::kQ4_0> {
+  static constexpr int64_t kBytes = sizeof(BlockQ4_0);
+  static constexpr int64_t kItems = offsetof(BlockQ4_0, qs);
+  static constexpr bool kHasMin = true;  // m = -8 d
+};
+template <>
+struct BlockLayout<DType::kQ4_1> {
+  static constexpr int64_t kBytes = sizeof(BlockQ4_1);
+  static constexpr int64_t kItems = offsetof(BlockQ4_1, qs);
+  static constexpr bool kHasMin = true;
+};
+
+inline uint16_t load_u16(const uint8_t* src) {
+  uint16_t value;
+  std::memcpy(&value, src, sizeof(value));
+  return value;
+}
+
+// ---- activation quantisation ----------------------------------------------------------------
+
+void quantize_row_generic(const float* x, ActBlock* out, int64_t num_blocks) {
+  for (int64_t b = 0; b < num_blocks; ++b, x += kQuantBlock) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float d = amax / 127.0f;
+    const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int q = static_cast<int>(std::nearbyint(x[i] * inverse));  // round half to even
+      out[b].qs[i] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    out[b].d = d;
+    out[b].s = d * static_cast<float>(sum);
+  }
+}
 
 // ---- portable kernel -------------------------------------------------------------------------
 
-// One accumulator's sequence: lane l sums w[k] * x[k] for k = l, l + 8, ..., then the AVX2 hsum's
-// order ((l, l + 4), then pairs, then the last two), then + bias.
-inline float dot_generic(const float* w, const float* x, int64_t in_features, float bias) {
-  float acc[kLanes] = {};
-  for (int64_t k = 0; k < in_features; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += w[k + l] * x[k + l];
+// The per-lane sequence of the AVX2 kernel (see the header), one (token, feature) at a time.
+template <DType kWeight>
+float dot_generic(const uint8_t* weight_row, const ActBlock* x, int64_t num_blocks, float bias) {
+  using Layout = BlockLayout<kWeight>;
+  float acc = 0.0f;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* block = weight_row + b * Layout::kBytes;
+    const uint8_t* items = block + Layout::kItems;
+    const float d = half_to_float(load_u16(block));
+    int isum = 0;
+    if constexpr (kWeight == DType::kQ8_0) {
+      for (int i = 0; i < 32; ++i) isum += static_cast<int8_t>(items[i]) * x[b].qs[i];
+    } else {
+      for (int i = 0; i < 16; ++i) isum += (items[i] & 0x0f) * x[b].qs[i] + (items[i] >> 4) * x[b].qs[i + 16];
+    }
+    acc = std::fma(static_cast<float>(isum), d * x[b].d, acc);
+    if constexpr (kWeight == DType::kQ4_0) acc = std::fma(-8.0f * d, x[b].s, acc);
+    if constexpr (kWeight == DType::kQ4_1) acc = std::fma(half_to_float(load_u16(block + 2)), x[b].s, acc);
   }
-  float s[4];
-  for (int l = 0; l < 4; ++l) s[l] = acc[l] + acc[l + 4];
-  return ((s[0] + s[2]) + (s[1] + s[3])) + bias;
+  return acc + bias;
 }
 
 struct GenericKernels {
-  static void dequantize(DType dtype, const uint8_t* weight_row, float* out, int64_t in_features) {
-    dequantize_row(dtype, weight_row, out, in_features);
+  static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
+    quantize_row_generic(x, out, num_blocks);
   }
-  template <int kMt>
-  static void tile(const float* const* panel, const float* const* x_rows, int64_t in_features, const float* bias,
-                   float* const* out_rows) {
-    for (int i = 0; i < kMt; ++i) {
-      for (int j = 0; j < kTileFeatures; ++j) {
-        out_rows[i][j] = dot_generic(panel[j], x_rows[i], in_features, bias ? bias[j] : 0.0f);
+  template <DType kWeight>
+  static void tile(int num_tokens, const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
+                   int64_t num_blocks, const float* bias, float (*out)[kGroupFeatures]) {
+    for (int i = 0; i < num_tokens; ++i) {
+      for (int j = 0; j < kGroupFeatures; ++j) {
+        out[i][j] = dot_generic<kWeight>(weight_rows[j], x_rows[i], num_blocks, bias ? bias[j] : 0.0f);
       }
-    }
-  }
-  // One token x kRowFeatures features (decode): the same per-output sequence as tile.
-  static void row(DType dtype, const uint8_t* const* weight_rows, const float* x, int64_t in_features,
-                  const float* bias, float* out, float* scratch) {
-    for (int j = 0; j < kRowFeatures; ++j) {
-      dequantize_row(dtype, weight_rows[j], scratch, in_features);
-      out[j] = dot_generic(scratch, x, in_features, bias ? bias[j] : 0.0f);
     }
   }
 };
@@ -92,122 +142,142 @@ struct GenericKernels {
 #define LSERVE_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LSERVE_AVX2_INLINE LSERVE_AVX2 inline __attribute__((always_inline))
 
-LSERVE_AVX2_INLINE float hsum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return _mm_cvtss_f32(sum);
-}
-
-// One row of blocks to fp32, the values of dequantize_row: d * q is exact in fp32 (f16 scale times
-// an integer of <= 8 bits), so fma(q, d, m) rounds d * q + m once as dequantize_row does, and
-// d * (q - 8) = fma(q, d, -8 d) exactly.
-// One block's 32 values as 4 x 8 floats. Byte -> int32 widening straight from memory (one shuffle-
-// port op per 8 bytes); a Q4 dword's low nibble is items 0-15, its high nibble items 16-31 (and /
-// shift on the vector ports): 2 shuffles per Q4 block, 4 per Q8_0 block.
-template <DType kWeight>
-LSERVE_AVX2_INLINE void dequantize_block(const uint8_t* weight_row, int64_t b, __m256 out[4]) {
-  if constexpr (kWeight == DType::kQ8_0) {
-    const auto* block = reinterpret_cast<const BlockQ8_0*>(weight_row) + b;
-    const __m256 d = _mm256_set1_ps(_cvtsh_ss(block->d));
-    for (int s = 0; s < 4; ++s) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block->qs + 8 * s));
-      out[s] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
-    }
-  } else {
-    const uint8_t* qs;
-    float scale, minimum;
-    if constexpr (kWeight == DType::kQ4_0) {
-      const auto* block = reinterpret_cast<const BlockQ4_0*>(weight_row) + b;
-      scale = _cvtsh_ss(block->d);
-      minimum = -8.0f * scale;
-      qs = block->qs;
-    } else {
-      const auto* block = reinterpret_cast<const BlockQ4_1*>(weight_row) + b;
-      scale = _cvtsh_ss(block->d);
-      minimum = _cvtsh_ss(block->m);
-      qs = block->qs;
-    }
-    const __m256i low_mask = _mm256_set1_epi32(0x0f);
-    const __m256 d = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
-    const __m256i bytes0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
-    const __m256i bytes1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8)));
-    out[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes0, low_mask)), d, m);  // items 0-7
-    out[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes1, low_mask)), d, m);  // 8-15
-    out[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes0, 4)), d, m);        // 16-23
-    out[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes1, 4)), d, m);        // 24-31
-  }
-}
-
-template <DType kWeight>
-LSERVE_AVX2 void dequantize_avx2(const uint8_t* weight_row, float* out, int64_t num_blocks) {
-  for (int64_t b = 0; b < num_blocks; ++b, out += kQuantBlock) {
+// The same values as quantize_row_generic: max|x| and the products x / d are computed alike, and
+// _mm256_cvtps_epi32 rounds half to even as nearbyint does in the default rounding mode.
+LSERVE_AVX2 void quantize_row_avx2(const float* x, ActBlock* out, int64_t num_blocks) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < num_blocks; ++b, x += kQuantBlock) {
     __m256 v[4];
-    dequantize_block<kWeight>(weight_row, b, v);
-    for (int s = 0; s < 4; ++s) _mm256_storeu_ps(out + 8 * s, v[s]);
+    __m256 amax8 = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+      v[k] = _mm256_loadu_ps(x + 8 * k);
+      amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign_bit, v[k]));
+    }
+    __m128 amax4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+    amax4 = _mm_max_ps(amax4, _mm_movehl_ps(amax4, amax4));
+    amax4 = _mm_max_ss(amax4, _mm_movehdup_ps(amax4));
+    const float d = _mm_cvtss_f32(amax4) / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inverse));
+    const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+    sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4e));
+    sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0xb1));
+    // packs interleave the 128-bit lanes: 4-byte groups come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4]
+    // q0[4:8] ...; the permutation restores item order.
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].qs), _mm256_permutevar8x32_epi32(packed, order));
+    out[b].d = d;
+    out[b].s = d * static_cast<float>(_mm_cvtsi128_si32(sum4));
   }
 }
 
-// One token x kRowFeatures features, weights dequantised in registers: acc[j] lane l += w * x over
-// k = l, l + 8, ... in order, the sequence of tile_avx2's accumulators.
-template <DType kWeight>
-LSERVE_AVX2 void row_avx2(const uint8_t* const* weight_rows, const float* x, int64_t num_blocks, const float* bias,
-                          float* out) {
-  __m256 acc[kRowFeatures];
-  for (int j = 0; j < kRowFeatures; ++j) acc[j] = _mm256_setzero_ps();
+// 16 bytes at offset `offset` of block b of the 8 rows, transposed: register g, lane j = dword g of
+// row j (bytes 4g..4g+3).
+LSERVE_AVX2_INLINE __m256i load_row_pair(const uint8_t* low_row, const uint8_t* high_row) {
+  const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(low_row));
+  const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(high_row));
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(low), high, 1);
+}
+
+LSERVE_AVX2_INLINE void transpose_rows(const uint8_t* const* block, int64_t offset, __m256i g[4]) {
+  __m256i a[4];  // a[j]: rows j | j + 4
+  for (int j = 0; j < 4; ++j) a[j] = load_row_pair(block[j] + offset, block[j + 4] + offset);
+  const __m256i a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  const __m256i lo01 = _mm256_unpacklo_epi32(a0, a1), lo23 = _mm256_unpacklo_epi32(a2, a3);  // dwords 0, 1
+  const __m256i hi01 = _mm256_unpackhi_epi32(a0, a1), hi23 = _mm256_unpackhi_epi32(a2, a3);  // dwords 2, 3
+  g[0] = _mm256_unpacklo_epi64(lo01, lo23);
+  g[1] = _mm256_unpackhi_epi64(lo01, lo23);
+  g[2] = _mm256_unpacklo_epi64(hi01, hi23);
+  g[3] = _mm256_unpackhi_epi64(hi01, hi23);
+}
+
+// The f16 at byte `offset` of the 8 rows' block, as 8 floats.
+LSERVE_AVX2_INLINE __m256 load_scales(const uint8_t* const* block, int64_t offset) {
+  const __m128i halves = _mm_setr_epi16(
+      static_cast<int16_t>(load_u16(block[0] + offset)), static_cast<int16_t>(load_u16(block[1] + offset)),
+      static_cast<int16_t>(load_u16(block[2] + offset)), static_cast<int16_t>(load_u16(block[3] + offset)),
+      static_cast<int16_t>(load_u16(block[4] + offset)), static_cast<int16_t>(load_u16(block[5] + offset)),
+      static_cast<int16_t>(load_u16(block[6] + offset)), static_cast<int16_t>(load_u16(block[7] + offset)));
+  return _mm256_cvtph_ps(halves);
+}
+
+LSERVE_AVX2_INLINE __m256i broadcast4(const int8_t* src) {
+  int32_t value;
+  std::memcpy(&value, src, sizeof(value));
+  return _mm256_set1_epi32(value);
+}
+
+// kMt tokens x 8 features; out[i] = the 8 results of token i.
+template <DType kWeight, int kMt>
+LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBlock* const* x_rows, int64_t num_blocks,
+                                  const float* bias, float (*out)[kGroupFeatures]) {
+  using Layout = BlockLayout<kWeight>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[kMt];
+  for (int i = 0; i < kMt; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < num_blocks; ++b) {
-    for (int j = 0; j < kRowFeatures; ++j) {
-      __m256 w[4];
-      dequantize_block<kWeight>(weight_rows[j], b, w);
-      for (int s = 0; s < 4; ++s) acc[j] = _mm256_fmadd_ps(w[s], _mm256_loadu_ps(x + b * kQuantBlock + 8 * s), acc[j]);
+    const uint8_t* block[kGroupFeatures];
+    for (int j = 0; j < kGroupFeatures; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
+    const __m256 d = load_scales(block, 0);
+    if constexpr (kWeight == DType::kQ8_0) {
+      __m256i w[8];  // w[t] lane j: items 4t..4t+3 of row j, signed
+      transpose_rows(block, Layout::kItems, w);
+      transpose_rows(block, Layout::kItems + 16, w + 4);
+      __m256i magnitude[8];
+      for (int t = 0; t < 8; ++t) magnitude[t] = _mm256_abs_epi8(w[t]);
+      for (int i = 0; i < kMt; ++i) {
+        const ActBlock& xb = x_rows[i][b];
+        __m256i isum = _mm256_setzero_si256();
+        for (int t = 0; t < 8; ++t) {
+          // maddubs takes unsigned x signed bytes: |w| times x carrying w's sign. |w| <= 128 and
+          // |x| <= 127: a pair sums to at most 32512, so int16 pairs are widened before adding.
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude[t], _mm256_sign_epi8(broadcast4(xb.qs + 4 * t), w[t]));
+          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones));
+        }
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(xb.d)), acc[i]);
+      }
+    } else {
+      const __m256 m = kWeight == DType::kQ4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f)) : load_scales(block, 2);
+      const __m256i mask = _mm256_set1_epi8(0x0f);
+      __m256i g[4], low[4], high[4];  // low[g]: items 4g..4g+3, high[g]: items 16 + 4g..
+      transpose_rows(block, Layout::kItems, g);
+      for (int k = 0; k < 4; ++k) {
+        low[k] = _mm256_and_si256(g[k], mask);
+        high[k] = _mm256_and_si256(_mm256_srli_epi16(g[k], 4), mask);
+      }
+      for (int i = 0; i < kMt; ++i) {
+        const ActBlock& xb = x_rows[i][b];
+        __m256i pairs = _mm256_maddubs_epi16(low[0], broadcast4(xb.qs));
+        for (int k = 1; k < 4; ++k) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low[k], broadcast4(xb.qs + 4 * k)));
+        for (int k = 0; k < 4; ++k) {
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high[k], broadcast4(xb.qs + 16 + 4 * k)));
+        }
+        const __m256i isum = _mm256_madd_epi16(pairs, ones);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(xb.d)), acc[i]);
+        acc[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(xb.s), acc[i]);
+      }
     }
   }
-  for (int j = 0; j < kRowFeatures; ++j) out[j] = hsum(acc[j]) + (bias ? bias[j] : 0.0f);
-}
-
-// acc[i][j] lane l += panel[j][k + l] * x[i][k + l] for k = 0, 8, ...: the same FMA chain per
-// accumulator for any kMt.
-template <int kMt>
-LSERVE_AVX2_INLINE void tile_avx2(const float* const* panel, const float* const* x_rows, int64_t in_features,
-                                  const float* bias, float* const* out_rows) {
-  __m256 acc[kMt][kTileFeatures];
-  for (int i = 0; i < kMt; ++i) {
-    for (int j = 0; j < kTileFeatures; ++j) acc[i][j] = _mm256_setzero_ps();
-  }
-  for (int64_t k = 0; k < in_features; k += kLanes) {
-    __m256 w[kTileFeatures];
-    for (int j = 0; j < kTileFeatures; ++j) w[j] = _mm256_loadu_ps(panel[j] + k);
-    for (int i = 0; i < kMt; ++i) {
-      const __m256 x = _mm256_loadu_ps(x_rows[i] + k);
-      for (int j = 0; j < kTileFeatures; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], x, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < kMt; ++i) {
-    for (int j = 0; j < kTileFeatures; ++j) out_rows[i][j] = hsum(acc[i][j]) + (bias ? bias[j] : 0.0f);
-  }
+  const __m256 bias8 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  for (int i = 0; i < kMt; ++i) _mm256_storeu_ps(out[i], _mm256_add_ps(acc[i], bias8));
 }
 
 struct Avx2Kernels {
-  LSERVE_AVX2 static void dequantize(DType dtype, const uint8_t* weight_row, float* out, int64_t in_features) {
-    const int64_t num_blocks = in_features / kQuantBlock;
-    switch (dtype) {
-      case DType::kQ8_0: dequantize_avx2<DType::kQ8_0>(weight_row, out, num_blocks); return;
-      case DType::kQ4_0: dequantize_avx2<DType::kQ4_0>(weight_row, out, num_blocks); return;
-      default: dequantize_avx2<DType::kQ4_1>(weight_row, out, num_blocks); return;
-    }
+  LSERVE_AVX2 static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
+    quantize_row_avx2(x, out, num_blocks);
   }
-  template <int kMt>
-  LSERVE_AVX2 static void tile(const float* const* panel, const float* const* x_rows, int64_t in_features,
-                               const float* bias, float* const* out_rows) {
-    tile_avx2<kMt>(panel, x_rows, in_features, bias, out_rows);
-  }
-  LSERVE_AVX2 static void row(DType dtype, const uint8_t* const* weight_rows, const float* x, int64_t in_features,
-                              const float* bias, float* out, float*) {
-    const int64_t num_blocks = in_features / kQuantBlock;
-    switch (dtype) {
-      case DType::kQ8_0: row_avx2<DType::kQ8_0>(weight_rows, x, num_blocks, bias, out); return;
-      case DType::kQ4_0: row_avx2<DType::kQ4_0>(weight_rows, x, num_blocks, bias, out); return;
-      default: row_avx2<DType::kQ4_1>(weight_rows, x, num_blocks, bias, out); return;
+  template <DType kWeight>
+  LSERVE_AVX2 static void tile(int num_tokens, const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
+                               int64_t num_blocks, const float* bias, float (*out)[kGroupFeatures]) {
+    static_assert(kTileTokens == 4, "the switch below lists the tile heights");
+    switch (num_tokens) {
+      case 4: tile_avx2<kWeight, 4>(weight_rows, x_rows, num_blocks, bias, out); return;
+      case 3: tile_avx2<kWeight, 3>(weight_rows, x_rows, num_blocks, bias, out); return;
+      case 2: tile_avx2<kWeight, 2>(weight_rows, x_rows, num_blocks, bias, out); return;
+      default: tile_avx2<kWeight, 1>(weight_rows, x_rows, num_blocks, bias, out); return;
     }
   }
 };
@@ -215,109 +285,66 @@ struct Avx2Kernels {
 
 // ---- driver ----------------------------------------------------------------------------------
 
-// A tile of num_tokens (1 to kTileTokens) rows: its instantiation runs the same per-accumulator
-// sequence as every other height.
-template <typename Kernels, int kMt = kTileTokens>
-void run_tile(int num_tokens, const float* const* panel, const float* const* x_rows, int64_t in_features,
-              const float* bias, float* const* out_rows) {
-  if constexpr (kMt > 1) {
-    if (num_tokens < kMt) {
-      run_tile<Kernels, kMt - 1>(num_tokens, panel, x_rows, in_features, bias, out_rows);
-      return;
-    }
-  }
-  Kernels::template tile<kMt>(panel, x_rows, in_features, bias, out_rows);
-}
-
-// Same chunking as below, over groups of kRowFeatures features.
-template <typename Kernels>
-void gemv_quant(const CpuContext& context, const GemmArgs& args) {
-  const DType dtype = args.weight.dtype;
-  const int64_t in_features = args.input.size(1), out_features = args.weight.size(0);
-  const size_t row_bytes = dtype_nbytes(dtype, in_features);
-  const auto* weight = static_cast<const uint8_t*>(args.weight.data);
-  const float* bias = args.bias.defined() ? args.bias.data_ptr<float>() : nullptr;
-  const float* x = row_ptr<const float>(args.input, 0);
-  float* output = row_ptr<float>(args.output, 0);
-  const int num_threads = context.pool->num_threads();
-  constexpr int64_t kMinChunkMacs = 1 << 17;
-  const int64_t num_groups = (out_features + kRowFeatures - 1) / kRowFeatures;
-  const int64_t chunks_per_thread =
-      std::clamp<int64_t>(out_features * in_features / (kMinChunkMacs * num_threads), 1, 8);
-  const int64_t num_chunks = chunks_per_thread * num_threads;
-  const int64_t grain = std::max<int64_t>(1, (num_groups + num_chunks - 1) / num_chunks);
-  context.pool->parallel_for(0, num_groups, grain, [&](int64_t group_begin, int64_t group_end, int) {
-    std::vector<float> scratch(static_cast<size_t>(in_features));  // the generic kernel's dequantised row
-    for (int64_t group = group_begin; group < group_end; ++group) {
-      const int64_t n0 = group * kRowFeatures;
-      const int num_features = static_cast<int>(std::min<int64_t>(kRowFeatures, out_features - n0));
-      const uint8_t* weight_rows[kRowFeatures];
-      float group_bias[kRowFeatures];
-      for (int j = 0; j < kRowFeatures; ++j) {  // a missing feature repeats the group's first
-        const int64_t n = n0 + (j < num_features ? j : 0);
-        weight_rows[j] = weight + n * row_bytes;
-        group_bias[j] = bias ? bias[n] : 0.0f;
-      }
-      float out[kRowFeatures];
-      Kernels::row(dtype, weight_rows, x, in_features, bias ? group_bias : nullptr, out, scratch.data());
-      std::copy(out, out + num_features, output + n0);
-    }
-  });
-}
-
-template <typename Kernels>
+template <typename Kernels, DType kWeight>
 void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
-  const DType dtype = args.weight.dtype;
   const int64_t num_tokens = args.input.size(0), in_features = args.input.size(1);
   const int64_t out_features = args.weight.size(0);
-  const size_t row_bytes = dtype_nbytes(dtype, in_features);
+  const int64_t num_blocks = in_features / kQuantBlock;
+  const size_t row_bytes = dtype_nbytes(kWeight, in_features);
   const auto* weight = static_cast<const uint8_t*>(args.weight.data);  // (out_features, num_blocks) blocks
   const float* bias = args.bias.defined() ? args.bias.data_ptr<float>() : nullptr;  // (out_features,)
   const int num_threads = context.pool->num_threads();
-  if (num_tokens == 1) {
-    gemv_quant<Kernels>(context, args);
-    return;
+
+  // (num_tokens, num_blocks) activation blocks, in the calling thread's reusable buffer (no
+  // allocation per decode step); small inputs are quantised here without waking the workers.
+  thread_local std::vector<ActBlock> activation_buffer;
+  if (activation_buffer.size() < static_cast<size_t>(num_tokens * num_blocks)) {
+    activation_buffer.resize(static_cast<size_t>(num_tokens * num_blocks));
+  }
+  ActBlock* activations = activation_buffer.data();
+  const auto quantize_rows = [&](int64_t begin, int64_t end, int) {
+    for (int64_t m = begin; m < end; ++m) {
+      Kernels::quantize_row(row_ptr<const float>(args.input, m), activations + m * num_blocks, num_blocks);
+    }
+  };
+  constexpr int64_t kQuantizeInline = 1 << 15;  // items: ~10 us of work, below a worker's wake-up
+  if (num_tokens * in_features <= kQuantizeInline) {
+    quantize_rows(0, num_tokens, 0);
+  } else {
+    context.pool->parallel_for(0, num_tokens, std::max<int64_t>(1, kQuantizeInline / in_features), quantize_rows);
   }
 
-  // Tasks: groups of kTileFeatures features in equal chunks, 1 to 8 per thread, each of at least
+  // Tasks: groups of kGroupFeatures features in equal chunks, 1 to 8 per thread, each of at least
   // kMinChunkMacs multiply-adds (waking a worker costs tens of microseconds on a busy host); equal
-  // chunks keep a 2-core decode GEMV of 576 features from running 3 chunks on 2 threads.
+  // chunks keep a 2-core decode GEMV from running 3 chunks on 2 threads.
   constexpr int64_t kMinChunkMacs = 1 << 17;
-  const int64_t num_groups = (out_features + kTileFeatures - 1) / kTileFeatures;
-  const int64_t group_macs = std::max<int64_t>(1, num_tokens * kTileFeatures * in_features);
+  const int64_t num_groups = (out_features + kGroupFeatures - 1) / kGroupFeatures;
+  const int64_t group_macs = std::max<int64_t>(1, num_tokens * kGroupFeatures * in_features);
   const int64_t chunks_per_thread = std::clamp<int64_t>(num_groups * group_macs / (kMinChunkMacs * num_threads), 1, 8);
   const int64_t num_chunks = chunks_per_thread * num_threads;
   const int64_t grain = std::max<int64_t>(1, (num_groups + num_chunks - 1) / num_chunks);
   context.pool->parallel_for(0, num_groups, grain, [&](int64_t group_begin, int64_t group_end, int) {
-    AlignedBuffer<float> panel_buffer(static_cast<size_t>(kTileFeatures * in_features));
-    float scratch[kTileTokens][kTileFeatures];  // outputs of a leftover group's missing features
     for (int64_t m_block = 0; m_block < num_tokens; m_block += kTokenBlock) {
       const int64_t m_block_end = std::min(num_tokens, m_block + kTokenBlock);
       for (int64_t group = group_begin; group < group_end; ++group) {
-        const int64_t n0 = group * kTileFeatures;
-        const int num_features = static_cast<int>(std::min<int64_t>(kTileFeatures, out_features - n0));
-        const float* panel[kTileFeatures];
-        for (int j = 0; j < kTileFeatures; ++j) {
-          panel[j] = panel_buffer.data() + j * in_features;
-          // a missing feature repeats the group's first; its outputs go to scratch
+        const int64_t n0 = group * kGroupFeatures;
+        const int num_features = static_cast<int>(std::min<int64_t>(kGroupFeatures, out_features - n0));
+        const uint8_t* weight_rows[kGroupFeatures];
+        float group_bias[kGroupFeatures];
+        for (int j = 0; j < kGroupFeatures; ++j) {  // a missing feature repeats the group's first
           const int64_t n = n0 + (j < num_features ? j : 0);
-          Kernels::dequantize(dtype, weight + n * row_bytes, panel_buffer.data() + j * in_features, in_features);
+          weight_rows[j] = weight + n * row_bytes;
+          group_bias[j] = bias ? bias[n] : 0.0f;
         }
-        float group_bias[kTileFeatures];
-        for (int j = 0; j < kTileFeatures; ++j) group_bias[j] = bias ? bias[n0 + (j < num_features ? j : 0)] : 0.0f;
         for (int64_t m0 = m_block; m0 < m_block_end; m0 += kTileTokens) {
           const int num_tile_tokens = static_cast<int>(std::min<int64_t>(kTileTokens, m_block_end - m0));
-          const float* x_rows[kTileTokens];
-          float* out_rows[kTileTokens];
+          const ActBlock* x_rows[kTileTokens];
+          for (int i = 0; i < num_tile_tokens; ++i) x_rows[i] = activations + (m0 + i) * num_blocks;
+          float out[kTileTokens][kGroupFeatures];
+          Kernels::template tile<kWeight>(num_tile_tokens, weight_rows, x_rows, num_blocks,
+                                          bias ? group_bias : nullptr, out);
           for (int i = 0; i < num_tile_tokens; ++i) {
-            x_rows[i] = row_ptr<const float>(args.input, m0 + i);
-            out_rows[i] = num_features == kTileFeatures ? row_ptr<float>(args.output, m0 + i) + n0 : scratch[i];
-          }
-          run_tile<Kernels>(num_tile_tokens, panel, x_rows, in_features, bias ? group_bias : nullptr, out_rows);
-          if (num_features != kTileFeatures) {
-            for (int i = 0; i < num_tile_tokens; ++i) {
-              std::copy(scratch[i], scratch[i] + num_features, row_ptr<float>(args.output, m0 + i) + n0);
-            }
+            std::copy(out[i], out[i] + num_features, row_ptr<float>(args.output, m0 + i) + n0);
           }
         }
       }
@@ -328,9 +355,9 @@ void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
 template <typename Kernels>
 void gemm_quant_dispatch(const CpuContext& context, const GemmArgs& args) {
   switch (args.weight.dtype) {
-    case DType::kQ8_0:
-    case DType::kQ4_0:
-    case DType::kQ4_1: gemm_quant_with<Kernels>(context, args); return;
+    case DType::kQ8_0: gemm_quant_with<Kernels, DType::kQ8_0>(context, args); return;
+    case DType::kQ4_0: gemm_quant_with<Kernels, DType::kQ4_0>(context, args); return;
+    case DType::kQ4_1: gemm_quant_with<Kernels, DType::kQ4_1>(context, args); return;
     default: LSERVE_THROW("gemm_quant: ", dtype_name(args.weight.dtype), " is not a block format");
   }
 }

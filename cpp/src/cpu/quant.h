@@ -1,5 +1,5 @@
 // ggml block formats on the CPU: the weight blocks as stored (Q8_0, Q4_0, Q4_1; layouts in
-// lserve/tensor.h) and exact
+// lserve/tensor.h), the 8-bit activation blocks the GEMM multiplies them with, and exact
 // row dequantisation (the same formulas as gguf-py quants.py, so the result is bit for bit theirs:
 // an f16 scale times an integer of at most 8 bits is exact in float32, plus one rounding for Q4_1's
 // minimum). Kernels: cpp/src/cpu/gemm_quant.cpp; reference: tests/ops/test_gemm_quant.py.
@@ -28,6 +28,15 @@ struct BlockQ4_1 {
 };
 static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20,
               "ggml block layouts are packed");
+
+// One block of 32 activations quantised on the fly (the GEMM's int8 side): x ~ d * q,
+// q = round-half-even(x / d), d = max|x| / 127, and s = d * sum(q) (the term a weight block's
+// minimum multiplies). 40 bytes.
+struct ActBlock {
+  float d;
+  float s;
+  int8_t qs[32];
+};
 
 inline float half_to_float(uint16_t bits) { return f16_to_float(f16_t{bits}); }
 
