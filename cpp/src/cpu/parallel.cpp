@@ -1,37 +1,8 @@
-// ThreadPool implementation: between jobs workers poll the job generation for a bounded time,
-// then sleep on a condition variable (the host may be shared); they take chunks from an atomic
-// counter and report completion.
+// ThreadPool implementation: workers sleep on a condition variable between jobs (no spinning:
+// the host may be shared), take chunks from an atomic counter, and report completion.
 #include "parallel.h"
 
 #include <algorithm>
-#include <chrono>
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
-namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#endif
-}
-
-// Polls done() for up to `microseconds`; true as soon as it holds.
-template <typename Done>
-bool spin_until(Done&& done, int64_t microseconds) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(microseconds);
-  for (;;) {
-    for (int i = 0; i < 64; ++i) {
-      if (done()) return true;
-      cpu_relax();
-    }
-    if (std::chrono::steady_clock::now() >= deadline) return done();
-  }
-}
-
-}  // namespace
 
 namespace lserve::cpu {
 
@@ -47,7 +18,7 @@ ThreadPool::ThreadPool(int num_threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(state_mutex_);
-    stopping_.store(true);
+    stopping_ = true;
   }
   job_ready_.notify_all();
   for (std::thread& worker : workers_) worker.join();
@@ -70,19 +41,15 @@ void ThreadPool::run(int64_t begin, int64_t end, int64_t grain, Body body, const
     grain_ = grain;
     next_.store(begin, std::memory_order_relaxed);
     error_ = nullptr;
-    num_busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    num_busy_workers_ = static_cast<int>(workers_.size());
+    ++generation_;
   }
   job_ready_.notify_all();
   work_on_job(0);
-  const auto all_done = [this] { return num_busy_workers_.load(std::memory_order_acquire) == 0; };
   std::exception_ptr error;
-  if (!spin_until(all_done, kSpinMicroseconds)) {
-    std::unique_lock<std::mutex> lock(state_mutex_);
-    job_done_.wait(lock, all_done);
-  }
   {
-    std::lock_guard<std::mutex> lock(state_mutex_);
+    std::unique_lock<std::mutex> lock(state_mutex_);
+    job_done_.wait(lock, [this] { return num_busy_workers_ == 0; });
     error = error_;
     error_ = nullptr;
     body_ = nullptr;
@@ -108,22 +75,19 @@ void ThreadPool::work_on_job(int thread_idx) {
 void ThreadPool::worker_loop(int thread_idx) {
   uint64_t seen_generation = 0;
   for (;;) {
-    const auto has_job = [&] {
-      return stopping_.load(std::memory_order_acquire) ||
-             generation_.load(std::memory_order_acquire) != seen_generation;
-    };
-    if (!spin_until(has_job, kSpinMicroseconds)) {
+    {
       std::unique_lock<std::mutex> lock(state_mutex_);
-      job_ready_.wait(lock, has_job);
+      job_ready_.wait(lock, [&] { return stopping_ || generation_ != seen_generation; });
+      if (stopping_) return;
+      seen_generation = generation_;
     }
-    if (stopping_.load(std::memory_order_acquire)) return;
-    seen_generation = generation_.load(std::memory_order_acquire);
     work_on_job(thread_idx);
-    if (num_busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      // Under the lock: a caller that found the count non-zero is already waiting, or will see 0.
+    bool last;
+    {
       std::lock_guard<std::mutex> lock(state_mutex_);
-      job_done_.notify_one();
+      last = --num_busy_workers_ == 0;
     }
+    if (last) job_done_.notify_one();
   }
 }
 

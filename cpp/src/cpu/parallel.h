@@ -2,9 +2,6 @@
 // thread works too (it is thread 0), chunks of `grain` indices are handed out dynamically, and
 // the first exception thrown by a chunk is rethrown in the caller. One pool per CpuBackend;
 // a nested or concurrent parallel_for on a busy pool runs inline in its calling thread.
-// Between jobs, workers (and the caller waiting for them) spin for up to kSpinMicroseconds before
-// sleeping on a condition variable: a decode step runs ~150 jobs back to back, and a futex
-// sleep/wake per job cost more than the spin (docs/PERFORMANCE.md, 2026-12-05).
 #pragma once
 
 #include <atomic>
@@ -57,18 +54,12 @@ class ThreadPool {
 
   std::mutex dispatch_mutex_;  // held by the one caller whose job the workers run
 
-  // How long an idle thread polls before blocking: far below a scheduler tick, so a pool left idle
-  // costs the host at most this much CPU per thread after its last job.
-  static constexpr int64_t kSpinMicroseconds = 100;
-
   std::mutex state_mutex_;
   std::condition_variable job_ready_;
   std::condition_variable job_done_;
-  // Bumped per job (release, after the job's fields are written, under state_mutex_); workers
-  // wait for a change.
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> num_busy_workers_{0};
-  std::atomic<bool> stopping_{false};
+  uint64_t generation_ = 0;  // bumped per job; workers wait for a change
+  int num_busy_workers_ = 0;
+  bool stopping_ = false;
 
   // The current job (valid while a caller holds dispatch_mutex_).
   Body body_ = nullptr;
