@@ -7,6 +7,9 @@ chunks of 2048 / n_batch 2048); decode tokens/s at batch 1 and 8 (steady-state s
 prefill). With --rounds 2 the engines alternate A B A B and each figure is the best round. Also
 the floors: read bandwidth (numpy sum over 1 GiB) and the Q4_1 bytes one decode token streams.
 Writes JSON (--output) and prints a table with the load average of each engine's round.
+llama.cpp (llama-cpp-python built with OpenMP) spin-waits between graph nodes by default; on a shared
+host run with OMP_WAIT_POLICY=passive (on the loaded 2-core VM, 2026-12-05, its batch-1 decode went
+from 0.3 to 32 tokens/s).
 Usage: python benchmarks/bench_cpu_smollm2.py [--dtype native,float32] [--lengths 512,2048]
        [--rounds 2] [--output results.json]
 """
@@ -64,10 +67,20 @@ def bench_llama_cpp(path: str, prefill_lengths, decode_batches, decode_steps: in
     import llama_cpp
 
     max_len = max(list(prefill_lengths) + [128]) + 64
-    llm = llama_cpp.Llama(model_path=path, n_ctx=max(max_len, 64 * 8 + 2 * decode_steps), n_batch=2048,
-                          n_ubatch=512, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), n_seq_max=8,
-                          logits_all=False, verbose=False)
-    ctx = llm._ctx.ctx
+    # Llama() loads the model; its own context has one sequence (the wrapper does not pass
+    # n_seq_max), so the benchmark makes its own: 8 sequences over one unified KV cache, as lserve's
+    # page pool (without kv_unified llama.cpp would give each sequence n_ctx / 8 cells).
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=os.cpu_count(), logits_all=False, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = max(max_len, 8 * (64 + 2 * decode_steps))
+    params.n_batch = 2048
+    params.n_ubatch = 512
+    params.n_seq_max = 8
+    params.kv_unified = True
+    params.n_threads = params.n_threads_batch = os.cpu_count()
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
     batch_buf = llama_cpp.llama_batch_init(2048, 0, 8)
     memory = llama_cpp.llama_get_memory(ctx)
 
@@ -106,6 +119,7 @@ def bench_llama_cpp(path: str, prefill_lengths, decode_batches, decode_steps: in
         elapsed = time.perf_counter() - start
         results[f"decode_b{batch}_tok_per_s"] = batch * decode_steps / elapsed
     llama_cpp.llama_batch_free(batch_buf)
+    llama_cpp.llama_free(ctx)
     return results
 
 
