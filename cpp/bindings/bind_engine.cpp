@@ -4,6 +4,7 @@
 #include "bindings.h"
 #include "dlpack.h"
 #include "lserve/engine.h"
+#include "scalars.h"
 
 namespace lserve::bindings {
 
@@ -130,10 +131,21 @@ void bind_engine(py::module_& m) {
            py::arg("name"), py::arg("tensor"))
       .def("finalize", &Engine::finalize, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ready", &Engine::ready)
-      .def("add_request", &Engine::add_request, py::arg("request_id"), py::arg("prompt_token_ids"),
-           py::arg("params"))
-      .def("add_request_group", &Engine::add_request_group, py::arg("request_ids"), py::arg("prompt_token_ids"),
-           py::arg("params"))
+      .def(
+          "add_request",
+          [](Engine& self, int64_t request_id, const py::handle& prompt_token_ids, const SamplingParams& params) {
+            self.add_request(request_id, int32_list_arg(prompt_token_ids, "prompt_token_ids"), params);
+          },
+          py::arg("request_id"), py::arg("prompt_token_ids"), py::arg("params"),
+          "Queues one request; raises ValueError naming what is wrong (empty prompt, a token id outside the "
+          "vocabulary, a prompt that leaves max_model_len no room, the params).")
+      .def(
+          "add_request_group",
+          [](Engine& self, const std::vector<int64_t>& request_ids, const py::handle& prompt_token_ids,
+             const std::vector<SamplingParams>& params) {
+            self.add_request_group(request_ids, int32_list_arg(prompt_token_ids, "prompt_token_ids"), params);
+          },
+          py::arg("request_ids"), py::arg("prompt_token_ids"), py::arg("params"))
       .def("abort_request", &Engine::abort_request, py::arg("request_id"))
       .def("reset_prefix_cache", &Engine::reset_prefix_cache)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
