@@ -70,6 +70,16 @@ float float32_arg(const py::handle& value, const char* field) {
   return rounded;
 }
 
+double float64_arg(const py::handle& value, const char* field) {
+  LSERVE_CHECK(!is_bool(value) && is_instance(value, "Real"), field, " must be a real number, got ", show(value));
+  return py::float_(py::reinterpret_borrow<py::object>(value)).cast<double>();
+}
+
+std::string str_arg(const py::handle& value, const char* field) {
+  LSERVE_CHECK(py::isinstance<py::str>(value), field, " must be a str, got ", show(value));
+  return value.cast<std::string>();
+}
+
 bool bool_arg(const py::handle& value, const char* field) {
   LSERVE_CHECK(is_bool(value), field, " must be True or False, got ", show(value));
   return value.cast<bool>();

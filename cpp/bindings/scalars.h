@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace lserve::bindings {
@@ -21,6 +22,10 @@ std::optional<int64_t> optional_int64_arg(const pybind11::handle& value, const c
 // A real number (numbers.Real, not bool) as float32; a finite input must stay finite (a nan or inf is
 // passed on for validate() to name, as is a value that rounds to a range's bound).
 float float32_arg(const pybind11::handle& value, const char* field);
+// A real number as float64.
+double float64_arg(const pybind11::handle& value, const char* field);
+// A str.
+std::string str_arg(const pybind11::handle& value, const char* field);
 // True or False (bool or numpy.bool_).
 bool bool_arg(const pybind11::handle& value, const char* field);
 // An iterable of ints (not a str or bytes) as int32s.

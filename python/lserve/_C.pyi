@@ -382,150 +382,177 @@ class PageSelector:
     def slot_pages(self) -> int:
         ...
 class RopeScaling:
-    rope_type: str
-    truncate: bool
     def __init__(self) -> None:
         ...
     @property
     def attention_factor(self) -> float:
         ...
     @attention_factor.setter
-    def attention_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def attention_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def beta_fast(self) -> float:
         ...
     @beta_fast.setter
-    def beta_fast(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def beta_fast(self, arg1: typing.Any) -> None:
         ...
     @property
     def beta_slow(self) -> float:
         ...
     @beta_slow.setter
-    def beta_slow(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def beta_slow(self, arg1: typing.Any) -> None:
         ...
     @property
     def factor(self) -> float:
         ...
     @factor.setter
-    def factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def high_freq_factor(self) -> float:
         ...
     @high_freq_factor.setter
-    def high_freq_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def high_freq_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def low_freq_factor(self) -> float:
         ...
     @low_freq_factor.setter
-    def low_freq_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def low_freq_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def mscale(self) -> float:
         ...
     @mscale.setter
-    def mscale(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def mscale(self, arg1: typing.Any) -> None:
         ...
     @property
     def mscale_all_dim(self) -> float:
         ...
     @mscale_all_dim.setter
-    def mscale_all_dim(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def mscale_all_dim(self, arg1: typing.Any) -> None:
         ...
     @property
     def original_max_position_embeddings(self) -> int:
         ...
     @original_max_position_embeddings.setter
-    def original_max_position_embeddings(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def original_max_position_embeddings(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def rope_type(self) -> str:
+        ...
+    @rope_type.setter
+    def rope_type(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def truncate(self) -> bool:
+        ...
+    @truncate.setter
+    def truncate(self, arg1: typing.Any) -> None:
         ...
 class ModelConfig:
-    architecture: str
-    attention_bias: bool
     rope_scaling: RopeScaling
-    tie_word_embeddings: bool
     def __init__(self) -> None:
         ...
     def validate(self) -> None:
+        """
+        Derives head_dim (0: hidden_size / num_qo_heads) and checks every field; ValueError names it.
+        """
+    @property
+    def architecture(self) -> str:
+        ...
+    @architecture.setter
+    def architecture(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def attention_bias(self) -> bool:
+        ...
+    @attention_bias.setter
+    def attention_bias(self, arg1: typing.Any) -> None:
         ...
     @property
     def bos_token_id(self) -> int:
         ...
     @bos_token_id.setter
-    def bos_token_id(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def bos_token_id(self, arg1: typing.Any) -> None:
         ...
     @property
     def eos_token_id(self) -> int:
         ...
     @eos_token_id.setter
-    def eos_token_id(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def eos_token_id(self, arg1: typing.Any) -> None:
         ...
     @property
     def head_dim(self) -> int:
         ...
     @head_dim.setter
-    def head_dim(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def head_dim(self, arg1: typing.Any) -> None:
         ...
     @property
     def hidden_size(self) -> int:
         ...
     @hidden_size.setter
-    def hidden_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def hidden_size(self, arg1: typing.Any) -> None:
         ...
     @property
     def intermediate_size(self) -> int:
         ...
     @intermediate_size.setter
-    def intermediate_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def intermediate_size(self, arg1: typing.Any) -> None:
         ...
     @property
     def max_position_embeddings(self) -> int:
         ...
     @max_position_embeddings.setter
-    def max_position_embeddings(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def max_position_embeddings(self, arg1: typing.Any) -> None:
         ...
     @property
     def num_kv_heads(self) -> int:
         ...
     @num_kv_heads.setter
-    def num_kv_heads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def num_kv_heads(self, arg1: typing.Any) -> None:
         ...
     @property
     def num_layers(self) -> int:
         ...
     @num_layers.setter
-    def num_layers(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def num_layers(self, arg1: typing.Any) -> None:
         ...
     @property
     def num_qo_heads(self) -> int:
         ...
     @num_qo_heads.setter
-    def num_qo_heads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def num_qo_heads(self, arg1: typing.Any) -> None:
         ...
     @property
     def partial_rotary_factor(self) -> float:
         ...
     @partial_rotary_factor.setter
-    def partial_rotary_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def partial_rotary_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def rms_norm_eps(self) -> float:
         ...
     @rms_norm_eps.setter
-    def rms_norm_eps(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def rms_norm_eps(self, arg1: typing.Any) -> None:
         ...
     @property
     def rope_theta(self) -> float:
         ...
     @rope_theta.setter
-    def rope_theta(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def rope_theta(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def tie_word_embeddings(self) -> bool:
+        ...
+    @tie_word_embeddings.setter
+    def tie_word_embeddings(self, arg1: typing.Any) -> None:
         ...
     @property
     def vocab_size(self) -> int:
         ...
     @vocab_size.setter
-    def vocab_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def vocab_size(self, arg1: typing.Any) -> None:
         ...
 class EngineConfig:
     capture_logits: bool
