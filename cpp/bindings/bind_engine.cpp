@@ -4,6 +4,7 @@
 #include "bindings.h"
 #include "dlpack.h"
 #include "lserve/engine.h"
+#include "lserve/model/llama.h"
 #include "scalars.h"
 
 namespace lserve::bindings {
@@ -50,6 +51,18 @@ void bind_engine(py::module_& m) {
   LSERVE_CONFIG_FIELD(model, ModelConfig, "", bos_token_id, int32_arg);
   LSERVE_CONFIG_FIELD(model, ModelConfig, "", eos_token_id, int32_arg);
 #undef LSERVE_CONFIG_FIELD
+  m.def(
+      "weight_shapes",
+      [](const ModelConfig& config) {
+        std::vector<std::pair<std::string, py::tuple>> shapes;
+        for (const LlamaModel::WeightSpec& spec : LlamaModel::weight_specs(config)) {
+          shapes.emplace_back(spec.name, py::cast(spec.shape));
+        }
+        return shapes;
+      },
+      py::arg("model_config"),
+      "[(Hugging Face name, shape)] of every tensor a checkpoint of this config holds, in model order "
+      "(LlamaModel::weight_specs, the one table); validates the config.");
   model.def_readwrite("rope_scaling", &ModelConfig::rope_scaling)
       .def("validate", &ModelConfig::validate,
            "Derives head_dim (0: hidden_size / num_qo_heads) and checks every field; ValueError names it.");

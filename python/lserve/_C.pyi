@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Backend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'OPS', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'Support', 'TokenLogprob', 'gguf_hf_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_workspace_bytes']
+__all__: list[str] = ['Backend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'OPS', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'Support', 'TokenLogprob', 'gguf_hf_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_workspace_bytes', 'weight_shapes']
 class Error(ValueError):
     pass
 class PagePool:
@@ -893,6 +893,10 @@ def rope_frequencies(head_dim: typing.SupportsInt | typing.SupportsIndex, rope_t
 def sample_workspace_bytes(num_rows: typing.SupportsInt | typing.SupportsIndex, vocab_size: typing.SupportsInt | typing.SupportsIndex) -> int:
     """
     Bytes of the sample op's workspace (uint8) for num_rows rows of vocab_size logits.
+    """
+def weight_shapes(model_config: ModelConfig) -> list[tuple[str, tuple]]:
+    """
+    [(Hugging Face name, shape)] of every tensor a checkpoint of this config holds, in model order (LlamaModel::weight_specs, the one table); validates the config.
     """
 OPS: tuple = ('embed', 'rms_norm', 'gemm', 'silu_mul', 'rope_kv_append', 'attention', 'gather_rows', 'sample', 'logprobs', 'page_select', 'page_stats_append')
 has_cuda_backend: bool
