@@ -78,7 +78,8 @@ void bind_backend(py::module_& m) {
           py::arg("stream_ring") = false, py::arg("selection") = false, py::arg("group_score") = "sum",
           "Can this backend run `op` (one of _C.OPS) with these argument kinds? dtype: the activations; "
           "head_dim 0: not asked; window / stream_ring / selection: attention's sparse policy; group_score: "
-          "page_select's. The op itself refuses exactly what this refuses, with the same reason.")
+          "page_select's. The op itself refuses whatever this refuses (a backend's own limits with this reason; "
+          "what no op contract allows through the contract's check, which fires first).")
       .def_property_readonly("low_precision_activations",
                              [](const PyBackend& self) { return self.backend->low_precision_activations(); })
       .def("memory_info", [](PyBackend& self) { return self.backend->memory_info(); },

@@ -858,7 +858,7 @@ class Backend:
         ...
     def supports(self, op: str, *, dtype: str = 'float32', weight_dtype: str = 'float32', kv_cache_dtype: str = 'float32', head_dim: typing.SupportsInt | typing.SupportsIndex = 0, window: bool = False, stream_ring: bool = False, selection: bool = False, group_score: str = 'sum') -> Support:
         """
-        Can this backend run `op` (one of _C.OPS) with these argument kinds? dtype: the activations; head_dim 0: not asked; window / stream_ring / selection: attention's sparse policy; group_score: page_select's. The op itself refuses exactly what this refuses, with the same reason.
+        Can this backend run `op` (one of _C.OPS) with these argument kinds? dtype: the activations; head_dim 0: not asked; window / stream_ring / selection: attention's sparse policy; group_score: page_select's. The op itself refuses whatever this refuses (a backend's own limits with this reason; what no op contract allows through the contract's check, which fires first).
         """
     def synchronize(self) -> None:
         ...

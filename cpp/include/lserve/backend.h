@@ -125,7 +125,8 @@ class Backend {
 
   // Capability query (ggml's supports_op): can this backend run the op with these argument kinds?
   // First what the op's contract allows anywhere (ops/<op>.h), then supports_impl, this backend's
-  // limits. The public op entries refuse with the same reason, so the answer is never optimistic.
+  // limits. The public op entries refuse what it refuses (after their Args' validate(), whose own
+  // message comes first for what no contract allows), so an answer is never optimistic.
   // Device tests skip through it (tests/cuda/cuda_testing.py require()).
   Support supports(const OpQuery& query) const;
 
