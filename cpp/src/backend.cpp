@@ -155,19 +155,24 @@ OpQuery OpQuery::of(const PageStatsAppendArgs& args) {
 }
 
 Support Backend::supports(const OpQuery& query) const {
-  const std::string op = op_name(query.op);
+  // Called by every op entry: no string is built unless the answer is no.
+  const char* op = op_name(query.op);
   // What the contracts of ops/<op>.h allow on every backend.
   if (reads_activation(query.op) && !is_float(query.activation_dtype)) {
-    return Support::no(op + ": activations are float32, bfloat16 or float16, got " +
+    return Support::no(std::string(op) + ": activations are float32, bfloat16 or float16, got " +
                        dtype_name(query.activation_dtype));
   }
   if (reads_weight(query.op) && !is_float(query.weight_dtype)) {
-    return Support::no(op + ": weights are float32, bfloat16 or float16, got " + dtype_name(query.weight_dtype));
+    return Support::no(std::string(op) + ": weights are float32, bfloat16 or float16, got " +
+                       dtype_name(query.weight_dtype));
   }
   if (reads_kv_cache(query.op) && query.kv_cache_dtype != DType::kF32 && query.kv_cache_dtype != DType::kBF16) {
-    return Support::no(op + ": KV caches are float32 or bfloat16, got " + dtype_name(query.kv_cache_dtype));
+    return Support::no(std::string(op) + ": KV caches are float32 or bfloat16, got " +
+                       dtype_name(query.kv_cache_dtype));
   }
-  if (query.head_dim < 0) return Support::no(op + ": head_dim must be >= 0, got " + std::to_string(query.head_dim));
+  if (query.head_dim < 0) {
+    return Support::no(std::string(op) + ": head_dim must be >= 0, got " + std::to_string(query.head_dim));
+  }
   if (query.op == OpKind::kAttention && query.stream_ring && query.selection) {
     return Support::no("attention: a selection store reads a page list, not a stream ring");
   }
