@@ -67,20 +67,11 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
   const int64_t q_rows = config_.num_qo_heads * head_dim, kv_rows = config_.num_kv_heads * head_dim;
 
   embed_tokens_ = backend_.empty({config_.vocab_size, hidden}, weight_dtype);
-  slots_["model.embed_tokens.weight"] = {&embed_tokens_, 0, {config_.vocab_size, hidden}};
   final_norm_ = backend_.empty({hidden}, DType::kF32);
-  slots_["model.norm.weight"] = {&final_norm_, 0, {hidden}};
-  if (config_.tie_word_embeddings) {
-    lm_head_ = embed_tokens_;
-  } else {
-    lm_head_ = backend_.empty({config_.vocab_size, hidden}, weight_dtype);
-    slots_["lm_head.weight"] = {&lm_head_, 0, {config_.vocab_size, hidden}};
-  }
-
+  lm_head_ = config_.tie_word_embeddings ? embed_tokens_ : backend_.empty({config_.vocab_size, hidden}, weight_dtype);
   layers_.resize(config_.num_layers);
   for (int layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     Layer& layer = layers_[layer_idx];
-    const std::string prefix = layer_prefix(layer_idx);
     layer.num_dense_kv = config_.num_kv_heads;
     layer.kv_order.resize(config_.num_kv_heads);
     for (int h = 0; h < config_.num_kv_heads; ++h) layer.kv_order[h] = h;
@@ -90,21 +81,24 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
     layer.o_weight = backend_.empty({hidden, q_rows}, weight_dtype);
     layer.gate_up_weight = backend_.empty({2 * inter, hidden}, weight_dtype);
     layer.down_weight = backend_.empty({hidden, inter}, weight_dtype);
-    slots_[prefix + "input_layernorm.weight"] = {&layer.input_norm, 0, {hidden}};
-    slots_[prefix + "post_attention_layernorm.weight"] = {&layer.post_norm, 0, {hidden}};
-    slots_[prefix + "self_attn.q_proj.weight"] = {&layer.qkv_weight, 0, {q_rows, hidden}};
-    slots_[prefix + "self_attn.k_proj.weight"] = {&layer.qkv_weight, q_rows, {kv_rows, hidden}};
-    slots_[prefix + "self_attn.v_proj.weight"] = {&layer.qkv_weight, q_rows + kv_rows, {kv_rows, hidden}};
-    slots_[prefix + "self_attn.o_proj.weight"] = {&layer.o_weight, 0, {hidden, q_rows}};
-    slots_[prefix + "mlp.gate_proj.weight"] = {&layer.gate_up_weight, 0, {inter, hidden}};
-    slots_[prefix + "mlp.up_proj.weight"] = {&layer.gate_up_weight, inter, {inter, hidden}};
-    slots_[prefix + "mlp.down_proj.weight"] = {&layer.down_weight, 0, {hidden, inter}};
-    if (config_.attention_bias) {
-      layer.qkv_bias = backend_.empty({q_rows + 2 * kv_rows}, DType::kF32);
-      slots_[prefix + "self_attn.q_proj.bias"] = {&layer.qkv_bias, 0, {q_rows}};
-      slots_[prefix + "self_attn.k_proj.bias"] = {&layer.qkv_bias, q_rows, {kv_rows}};
-      slots_[prefix + "self_attn.v_proj.bias"] = {&layer.qkv_bias, q_rows + kv_rows, {kv_rows}};
+    if (config_.attention_bias) layer.qkv_bias = backend_.empty({q_rows + 2 * kv_rows}, DType::kF32);
+  }
+  for (const WeightSpec& spec : weight_specs(config_)) {
+    Tensor* target = nullptr;
+    Layer* layer = spec.layer_idx >= 0 ? &layers_[spec.layer_idx] : nullptr;
+    switch (spec.kind) {
+      case WeightKind::kEmbed: target = &embed_tokens_; break;
+      case WeightKind::kFinalNorm: target = &final_norm_; break;
+      case WeightKind::kLmHead: target = &lm_head_; break;
+      case WeightKind::kInputNorm: target = &layer->input_norm; break;
+      case WeightKind::kPostNorm: target = &layer->post_norm; break;
+      case WeightKind::kQkv: target = &layer->qkv_weight; break;
+      case WeightKind::kQkvBias: target = &layer->qkv_bias; break;
+      case WeightKind::kO: target = &layer->o_weight; break;
+      case WeightKind::kGateUp: target = &layer->gate_up_weight; break;
+      case WeightKind::kDown: target = &layer->down_weight; break;
     }
+    slots_[spec.name] = {target, spec.row_offset, spec.shape};
   }
 
   const std::vector<float> table = rope_cos_sin_cache(config_, max_positions);
@@ -113,24 +107,35 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
                                            {max_positions, config_.rotary_dim()}));
 }
 
-std::vector<std::string> LlamaModel::weight_names(const ModelConfig& config) {
-  std::vector<std::string> names = {"model.embed_tokens.weight", "model.norm.weight"};
-  if (!config.tie_word_embeddings) names.push_back("lm_head.weight");
+std::vector<LlamaModel::WeightSpec> LlamaModel::weight_specs(ModelConfig config) {
+  config.validate();
+  const int64_t hidden = config.hidden_size, inter = config.intermediate_size, vocab = config.vocab_size;
+  const int64_t q_rows = static_cast<int64_t>(config.num_qo_heads) * config.head_dim;
+  const int64_t kv_rows = static_cast<int64_t>(config.num_kv_heads) * config.head_dim;
+  std::vector<WeightSpec> specs = {{"model.embed_tokens.weight", {vocab, hidden}, WeightKind::kEmbed}};
   for (int layer_idx = 0; layer_idx < config.num_layers; ++layer_idx) {
     const std::string prefix = layer_prefix(layer_idx);
-    for (const char* suffix : {"input_layernorm.weight", "post_attention_layernorm.weight",
-                               "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                               "mlp.down_proj.weight"}) {
-      names.push_back(prefix + suffix);
-    }
+    auto add = [&](const char* suffix, std::vector<int64_t> shape, WeightKind kind, int64_t row_offset) {
+      specs.push_back({prefix + suffix, std::move(shape), kind, layer_idx, row_offset});
+    };
+    add("input_layernorm.weight", {hidden}, WeightKind::kInputNorm, 0);
+    add("self_attn.q_proj.weight", {q_rows, hidden}, WeightKind::kQkv, 0);
+    add("self_attn.k_proj.weight", {kv_rows, hidden}, WeightKind::kQkv, q_rows);
+    add("self_attn.v_proj.weight", {kv_rows, hidden}, WeightKind::kQkv, q_rows + kv_rows);
     if (config.attention_bias) {
-      for (const char* suffix : {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}) {
-        names.push_back(prefix + suffix);
-      }
+      add("self_attn.q_proj.bias", {q_rows}, WeightKind::kQkvBias, 0);
+      add("self_attn.k_proj.bias", {kv_rows}, WeightKind::kQkvBias, q_rows);
+      add("self_attn.v_proj.bias", {kv_rows}, WeightKind::kQkvBias, q_rows + kv_rows);
     }
+    add("self_attn.o_proj.weight", {hidden, q_rows}, WeightKind::kO, 0);
+    add("post_attention_layernorm.weight", {hidden}, WeightKind::kPostNorm, 0);
+    add("mlp.gate_proj.weight", {inter, hidden}, WeightKind::kGateUp, 0);
+    add("mlp.up_proj.weight", {inter, hidden}, WeightKind::kGateUp, inter);
+    add("mlp.down_proj.weight", {hidden, inter}, WeightKind::kDown, 0);
   }
-  return names;
+  specs.push_back({"model.norm.weight", {hidden}, WeightKind::kFinalNorm});
+  if (!config.tie_word_embeddings) specs.push_back({"lm_head.weight", {vocab, hidden}, WeightKind::kLmHead});
+  return specs;
 }
 
 namespace {

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, 
 import numpy as np
 
 from lserve.loader.safetensors import iter_safetensors_weights, list_safetensors_weights
-from lserve.loader.spec import ROPE_SCALING_DEFAULTS, ROPE_TYPES, ModelSpec
+from lserve.loader.spec import ROPE_SCALING_DEFAULTS, ROPE_TYPES, ModelSpec, core_model_config
 
 PathLike = Union[str, os.PathLike]
 ConfigLike = Union[ModelSpec, Mapping[str, Any]]
@@ -206,10 +206,12 @@ def _fields(config: ConfigLike) -> Mapping[str, Any]:
 
 
 def expected_weight_shapes(config: ConfigLike) -> Dict[str, Tuple[int, ...]]:
-    """{Hugging Face weight name: shape}, in model order (embedding, layers, final norm, lm_head).
+    """{Hugging Face weight name: shape}, in model order (embedding, layers, final norm, lm_head): the
+    C++ model's own table (LlamaModel::weight_specs through _C.weight_shapes), so the loader checks a
+    checkpoint against exactly what the model will accept.
 
-    config: a ModelSpec or a ModelConfig dict (head_dim 0 means hidden_size / num_qo_heads).
-    Shapes, with q = num_qo_heads * head_dim, kv = num_kv_heads * head_dim:
+    config: a ModelSpec or a ModelConfig dict (head_dim 0 means hidden_size / num_qo_heads); a bad
+    one raises the core's ValueError. Shapes, with q = num_qo_heads * head_dim, kv = num_kv_heads * head_dim:
         model.embed_tokens.weight                 (vocab_size, hidden_size)
         model.layers.{i}.input_layernorm.weight   (hidden_size,)
         model.layers.{i}.self_attn.q_proj.weight  (q, hidden_size); k_proj, v_proj (kv, hidden_size)
@@ -221,35 +223,9 @@ def expected_weight_shapes(config: ConfigLike) -> Dict[str, Tuple[int, ...]]:
         model.norm.weight                         (hidden_size,)
         lm_head.weight                            (vocab_size, hidden_size)   unless tie_word_embeddings
     """
-    fields = _fields(config)
-    try:
-        vocab, hidden, inter = fields["vocab_size"], fields["hidden_size"], fields["intermediate_size"]
-        num_layers, num_qo_heads, num_kv_heads = fields["num_layers"], fields["num_qo_heads"], fields["num_kv_heads"]
-        head_dim = fields.get("head_dim") or hidden // num_qo_heads
-        tied, bias = fields["tie_word_embeddings"], fields["attention_bias"]
-    except (KeyError, TypeError, ZeroDivisionError) as error:
-        raise ValueError(f"model config lacks a field needed for weight shapes ({error!r})") from None
-    q_rows, kv_rows = num_qo_heads * head_dim, num_kv_heads * head_dim
-    shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for layer_idx in range(num_layers):
-        prefix = f"model.layers.{layer_idx}."
-        shapes[prefix + "input_layernorm.weight"] = (hidden,)
-        shapes[prefix + "self_attn.q_proj.weight"] = (q_rows, hidden)
-        shapes[prefix + "self_attn.k_proj.weight"] = (kv_rows, hidden)
-        shapes[prefix + "self_attn.v_proj.weight"] = (kv_rows, hidden)
-        if bias:
-            shapes[prefix + "self_attn.q_proj.bias"] = (q_rows,)
-            shapes[prefix + "self_attn.k_proj.bias"] = (kv_rows,)
-            shapes[prefix + "self_attn.v_proj.bias"] = (kv_rows,)
-        shapes[prefix + "self_attn.o_proj.weight"] = (hidden, q_rows)
-        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
-        shapes[prefix + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[prefix + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[prefix + "mlp.down_proj.weight"] = (hidden, inter)
-    shapes["model.norm.weight"] = (hidden,)
-    if not tied:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
+    from lserve import _C
+
+    return {name: tuple(shape) for name, shape in _C.weight_shapes(core_model_config(_fields(config)))}
 
 
 def expected_weight_names(config: ConfigLike) -> Set[str]:
