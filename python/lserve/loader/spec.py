@@ -26,7 +26,6 @@ ROPE_SCALING_DEFAULTS: Dict[str, Any] = {
     "truncate": True,
 }
 ROPE_SCALING_FIELDS: Tuple[str, ...] = tuple(ROPE_SCALING_DEFAULTS)
-ROPE_TYPES: Tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 
 # ModelConfig in config.h, in declaration order.
 MODEL_CONFIG_FIELDS: Tuple[str, ...] = (
@@ -76,6 +75,18 @@ def core_model_config(fields: Mapping[str, Any]):
             setattr(config, name, value)
     config.validate()
     return config
+
+
+def check_architecture(architecture: str) -> None:
+    """Raises the core's ValueError when lserve does not run `architecture` (ModelConfig::validate keeps
+    the list): a loader asks before it parses the rest of a foreign config, whose other fields would
+    otherwise be the first thing to fail."""
+    one_of_each = dict(vocab_size=2, hidden_size=2, intermediate_size=2, num_layers=1, num_qo_heads=1,
+                       num_kv_heads=1, head_dim=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                       partial_rotary_factor=1.0, rope_scaling=dict(ROPE_SCALING_DEFAULTS),
+                       max_position_embeddings=2, tie_word_embeddings=False, attention_bias=False,
+                       bos_token_id=-1, eos_token_id=-1)
+    core_model_config({"architecture": architecture, **one_of_each})
 
 
 @dataclass(frozen=True)
