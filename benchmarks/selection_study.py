@@ -49,11 +49,12 @@ def page_mass(probs: np.ndarray, page_size: int) -> np.ndarray:
 
 def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, page_size: int, logical: int,
            num_select: int, spread: float, aggregate: str, probs: np.ndarray = None,
-           memory: np.ndarray = None, out_scores: list = None) -> np.ndarray:
-    """Page positions selected for one KV head: forced newest and first page, then the best."""
+           memory: np.ndarray = None):
+    """(page positions selected for one KV head: forced newest and first page, then the best; the page
+    scores they were ranked by, None when every page fits). memory: "sticky"'s decayed earlier scores."""
     num_pages = -(-num_keys // page_size)
     if num_pages <= num_select:
-        return np.arange(num_pages)
+        return np.arange(num_pages), None
     per = page_size // logical
     num_logical = -(-num_keys // logical)
     if aggregate == "oracle":
@@ -82,12 +83,10 @@ def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, pag
             agg = (p / p.sum(axis=1, keepdims=True)).sum(axis=0)
         else:
             raise ValueError(aggregate)
-    if out_scores is not None:
-        out_scores.append(agg)
     forced = np.zeros(num_pages, dtype=bool)
     forced[[0, num_pages - 1]] = True
     order = np.lexsort((np.arange(num_pages), -agg, ~forced))
-    return np.sort(order[:num_select])
+    return np.sort(order[:num_select]), agg
 
 
 def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, rules: List[Dict], sparsity,
@@ -111,12 +110,8 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
         for h in range(num_kv_heads):
             rows = slice(h * group, (h + 1) * group)
             k = keys[:, h].astype(np.float64)
-            num_l = -(-len(k) // logical)
-            pad = np.zeros((num_l * logical, k.shape[1]))
-            pad[:len(k)] = k
-            # kmax/kmin per logical page over all keys; a step only reads the pages its keys fill
+            # Keys in logical pages of every size a rule asks for; a step reads the pages its keys fill
             # (the newest logical page's bounds grow token by token: recomputed per step below).
-            blocks = pad.reshape(num_l, logical, -1)
             sizes = sorted({rule.get("logical", logical) for rule in rules})
             bounds_by_size = {}
             for size in sizes:
@@ -168,12 +163,10 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
                         stored[name] = None
                     elif last_fresh is None or last_fresh[2] >= rule["reuse"]:
                         size = rule.get("logical", logical)
-                        scores = []
-                        pages = select(queries[step][rows].astype(np.float64), *stats[size], num_keys, page_size,
-                                       size, num_select, rule["spread"], rule["aggregate"], probs,
-                                       memory=memory.get(name), out_scores=scores)
-                        if scores:
-                            memory[name] = rule.get("decay", 0.5) * scores[0]
+                        pages, scores = select(queries[step][rows].astype(np.float64), *stats[size], num_keys,
+                                               page_size, size, num_select, rule["spread"], rule["aggregate"],
+                                               probs, memory=memory.get(name))
+                        memory[name] = rule.get("decay", 0.5) * scores  # scores: never None here
                         stored[name] = (pages, num_pages, 1)
                     else:
                         pages = np.union1d(last_fresh[0], np.arange(last_fresh[1], num_pages))
