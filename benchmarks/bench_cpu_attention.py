@@ -160,7 +160,7 @@ def main() -> None:
         return
 
     module = load_module(args.so)
-    backend = module.CpuBackend(args.threads)
+    backend = module.Backend("cpu", args.threads)
     cache_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.cache_dtype]
     peak = None if args.no_peak else fma_peak_gflops(args.threads)
     rows = [bench_prefill(backend, length, args.chunk, args.heads[0], args.heads[1], args.head_dim, cache_dtype,

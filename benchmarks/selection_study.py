@@ -48,11 +48,13 @@ def page_mass(probs: np.ndarray, page_size: int) -> np.ndarray:
 
 
 def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, page_size: int, logical: int,
-           num_select: int, spread: float, aggregate: str, probs: np.ndarray = None) -> np.ndarray:
-    """Page positions selected for one KV head: forced newest and first page, then the best."""
+           num_select: int, spread: float, aggregate: str, probs: np.ndarray = None,
+           memory: np.ndarray = None):
+    """(page positions selected for one KV head: forced newest and first page, then the best; the page
+    scores they were ranked by, None when every page fits). memory: "sticky"'s decayed earlier scores."""
     num_pages = -(-num_keys // page_size)
     if num_pages <= num_select:
-        return np.arange(num_pages)
+        return np.arange(num_pages), None
     per = page_size // logical
     num_logical = -(-num_keys // logical)
     if aggregate == "oracle":
@@ -66,6 +68,14 @@ def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, pag
             agg = full.sum(axis=0).max(axis=1)  # today's op: max over logical of the group sum
         elif aggregate == "max":
             agg = full.max(axis=2).max(axis=0)
+        elif aggregate in ("pmax", "sticky"):
+            z = full.max(axis=2) / np.sqrt(q.shape[1])  # (G, P)
+            z = z - z.max(axis=1, keepdims=True)
+            p = np.exp(z)
+            agg = (p / p.sum(axis=1, keepdims=True)).max(axis=0)
+            if aggregate == "sticky" and memory is not None:
+                agg = agg.copy()
+                agg[:len(memory)] = np.maximum(agg[:len(memory)], memory)
         elif aggregate == "mass":
             z = full.max(axis=2) / np.sqrt(q.shape[1])  # (G, P)
             z = z - z.max(axis=1, keepdims=True)
@@ -76,7 +86,7 @@ def select(q: np.ndarray, kmax: np.ndarray, kmin: np.ndarray, num_keys: int, pag
     forced = np.zeros(num_pages, dtype=bool)
     forced[[0, num_pages - 1]] = True
     order = np.lexsort((np.arange(num_pages), -agg, ~forced))
-    return np.sort(order[:num_select])
+    return np.sort(order[:num_select]), agg
 
 
 def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, rules: List[Dict], sparsity,
@@ -100,12 +110,16 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
         for h in range(num_kv_heads):
             rows = slice(h * group, (h + 1) * group)
             k = keys[:, h].astype(np.float64)
-            num_l = -(-len(k) // logical)
-            pad = np.zeros((num_l * logical, k.shape[1]))
-            pad[:len(k)] = k
-            # kmax/kmin per logical page over all keys; a step only reads the pages its keys fill
+            # Keys in logical pages of every size a rule asks for; a step reads the pages its keys fill
             # (the newest logical page's bounds grow token by token: recomputed per step below).
-            blocks = pad.reshape(num_l, logical, -1)
+            sizes = sorted({rule.get("logical", logical) for rule in rules})
+            bounds_by_size = {}
+            for size in sizes:
+                n = -(-len(k) // size)
+                kp = np.zeros((n * size, k.shape[1]))
+                kp[:len(k)] = k
+                bounds_by_size[size] = kp.reshape(n, size, -1)
+            memory = {}  # per rule (sticky): the decayed page scores of the last fresh selection
             stored = {}  # per rule: (pages, pages when selected, steps since) of the last fresh selection
             for step in range(num_steps):
                 position = num_prompt - 1 + step
@@ -122,11 +136,14 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
                         stream_needle[0] += float(probs[:, :num_prompt][:, needle & seen[:num_prompt]].sum())
                         stream_needle[1] += float(probs[:, :num_prompt][:, needle].sum())
                     continue
-                last = (num_keys - 1) // logical
-                kmax = blocks[:last + 1].max(axis=1)
-                kmin = blocks[:last + 1].min(axis=1)
-                tail = k[last * logical:num_keys]
-                kmax[last], kmin[last] = tail.max(axis=0), tail.min(axis=0)
+                stats = {}
+                for size in sizes:
+                    last = (num_keys - 1) // size
+                    kmax = bounds_by_size[size][:last + 1].max(axis=1)
+                    kmin = bounds_by_size[size][:last + 1].min(axis=1)
+                    tail = k[last * size:num_keys]
+                    kmax[last], kmin[last] = tail.max(axis=0), tail.min(axis=0)
+                    stats[size] = (kmax, kmin)
                 mass = page_mass(probs, page_size)
                 on_needle = np.zeros(num_keys, dtype=bool)
                 on_needle[:num_prompt] = needle
@@ -145,8 +162,11 @@ def study_case(records, num_prompt: int, num_steps: int, streaming: np.ndarray, 
                         pages = np.arange(num_pages)
                         stored[name] = None
                     elif last_fresh is None or last_fresh[2] >= rule["reuse"]:
-                        pages = select(queries[step][rows].astype(np.float64), kmax, kmin, num_keys, page_size,
-                                       logical, num_select, rule["spread"], rule["aggregate"], probs)
+                        size = rule.get("logical", logical)
+                        pages, scores = select(queries[step][rows].astype(np.float64), *stats[size], num_keys,
+                                               page_size, size, num_select, rule["spread"], rule["aggregate"],
+                                               probs, memory=memory.get(name))
+                        memory[name] = rule.get("decay", 0.5) * scores  # scores: never None here
                         stored[name] = (pages, num_pages, 1)
                     else:
                         pages = np.union1d(last_fresh[0], np.arange(last_fresh[1], num_pages))
@@ -178,6 +198,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--max-answer-tokens", type=int, default=24)
+    parser.add_argument("--rules", default="scores", choices=["scores", "pages"],
+                        help="scores: round 1 (score x group rule x reuse); pages: round 2 (logical page size, "
+                             "per-head page softmax, sticky scores)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -194,10 +217,18 @@ def main() -> None:
     num_layers = capture.model.config.num_hidden_layers
     num_kv_heads = capture.model.config.num_key_value_heads
     streaming = np.asarray(sparsity.streaming_mask(num_layers, num_kv_heads), dtype=bool)
-    rules = [dict(name=f"s{spread}/{aggregate}/r4", spread=spread, aggregate=aggregate, reuse=4)
-             for spread, aggregate in itertools.product((0.0, 0.125, 0.25, 0.5, 1.0), ("sum", "max", "mass"))]
-    rules += [dict(name=f"s0.0/sum/r{reuse}", spread=0.0, aggregate="sum", reuse=reuse) for reuse in (1, 2)]
-    rules += [dict(name="oracle/r4", spread=0.0, aggregate="oracle", reuse=4)]
+    if args.rules == "pages":  # issue 12, round 2: logical page size, per-head page softmax, sticky scores
+        rules = [dict(name=f"s{spread}/max/l{size}", spread=spread, aggregate="max", reuse=4, logical=size)
+                 for spread, size in itertools.product((0.0, 0.25), (16, 8, 4))]
+        rules += [dict(name=f"s0.25/{agg}/l{size}", spread=0.25, aggregate=agg, reuse=4, logical=size)
+                  for agg, size in itertools.product(("pmax", "sticky"), (16, 8))]
+        rules += [dict(name="s0.25/sticky.8/l8", spread=0.25, aggregate="sticky", reuse=4, logical=8, decay=0.8)]
+        rules += [dict(name="oracle/r4", spread=0.0, aggregate="oracle", reuse=4)]
+    else:  # round 1
+        rules = [dict(name=f"s{spread}/{aggregate}/r4", spread=spread, aggregate=aggregate, reuse=4)
+                 for spread, aggregate in itertools.product((0.0, 0.125, 0.25, 0.5, 1.0), ("sum", "max", "mass"))]
+        rules += [dict(name=f"s0.0/sum/r{reuse}", spread=0.0, aggregate="sum", reuse=reuse) for reuse in (1, 2)]
+        rules += [dict(name="oracle/r4", spread=0.0, aggregate="oracle", reuse=4)]
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)
     rows = []
     for task, length, index in itertools.product(tasks, [int(x) for x in args.lengths.split(",")],

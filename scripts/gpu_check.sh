@@ -23,6 +23,18 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
+# The device image's default g++ (/opt/gcc/bin/g++, a wrapper script) links libstdc++ into the module
+# statically; with a second libstdc++ in the process (numpy's), the first std::ostringstream << long in
+# Engine::finalize jumps through the wrong locale facet and segfaults (seen 2026-12-05). Build with the
+# distribution's compiler, which links libstdc++.so like every other extension in the process.
+# The image may export CXX=/opt/gcc/bin/g++ itself, so the override does not wait for CXX to be unset;
+# LSERVE_GPU_CXX names another compiler on purpose.
+if [ -n "${LSERVE_GPU_CXX:-}" ]; then
+  export CXX=$LSERVE_GPU_CXX CUDAHOSTCXX=$LSERVE_GPU_CXX
+elif [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+fi
+echo "host compiler: ${CXX:-$(command -v g++)}" | tee -a "$out/gpu.txt"
 start=$(date +%s)
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} python3 -m pip install -v --no-build-isolation --no-deps \
   -Ccmake.define.LSERVE_CUDA=ON -Ccmake.define.LSERVE_CUDA_ARCHITECTURES="${LSERVE_CUDA_ARCHITECTURES:-90a}" \

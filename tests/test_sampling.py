@@ -1,4 +1,5 @@
-"""SamplingParams, C++ and Python: ranges, errors naming the field, the mapping onto the core.
+"""SamplingParams: the C++ rules (the one place they live), errors naming the field and the value,
+and lserve.SamplingParams, which surfaces the core's errors and maps onto the core.
 
 Sampling itself is the backends' sample op (tests/ops/test_sample.py, statistical and exact) and
 logprobs their logprobs op (tests/ops/test_logprobs.py); the engine's use of both is in
@@ -45,20 +46,38 @@ INVALID = [
     ("frequency_penalty", 2.01), ("frequency_penalty", -3.0),
     ("max_tokens", 0),
     ("min_tokens", -1), ("min_tokens", 17),  # default max_tokens is 16
-    ("logprobs", -2), ("logprobs", 21),
+    ("logprobs", -1), ("logprobs", 21),
+    ("seed", -1),
     ("stop_token_ids", [5, -1]),
+]
+# Values of the wrong kind, or beyond what the C++ field holds: the bindings refuse them naming the field.
+WRONG_KIND = [
+    ("temperature", "0.5"), ("top_p", None), ("top_k", 2.0), ("top_k", True), ("max_tokens", 3.0),
+    ("logprobs", 1.5), ("stop_token_ids", "5"), ("stop_token_ids", [True]), ("ignore_eos", 1),
+    ("top_k", 2**31), ("max_tokens", 2**70), ("seed", 2**63), ("temperature", 1e300), ("presence_penalty", -1e39),
 ]
 
 
 @pytest.mark.parametrize("field, value", INVALID, ids=[f"{f}={v}" for f, v in INVALID])
 def test_validate_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    shown = "got -1" if isinstance(value, list) else f"got {value:g}"  # the core prints reals as %g
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b.*{shown}"):
         _C.SamplingParams(**{field: value})
     params = _C.SamplingParams()
     setattr(params, field, value)
-    with pytest.raises(_C.Error, match=field) as info:
+    with pytest.raises(_C.Error, match=rf"SamplingParams\.{field}\b.*{shown}"):
         params.validate()
-    assert "got" in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", WRONG_KIND, ids=[f"{f}={v!r}" for f, v in WRONG_KIND])
+def test_wrong_kind_names_the_field_and_value(field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b") as info:
+        _C.SamplingParams(**{field: value})
+    shown = repr(value[-1] if isinstance(value, list) else value)
+    assert shown in str(info.value), info.value
+    params = _C.SamplingParams()
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b"):
+        setattr(params, field, value)  # the setters convert as the constructor does
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -78,32 +97,44 @@ def test_params_fields_and_repr():
     assert params.ignore_eos and params.logprobs == 3 and params.seed == 7
     assert math.isclose(params.temperature, 0.5) and math.isclose(params.top_p, 0.9, rel_tol=1e-6)
     params.stop_token_ids = [4]
-    params.seed = -1
-    assert params.stop_token_ids == [4] and params.seed == -1
+    params.seed = None
+    assert params.stop_token_ids == [4] and params.seed is None
     text = repr(params)
     assert text.startswith("SamplingParams(") and "top_k=40" in text and "stop_token_ids=[4]" in text
+    assert "seed=None" in text and "logprobs=3" in text
     default = _C.SamplingParams()
-    assert (default.temperature, default.top_p, default.top_k, default.max_tokens, default.logprobs) == (1.0, 1.0, 0, 16, -1)
+    assert (default.temperature, default.top_p, default.top_k, default.max_tokens, default.logprobs,
+            default.seed) == (1.0, 1.0, 0, 16, None, None)
     with pytest.raises(TypeError):
         _C.SamplingParams(0.5)  # keyword arguments only
 
 
 # ---- lserve.SamplingParams (Python): validation and the mapping onto _C.SamplingParams -------------------
 
-PY_INVALID = INVALID[:-2] + [  # the Python class has no -1 sentinel for logprobs: None means none
-    ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.5),
-    ("stop_token_ids", [5, -1]), ("stop_token_ids", "5"), ("stop_token_ids", [True]),
-    ("temperature", "0.5"), ("top_p", None), ("top_k", 2.0), ("top_k", True), ("repetition_penalty", float("inf")),
-    ("max_tokens", 3.0), ("n", 0), ("seed", -1), ("seed", 2**63), ("stop", [""]),
-]
+PY_INVALID = INVALID + WRONG_KIND + [("n", 0), ("n", 1.5), ("stop", [""]), ("stop", "x\ud800")]
 
 
 @pytest.mark.parametrize("field, value", PY_INVALID, ids=[f"{f}={v!r}" for f, v in PY_INVALID])
 def test_python_params_reject_with_value_error(field, value):
+    """lserve.SamplingParams raises what the core raises (n and stop strings are its own)."""
     from lserve import SamplingParams
 
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as info:
         SamplingParams(**{field: value})
+    if field not in ("n", "stop"):
+        assert str(info.value).startswith(f"SamplingParams.{field}"), info.value
+        with pytest.raises(ValueError) as core:
+            _C.SamplingParams(**{field: value})
+        assert str(core.value) == str(info.value), "one source: the same message from the core"
+
+
+def test_python_params_validate_max_tokens_none():
+    """max_tokens=None (up to max_model_len) still has min_tokens and the rest checked by the core."""
+    from lserve import SamplingParams
+
+    SamplingParams(max_tokens=None, min_tokens=1000)
+    with pytest.raises(ValueError, match=r"SamplingParams\.min_tokens.*got -3"):
+        SamplingParams(max_tokens=None, min_tokens=-3)
 
 
 def test_python_params_to_core():
@@ -122,4 +153,4 @@ def test_python_params_to_core():
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         assert math.isclose(getattr(core, name), getattr(params, name), rel_tol=1e-6), name
     default = SamplingParams().to_core(max_tokens=16, seed=None)
-    assert (default.seed, default.logprobs, default.top_k, default.stop_token_ids) == (-1, -1, 0, [])
+    assert (default.seed, default.logprobs, default.top_k, default.stop_token_ids) == (None, None, 0, [])

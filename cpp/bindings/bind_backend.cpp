@@ -1,8 +1,9 @@
-// _C.Backend("cpu" | "cuda[:N]"): any backend's ops for tests and tools, one .def per op. Tensors
-// are numpy arrays or torch tensors (DLPack) on the backend's device or the host where the op
-// allows; outputs are preallocated by the caller and written in place. Each call synchronises the
+// _C.Backend("cpu" | "cuda[:N]", num_threads): the one binding of the ops, any backend's, for tests
+// and tools, one .def per op, and supports() (_C.Support). Tensors are numpy arrays or torch tensors
+// (DLPack) on the backend's device or the host where the op allows; outputs are preallocated by the
+// caller and written in place; the GIL is released while an op runs. Each call synchronises the
 // backend before returning, so results are readable and errors surface at the op that caused them.
-// _C.has_cuda_backend says whether this build registered the CUDA backend.
+// _C.has_cuda_backend says whether this build registered the CUDA backend; _C.OPS names every op.
 #include <pybind11/stl.h>
 
 #include <memory>
@@ -12,6 +13,7 @@
 #include "bindings.h"
 #include "dlpack.h"
 #include "lserve/backend.h"
+#include "lserve/ops/page_select.h"
 
 namespace lserve::bindings {
 
@@ -33,6 +35,17 @@ void run(PyBackend& self, Fn&& op) {
 
 void bind_backend(py::module_& m) {
   m.attr("has_cuda_backend") = has_backend_factory(DeviceType::kCUDA);
+  py::list op_names;
+  for (OpKind op : kAllOps) op_names.append(op_name(op));
+  m.attr("OPS") = py::tuple(op_names);
+
+  py::class_<Support>(m, "Support", "Backend.supports()'s answer: truthy when supported, else `reason` says why.")
+      .def_readonly("supported", &Support::supported)
+      .def_readonly("reason", &Support::reason)
+      .def("__bool__", [](const Support& self) { return self.supported; })
+      .def("__repr__", [](const Support& self) {
+        return self.supported ? std::string("Support(True)") : "Support(False, '" + self.reason + "')";
+      });
 
   py::class_<PyBackend>(m, "Backend",
                         "A backend by device name ('cpu', 'cuda', 'cuda:N'). Ops write preallocated outputs in "
@@ -43,6 +56,30 @@ void bind_backend(py::module_& m) {
            py::arg("device") = "cpu", py::arg("num_threads") = 0)
       .def_property_readonly("name", [](const PyBackend& self) { return self.backend->name(); })
       .def_property_readonly("device", [](const PyBackend& self) { return self.backend->device().str(); })
+      .def(
+          "supports",
+          [](const PyBackend& self, const std::string& op, const std::string& dtype, const std::string& weight_dtype,
+             const std::string& kv_cache_dtype, int64_t head_dim, bool window, bool stream_ring, bool selection,
+             const std::string& group_score) {
+            OpQuery query;
+            query.op = op_kind_from_name(op);
+            query.activation_dtype = dtype_from_string(dtype);
+            query.weight_dtype = dtype_from_string(weight_dtype);
+            query.kv_cache_dtype = dtype_from_string(kv_cache_dtype);
+            query.head_dim = head_dim;
+            query.window = window;
+            query.stream_ring = stream_ring;
+            query.selection = selection;
+            query.group_score = group_score_from_string(group_score);
+            return self.backend->supports(query);
+          },
+          py::arg("op"), py::kw_only(), py::arg("dtype") = "float32", py::arg("weight_dtype") = "float32",
+          py::arg("kv_cache_dtype") = "float32", py::arg("head_dim") = 0, py::arg("window") = false,
+          py::arg("stream_ring") = false, py::arg("selection") = false, py::arg("group_score") = "sum",
+          "Can this backend run `op` (one of _C.OPS) with these argument kinds? dtype: the activations; "
+          "head_dim 0: not asked; window / stream_ring / selection: attention's sparse policy; group_score: "
+          "page_select's. The op itself refuses whatever this refuses (a backend's own limits with this reason; "
+          "what no op contract allows through the contract's check, which fires first).")
       .def_property_readonly("low_precision_activations",
                              [](const PyBackend& self) { return self.backend->low_precision_activations(); })
       .def("memory_info", [](PyBackend& self) { return self.backend->memory_info(); },
@@ -69,38 +106,47 @@ void bind_backend(py::module_& m) {
           py::arg("dst"))
       .def(
           "embed",
-          [](PyBackend& self, py::handle token_ids, py::handle weight, py::handle output) {
+          [](PyBackend& self, py::handle token_ids, py::handle weight, py::handle output,
+             const std::string& weight_dtype) {
             DlpackTensor ids_t(token_ids, "token_ids"), weight_t(weight, "weight"), output_t(output, "output");
-            const EmbedArgs args{ids_t.view(), weight_t.view(), output_t.writable_view("output")};
+            const EmbedArgs args{ids_t.view(), block_view(weight_t.view(), weight_dtype, "weight"),
+                                 output_t.writable_view("output")};
             run(self, [&] { self.backend->embed(args); });
           },
-          py::arg("token_ids"), py::arg("weight"), py::arg("output"))
+          py::arg("token_ids"), py::arg("weight"), py::arg("output"), py::arg("weight_dtype") = "",
+          "output (num_tokens, hidden_size) = weight[token_ids]; weight_dtype q8_0 | q4_0 | q4_1: weight is the "
+          "(vocab_size, row_bytes) uint8 array of its blocks")
       .def(
           "rms_norm",
           [](PyBackend& self, py::handle input, py::handle residual, py::handle weight, py::handle output,
              float eps) {
             std::vector<DlpackTensor> keep;
             DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
-            const RmsNormArgs args{input_t.view(), optional_view(residual, keep, "residual"), weight_t.view(),
-                                   output_t.writable_view("output"), eps};
+            const TensorView residual_view = optional_view(residual, keep, "residual");
+            if (residual_view.defined()) keep.back().writable_view("residual");  // updated in place
+            const RmsNormArgs args{input_t.view(), residual_view, weight_t.view(), output_t.writable_view("output"),
+                                   eps};
             run(self, [&] { self.backend->rms_norm(args); });
           },
           py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("output"), py::arg("eps") = 1e-6f)
       .def(
           "gemm",
-          [](PyBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output, int repeat) {
+          [](PyBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output, int repeat,
+             const std::string& weight_dtype) {
             std::vector<DlpackTensor> keep;
             DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
-            const GemmArgs args{input_t.view(), weight_t.view(), optional_view(bias, keep, "bias"),
-                                output_t.writable_view("output")};
+            const GemmArgs args{input_t.view(), block_view(weight_t.view(), weight_dtype, "weight"),
+                                optional_view(bias, keep, "bias"), output_t.writable_view("output")};
             if (repeat < 1) throw py::value_error("repeat must be >= 1");
             run(self, [&] {
               for (int i = 0; i < repeat; ++i) self.backend->gemm(args);
             });
           },
           py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"), py::arg("repeat") = 1,
+          py::arg("weight_dtype") = "",
           "output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait "
-          "(benchmarks)")
+          "(benchmarks); weight_dtype q8_0 | q4_0 | q4_1: weight is the (out_features, row_bytes) uint8 array of "
+          "its blocks")
       .def(
           "silu_mul",
           [](PyBackend& self, py::handle input, py::handle output) {

@@ -4,46 +4,68 @@
 #include "bindings.h"
 #include "dlpack.h"
 #include "lserve/engine.h"
+#include "lserve/model/llama.h"
+#include "scalars.h"
 
 namespace lserve::bindings {
 
 namespace py = pybind11;
 
 void bind_engine(py::module_& m) {
-  py::class_<RopeScaling>(m, "RopeScaling")
-      .def(py::init<>())
-      .def_readwrite("rope_type", &RopeScaling::rope_type)
-      .def_readwrite("factor", &RopeScaling::factor)
-      .def_readwrite("low_freq_factor", &RopeScaling::low_freq_factor)
-      .def_readwrite("high_freq_factor", &RopeScaling::high_freq_factor)
-      .def_readwrite("original_max_position_embeddings", &RopeScaling::original_max_position_embeddings)
-      .def_readwrite("beta_fast", &RopeScaling::beta_fast)
-      .def_readwrite("beta_slow", &RopeScaling::beta_slow)
-      .def_readwrite("attention_factor", &RopeScaling::attention_factor)
-      .def_readwrite("mscale", &RopeScaling::mscale)
-      .def_readwrite("mscale_all_dim", &RopeScaling::mscale_all_dim)
-      .def_readwrite("truncate", &RopeScaling::truncate);
+  // Setters convert through scalars.h (a wrong kind raises ValueError naming "ModelConfig.<field>");
+  // ModelConfig::validate() holds every rule.
+#define LSERVE_CONFIG_FIELD(cls, Type, prefix, name, convert)                                          \
+  cls.def_property(                                                                                   \
+      #name, [](const Type& c) { return c.name; },                                                   \
+      [](Type& c, const py::handle& value) { c.name = convert(value, prefix #name); })
+  py::class_<RopeScaling> rope(m, "RopeScaling");
+  rope.def(py::init<>());
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", rope_type, str_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", factor, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", low_freq_factor, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", high_freq_factor, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", original_max_position_embeddings, int32_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", beta_fast, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", beta_slow, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", attention_factor, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", mscale, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", mscale_all_dim, float64_arg);
+  LSERVE_CONFIG_FIELD(rope, RopeScaling, "rope_scaling.", truncate, bool_arg);
 
-  py::class_<ModelConfig>(m, "ModelConfig")
-      .def(py::init<>())
-      .def_readwrite("architecture", &ModelConfig::architecture)
-      .def_readwrite("vocab_size", &ModelConfig::vocab_size)
-      .def_readwrite("hidden_size", &ModelConfig::hidden_size)
-      .def_readwrite("intermediate_size", &ModelConfig::intermediate_size)
-      .def_readwrite("num_layers", &ModelConfig::num_layers)
-      .def_readwrite("num_qo_heads", &ModelConfig::num_qo_heads)
-      .def_readwrite("num_kv_heads", &ModelConfig::num_kv_heads)
-      .def_readwrite("head_dim", &ModelConfig::head_dim)
-      .def_readwrite("rms_norm_eps", &ModelConfig::rms_norm_eps)
-      .def_readwrite("rope_theta", &ModelConfig::rope_theta)
-      .def_readwrite("partial_rotary_factor", &ModelConfig::partial_rotary_factor)
-      .def_readwrite("rope_scaling", &ModelConfig::rope_scaling)
-      .def_readwrite("max_position_embeddings", &ModelConfig::max_position_embeddings)
-      .def_readwrite("tie_word_embeddings", &ModelConfig::tie_word_embeddings)
-      .def_readwrite("attention_bias", &ModelConfig::attention_bias)
-      .def_readwrite("bos_token_id", &ModelConfig::bos_token_id)
-      .def_readwrite("eos_token_id", &ModelConfig::eos_token_id)
-      .def("validate", &ModelConfig::validate);
+  py::class_<ModelConfig> model(m, "ModelConfig");
+  model.def(py::init<>());
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", architecture, str_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", vocab_size, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", hidden_size, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", intermediate_size, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", num_layers, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", num_qo_heads, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", num_kv_heads, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", head_dim, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", rms_norm_eps, float64_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", rope_theta, float64_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", partial_rotary_factor, float64_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", max_position_embeddings, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", tie_word_embeddings, bool_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", attention_bias, bool_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", bos_token_id, int32_arg);
+  LSERVE_CONFIG_FIELD(model, ModelConfig, "", eos_token_id, int32_arg);
+#undef LSERVE_CONFIG_FIELD
+  m.def(
+      "weight_shapes",
+      [](const ModelConfig& config) {
+        std::vector<std::pair<std::string, py::tuple>> shapes;
+        for (const LlamaModel::WeightSpec& spec : LlamaModel::weight_specs(config)) {
+          shapes.emplace_back(spec.name, py::cast(spec.shape));
+        }
+        return shapes;
+      },
+      py::arg("model_config"),
+      "[(Hugging Face name, shape)] of every tensor a checkpoint of this config holds, in model order "
+      "(LlamaModel::weight_specs, the one table); validates the config.");
+  model.def_readwrite("rope_scaling", &ModelConfig::rope_scaling)
+      .def("validate", &ModelConfig::validate,
+           "Derives head_dim (0: hidden_size / num_qo_heads) and checks every field; ValueError names it.");
 
   py::class_<EngineConfig>(m, "EngineConfig")
       .def(py::init<>())
@@ -130,10 +152,21 @@ void bind_engine(py::module_& m) {
            py::arg("name"), py::arg("tensor"))
       .def("finalize", &Engine::finalize, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ready", &Engine::ready)
-      .def("add_request", &Engine::add_request, py::arg("request_id"), py::arg("prompt_token_ids"),
-           py::arg("params"))
-      .def("add_request_group", &Engine::add_request_group, py::arg("request_ids"), py::arg("prompt_token_ids"),
-           py::arg("params"))
+      .def(
+          "add_request",
+          [](Engine& self, int64_t request_id, const py::handle& prompt_token_ids, const SamplingParams& params) {
+            self.add_request(request_id, int32_list_arg(prompt_token_ids, "prompt_token_ids"), params);
+          },
+          py::arg("request_id"), py::arg("prompt_token_ids"), py::arg("params"),
+          "Queues one request; raises ValueError naming what is wrong (empty prompt, a token id outside the "
+          "vocabulary, a prompt that leaves max_model_len no room, the params).")
+      .def(
+          "add_request_group",
+          [](Engine& self, const std::vector<int64_t>& request_ids, const py::handle& prompt_token_ids,
+             const std::vector<SamplingParams>& params) {
+            self.add_request_group(request_ids, int32_list_arg(prompt_token_ids, "prompt_token_ids"), params);
+          },
+          py::arg("request_ids"), py::arg("prompt_token_ids"), py::arg("params"))
       .def("abort_request", &Engine::abort_request, py::arg("request_id"))
       .def("reset_prefix_cache", &Engine::reset_prefix_cache)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())

@@ -1,7 +1,9 @@
-// Device-independent parts of Backend: allocation shapes, copy and fill validation, float32
-// staging of low-precision activations for float32-only backends, the backend registry.
+// Device-independent parts of Backend: allocation shapes, copy and fill validation, capability
+// answers the op contracts give (supports), float32 staging of low-precision activations for
+// float32-only backends, the backend registry.
 #include "lserve/backend.h"
 
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -51,8 +53,162 @@ class Float32Staging {
 
 }  // namespace
 
+namespace {
+
+bool is_float(DType dtype) { return dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16; }
+
+struct OpNameEntry {
+  OpKind op;
+  const char* name;
+};
+constexpr OpNameEntry kOpNames[] = {
+    {OpKind::kEmbed, "embed"},           {OpKind::kRmsNorm, "rms_norm"},         {OpKind::kGemm, "gemm"},
+    {OpKind::kSiluMul, "silu_mul"},      {OpKind::kRopeKvAppend, "rope_kv_append"}, {OpKind::kAttention, "attention"},
+    {OpKind::kGatherRows, "gather_rows"}, {OpKind::kSample, "sample"},          {OpKind::kLogprobs, "logprobs"},
+    {OpKind::kPageSelect, "page_select"}, {OpKind::kPageStatsAppend, "page_stats_append"},
+};
+static_assert(std::size(kOpNames) == std::size(kAllOps), "every OpKind has a name");
+
+bool reads_weight(OpKind op) { return op == OpKind::kEmbed || op == OpKind::kRmsNorm || op == OpKind::kGemm; }
+bool reads_kv_cache(OpKind op) { return op == OpKind::kRopeKvAppend || op == OpKind::kAttention; }
+bool reads_activation(OpKind op) {
+  return op != OpKind::kEmbed && op != OpKind::kSample && op != OpKind::kLogprobs;
+}
+
+}  // namespace
+
+const char* op_name(OpKind op) {
+  for (const OpNameEntry& entry : kOpNames) {
+    if (entry.op == op) return entry.name;
+  }
+  LSERVE_THROW("unknown OpKind ", static_cast<int>(op));
+}
+
+OpKind op_kind_from_name(const std::string& name) {
+  std::string known;
+  for (const OpNameEntry& entry : kOpNames) {
+    if (name == entry.name) return entry.op;
+    known += known.empty() ? entry.name : std::string(", ") + entry.name;
+  }
+  LSERVE_THROW("unknown op '", name, "' (known: ", known, ")");
+}
+
+OpQuery OpQuery::of(const EmbedArgs& args) {
+  OpQuery query;
+  query.op = OpKind::kEmbed;
+  query.weight_dtype = args.weight.dtype;
+  return query;
+}
+
+OpQuery OpQuery::of(const RmsNormArgs& args) {
+  OpQuery query;
+  query.op = OpKind::kRmsNorm;
+  query.activation_dtype = args.input.dtype;
+  query.weight_dtype = args.weight.dtype;
+  return query;
+}
+
+OpQuery OpQuery::of(const GemmArgs& args) {
+  OpQuery query;
+  query.op = OpKind::kGemm;
+  query.activation_dtype = args.input.dtype;
+  query.weight_dtype = args.weight.dtype;
+  return query;
+}
+
+OpQuery OpQuery::of(const RopeKvAppendArgs& args) {
+  OpQuery query;
+  query.op = OpKind::kRopeKvAppend;
+  query.activation_dtype = args.query.dtype;
+  query.kv_cache_dtype = args.k_cache.dtype;
+  query.head_dim = args.query.size(2);
+  return query;
+}
+
+OpQuery OpQuery::of(const AttentionArgs& args) {
+  OpQuery query;
+  query.op = OpKind::kAttention;
+  query.activation_dtype = args.query.dtype;
+  query.kv_cache_dtype = args.k_cache.dtype;
+  query.head_dim = args.query.size(2);
+  query.window = args.has_window();
+  query.stream_ring = args.has_ring();
+  query.selection = args.has_selection();
+  return query;
+}
+
+OpQuery OpQuery::of(const PageSelectArgs& args) {
+  OpQuery query;
+  query.op = OpKind::kPageSelect;
+  query.activation_dtype = args.query.dtype;
+  query.head_dim = args.query.size(2);
+  query.group_score = args.group_score;
+  return query;
+}
+
+OpQuery OpQuery::of(const PageStatsAppendArgs& args) {
+  OpQuery query;
+  query.op = OpKind::kPageStatsAppend;
+  query.activation_dtype = args.key.dtype;
+  query.head_dim = args.key.size(2);
+  return query;
+}
+
+Support Backend::supports(const OpQuery& query) const {
+  // Called by every op entry: no string is built unless the answer is no.
+  const char* op = op_name(query.op);
+  // What the contracts of ops/<op>.h allow on every backend.
+  if (reads_activation(query.op) && !is_float(query.activation_dtype)) {
+    return Support::no(std::string(op) + ": activations are float32, bfloat16 or float16, got " +
+                       dtype_name(query.activation_dtype));
+  }
+  // gemm and embed also take the ggml block formats (ops/gemm.h, ops/embed.h); a backend may refuse them.
+  const bool block_weight_op = query.op == OpKind::kGemm || query.op == OpKind::kEmbed;
+  if (reads_weight(query.op) && !is_float(query.weight_dtype) &&
+      !(block_weight_op && dtype_is_block(query.weight_dtype))) {
+    return Support::no(std::string(op) + ": weights are float32, bfloat16 or float16" +
+                       (block_weight_op ? " (or q8_0, q4_0, q4_1 blocks)" : "") + ", got " +
+                       dtype_name(query.weight_dtype));
+  }
+  if (reads_kv_cache(query.op) && query.kv_cache_dtype != DType::kF32 && query.kv_cache_dtype != DType::kBF16) {
+    return Support::no(std::string(op) + ": KV caches are float32 or bfloat16, got " +
+                       dtype_name(query.kv_cache_dtype));
+  }
+  if (query.head_dim < 0) {
+    return Support::no(std::string(op) + ": head_dim must be >= 0, got " + std::to_string(query.head_dim));
+  }
+  if (query.op == OpKind::kAttention && query.stream_ring && query.selection) {
+    return Support::no("attention: a selection store reads a page list, not a stream ring");
+  }
+  return supports_impl(query);
+}
+
+void Backend::require_support(const OpQuery& query) const {
+  const Support support = supports(query);
+  if (!support) throw Error("the " + name() + " backend cannot run this call: " + support.reason);
+}
+
+void Backend::embed(const EmbedArgs& args) {
+  args.validate(device());
+  require_support(OpQuery::of(args));
+  embed_impl(args);
+}
+
+void Backend::sample(const SampleArgs& args) {
+  args.validate(device());
+  require_support(OpQuery{OpKind::kSample});
+  sample_impl(args);
+}
+
+void Backend::logprobs(const LogprobsArgs& args) {
+  args.validate(device());
+  require_support(OpQuery{OpKind::kLogprobs});
+  logprobs_impl(args);
+}
+
 void Backend::rms_norm(const RmsNormArgs& args) {
   args.validate(device());
+  require_support(OpQuery::of(args));
   if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
     rms_norm_impl(args);
     return;
@@ -67,6 +223,7 @@ void Backend::rms_norm(const RmsNormArgs& args) {
 
 void Backend::gemm(const GemmArgs& args) {
   args.validate(device());
+  require_support(OpQuery::of(args));
   if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
     gemm_impl(args);
     return;
@@ -81,6 +238,7 @@ void Backend::gemm(const GemmArgs& args) {
 
 void Backend::silu_mul(const SiluMulArgs& args) {
   args.validate(device());
+  require_support(OpQuery{OpKind::kSiluMul, args.input.dtype});
   if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
     silu_mul_impl(args);
     return;
@@ -95,6 +253,7 @@ void Backend::silu_mul(const SiluMulArgs& args) {
 
 void Backend::rope_kv_append(const RopeKvAppendArgs& args) {
   args.validate(device());
+  require_support(OpQuery::of(args));
   if (low_precision_activations() || !is_low_precision(args.query)) {
     rope_kv_append_impl(args);
     return;
@@ -110,6 +269,7 @@ void Backend::rope_kv_append(const RopeKvAppendArgs& args) {
 
 void Backend::attention(const AttentionArgs& args) {
   args.validate(device());
+  require_support(OpQuery::of(args));
   if (low_precision_activations() || !(is_low_precision(args.query) || is_low_precision(args.output))) {
     attention_impl(args);
     return;
@@ -124,6 +284,7 @@ void Backend::attention(const AttentionArgs& args) {
 
 void Backend::gather_rows(const GatherRowsArgs& args) {
   args.validate(device());
+  require_support(OpQuery{OpKind::kGatherRows, args.input.dtype});
   if (low_precision_activations() || !(is_low_precision(args.input) || is_low_precision(args.output))) {
     gather_rows_impl(args);
     return;
@@ -182,6 +343,7 @@ void Backend::fill_zero(const TensorView& dst) {
 
 void Backend::page_select(const PageSelectArgs& args) {
   args.validate(device());
+  require_support(OpQuery::of(args));
   if (low_precision_activations() || !is_low_precision(args.query)) {
     page_select_impl(args);
     return;
@@ -194,6 +356,7 @@ void Backend::page_select(const PageSelectArgs& args) {
 
 void Backend::page_stats_append(const PageStatsAppendArgs& args) {
   args.validate(device());
+  require_support(OpQuery::of(args));
   if (low_precision_activations() || !is_low_precision(args.key)) {
     page_stats_append_impl(args);
     return;
@@ -202,14 +365,6 @@ void Backend::page_stats_append(const PageStatsAppendArgs& args) {
   PageStatsAppendArgs staged = args;
   staged.key = staging.input(args.key);
   page_stats_append_impl(staged);
-}
-
-void Backend::page_select_impl(const PageSelectArgs&) {
-  LSERVE_THROW("the ", name(), " backend has no page_select yet (sparse decode)");
-}
-
-void Backend::page_stats_append_impl(const PageStatsAppendArgs&) {
-  LSERVE_THROW("the ", name(), " backend has no page_stats_append yet (sparse decode)");
 }
 
 namespace {

@@ -261,7 +261,7 @@ std::unique_ptr<Request> Engine::make_request(int64_t request_id, const std::vec
   request->request_id = request_id;
   request->prompt_token_ids = prompt_token_ids;
   request->params = params;
-  request->sample_seed = params.seed >= 0 ? static_cast<uint64_t>(params.seed) : seed_rng_();
+  request->sample_seed = params.seed ? static_cast<uint64_t>(*params.seed) : seed_rng_();
   return request;
 }
 
@@ -471,10 +471,10 @@ std::vector<RequestOutput> Engine::step() {
     }
     SampledToken token;
     token.token_id = token_id;
-    if (request.params.logprobs >= 0) {
+    if (request.params.logprobs) {
       token.logprob = sampled.logprobs[r];
       const size_t top_begin = r * static_cast<size_t>(sampled.num_top);
-      for (int j = 0; j < request.params.logprobs; ++j) {
+      for (int j = 0; j < *request.params.logprobs; ++j) {
         token.top_logprobs.emplace_back(sampled.top_token_ids[top_begin + j], sampled.top_logprobs[top_begin + j]);
       }
     }
@@ -487,7 +487,7 @@ std::vector<RequestOutput> Engine::step() {
 void Engine::accept_token(Request& request, SampledToken sampled, RequestOutput& output) {
   request.output_token_ids.push_back(sampled.token_id);
   output.new_token_ids.push_back(sampled.token_id);
-  if (request.params.logprobs >= 0) {
+  if (request.params.logprobs) {
     output.new_logprobs.push_back({sampled.logprob, std::move(sampled.top_logprobs)});
   }
   FinishReason reason = FinishReason::kNone;
@@ -553,7 +553,7 @@ Engine::SampledRows Engine::sample_rows(const std::vector<SampleRow>& rows, cons
     const Request& request = *row.request;
     const SamplingParams& p = request.params;
     row_map.push_back(row.logits_row);
-    num_top = std::max(num_top, p.logprobs);
+    num_top = std::max(num_top, p.logprobs.value_or(-1));
     temperature.push_back(p.temperature);
     top_k.push_back(p.top_k);
     top_p.push_back(p.top_p);

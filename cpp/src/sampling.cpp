@@ -14,7 +14,7 @@ void SamplingParams::validate() const {
   LSERVE_CHECK(std::isfinite(temperature) && temperature >= 0.0f,
                "SamplingParams.temperature must be >= 0 (0 means greedy), got ", temperature);
   LSERVE_CHECK(top_p > 0.0f && top_p <= 1.0f, "SamplingParams.top_p must be in (0, 1], got ", top_p);
-  LSERVE_CHECK(top_k >= -1, "SamplingParams.top_k must be -1 or 0 (disabled) or >= 1, got ", top_k);
+  LSERVE_CHECK(top_k >= -1, "SamplingParams.top_k must be 0 or -1 (disabled) or >= 1, got ", top_k);
   LSERVE_CHECK(min_p >= 0.0f && min_p <= 1.0f, "SamplingParams.min_p must be in [0, 1], got ", min_p);
   LSERVE_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0.0f,
                "SamplingParams.repetition_penalty must be > 0 (1 means none), got ", repetition_penalty);
@@ -25,8 +25,9 @@ void SamplingParams::validate() const {
   LSERVE_CHECK(max_tokens >= 1, "SamplingParams.max_tokens must be >= 1, got ", max_tokens);
   LSERVE_CHECK(min_tokens >= 0 && min_tokens <= max_tokens, "SamplingParams.min_tokens must be in [0, max_tokens=",
                max_tokens, "], got ", min_tokens);
-  LSERVE_CHECK(logprobs == -1 || (logprobs >= 0 && logprobs <= kMaxLogprobs),
-               "SamplingParams.logprobs must be -1 (none) or in [0, ", kMaxLogprobs, "], got ", logprobs);
+  LSERVE_CHECK(!logprobs || (*logprobs >= 0 && *logprobs <= kMaxLogprobs),
+               "SamplingParams.logprobs must be None or in [0, ", kMaxLogprobs, "], got ", logprobs.value_or(0));
+  LSERVE_CHECK(!seed || *seed >= 0, "SamplingParams.seed must be None or in [0, 2**63), got ", seed.value_or(0));
   for (size_t i = 0; i < stop_token_ids.size(); ++i) {
     LSERVE_CHECK(stop_token_ids[i] >= 0, "SamplingParams.stop_token_ids[", i, "] must be >= 0, got ",
                  stop_token_ids[i]);

@@ -8,7 +8,8 @@ namespace lserve {
 
 void cuda_attention_reference(CudaBackend& backend, const AttentionArgs& args) {
   const int64_t head_dim = args.query.size(2);
-  LSERVE_CHECK(head_dim <= 256, "attention on CUDA supports head_dim <= 256, got ", head_dim);
+  LSERVE_CHECK(head_dim <= kMaxAttentionHeadDim, "attention on CUDA supports head_dim <= ", kMaxAttentionHeadDim,
+               ", got ", head_dim);  // CudaBackend::supports_impl refuses it first
   cuda::AttentionReferenceParams params;
   params.query = args.query.data;
   params.k_cache = args.k_cache.data;

@@ -54,27 +54,41 @@ CudaBackend::~CudaBackend() {
 
 void CudaBackend::activate() const { LSERVE_CUDA_CHECK(cudaSetDevice(context_->device_index)); }
 
-bool CudaBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const {
-  const bool weights_ok = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 || weight_dtype == DType::kF16;
-  const bool kv_ok = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
-  // Per op, the argument the op reads: weights (embed, rms_norm, gemm), the KV cache (attention: the
-  // reference kernel reads float32 or bfloat16 caches; rope_kv_append writes any float dtype), or
-  // neither (the rest take float32 logits, ids or activations in any float dtype).
-  const bool any_float_kv = kv_ok || kv_cache_dtype == DType::kF16;
-  switch (op) {
-    case OpKind::kEmbed:
-    case OpKind::kRmsNorm:
-    case OpKind::kGemm: return weights_ok;
-    case OpKind::kRopeKvAppend: return any_float_kv;
+Support CudaBackend::supports_impl(const OpQuery& query) const {
+  // What the op contracts allow (Backend::supports) runs here too, except: attention's reference
+  // kernel (attention_reference.cu: 2, 4 or 8 channels per lane) serves what the tensor-core kernels
+  // (head_dim 64 or 128, every sparse policy) do not, up to head_dim 256; page_select implements the
+  // "sum" and "max" group scores (page_select.cu); gemm and embed take float weights only (the ggml
+  // block formats are the CPU backend's). Every other dtype the contracts allow is dispatched.
+  switch (query.op) {
     case OpKind::kAttention:
-    case OpKind::kSparseAttention: return kv_ok;  // sparse: the reference kernel; TODO(#17): tensor cores
+      if (query.head_dim > kMaxAttentionHeadDim) {
+        return Support::no("attention on CUDA: head_dim " + std::to_string(query.head_dim) + " is above " +
+                           std::to_string(kMaxAttentionHeadDim) + " (the reference kernel's limit)");
+      }
+      return Support::yes();
+    case OpKind::kPageSelect:
+      if (query.group_score == GroupScore::kMass) {
+        return Support::no("page_select on CUDA: group_score 'mass' runs on the CPU backend only (CUDA implements "
+                           "'sum' and 'max')");
+      }
+      return Support::yes();
+    case OpKind::kEmbed:
+    case OpKind::kGemm:
+      if (dtype_is_block(query.weight_dtype)) {
+        return Support::no(std::string(op_name(query.op)) + " on CUDA: " + dtype_name(query.weight_dtype) +
+                           " block weights run on the CPU backend only (load with a float dtype)");
+      }
+      return Support::yes();
+    case OpKind::kRmsNorm:
     case OpKind::kSiluMul:
+    case OpKind::kRopeKvAppend:
     case OpKind::kGatherRows:
     case OpKind::kSample:
     case OpKind::kLogprobs:
-    case OpKind::kPageSelect: return true;
+    case OpKind::kPageStatsAppend: return Support::yes();
   }
-  return false;
+  return Support::no("unknown op " + std::to_string(static_cast<int>(query.op)));
 }
 
 void CudaBackend::synchronize_impl() {

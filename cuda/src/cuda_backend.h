@@ -33,7 +33,6 @@ class CudaBackend : public Backend {
 
   Device device() const override { return Device{DeviceType::kCUDA, context_->device_index}; }
   std::string name() const override { return "cuda"; }
-  bool supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const override;
   void synchronize_impl() override;
   std::pair<int64_t, int64_t> memory_info() override;
   bool low_precision_activations() const override { return true; }
@@ -57,6 +56,7 @@ class CudaBackend : public Backend {
   CublasLtGemm& cublaslt() { return *cublaslt_; }
 
  protected:
+  Support supports_impl(const OpQuery& query) const override;
   std::shared_ptr<void> allocate_bytes(size_t num_bytes) override;
   void copy_impl(const TensorView& dst, const TensorView& src) override;
   void fill_zero_impl(const TensorView& dst) override;
@@ -94,7 +94,9 @@ void cuda_sample(CudaBackend& backend, const SampleArgs& args);
 void cuda_logprobs(CudaBackend& backend, const LogprobsArgs& args);
 void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args);
 void cuda_page_stats_append(CudaBackend& backend, const PageStatsAppendArgs& args);
-// The simple paged attention every faster kernel is checked against (attention_reference.cu).
+// The simple paged attention every faster kernel is checked against (attention_reference.cu), for
+// head_dim <= kMaxAttentionHeadDim.
+constexpr int64_t kMaxAttentionHeadDim = 256;
 void cuda_attention_reference(CudaBackend& backend, const AttentionArgs& args);
 // dst = src over (num_rows, num_cols) matrices with row strides, converting dtypes, on the device.
 void cuda_convert(CudaBackend& backend, const void* src, DType src_dtype, int64_t src_stride, void* dst,

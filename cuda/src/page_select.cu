@@ -44,8 +44,6 @@ void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
   params.num_select = static_cast<int>(args.selected.size(2));
   params.keep_first_page = args.keep_first_page;
   params.center = args.score == PageScore::kCenter;
-  LSERVE_CHECK(args.group_score != GroupScore::kMass, "page_select: group_score 'mass' runs on the CPU backend only "
-               "(CUDA implements 'sum' and 'max')");
   params.group_max = args.group_score == GroupScore::kMax;
   LSERVE_CHECK(params.num_seqs * params.num_kv_heads <= INT32_MAX &&
                    params.num_entries * params.logical_per_page * params.num_kv_heads <= INT32_MAX,

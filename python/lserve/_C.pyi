@@ -6,56 +6,9 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Backend', 'CpuBackend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'TokenLogprob', 'gguf_hf_weights', 'gguf_load_stored_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'page_select', 'page_stats_append', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_workspace_bytes']
+__all__: list[str] = ['Backend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'OPS', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'Support', 'TokenLogprob', 'gguf_hf_weights', 'gguf_load_stored_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_workspace_bytes', 'weight_shapes']
 class Error(ValueError):
     pass
-class CpuBackend:
-    """
-    The CPU reference backend. Ops take numpy arrays or torch tensors and write their preallocated outputs in place; invalid inputs raise ValueError.
-    """
-    def __init__(self, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
-        """
-        num_threads <= 0 uses every hardware thread.
-        """
-    def attention(self, query: typing.Any, k_cache: typing.Any, v_cache: typing.Any, qo_indptr: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, output: typing.Any, sm_scale: typing.SupportsFloat | typing.SupportsIndex, window_sink: typing.Any = None, window_local: typing.Any = None, stream_ring: typing.Any = None, selection: typing.Any = None, selection_count: typing.Any = None, select_slot: typing.Any = None, select_base: typing.Any = None) -> None:
-        """
-        Causal GQA of each sequence's query chunk over its KV pages (a page list, or stream_ring with the page lists None), with the optional block-iterator policy: window_sink/window_local (Lambda mask) and the selection store selection/selection_count read through select_slot/select_base (see ops/attention.h).
-        """
-    def copy(self, dst: typing.Any, src: typing.Any) -> None:
-        """
-        dst[...] = src, converting between float32/bfloat16/float16.
-        """
-    def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any, weight_dtype: str = '') -> None:
-        """
-        output (num_tokens, hidden_size) f32 = weight[token_ids]; weight_dtype q8_0 | q4_0 | q4_1: weight is the (vocab_size, row_bytes) uint8 array of its blocks
-        """
-    def fill_zero(self, dst: typing.Any) -> None:
-        ...
-    def gather_rows(self, input: typing.Any, indices: typing.Any, output: typing.Any) -> None:
-        """
-        output = input[indices]
-        """
-    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any, weight_dtype: str = '') -> None:
-        """
-        output (num_tokens, out_features) = input @ weight.T (+ bias); weight_dtype q8_0 | q4_0 | q4_1: weight is the (out_features, row_bytes) uint8 array of its blocks
-        """
-    def rms_norm(self, input: typing.Any, residual: typing.Any, weight: typing.Any, output: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex = 9.999999974752427e-07) -> None:
-        """
-        output = rms_norm(input [+ residual, written back to residual]) * weight
-        """
-    def rope_kv_append(self, query: typing.Any, key: typing.Any, value: typing.Any, positions: typing.Any, cos_sin_cache: typing.Any, k_cache: typing.Any, v_cache: typing.Any, slot_mapping: typing.Any) -> None:
-        """
-        Rotates query and key in place, then stores key and value at slot_mapping (slot < 0: skipped).
-        """
-    def silu_mul(self, input: typing.Any, output: typing.Any) -> None:
-        """
-        output = silu(input[:, :d]) * input[:, d:]
-        """
-    def supports(self, op: str, weight_dtype: str = 'float32', kv_cache_dtype: str = 'float32') -> bool:
-        ...
-    @property
-    def name(self) -> str:
-        ...
 class PagePool:
     """
     Fixed pool of KV pages with reference counts; LIFO free list.
@@ -147,16 +100,15 @@ class KvCacheManager:
         """
 class SamplingParams:
     """
-    vLLM-style sampling parameters; the constructor validates (ValueError).
+    vLLM-style sampling parameters (lserve/sampling.h); the constructor validates, raising ValueError that names the field, its value and the rule.
     """
-    ignore_eos: bool
-    def __init__(self, *, temperature: typing.SupportsFloat | typing.SupportsIndex = 1.0, top_p: typing.SupportsFloat | typing.SupportsIndex = 1.0, top_k: typing.SupportsInt | typing.SupportsIndex = 0, min_p: typing.SupportsFloat | typing.SupportsIndex = 0.0, repetition_penalty: typing.SupportsFloat | typing.SupportsIndex = 1.0, presence_penalty: typing.SupportsFloat | typing.SupportsIndex = 0.0, frequency_penalty: typing.SupportsFloat | typing.SupportsIndex = 0.0, max_tokens: typing.SupportsInt | typing.SupportsIndex = 16, min_tokens: typing.SupportsInt | typing.SupportsIndex = 0, stop_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], ignore_eos: bool = False, logprobs: typing.SupportsInt | typing.SupportsIndex = -1, seed: typing.SupportsInt | typing.SupportsIndex = -1) -> None:
+    def __init__(self, *, temperature: typing.Any = 1.0, top_p: typing.Any = 1.0, top_k: typing.Any = 0, min_p: typing.Any = 0.0, repetition_penalty: typing.Any = 1.0, presence_penalty: typing.Any = 0.0, frequency_penalty: typing.Any = 0.0, max_tokens: typing.Any = 16, min_tokens: typing.Any = 0, stop_token_ids: typing.Any = [], ignore_eos: typing.Any = False, logprobs: typing.Any = None, seed: typing.Any = None) -> None:
         ...
     def __repr__(self) -> str:
         ...
     def validate(self) -> None:
         """
-        Raises ValueError naming the parameter and its range.
+        Raises ValueError naming the parameter, its value and its range.
         """
     def validate_for_model(self, vocab_size: typing.SupportsInt | typing.SupportsIndex, eos_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         """
@@ -166,75 +118,79 @@ class SamplingParams:
     def frequency_penalty(self) -> float:
         ...
     @frequency_penalty.setter
-    def frequency_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def frequency_penalty(self, arg1: typing.Any) -> None:
         ...
     @property
-    def logprobs(self) -> int:
+    def ignore_eos(self) -> bool:
+        ...
+    @ignore_eos.setter
+    def ignore_eos(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def logprobs(self) -> int | None:
         ...
     @logprobs.setter
-    def logprobs(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def logprobs(self, arg1: typing.Any) -> None:
         ...
     @property
     def max_tokens(self) -> int:
         ...
     @max_tokens.setter
-    def max_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def max_tokens(self, arg1: typing.Any) -> None:
         ...
     @property
     def min_p(self) -> float:
         ...
     @min_p.setter
-    def min_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def min_p(self, arg1: typing.Any) -> None:
         ...
     @property
     def min_tokens(self) -> int:
         ...
     @min_tokens.setter
-    def min_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def min_tokens(self, arg1: typing.Any) -> None:
         ...
     @property
     def presence_penalty(self) -> float:
         ...
     @presence_penalty.setter
-    def presence_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def presence_penalty(self, arg1: typing.Any) -> None:
         ...
     @property
     def repetition_penalty(self) -> float:
         ...
     @repetition_penalty.setter
-    def repetition_penalty(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def repetition_penalty(self, arg1: typing.Any) -> None:
         ...
     @property
-    def seed(self) -> int:
+    def seed(self) -> int | None:
         ...
     @seed.setter
-    def seed(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def seed(self, arg1: typing.Any) -> None:
         ...
     @property
     def stop_token_ids(self) -> list[int]:
-        """
-        A copy as a list: assign a new list to change it.
-        """
+        ...
     @stop_token_ids.setter
-    def stop_token_ids(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+    def stop_token_ids(self, arg1: typing.Any) -> None:
         ...
     @property
     def temperature(self) -> float:
         ...
     @temperature.setter
-    def temperature(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def temperature(self, arg1: typing.Any) -> None:
         ...
     @property
     def top_k(self) -> int:
         ...
     @top_k.setter
-    def top_k(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def top_k(self, arg1: typing.Any) -> None:
         ...
     @property
     def top_p(self) -> float:
         ...
     @top_p.setter
-    def top_p(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def top_p(self, arg1: typing.Any) -> None:
         ...
 class GgufFile:
     """
@@ -281,67 +237,88 @@ class GgufFile:
     def version(self) -> int:
         ...
 class SparsityConfig:
-    always_select_sink_page: bool
-    enabled: bool
+    """
+    LServe sparse attention settings (lserve/sparsity.h); setters refuse values of the wrong kind and validate() the rest, raising ValueError naming the field.
+    """
     group_score: str
     page_score: str
     def __init__(self) -> None:
         ...
+    @typing.overload
+    def validate(self) -> None:
+        """
+        The settings alone; raises ValueError naming the field, its value and the rule.
+        """
+    @typing.overload
     def validate(self, num_layers: typing.SupportsInt | typing.SupportsIndex, num_kv_heads: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        validate(), and streaming_heads against the model's shape (when enabled).
+        """
+    @property
+    def always_select_sink_page(self) -> bool:
+        ...
+    @always_select_sink_page.setter
+    def always_select_sink_page(self, arg1: typing.Any) -> None:
         ...
     @property
     def decode_local_tokens(self) -> int:
         ...
     @decode_local_tokens.setter
-    def decode_local_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def decode_local_tokens(self, arg1: typing.Any) -> None:
         ...
     @property
     def decode_sink_tokens(self) -> int:
         ...
     @decode_sink_tokens.setter
-    def decode_sink_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def decode_sink_tokens(self, arg1: typing.Any) -> None:
         ...
     @property
     def decode_token_budget(self) -> int:
         ...
     @decode_token_budget.setter
-    def decode_token_budget(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def decode_token_budget(self, arg1: typing.Any) -> None:
         ...
     @property
     def dense_below_tokens(self) -> int:
         ...
     @dense_below_tokens.setter
-    def dense_below_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def dense_below_tokens(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def enabled(self) -> bool:
+        ...
+    @enabled.setter
+    def enabled(self, arg1: typing.Any) -> None:
         ...
     @property
     def logical_page_size(self) -> int:
         ...
     @logical_page_size.setter
-    def logical_page_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def logical_page_size(self, arg1: typing.Any) -> None:
         ...
     @property
     def physical_page_size(self) -> int:
         ...
     @physical_page_size.setter
-    def physical_page_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def physical_page_size(self, arg1: typing.Any) -> None:
         ...
     @property
     def prefill_local_tokens(self) -> int:
         ...
     @prefill_local_tokens.setter
-    def prefill_local_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def prefill_local_tokens(self, arg1: typing.Any) -> None:
         ...
     @property
     def prefill_sink_tokens(self) -> int:
         ...
     @prefill_sink_tokens.setter
-    def prefill_sink_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def prefill_sink_tokens(self, arg1: typing.Any) -> None:
         ...
     @property
     def selection_reuse_interval(self) -> int:
         ...
     @selection_reuse_interval.setter
-    def selection_reuse_interval(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def selection_reuse_interval(self, arg1: typing.Any) -> None:
         ...
     @property
     def streaming_heads(self) -> list[int]:
@@ -405,150 +382,177 @@ class PageSelector:
     def slot_pages(self) -> int:
         ...
 class RopeScaling:
-    rope_type: str
-    truncate: bool
     def __init__(self) -> None:
         ...
     @property
     def attention_factor(self) -> float:
         ...
     @attention_factor.setter
-    def attention_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def attention_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def beta_fast(self) -> float:
         ...
     @beta_fast.setter
-    def beta_fast(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def beta_fast(self, arg1: typing.Any) -> None:
         ...
     @property
     def beta_slow(self) -> float:
         ...
     @beta_slow.setter
-    def beta_slow(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def beta_slow(self, arg1: typing.Any) -> None:
         ...
     @property
     def factor(self) -> float:
         ...
     @factor.setter
-    def factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def high_freq_factor(self) -> float:
         ...
     @high_freq_factor.setter
-    def high_freq_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def high_freq_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def low_freq_factor(self) -> float:
         ...
     @low_freq_factor.setter
-    def low_freq_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def low_freq_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def mscale(self) -> float:
         ...
     @mscale.setter
-    def mscale(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def mscale(self, arg1: typing.Any) -> None:
         ...
     @property
     def mscale_all_dim(self) -> float:
         ...
     @mscale_all_dim.setter
-    def mscale_all_dim(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def mscale_all_dim(self, arg1: typing.Any) -> None:
         ...
     @property
     def original_max_position_embeddings(self) -> int:
         ...
     @original_max_position_embeddings.setter
-    def original_max_position_embeddings(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def original_max_position_embeddings(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def rope_type(self) -> str:
+        ...
+    @rope_type.setter
+    def rope_type(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def truncate(self) -> bool:
+        ...
+    @truncate.setter
+    def truncate(self, arg1: typing.Any) -> None:
         ...
 class ModelConfig:
-    architecture: str
-    attention_bias: bool
     rope_scaling: RopeScaling
-    tie_word_embeddings: bool
     def __init__(self) -> None:
         ...
     def validate(self) -> None:
+        """
+        Derives head_dim (0: hidden_size / num_qo_heads) and checks every field; ValueError names it.
+        """
+    @property
+    def architecture(self) -> str:
+        ...
+    @architecture.setter
+    def architecture(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def attention_bias(self) -> bool:
+        ...
+    @attention_bias.setter
+    def attention_bias(self, arg1: typing.Any) -> None:
         ...
     @property
     def bos_token_id(self) -> int:
         ...
     @bos_token_id.setter
-    def bos_token_id(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def bos_token_id(self, arg1: typing.Any) -> None:
         ...
     @property
     def eos_token_id(self) -> int:
         ...
     @eos_token_id.setter
-    def eos_token_id(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def eos_token_id(self, arg1: typing.Any) -> None:
         ...
     @property
     def head_dim(self) -> int:
         ...
     @head_dim.setter
-    def head_dim(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def head_dim(self, arg1: typing.Any) -> None:
         ...
     @property
     def hidden_size(self) -> int:
         ...
     @hidden_size.setter
-    def hidden_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def hidden_size(self, arg1: typing.Any) -> None:
         ...
     @property
     def intermediate_size(self) -> int:
         ...
     @intermediate_size.setter
-    def intermediate_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def intermediate_size(self, arg1: typing.Any) -> None:
         ...
     @property
     def max_position_embeddings(self) -> int:
         ...
     @max_position_embeddings.setter
-    def max_position_embeddings(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def max_position_embeddings(self, arg1: typing.Any) -> None:
         ...
     @property
     def num_kv_heads(self) -> int:
         ...
     @num_kv_heads.setter
-    def num_kv_heads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def num_kv_heads(self, arg1: typing.Any) -> None:
         ...
     @property
     def num_layers(self) -> int:
         ...
     @num_layers.setter
-    def num_layers(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def num_layers(self, arg1: typing.Any) -> None:
         ...
     @property
     def num_qo_heads(self) -> int:
         ...
     @num_qo_heads.setter
-    def num_qo_heads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def num_qo_heads(self, arg1: typing.Any) -> None:
         ...
     @property
     def partial_rotary_factor(self) -> float:
         ...
     @partial_rotary_factor.setter
-    def partial_rotary_factor(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def partial_rotary_factor(self, arg1: typing.Any) -> None:
         ...
     @property
     def rms_norm_eps(self) -> float:
         ...
     @rms_norm_eps.setter
-    def rms_norm_eps(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def rms_norm_eps(self, arg1: typing.Any) -> None:
         ...
     @property
     def rope_theta(self) -> float:
         ...
     @rope_theta.setter
-    def rope_theta(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    def rope_theta(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def tie_word_embeddings(self) -> bool:
+        ...
+    @tie_word_embeddings.setter
+    def tie_word_embeddings(self, arg1: typing.Any) -> None:
         ...
     @property
     def vocab_size(self) -> int:
         ...
     @vocab_size.setter
-    def vocab_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def vocab_size(self, arg1: typing.Any) -> None:
         ...
 class EngineConfig:
     capture_logits: bool
@@ -753,9 +757,11 @@ class Engine:
         ...
     def abort_request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
-    def add_request(self, request_id: typing.SupportsInt | typing.SupportsIndex, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], params: SamplingParams) -> None:
-        ...
-    def add_request_group(self, request_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], params: collections.abc.Sequence[SamplingParams]) -> None:
+    def add_request(self, request_id: typing.SupportsInt | typing.SupportsIndex, prompt_token_ids: typing.Any, params: SamplingParams) -> None:
+        """
+        Queues one request; raises ValueError naming what is wrong (empty prompt, a token id outside the vocabulary, a prompt that leaves max_model_len no room, the params).
+        """
+    def add_request_group(self, request_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], prompt_token_ids: typing.Any, params: collections.abc.Sequence[SamplingParams]) -> None:
         ...
     def finalize(self) -> None:
         ...
@@ -780,6 +786,20 @@ class Engine:
     @property
     def ready(self) -> bool:
         ...
+class Support:
+    """
+    Backend.supports()'s answer: truthy when supported, else `reason` says why.
+    """
+    def __bool__(self) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    @property
+    def reason(self) -> str:
+        ...
+    @property
+    def supported(self) -> bool:
+        ...
 class Backend:
     """
     A backend by device name ('cpu', 'cuda', 'cuda:N'). Ops write preallocated outputs in place; invalid inputs raise ValueError.
@@ -798,17 +818,19 @@ class Backend:
         """
         dst[...] = src, converting between float32/bfloat16/float16.
         """
-    def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any) -> None:
-        ...
+    def embed(self, token_ids: typing.Any, weight: typing.Any, output: typing.Any, weight_dtype: str = '') -> None:
+        """
+        output (num_tokens, hidden_size) = weight[token_ids]; weight_dtype q8_0 | q4_0 | q4_1: weight is the (vocab_size, row_bytes) uint8 array of its blocks
+        """
     def end_isolated(self) -> None:
         ...
     def fill_zero(self, dst: typing.Any) -> None:
         ...
     def gather_rows(self, input: typing.Any, indices: typing.Any, output: typing.Any) -> None:
         ...
-    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any, repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
+    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any, repeat: typing.SupportsInt | typing.SupportsIndex = 1, weight_dtype: str = '') -> None:
         """
-        output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait (benchmarks)
+        output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait (benchmarks); weight_dtype q8_0 | q4_0 | q4_1: weight is the (out_features, row_bytes) uint8 array of its blocks
         """
     def logprobs(self, logits: typing.Any, row_indices: typing.Any, token_ids: typing.Any, logprobs: typing.Any, top_token_ids: typing.Any, top_logprobs: typing.Any) -> None:
         """
@@ -836,6 +858,10 @@ class Backend:
         """
     def silu_mul(self, input: typing.Any, output: typing.Any) -> None:
         ...
+    def supports(self, op: str, *, dtype: str = 'float32', weight_dtype: str = 'float32', kv_cache_dtype: str = 'float32', head_dim: typing.SupportsInt | typing.SupportsIndex = 0, window: bool = False, stream_ring: bool = False, selection: bool = False, group_score: str = 'sum') -> Support:
+        """
+        Can this backend run `op` (one of _C.OPS) with these argument kinds? dtype: the activations; head_dim 0: not asked; window / stream_ring / selection: attention's sparse policy; group_score: page_select's. The op itself refuses whatever this refuses (a backend's own limits with this reason; what no op contract allows through the contract's check, which fires first).
+        """
     def synchronize(self) -> None:
         ...
     @property
@@ -862,10 +888,6 @@ def gguf_model_config_dict(file: GgufFile) -> dict:
     """
     ModelConfig fields of a llama GGUF as a dict (rope_scaling nested).
     """
-def page_select(query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
-    ...
-def page_stats_append(key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
-    ...
 def rope_cos_sin_cache(head_dim: typing.SupportsInt | typing.SupportsIndex, rope_theta: typing.SupportsFloat | typing.SupportsIndex, max_positions: typing.SupportsInt | typing.SupportsIndex, partial_rotary_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0, rope_scaling: typing.Any = None, max_position_embeddings: typing.SupportsInt | typing.SupportsIndex = 2048) -> numpy.typing.NDArray[numpy.float32]:
     """
     (max_positions, rotary_dim) float32: row p = [cos(p * inv_freq) | sin(p * inv_freq)] * attention_scaling; rope_scaling is Hugging Face's dict (rope_type default, linear, llama3 or yarn).
@@ -878,4 +900,9 @@ def sample_workspace_bytes(num_rows: typing.SupportsInt | typing.SupportsIndex, 
     """
     Bytes of the sample op's workspace (uint8) for num_rows rows of vocab_size logits.
     """
+def weight_shapes(model_config: ModelConfig) -> list[tuple[str, tuple]]:
+    """
+    [(Hugging Face name, shape)] of every tensor a checkpoint of this config holds, in model order (LlamaModel::weight_specs, the one table); validates the config.
+    """
+OPS: tuple = ('embed', 'rms_norm', 'gemm', 'silu_mul', 'rope_kv_append', 'attention', 'gather_rows', 'sample', 'logprobs', 'page_select', 'page_stats_append')
 has_cuda_backend: bool

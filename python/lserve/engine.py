@@ -232,23 +232,13 @@ class Engine:
             return prompt, self.tokenizer.encode(prompt)
         return None, self._check_ids(prompt)
 
-    def _check_ids(self, ids) -> List[int]:
+    @staticmethod
+    def _check_ids(ids) -> List[int]:
+        """Token ids as a list of ints; the core checks them (empty, vocabulary, max_model_len)."""
         try:
-            ids = [int(t) for t in ids]
+            return [int(t) for t in ids]
         except (TypeError, ValueError):
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(ids).__name__}") from None
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab_size = self._core.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-        return ids
-
-    def _validate_length(self, prompt_ids: List[int]) -> None:
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but max_model_len is {self.max_model_len} "
-                             "(the prompt plus at least one generated token must fit)")
 
     def add_request(self, request_id: Optional[str], prompt: PromptType,
                     params: Optional[SamplingParams] = None) -> str:
@@ -257,13 +247,12 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         text, prompt_ids = self._prompt_ids(prompt)
-        self._validate_length(prompt_ids)
         request_id = str(next(self._request_counter)) if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        max_tokens = self.max_model_len - len(prompt_ids)
-        if params.max_tokens is not None:
-            max_tokens = min(params.max_tokens, max_tokens)
+        # The core ends a sequence at max_model_len whatever max_tokens says (and refuses a prompt that
+        # leaves no room), so None becomes that bound.
+        max_tokens = self.max_model_len if params.max_tokens is None else params.max_tokens
         # n samples: one core group, so the prompt is prefilled once and its pages shared.
         sequences, core_params = [], []
         for index in range(params.n):
@@ -387,13 +376,13 @@ class Engine:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        # Validate every prompt before queuing any, so a bad one leaves nothing half-added.
+        # Tokenize every prompt before queuing any; the core checks each as it is queued, and a refusal
+        # aborts the ones queued before it, so a bad prompt leaves nothing half-added.
         prepared = []
         for prompt, params in zip(prompts, params_list):
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
             text, ids = self._prompt_ids(prompt)
-            self._validate_length(ids)
             prepared.append(({"prompt": text, "prompt_token_ids": ids}, params))
         ids_in_order = []
         try:

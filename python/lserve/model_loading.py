@@ -19,27 +19,11 @@ from typing import Callable, Iterable, List, Optional, Tuple
 import numpy as np
 
 from lserve import _C
-from lserve.loader.spec import ROPE_SCALING_FIELDS, ModelSpec
+from lserve.loader.spec import ModelSpec, core_model_config
 from lserve.progress import progress_bar
 
 WeightSink = Callable[[str, np.ndarray], None]  # (Hugging Face name, array)
 LOAD_FORMATS = ("auto", "dummy")
-
-
-def core_model_config(fields: dict) -> "_C.ModelConfig":
-    """The C++ ModelConfig of a ModelSpec.fields dict (rope_scaling a nested dict); validated."""
-    config = _C.ModelConfig()
-    for name, value in fields.items():
-        if name == "rope_scaling":
-            rope = _C.RopeScaling()
-            for key in ROPE_SCALING_FIELDS:
-                if value.get(key) is not None:
-                    setattr(rope, key, value[key])
-            config.rope_scaling = rope
-        else:
-            setattr(config, name, value)
-    config.validate()
-    return config
 
 
 @dataclass

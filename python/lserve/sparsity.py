@@ -22,12 +22,6 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 PRESETS = ("dense", "lserve")
-# Logical page scores of the decode page selection (cpp/include/lserve/ops/page_select.h):
-# "bound" = sum_d max(q_d kmax_d, q_d kmin_d) (the paper's), "center" = sum_d q_d (kmax_d + kmin_d) / 2.
-PAGE_SCORES = ("bound", "center")
-# How the query heads of a GQA group combine their page scores (ops/page_select.h GroupScore): "sum" of
-# the scores (the paper's), "max" over heads, or "mass": each head's softmax over pages, summed.
-GROUP_SCORES = ("sum", "max", "mass")
 
 
 def read_head_scores(path: Union[str, os.PathLike]) -> np.ndarray:
@@ -88,7 +82,8 @@ def streaming_mask_from_scores(scores: np.ndarray, streaming_fraction: float) ->
 
 @dataclass
 class SparsityConfig:
-    """LServe sparse attention settings (the C++ mirror is lserve::SparsityConfig).
+    """LServe sparse attention settings: lserve::SparsityConfig's (whose validate() checks them, so a
+    bad value raises its ValueError naming the field) plus the head pattern, which only Python reads.
 
     head_pattern: a TSV path or a (num_layers, num_kv_heads) array of scores; the lowest-scoring
     streaming_fraction of the heads stream. streaming_heads: an explicit per-layer list of
@@ -125,21 +120,7 @@ class SparsityConfig:
     _scores: Optional[np.ndarray] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("prefill_sink_tokens", "decode_sink_tokens", "dense_below_tokens"):
-            self._check_int(name, 0)
-        for name in ("prefill_local_tokens", "decode_local_tokens", "physical_page_size", "logical_page_size",
-                     "decode_token_budget", "selection_reuse_interval"):
-            self._check_int(name, 1)
-        if self.physical_page_size % self.logical_page_size != 0:
-            raise ValueError(f"logical_page_size {self.logical_page_size} must divide physical_page_size "
-                             f"{self.physical_page_size}")
-        if self.decode_token_budget < self.physical_page_size:
-            raise ValueError(f"decode_token_budget {self.decode_token_budget} is below one physical page "
-                             f"({self.physical_page_size} tokens)")
-        if self.page_score not in PAGE_SCORES:
-            raise ValueError(f"page_score must be one of {', '.join(PAGE_SCORES)}, got {self.page_score!r}")
-        if self.group_score not in GROUP_SCORES:
-            raise ValueError(f"group_score must be one of {', '.join(GROUP_SCORES)}, got {self.group_score!r}")
+        self._settings_core()  # the token counts, page sizes and scores: the C++ rules raise ValueError
         if not 0.0 <= self.streaming_fraction <= 1.0:
             raise ValueError(f"streaming_fraction must be in [0, 1], got {self.streaming_fraction}")
         if self.head_pattern is not None and self.streaming_heads is not None:
@@ -152,10 +133,22 @@ class SparsityConfig:
                 if self._scores.ndim != 2 or not np.isfinite(self._scores).all():
                     raise ValueError("head_pattern scores must be a finite (num_layers, num_kv_heads) array")
 
-    def _check_int(self, name: str, minimum: int) -> None:
-        value = getattr(self, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    # The settings lserve::SparsityConfig holds as they are (streaming heads come from the pattern).
+    _CORE_FIELDS = ("enabled", "prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens",
+                    "decode_local_tokens", "physical_page_size", "logical_page_size", "decode_token_budget",
+                    "selection_reuse_interval", "dense_below_tokens", "always_select_sink_page", "page_score",
+                    "group_score")
+
+    def _settings_core(self):
+        """A _C.SparsityConfig holding these settings, validated (SparsityConfig::validate()); its
+        setters and validate() raise ValueError naming the field and the value."""
+        from lserve import _C
+
+        core = _C.SparsityConfig()
+        for name in self._CORE_FIELDS:
+            setattr(core, name, getattr(self, name))
+        core.validate()
+        return core
 
     @classmethod
     def preset(cls, name: str, model: Optional[str] = None, **overrides) -> "SparsityConfig":
@@ -222,22 +215,13 @@ class SparsityConfig:
                              f"({num_layers}, {num_kv_heads}) (layers, KV heads)")
         return streaming_mask_from_scores(self._scores, self.streaming_fraction).tolist()
 
-    _CORE_FIELDS = ("prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens", "decode_local_tokens",
-                    "physical_page_size", "logical_page_size", "decode_token_budget", "selection_reuse_interval",
-                    "dense_below_tokens", "always_select_sink_page", "page_score", "group_score")
-
     def to_core(self, num_layers: int, num_kv_heads: int):
-        """The C++ mirror (lserve._C.SparsityConfig) for a model of this shape. Raises ValueError as
+        """The C++ config (lserve._C.SparsityConfig) for a model of this shape. Raises ValueError as
         streaming_mask does (streaming heads asked for without a pattern)."""
-        from lserve import _C
-
-        core = _C.SparsityConfig()
-        core.enabled = bool(self.enabled)
+        core = self._settings_core()
         if self.enabled:
             mask = self.streaming_mask(num_layers, num_kv_heads)
             core.streaming_heads = [1 if flag else 0 for row in mask for flag in row]
-        for name in self._CORE_FIELDS:
-            setattr(core, name, getattr(self, name))
         core.validate(num_layers, num_kv_heads)
         return core
 

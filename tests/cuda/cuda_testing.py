@@ -26,6 +26,15 @@ def engine_device() -> str:
     return "cuda"
 
 
+def require(backend, op: str, **kinds) -> None:
+    """Skips the test with the backend's own reason unless backend.supports(op, **kinds): the device
+    suite asks the backend what it runs instead of keeping its own list (kinds: dtype, weight_dtype,
+    kv_cache_dtype, head_dim, window, stream_ring, selection, group_score)."""
+    answer = backend.supports(op, **kinds)
+    if not answer:
+        pytest.skip(f"{backend.name}: {answer.reason}")
+
+
 def randn(shape, seed: int, scale: float = 1.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
 

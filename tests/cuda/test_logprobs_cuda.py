@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cuda_testing import DEVICE, on_gpu, torch
+from cuda_testing import DEVICE, on_gpu, require, torch
 from lserve_testing import assert_close_fp32, assert_exact
 
 pytestmark = pytest.mark.cuda
@@ -42,6 +42,7 @@ def run(backend, logits, row_indices, token_ids, num_top, device):
 @pytest.mark.parametrize("vocab_size", [1, 19, 1023, 2048, 2049, 49152, 128256])
 @pytest.mark.parametrize("num_top", [0, 1, 20])
 def test_logprobs_match_cpu(cuda_backend, cpu_backend, vocab_size, num_top):
+    require(cuda_backend, "logprobs")
     seed = vocab_size * 31 + num_top
     rng = np.random.default_rng(seed)
     num_logits_rows = 9

@@ -7,12 +7,13 @@ float32 one with the fp32 rule (elementwise) or a normalised MSE bound (reductio
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
 from attention_lib import check_attention
-from cuda_testing import DEVICE, STANDIN, as_f32, ints, on_gpu, on_host, poisoned, randn, torch
+from cuda_testing import DEVICE, STANDIN, as_f32, ints, on_gpu, on_host, poisoned, randn, require, torch
 from lserve_testing import assert_close_fp32, assert_close_lowp, assert_exact, assert_nmse
 
 pytestmark = pytest.mark.cuda
@@ -43,6 +44,7 @@ def rounded(array: np.ndarray, dtype: str) -> np.ndarray:
 @pytest.mark.parametrize("weight_dtype", FLOATS)
 @pytest.mark.parametrize("num_tokens,vocab,hidden", [(1, 5, 19), (7, 113, 64), (300, 211, 1023)])
 def test_embed(cuda_backend, cpu_backend, weight_dtype, num_tokens, vocab, hidden):
+    require(cuda_backend, "embed", weight_dtype=weight_dtype)
     seed = num_tokens * 31 + hidden
     weight = rounded(randn((vocab, hidden), seed), weight_dtype)
     ids = np.random.default_rng(seed).integers(0, vocab, size=num_tokens).astype(np.int32)
@@ -62,6 +64,7 @@ def test_embed(cuda_backend, cpu_backend, weight_dtype, num_tokens, vocab, hidde
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("num_tokens,hidden", [(1, 19), (13, 576), (130, 1023), (3, 4096)])
 def test_rms_norm(cuda_backend, cpu_backend, in_dtype, out_dtype, with_residual, num_tokens, hidden):
+    require(cuda_backend, "rms_norm", dtype=in_dtype)
     seed = num_tokens + hidden + with_residual
     x = rounded(randn((num_tokens, hidden), seed), in_dtype)
     weight = rounded(1.0 + randn((hidden,), seed + 1, 0.1), "bfloat16")
@@ -102,6 +105,7 @@ def test_rms_norm_in_place(cuda_backend, cpu_backend):
                                                                  (33, 1023, 65)])
 def test_gemm(cuda_backend, cpu_backend, in_dtype, weight_dtype, out_dtype, with_bias, num_tokens, in_features,
               out_features):
+    require(cuda_backend, "gemm", dtype=in_dtype, weight_dtype=weight_dtype)
     out_dtype = in_dtype if out_dtype == "same" else out_dtype
     seed = num_tokens * 7 + in_features + out_features
     x = rounded(randn((num_tokens, in_features), seed), in_dtype)
@@ -134,6 +138,7 @@ def test_gemm(cuda_backend, cpu_backend, in_dtype, weight_dtype, out_dtype, with
                                                 ("float16", "float16"), ("float32", "bfloat16")])
 @pytest.mark.parametrize("num_tokens,width", [(1, 19), (7, 1536), (130, 97)])
 def test_silu_mul(cuda_backend, cpu_backend, in_dtype, out_dtype, num_tokens, width):
+    require(cuda_backend, "silu_mul", dtype=in_dtype)
     seed = num_tokens + width
     x = rounded(randn((num_tokens, 2 * width), seed, 3.0), in_dtype)
     out = poisoned((num_tokens, width + 5), out_dtype)[:, :width]
@@ -150,6 +155,7 @@ def test_silu_mul(cuda_backend, cpu_backend, in_dtype, out_dtype, num_tokens, wi
                                                 ("float32", "bfloat16"), ("float16", "float32")])
 @pytest.mark.parametrize("num_rows,num_out,width", [(1, 1, 19), (113, 7, 576), (40, 40, 1023)])
 def test_gather_rows(cuda_backend, cpu_backend, in_dtype, out_dtype, num_rows, num_out, width):
+    require(cuda_backend, "gather_rows", dtype=in_dtype)
     seed = num_rows + num_out + width
     x = rounded(randn((num_rows, width), seed), in_dtype)
     indices = np.random.default_rng(seed).integers(0, num_rows, size=num_out).astype(np.int32)
@@ -176,6 +182,7 @@ def _cos_sin_table(max_positions: int, rotary_dim: int, seed: int) -> np.ndarray
 @pytest.mark.parametrize("num_tokens,page_size", [(1, 16), (13, 7)])
 def test_rope_kv_append(cuda_backend, cpu_backend, act_dtype, cache_dtype, num_qo_heads, num_kv_heads, head_dim,
                         rotary_dim, num_tokens, page_size):
+    require(cuda_backend, "rope_kv_append", dtype=act_dtype, kv_cache_dtype=cache_dtype, head_dim=head_dim)
     seed = num_tokens + head_dim + num_qo_heads
     rng = np.random.default_rng(seed)
     q_width, kv_width = num_qo_heads * head_dim, num_kv_heads * head_dim
@@ -251,6 +258,7 @@ BATCHES = {
                                                                ("float32", "bfloat16", "float32")])
 def test_attention(cuda_backend, cpu_backend, batch, num_qo_heads, num_kv_heads, head_dim, page_size, query_dtype,
                    cache_dtype, out_dtype):
+    require(cuda_backend, "attention", dtype=query_dtype, kv_cache_dtype=cache_dtype, head_dim=head_dim)
     chunks = BATCHES[batch]
     seed = head_dim + num_qo_heads + page_size + len(chunks)
     qo_indptr, page_indptr, page_indices, kv_lens, num_pages = _paged_batch(chunks, page_size, seed)
@@ -270,6 +278,33 @@ def test_attention(cuda_backend, cpu_backend, batch, num_qo_heads, num_kv_heads,
     what = (f"attention {batch} heads {num_qo_heads}/{num_kv_heads} d{head_dim} page {page_size} "
             f"{query_dtype}/{cache_dtype}->{out_dtype}")
     check_output(as_f32(out), expected, out_dtype, what, seed, elementwise=False, nmse=1e-10)
+
+
+@pytest.mark.parametrize("head_dim", [32, 256, 320])
+def test_attention_supports_is_truthful(cuda_backend, cpu_backend, head_dim):
+    """supports() answers for the op as it runs: a head_dim it refuses (CUDA: above 256) raises with
+    the answer's reason; one it accepts matches the CPU."""
+    seed = 7 + head_dim
+    qo_indptr, page_indptr, page_indices, kv_lens, num_pages = _paged_batch(BATCHES["mixed"], 16, seed)
+    num_tokens = int(qo_indptr[-1])
+    query = randn((num_tokens, 4, head_dim), seed + 1)
+    cache_shape = (num_pages, 16, 2, head_dim)
+    k_cache, v_cache = randn(cache_shape, seed + 2), randn(cache_shape, seed + 3)
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    out = poisoned((num_tokens, 4, head_dim))
+    args = (on_gpu(query), on_gpu(k_cache), on_gpu(v_cache), ints(qo_indptr), ints(page_indptr), ints(page_indices),
+            ints(kv_lens), out, sm_scale)
+    answer = cuda_backend.supports("attention", head_dim=head_dim)
+    if not answer:
+        assert str(head_dim) in answer.reason
+        with pytest.raises(ValueError, match=re.escape(answer.reason)):
+            cuda_backend.attention(*args)
+        return
+    cuda_backend.attention(*args)
+    expected = np.zeros((num_tokens, 4, head_dim), np.float32)
+    cpu_backend.attention(query, k_cache, v_cache, qo_indptr, page_indptr, page_indices, kv_lens, expected, sm_scale)
+    check_output(as_f32(out), expected, "float32", f"attention d{head_dim} (supported)", seed, elementwise=False,
+                 nmse=1e-10)
 
 
 def _torch_lowp_attention(query, k_cache, v_cache, qo_indptr, page_indptr, page_indices, kv_lens, sm_scale, dtype):
@@ -313,6 +348,7 @@ TC_BATCHES = {
 def test_attention_tensor_cores(cuda_backend, cpu_backend, batch, num_qo_heads, num_kv_heads, head_dim, page_size):
     """The engine's path (host length hints given): the tensor-core kernels against an fp32 reference,
     max error <= 2x a plain torch bf16 implementation's plus output rounding noise."""
+    require(cuda_backend, "attention", dtype="bfloat16", kv_cache_dtype="bfloat16", head_dim=head_dim)
     chunks = TC_BATCHES[batch]
     seed = 7 * head_dim + num_qo_heads + page_size + len(chunks)
     qo_indptr, page_indptr, page_indices, kv_lens, num_pages = _paged_batch(chunks, page_size, seed)

@@ -7,10 +7,12 @@ start from a sentinel store and check that the rows no fresh sequence names keep
 (The basename differs from tests/sparse/test_page_select.py: pytest's default import mode needs unique ones.)"""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from cuda_testing import DEVICE, STANDIN, TORCH_DTYPES, ints, on_gpu, on_host, torch
+from cuda_testing import DEVICE, STANDIN, TORCH_DTYPES, ints, on_gpu, on_host, require, torch
 from lserve_testing import assert_exact
 
 pytestmark = pytest.mark.cuda
@@ -111,6 +113,7 @@ KV_LENS = [1, 64, 65, 127, 130, 640, 1000, 1153, 4095, 4096, 4097, 9000]
 @pytest.mark.parametrize("page_score", ["bound", "center"])
 @pytest.mark.parametrize("group_score", ["sum", "max"])
 def test_page_select_matches_cpu(cuda_backend, cpu_backend, group, head_dim, page_score, group_score):
+    require(cuda_backend, "page_select", head_dim=head_dim, group_score=group_score)
     seed = 10 * group + head_dim + (1 if page_score == "center" else 0)
     host = make_select_case(seed, KV_LENS, num_kv=2, group=group, head_dim=head_dim)
     for num_select in (2, 3, 17, 80):  # up to more than half of the longest sequence's 141 pages
@@ -120,13 +123,19 @@ def test_page_select_matches_cpu(cuda_backend, cpu_backend, group, head_dim, pag
                          group_score=group_score)
 
 
-def test_page_select_mass_refused_on_cuda(cuda_backend):
-    """group_score 'mass' runs on the CPU only: CUDA says so instead of selecting something else."""
-    if STANDIN:
-        pytest.skip("standing in: the CPU runs 'mass'")
+@pytest.mark.parametrize("group_score", ["sum", "max", "mass"])
+def test_page_select_supports_is_truthful(cuda_backend, cpu_backend, group_score):
+    """supports() answers for the op as it runs: a group score it refuses (CUDA: 'mass') raises with the
+    answer's reason instead of selecting something else; one it accepts selects what the CPU does."""
     host = make_select_case(3, [1000], num_kv=2, group=3, head_dim=64)
-    with pytest.raises(ValueError, match="group_score 'mass' runs on the CPU backend only"):
-        run_select(cuda_backend, host, 4, True, "center", on_device=True, group_score="mass")
+    answer = cuda_backend.supports("page_select", head_dim=64, group_score=group_score)
+    if not answer:
+        assert "'mass'" in answer.reason
+        with pytest.raises(ValueError, match=re.escape(answer.reason)):
+            run_select(cuda_backend, host, 4, True, "center", on_device=True, group_score=group_score)
+        return
+    check_select(cuda_backend, cpu_backend, host, 4, True, "center", f"group_score {group_score}", 3,
+                 group_score=group_score)
 
 
 @pytest.mark.parametrize("page_size, logical", [(64, 64), (32, 8), (16, 1)])
@@ -348,6 +357,7 @@ def test_page_select_query_chunks(cuda_backend, cpu_backend, strided):
 def test_page_select_low_precision_query(cuda_backend, cpu_backend, query_dtype, page_score):
     """bfloat16/float16 queries (the step's activations, read as they are): the CPU computes on the
     same values converted to float32, exactly, so the selections must match bit for bit."""
+    require(cuda_backend, "page_select", dtype=query_dtype)
     seed = 730 + 2 * (query_dtype == "float16") + (page_score == "center")
     host = make_select_case(seed, KV_LENS, num_kv=2, group=4, head_dim=128)
     host = chunked(host, seed, [1 + s % 4 for s in range(len(KV_LENS))])
@@ -452,6 +462,7 @@ def assert_same_bits(actual, expected, what: str, seed) -> None:
 @pytest.mark.parametrize("page_size, logical, head_dim", [(64, 16, 128), (16, 16, 64), (32, 4, 64)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_page_stats_append_matches_cpu(cuda_backend, cpu_backend, page_size, logical, head_dim, seed):
+    require(cuda_backend, "page_stats_append", head_dim=head_dim)
     keys, slots, kmax, kmin = make_stats_case(seed, 3, head_dim, page_size, logical, num_pages=12)
     expected = run_stats(cpu_backend, keys, slots, kmax, kmin, page_size, on_device=False)
     actual = run_stats(cuda_backend, keys, slots, kmax, kmin, page_size, on_device=True, strided_keys=seed == 1)
@@ -465,6 +476,7 @@ def test_page_stats_append_matches_cpu(cuda_backend, cpu_backend, page_size, log
 def test_page_stats_append_low_precision_keys(cuda_backend, cpu_backend, key_dtype, strided):
     """bfloat16/float16 keys (the activations after RoPE): float32 statistics of the same values, bit
     for bit (NaN with its sign and payload, +0 and -0 survive the conversion)."""
+    require(cuda_backend, "page_stats_append", dtype=key_dtype)
     seed = 20 + 2 * (key_dtype == "float16") + int(strided)
     keys, slots, kmax, kmin = make_stats_case(seed, 3, 64, 32, 8, num_pages=12)
     keys = low_precision(keys, key_dtype, seed, num_payload_nans=12)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cuda_testing import DEVICE, STANDIN, ints, on_gpu, torch
+from cuda_testing import DEVICE, STANDIN, ints, on_gpu, require, torch
 from lserve import _C
 from lserve_testing import assert_exact
 
@@ -109,6 +109,7 @@ def assert_same_tokens(actual, expected, actual_scratch, expected_scratch, what:
 @pytest.mark.parametrize("vocab_size", [49152, 128256])
 @pytest.mark.parametrize("num_rows", [1, 7, 64])
 def test_sample_matches_cpu(cuda_backend, cpu_backend, vocab_size, num_rows):
+    require(cuda_backend, "sample")
     seed = vocab_size + num_rows
     host = make_batch(num_rows, vocab_size, seed)
     expected, expected_scratch = run_cpu(cpu_backend, host)

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from cuda_testing import as_f32, ints, on_gpu, on_host, poisoned, randn
+from cuda_testing import as_f32, ints, on_gpu, on_host, poisoned, randn, require
 from lserve_testing import assert_close_fp32, assert_exact, stream_ring_caches
 
 pytestmark = pytest.mark.cuda
@@ -83,6 +83,7 @@ SEQS = [(1, 1), (17, 17), (40, 100), (1, 161), (33, 70), (1, 64), (16, 129)]
 @pytest.mark.parametrize("page_size", [16, 64])
 def test_lambda_windows_per_sequence(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim, cache_dtype,
                                      tensor_cores, page_size):
+    require(cuda_backend, "attention", kv_cache_dtype=cache_dtype, head_dim=head_dim, window=True)
     c = _case(head_dim + num_qo_heads, SEQS, page_size, num_qo_heads, num_kv_heads, head_dim)
     sink = np.array([0, 4, 16, 7, 0, 32, 3], np.int32)
     local = np.array([8, 16, 0, 33, 1, 24, 64], np.int32)  # 0: no window for that sequence
@@ -94,6 +95,7 @@ def test_lambda_windows_per_sequence(cuda_backend, cpu_backend, num_qo_heads, nu
 
 @pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(8, 2, 64), (16, 2, 128)])
 def test_lambda_windows_at_decode_on_tensor_cores(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim):
+    require(cuda_backend, "attention", dtype="bfloat16", kv_cache_dtype="bfloat16", head_dim=head_dim, window=True)
     seqs = [(1, 300), (1, 65), (1, 1), (1, 129), (1, 640)]
     c = _case(3 + head_dim, seqs, 64, num_qo_heads, num_kv_heads, head_dim)
     sink = np.array([128, 64, 128, 0, 128], np.int32)
@@ -105,6 +107,7 @@ def test_lambda_windows_at_decode_on_tensor_cores(cuda_backend, cpu_backend, num
 @pytest.mark.parametrize("num_qo_heads, num_kv_heads, head_dim", [(8, 2, 64), (4, 4, 128), (16, 2, 128)])
 @pytest.mark.parametrize("tensor_cores", [False, True])
 def test_selection_store(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, head_dim, tensor_cores):
+    require(cuda_backend, "attention", head_dim=head_dim, selection=True)
     seqs = [(1, 161), (1, 100), (1, 47), (1, 130), (2, 90), (1, 64)]
     c = _case(5 + head_dim, seqs, 16, num_qo_heads, num_kv_heads, head_dim)
     rng = np.random.default_rng(9)
@@ -137,6 +140,7 @@ def test_selection_store(cuda_backend, cpu_backend, num_qo_heads, num_kv_heads, 
 @pytest.mark.parametrize("tensor_cores", [False, True])
 def test_stream_ring(cuda_backend, cpu_backend, seqs, page_size, num_sink_pages, local, tensor_cores):
     """Rings that have wrapped: keys laid out by (sink base, sinks, ring base, ring) arithmetic."""
+    require(cuda_backend, "attention", stream_ring=True)
     num_qo_heads, num_kv_heads, head_dim = 8, 2, 64 if page_size == 16 else 128
     c = _case(11 + local + page_size, seqs, page_size, num_qo_heads, num_kv_heads, head_dim)
     ring_k, ring_v, rings = stream_ring_caches(c["k_cache"], c["v_cache"], c["page_indices"], c["page_indptr"], seqs,
@@ -155,6 +159,7 @@ def test_stream_ring(cuda_backend, cpu_backend, seqs, page_size, num_sink_pages,
 
 @pytest.mark.parametrize("act_dtype, cache_dtype", [("float32", "float32"), ("bfloat16", "bfloat16")])
 def test_rope_kv_append_mirror(cuda_backend, cpu_backend, act_dtype, cache_dtype):
+    require(cuda_backend, "rope_kv_append", dtype=act_dtype, kv_cache_dtype=cache_dtype)
     num_tokens, num_qo_heads, num_kv_heads, head_dim, page_size, num_pages = 37, 8, 2, 64, 16, 12
     rng = np.random.default_rng(4)
     q_width, kv_width = num_qo_heads * head_dim, num_kv_heads * head_dim

@@ -90,7 +90,7 @@ def replay(cpu, logits, params, prompt, outputs, eos=(EOS,)):
     args = dict(logits=np.array(logits, np.float32)[None].copy(),
                 temperature=np.array([params.temperature], np.float32), top_k=np.array([params.top_k], np.int32),
                 top_p=np.array([params.top_p], np.float32), min_p=np.array([params.min_p], np.float32),
-                seed=np.array([max(params.seed, 0)], np.int64),  # greedy draws nothing: any key will do
+                seed=np.array([params.seed or 0], np.int64),  # unseeded rows here are greedy, which draws nothing
                 offset=np.array([len(outputs)], np.int64), output=np.full(1, -9, np.int32))
     if penalised:
         history = list(prompt) + list(outputs)
@@ -106,7 +106,7 @@ def replay(cpu, logits, params, prompt, outputs, eos=(EOS,)):
         args.update(banned_indptr=np.array([0, len(banned)], np.int32), banned_token_ids=np.array(banned, np.int32))
     cpu.sample(**args)
     token_id = int(args["output"][0])
-    if params.logprobs < 0:
+    if params.logprobs is None:
         return token_id, None
     num_top = params.logprobs
     logprob, top_ids, top_logprobs = np.zeros(1, np.float32), np.zeros((1, num_top), np.int32), np.zeros(
@@ -130,9 +130,9 @@ def test_mixed_batch_replays_through_the_sample_op(model_dir):
         for position, (token_id, logits) in enumerate(zip(result["tokens"], result["logits"])):
             expected, logprobs = replay(cpu, logits, params, prompt, result["tokens"][:position])
             assert token_id == expected, f"{what}: token {position} is {token_id}, the sample op says {expected}"
-            if params.logprobs >= 0:
+            if params.logprobs is not None:
                 assert result["logprobs"][position] == logprobs, f"{what}: logprobs at {position}"
-        assert len(result["logprobs"]) == (len(result["tokens"]) if params.logprobs >= 0 else 0), what
+        assert len(result["logprobs"]) == (len(result["tokens"]) if params.logprobs is not None else 0), what
         ended_on_stop = result["tokens"][-1] in [EOS] + list(params.stop_token_ids)
         if result["finish_reason"] == "stop":
             assert ended_on_stop and len(result["tokens"]) >= params.min_tokens, what

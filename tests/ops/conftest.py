@@ -9,14 +9,14 @@ from lserve import _C
 
 
 def make_cpu_backend(isa: str = "auto", num_threads: int = 2):
-    """A CpuBackend; isa="generic" forces the portable kernels through LSERVE_CPU_ISA."""
+    """A CPU _C.Backend; isa="generic" forces the portable kernels through LSERVE_CPU_ISA."""
     previous = os.environ.get("LSERVE_CPU_ISA")
     try:
         if isa == "generic":
             os.environ["LSERVE_CPU_ISA"] = "generic"
         else:
             os.environ.pop("LSERVE_CPU_ISA", None)
-        return _C.CpuBackend(num_threads)
+        return _C.Backend("cpu", num_threads)
     finally:
         if previous is None:
             os.environ.pop("LSERVE_CPU_ISA", None)

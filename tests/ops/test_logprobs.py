@@ -122,7 +122,3 @@ def test_logits_are_read_only(cpu):
     before = logits.copy()
     run(cpu, logits, [1, 0], [5, 6], 20)
     assert_exact(logits, before, "logits after logprobs", seed)
-
-
-def test_supports():
-    assert _C.CpuBackend(1).supports("logprobs")

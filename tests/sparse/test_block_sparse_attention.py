@@ -87,7 +87,7 @@ SEQS = [(1, 1), (17, 17), (40, 100), (1, 161), (33, 70), (5, 47), (1, 64), (16, 
 
 @pytest.fixture(scope="module")
 def backend():
-    return _C.CpuBackend(2)
+    return _C.Backend("cpu", 2)
 
 
 @pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(4, 4), (8, 2), (16, 2)])

@@ -10,6 +10,7 @@ import pytest
 from lserve_testing import assert_close_fp32, assert_exact
 
 _C = pytest.importorskip("lserve._C")
+CPU = _C.Backend("cpu", 1)
 
 
 def numpy_stats(keys_by_page, logical_page_size):
@@ -86,7 +87,7 @@ def test_page_select_matches_numpy(num_qo, num_kv, seed):
             slots.append(page * page_size + offset)
     kmax = np.full((pool, page_size // logical, num_kv, head_dim), 7.0, dtype=np.float32)  # stale garbage
     kmin = np.full_like(kmax, -7.0)
-    _C.page_stats_append(np.stack(key_rows), np.array(slots, dtype=np.int64), kmax, kmin, page_size)
+    CPU.page_stats_append(np.stack(key_rows), np.array(slots, dtype=np.int64), kmax, kmin, page_size)
     ref_max, ref_min = numpy_stats(keys, logical)
     written = ~np.isnan(ref_max)
     assert_close_fp32(kmax[written], ref_max[written], what="kmax", seed=seed)
@@ -99,9 +100,9 @@ def test_page_select_matches_numpy(num_qo, num_kv, seed):
     for keep_first, page_score, group_score in rules:
         selected = np.full((len(kv_lens), num_kv, num_select), -1, dtype=np.int32)
         num_selected = np.zeros((len(kv_lens), num_kv), dtype=np.int32)
-        _C.page_select(query, kmax, kmin, np.array(indptr, dtype=np.int32),
-                       np.array(sum(pages, []), dtype=np.int32), np.array(kv_lens, dtype=np.int32),
-                       selected, num_selected, page_size, keep_first, page_score, group_score)
+        CPU.page_select(query, kmax, kmin, np.array(indptr, dtype=np.int32),
+                        np.array(sum(pages, []), dtype=np.int32), np.array(kv_lens, dtype=np.int32),
+                        selected, num_selected, page_size, keep_first, page_score, group_score)
         chosen_by[(keep_first, page_score, group_score)] = selected.copy()
         for s, (seq_pages, kv_len) in enumerate(zip(pages, kv_lens)):
             expected = numpy_select(query[s], kmax, kmin, seq_pages, kv_len, page_size, logical, num_select, keep_first,
@@ -122,9 +123,9 @@ def test_recycled_page_resets_statistics():
     kmax = np.zeros((2, 4, 1, head_dim), dtype=np.float32)
     kmin = np.zeros_like(kmax)
     big = np.full((64, 1, head_dim), 100.0, dtype=np.float32)
-    _C.page_stats_append(big, np.arange(64, dtype=np.int64) + 64, kmax, kmin, page_size)  # page 1, first owner
+    CPU.page_stats_append(big, np.arange(64, dtype=np.int64) + 64, kmax, kmin, page_size)  # page 1, first owner
     small = np.full((20, 1, head_dim), -1.0, dtype=np.float32)
-    _C.page_stats_append(small, np.arange(20, dtype=np.int64) + 64, kmax, kmin, page_size)  # page 1 reused
+    CPU.page_stats_append(small, np.arange(20, dtype=np.int64) + 64, kmax, kmin, page_size)  # page 1 reused
     assert (kmax[1, 0] == -1.0).all() and (kmin[1, 0] == -1.0).all()
     assert (kmax[1, 1] == -1.0).all()  # tokens 16..19 reset logical page 1 too
 
@@ -133,17 +134,17 @@ def test_bad_arguments():
     q = np.zeros((1, 4, 8), dtype=np.float32)
     stats = np.zeros((2, 4, 2, 8), dtype=np.float32)
     with pytest.raises(ValueError, match="num_select"):
-        _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
-                       np.zeros((1, 2, 1), np.int32), np.zeros((1, 2), np.int32), 64, True)
+        CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
+                        np.zeros((1, 2, 1), np.int32), np.zeros((1, 2), np.int32), 64, True)
     with pytest.raises(ValueError, match="holds"):
-        _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([500], np.int32),
-                       np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True)
+        CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([500], np.int32),
+                        np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True)
     with pytest.raises(ValueError, match="multiple"):
-        _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
-                       np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 66, True)
+        CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
+                        np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 66, True)
     with pytest.raises(ValueError, match="group_score must be 'sum', 'max' or 'mass'"):
-        _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
-                       np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "bound", "median")
+        CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
+                        np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "bound", "median")
     with pytest.raises(ValueError, match="page_score must be 'bound' or 'center'"):
-        _C.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
-                       np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "median")
+        CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
+                        np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "median")

@@ -29,6 +29,43 @@ def test_invalid_combinations(kwargs, pattern):
         SparsityConfig(**kwargs)
 
 
+CORE_INVALID = [
+    ("prefill_sink_tokens", -1), ("decode_sink_tokens", -5), ("dense_below_tokens", -1),
+    ("prefill_local_tokens", 0), ("decode_local_tokens", 0), ("physical_page_size", 0), ("logical_page_size", 0),
+    ("decode_token_budget", 0), ("selection_reuse_interval", 0),
+    ("decode_local_tokens", 1.5), ("physical_page_size", "64"), ("decode_token_budget", True),
+    ("prefill_local_tokens", 2**40), ("always_select_sink_page", "yes"), ("group_score", "median"),
+    ("page_score", "mean"),
+]
+
+
+@pytest.mark.parametrize("field, value", CORE_INVALID, ids=[f"{f}={v!r}" for f, v in CORE_INVALID])
+def test_settings_are_checked_by_the_core(field, value):
+    """Each setting's rule lives in lserve::SparsityConfig (or its binding's conversion): the
+    ValueError names the field and the value, and is the very message _C.SparsityConfig raises."""
+    from lserve import _C
+
+    with pytest.raises(ValueError, match=field) as info:
+        SparsityConfig(**{field: value})
+    shown = value if isinstance(value, str) else repr(value)
+    assert str(shown) in str(info.value), info.value
+    core = _C.SparsityConfig()
+    with pytest.raises(ValueError) as core_info:
+        setattr(core, field, value)
+        core.validate()
+    assert str(core_info.value) == str(info.value)
+
+
+def test_to_core_checks_the_model_shape():
+    """streaming_heads come from the pattern; the core checks them against the model's shape."""
+    cfg = SparsityConfig(streaming_heads=[[0], [1]])
+    core = cfg.to_core(num_layers=2, num_kv_heads=2)
+    assert list(core.streaming_heads) == [1, 0, 0, 1]
+    core.streaming_heads = [1, 0, 0]
+    with pytest.raises(ValueError, match=r"streaming_heads has 3 entries.*= 4"):
+        core.validate(2, 2)
+
+
 def test_global_quantile_against_sorted_reference():
     rng = np.random.default_rng(0)
     scores = rng.random((30, 3))

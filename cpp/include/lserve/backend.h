@@ -28,10 +28,50 @@
 
 namespace lserve {
 
+// Every op of the Backend, as supports() names them.
 enum class OpKind {
-  kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows, kSample, kLogprobs,
-  kSparseAttention,  // attention with a block-iterator policy (windows, stream rings, selections)
-  kPageSelect,       // page_select and page_stats_append
+  kEmbed, kRmsNorm, kGemm, kSiluMul, kRopeKvAppend, kAttention, kGatherRows, kSample, kLogprobs, kPageSelect,
+  kPageStatsAppend,
+};
+inline constexpr OpKind kAllOps[] = {
+    OpKind::kEmbed,     OpKind::kRmsNorm, OpKind::kGemm,       OpKind::kSiluMul,    OpKind::kRopeKvAppend,
+    OpKind::kAttention, OpKind::kGatherRows, OpKind::kSample,  OpKind::kLogprobs,   OpKind::kPageSelect,
+    OpKind::kPageStatsAppend,
+};
+// "embed", "rms_norm", ... (the op's stem in every layer); op_kind_from_name raises lserve::Error.
+const char* op_name(OpKind op);
+OpKind op_kind_from_name(const std::string& name);
+
+// The argument kinds backends differ on, for one op (what supports() is asked). Fields an op does not
+// read are ignored. OpQuery::of(args) describes a call exactly.
+struct OpQuery {
+  OpKind op = OpKind::kEmbed;
+  DType activation_dtype = DType::kF32;  // query / input / output rows (float32 | bfloat16 | float16)
+  DType weight_dtype = DType::kF32;      // embed, rms_norm, gemm weights
+  DType kv_cache_dtype = DType::kF32;    // rope_kv_append, attention caches
+  int64_t head_dim = 0;                  // rope_kv_append, attention, page_select; 0: not asked
+  // attention's block-iterator policy (ops/attention.h): Lambda windows, stream rings, a selection store.
+  bool window = false;
+  bool stream_ring = false;
+  bool selection = false;
+  GroupScore group_score = GroupScore::kSum;  // page_select
+
+  static OpQuery of(const EmbedArgs& args);
+  static OpQuery of(const RmsNormArgs& args);
+  static OpQuery of(const GemmArgs& args);
+  static OpQuery of(const RopeKvAppendArgs& args);
+  static OpQuery of(const AttentionArgs& args);
+  static OpQuery of(const PageSelectArgs& args);
+  static OpQuery of(const PageStatsAppendArgs& args);
+};
+
+// supports()'s answer: yes, or no with a reason naming the argument, its value and the limit.
+struct Support {
+  bool supported = true;
+  std::string reason;  // empty when supported
+  explicit operator bool() const { return supported; }
+  static Support yes() { return {}; }
+  static Support no(std::string why) { return {false, std::move(why)}; }
 };
 
 class Backend {
@@ -83,11 +123,16 @@ class Backend {
     throw Error(name() + " backend: no graph replay");
   }
 
-  // Capability query: can this backend run `op` with these dtypes? (tests skip through it)
-  virtual bool supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const = 0;
+  // Capability query (ggml's supports_op): can this backend run the op with these argument kinds?
+  // First what the op's contract allows anywhere (ops/<op>.h), then supports_impl, this backend's
+  // limits. The public op entries refuse what it refuses (after their Args' validate(), whose own
+  // message comes first for what no contract allows), so an answer is never optimistic.
+  // Device tests skip through it (tests/cuda/cuda_testing.py require()).
+  Support supports(const OpQuery& query) const;
 
-  // Ops: validate, stage low-precision activations if this backend needs it, then run.
-  void embed(const EmbedArgs& args) { args.validate(device()); embed_impl(args); }
+  // Ops: validate, refuse what supports() refuses (with its reason), stage low-precision
+  // activations if this backend needs it, then run.
+  void embed(const EmbedArgs& args);
   void rms_norm(const RmsNormArgs& args);
   void gemm(const GemmArgs& args);
   void silu_mul(const SiluMulArgs& args);
@@ -95,9 +140,9 @@ class Backend {
   void attention(const AttentionArgs& args);
   void gather_rows(const GatherRowsArgs& args);
   // One token per logits row on the device (ops/sample.h); float32 logits, used as scratch.
-  void sample(const SampleArgs& args) { args.validate(device()); sample_impl(args); }
+  void sample(const SampleArgs& args);
   // Logprobs of chosen tokens and the top tokens of raw logits rows (ops/logprobs.h).
-  void logprobs(const LogprobsArgs& args) { args.validate(device()); logprobs_impl(args); }
+  void logprobs(const LogprobsArgs& args);
   // Sparse attention (LServe): hierarchical page selection into the selector's store and the
   // kmax/kmin statistics (float32; queries and keys in the activation dtype).
   void page_select(const PageSelectArgs& args);
@@ -108,6 +153,11 @@ class Backend {
     if (isolated_) ++isolation_violations_;
   }
   virtual void synchronize_impl() {}
+  // This backend's own limits beyond the op contracts; called by supports() for a query the
+  // contract allows.
+  virtual Support supports_impl(const OpQuery& query) const = 0;
+  // Raises lserve::Error with supports()'s reason when the backend cannot run the call.
+  void require_support(const OpQuery& query) const;
   virtual std::shared_ptr<void> allocate_bytes(size_t num_bytes) = 0;
   virtual void copy_impl(const TensorView& dst, const TensorView& src) = 0;
   virtual void fill_zero_impl(const TensorView& dst) = 0;
@@ -121,8 +171,8 @@ class Backend {
   virtual void gather_rows_impl(const GatherRowsArgs& args) = 0;
   virtual void sample_impl(const SampleArgs& args) = 0;
   virtual void logprobs_impl(const LogprobsArgs& args) = 0;
-  virtual void page_select_impl(const PageSelectArgs& args);
-  virtual void page_stats_append_impl(const PageStatsAppendArgs& args);
+  virtual void page_select_impl(const PageSelectArgs& args) = 0;
+  virtual void page_stats_append_impl(const PageStatsAppendArgs& args) = 0;
 
  private:
   bool isolated_ = false;

@@ -66,7 +66,7 @@ struct TokenLogprob {
 struct RequestOutput {
   int64_t request_id = 0;
   std::vector<int32_t> new_token_ids;
-  std::vector<TokenLogprob> new_logprobs;  // one per new token when params.logprobs >= 0
+  std::vector<TokenLogprob> new_logprobs;  // one per new token when params.logprobs is set
   bool finished = false;
   std::string finish_reason;  // "", "stop", "length", "abort"
   std::string error;          // why the engine aborted the request (e.g. NaN logits); "" otherwise

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -22,17 +23,19 @@ struct SamplingParams {
   int min_tokens = 0;               // >= 0, <= max_tokens
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
-  int logprobs = -1;                // -1: none; k in [0, 20]: the sampled token's plus the top k
-  int64_t seed = -1;                // -1: drawn from the engine's generator; the sampler's Philox key
+  std::optional<int> logprobs;      // none, or k in [0, 20]: the sampled token's plus the top k
+  std::optional<int64_t> seed;      // >= 0, the sampler's Philox key; none: drawn from the engine's generator
 
-  // Throws lserve::Error naming the parameter and the allowed range.
+  // Throws lserve::Error naming the parameter, its value and the allowed range. The reals are held
+  // (and sampled) as 32-bit floats: the Python bindings refuse a value that does not survive that
+  // rounding (inf, or a non-zero value that becomes 0), naming the field.
   void validate() const;
   // validate(), and that min_tokens masking (stop_token_ids, and eos_token_ids unless ignore_eos)
   // leaves some token of [0, vocab_size) to sample: the engine checks this when a request arrives.
   void validate_for_model(int vocab_size, const std::vector<int32_t>& eos_token_ids) const;
 };
 
-// One sampled token and, when params.logprobs >= 0, its logprobs (ops/logprobs.h).
+// One sampled token and, when params.logprobs is set, its logprobs (ops/logprobs.h).
 struct SampledToken {
   int32_t token_id = 0;
   float logprob = 0.0f;                                 // of token_id, under the raw logits

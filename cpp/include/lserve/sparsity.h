@@ -1,5 +1,5 @@
-// SparsityConfig: LServe's unified sparse attention settings, mirrored by Python's
-// lserve.sparsity.SparsityConfig. Streaming heads (per layer, per KV head) attend to sink +
+// SparsityConfig: LServe's unified sparse attention settings; Python's lserve.SparsityConfig adds
+// head patterns (files, scores) and has these fields checked here. Streaming heads (per layer, per KV head) attend to sink +
 // local tokens (a Lambda-shaped mask) in prefill and decode; dense heads keep the full paged
 // cache and, at decode, read only a token budget of pages chosen by hierarchical paging.
 #pragma once
@@ -29,7 +29,9 @@ struct SparsityConfig {
   PageScore page_score = PageScore::kBound;  // logical page score (ops/page_select.h)
   GroupScore group_score = GroupScore::kSum;  // how a GQA group's query heads combine (ops/page_select.h)
 
-  // Throws lserve::Error naming the field and the rule it breaks.
+  // Throws lserve::Error naming the field, its value and the rule it breaks: the settings alone
+  // (what lserve.SparsityConfig checks when it is made), then with the model's shape.
+  void validate() const;
   void validate(int num_layers, int num_kv_heads) const;
   bool is_streaming(int layer_idx, int kv_head_idx, int num_kv_heads) const {
     return enabled && !streaming_heads.empty() &&

@@ -44,26 +44,6 @@ std::string CpuBackend::name() const {
          (context_.has_avx2_fma ? "avx2+fma" : "generic") + ")";
 }
 
-bool CpuBackend::supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const {
-  const bool float_weight = weight_dtype == DType::kF32 || weight_dtype == DType::kBF16 ||
-                            weight_dtype == DType::kF16;
-  const bool float_cache = kv_cache_dtype == DType::kF32 || kv_cache_dtype == DType::kBF16;
-  switch (op) {
-    case OpKind::kEmbed:
-    case OpKind::kGemm: return float_weight || dtype_is_block(weight_dtype);
-    case OpKind::kRmsNorm: return float_weight;
-    case OpKind::kRopeKvAppend:
-    case OpKind::kAttention:
-    case OpKind::kSparseAttention: return float_cache;
-    case OpKind::kPageSelect:
-    case OpKind::kSiluMul:
-    case OpKind::kGatherRows:
-    case OpKind::kSample:
-    case OpKind::kLogprobs: return true;
-  }
-  return false;
-}
-
 std::shared_ptr<void> CpuBackend::allocate_bytes(size_t num_bytes) {
   const size_t rounded = (std::max<size_t>(num_bytes, 1) + kAlignment - 1) / kAlignment * kAlignment;
   void* data = std::aligned_alloc(kAlignment, rounded);

@@ -43,11 +43,12 @@ class CpuBackend final : public Backend {
 
   Device device() const override { return Device{DeviceType::kCPU, 0}; }
   std::string name() const override;
-  bool supports(OpKind op, DType weight_dtype, DType kv_cache_dtype) const override;
   int num_threads() const { return pool_.num_threads(); }
   bool has_avx2_fma() const { return context_.has_avx2_fma; }
 
  protected:
+  // Every call the op contracts allow: any head_dim, every sparse policy and group score.
+  Support supports_impl(const OpQuery&) const override { return Support::yes(); }
   std::shared_ptr<void> allocate_bytes(size_t num_bytes) override;
   void copy_impl(const TensorView& dst, const TensorView& src) override;
   void fill_zero_impl(const TensorView& dst) override;

@@ -1,4 +1,5 @@
-// ModelConfig::validate: derives head_dim and checks every field with a message naming it.
+// ModelConfig::validate: derives head_dim and checks every field with a message naming it (the one
+// place: Python's ModelSpec and the GGUF reader call it).
 #include <cmath>
 
 #include "lserve/check.h"
@@ -16,8 +17,8 @@ void ModelConfig::validate() {
   LSERVE_CHECK(intermediate_size > 0, "model config: intermediate_size must be positive, got ", intermediate_size);
   LSERVE_CHECK(num_layers > 0, "model config: num_layers must be positive, got ", num_layers);
   LSERVE_CHECK(num_qo_heads > 0, "model config: num_attention_heads must be positive, got ", num_qo_heads);
-  LSERVE_CHECK(num_kv_heads > 0 && num_qo_heads % num_kv_heads == 0, "model config: num_key_value_heads ",
-               num_kv_heads, " must divide num_attention_heads ", num_qo_heads);
+  LSERVE_CHECK(num_kv_heads > 0 && num_qo_heads % num_kv_heads == 0, "model config: num_kv_heads ",
+               "(num_key_value_heads) ", num_kv_heads, " must divide num_qo_heads (num_attention_heads) ", num_qo_heads);
   if (head_dim == 0) {
     LSERVE_CHECK(hidden_size % num_qo_heads == 0, "model config: hidden_size ", hidden_size,
                  " is not a multiple of num_attention_heads ", num_qo_heads, " and head_dim is not given");
@@ -34,13 +35,26 @@ void ModelConfig::validate() {
                partial_rotary_factor, " not in (0, 1]");
   LSERVE_CHECK(rotary_dim() % 2 == 0 && rotary_dim() > 0, "model config: rotary dimension ", rotary_dim(),
                " must be positive and even");
-  LSERVE_CHECK(max_position_embeddings > 0, "model config: max_position_embeddings must be positive");
+  LSERVE_CHECK(max_position_embeddings > 0, "model config: max_position_embeddings must be positive, got ",
+               max_position_embeddings);
+  LSERVE_CHECK(bos_token_id >= -1, "model config: bos_token_id must be -1 (none) or a token id >= 0, got ", bos_token_id);
+  LSERVE_CHECK(eos_token_id >= -1, "model config: eos_token_id must be -1 (none) or a token id >= 0, got ", eos_token_id);
   const std::string& rope = rope_scaling.rope_type;
   LSERVE_CHECK(rope == "default" || rope == "linear" || rope == "llama3" || rope == "yarn",
                "model config: unsupported rope_scaling type '", rope, "' (supported: default, linear, llama3, yarn)");
-  if (rope != "default") {
-    LSERVE_CHECK(rope_scaling.factor > 0, "model config: rope_scaling.factor must be positive, got ",
-                 rope_scaling.factor);
+  LSERVE_CHECK(std::isfinite(rope_scaling.factor) && rope_scaling.factor > 0,
+               "model config: rope_scaling.factor must be finite and positive, got ", rope_scaling.factor);
+  LSERVE_CHECK(rope_scaling.original_max_position_embeddings >= 0,
+               "model config: rope_scaling.original_max_position_embeddings must be >= 0, got ",
+               rope_scaling.original_max_position_embeddings);
+  if (rope == "llama3") {
+    LSERVE_CHECK(rope_scaling.high_freq_factor > rope_scaling.low_freq_factor && rope_scaling.low_freq_factor > 0,
+                 "model config: rope_scaling (llama3) needs high_freq_factor > low_freq_factor > 0, got ",
+                 rope_scaling.high_freq_factor, " and ", rope_scaling.low_freq_factor);
+  }
+  if (rope == "yarn") {
+    LSERVE_CHECK(rope_scaling.attention_factor >= 0, "model config: rope_scaling.attention_factor must be >= 0, got ",
+                 rope_scaling.attention_factor);
   }
 }
 

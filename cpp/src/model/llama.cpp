@@ -71,51 +71,49 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
   const int64_t hidden = config_.hidden_size, inter = config_.intermediate_size, head_dim = config_.head_dim;
   const int64_t q_rows = config_.num_qo_heads * head_dim, kv_rows = config_.num_kv_heads * head_dim;
 
-  // A weight matrix: allocated now in weight_dtype, or (native weights) at its first load_weight().
+  // A weight matrix: allocated now in weight_dtype, or (native weights) at its first load_weight(),
+  // in the dtype the file stores it in.
   auto matrix = [&](Tensor& tensor, std::initializer_list<int64_t> shape) {
     if (!native_weights_) tensor = backend_.empty(shape, weight_dtype);
-    return std::vector<int64_t>(shape);
   };
-  const std::vector<int64_t> embed_shape = matrix(embed_tokens_, {config_.vocab_size, hidden});
-  slots_["model.embed_tokens.weight"] = {&embed_tokens_, 0, embed_shape, embed_shape};
+  matrix(embed_tokens_, {config_.vocab_size, hidden});
   final_norm_ = backend_.empty({hidden}, DType::kF32);
-  slots_["model.norm.weight"] = {&final_norm_, 0, {hidden}, {hidden}};
   if (config_.tie_word_embeddings) {
     lm_head_ = embed_tokens_;  // native weights: set again in finalize(), once the embedding exists
   } else {
-    const std::vector<int64_t> lm_head_shape = matrix(lm_head_, {config_.vocab_size, hidden});
-    slots_["lm_head.weight"] = {&lm_head_, 0, lm_head_shape, lm_head_shape};
+    matrix(lm_head_, {config_.vocab_size, hidden});
   }
-
   layers_.resize(config_.num_layers);
   for (int layer_idx = 0; layer_idx < config_.num_layers; ++layer_idx) {
     Layer& layer = layers_[layer_idx];
-    const std::string prefix = layer_prefix(layer_idx);
     layer.num_dense_kv = config_.num_kv_heads;
     layer.kv_order.resize(config_.num_kv_heads);
     for (int h = 0; h < config_.num_kv_heads; ++h) layer.kv_order[h] = h;
     layer.input_norm = backend_.empty({hidden}, DType::kF32);
     layer.post_norm = backend_.empty({hidden}, DType::kF32);
-    const std::vector<int64_t> qkv = matrix(layer.qkv_weight, {q_rows + 2 * kv_rows, hidden});
-    const std::vector<int64_t> o = matrix(layer.o_weight, {hidden, q_rows});
-    const std::vector<int64_t> gate_up = matrix(layer.gate_up_weight, {2 * inter, hidden});
-    const std::vector<int64_t> down = matrix(layer.down_weight, {hidden, inter});
-    slots_[prefix + "input_layernorm.weight"] = {&layer.input_norm, 0, {hidden}, {hidden}};
-    slots_[prefix + "post_attention_layernorm.weight"] = {&layer.post_norm, 0, {hidden}, {hidden}};
-    slots_[prefix + "self_attn.q_proj.weight"] = {&layer.qkv_weight, 0, {q_rows, hidden}, qkv};
-    slots_[prefix + "self_attn.k_proj.weight"] = {&layer.qkv_weight, q_rows, {kv_rows, hidden}, qkv};
-    slots_[prefix + "self_attn.v_proj.weight"] = {&layer.qkv_weight, q_rows + kv_rows, {kv_rows, hidden}, qkv};
-    slots_[prefix + "self_attn.o_proj.weight"] = {&layer.o_weight, 0, {hidden, q_rows}, o};
-    slots_[prefix + "mlp.gate_proj.weight"] = {&layer.gate_up_weight, 0, {inter, hidden}, gate_up};
-    slots_[prefix + "mlp.up_proj.weight"] = {&layer.gate_up_weight, inter, {inter, hidden}, gate_up};
-    slots_[prefix + "mlp.down_proj.weight"] = {&layer.down_weight, 0, {hidden, inter}, down};
-    if (config_.attention_bias) {
-      layer.qkv_bias = backend_.empty({q_rows + 2 * kv_rows}, DType::kF32);
-      const std::vector<int64_t> bias = {q_rows + 2 * kv_rows};
-      slots_[prefix + "self_attn.q_proj.bias"] = {&layer.qkv_bias, 0, {q_rows}, bias};
-      slots_[prefix + "self_attn.k_proj.bias"] = {&layer.qkv_bias, q_rows, {kv_rows}, bias};
-      slots_[prefix + "self_attn.v_proj.bias"] = {&layer.qkv_bias, q_rows + kv_rows, {kv_rows}, bias};
+    matrix(layer.qkv_weight, {q_rows + 2 * kv_rows, hidden});
+    matrix(layer.o_weight, {hidden, q_rows});
+    matrix(layer.gate_up_weight, {2 * inter, hidden});
+    matrix(layer.down_weight, {hidden, inter});
+    if (config_.attention_bias) layer.qkv_bias = backend_.empty({q_rows + 2 * kv_rows}, DType::kF32);
+  }
+  for (const WeightSpec& spec : weight_specs(config_)) {
+    Tensor* target = nullptr;
+    std::vector<int64_t> matrix_shape = spec.shape;  // the fused tensor's shape where parts share one
+    Layer* layer = spec.layer_idx >= 0 ? &layers_[spec.layer_idx] : nullptr;
+    switch (spec.kind) {
+      case WeightKind::kEmbed: target = &embed_tokens_; break;
+      case WeightKind::kFinalNorm: target = &final_norm_; break;
+      case WeightKind::kLmHead: target = &lm_head_; break;
+      case WeightKind::kInputNorm: target = &layer->input_norm; break;
+      case WeightKind::kPostNorm: target = &layer->post_norm; break;
+      case WeightKind::kQkv: target = &layer->qkv_weight, matrix_shape = {q_rows + 2 * kv_rows, hidden}; break;
+      case WeightKind::kQkvBias: target = &layer->qkv_bias, matrix_shape = {q_rows + 2 * kv_rows}; break;
+      case WeightKind::kO: target = &layer->o_weight; break;
+      case WeightKind::kGateUp: target = &layer->gate_up_weight, matrix_shape = {2 * inter, hidden}; break;
+      case WeightKind::kDown: target = &layer->down_weight; break;
     }
+    slots_[spec.name] = {target, spec.row_offset, spec.shape, matrix_shape};
   }
 
   const std::vector<float> table = rope_cos_sin_cache(config_, max_positions);
@@ -124,24 +122,35 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
                                            {max_positions, config_.rotary_dim()}));
 }
 
-std::vector<std::string> LlamaModel::weight_names(const ModelConfig& config) {
-  std::vector<std::string> names = {"model.embed_tokens.weight", "model.norm.weight"};
-  if (!config.tie_word_embeddings) names.push_back("lm_head.weight");
+std::vector<LlamaModel::WeightSpec> LlamaModel::weight_specs(ModelConfig config) {
+  config.validate();
+  const int64_t hidden = config.hidden_size, inter = config.intermediate_size, vocab = config.vocab_size;
+  const int64_t q_rows = static_cast<int64_t>(config.num_qo_heads) * config.head_dim;
+  const int64_t kv_rows = static_cast<int64_t>(config.num_kv_heads) * config.head_dim;
+  std::vector<WeightSpec> specs = {{"model.embed_tokens.weight", {vocab, hidden}, WeightKind::kEmbed}};
   for (int layer_idx = 0; layer_idx < config.num_layers; ++layer_idx) {
     const std::string prefix = layer_prefix(layer_idx);
-    for (const char* suffix : {"input_layernorm.weight", "post_attention_layernorm.weight",
-                               "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                               "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                               "mlp.down_proj.weight"}) {
-      names.push_back(prefix + suffix);
-    }
+    auto add = [&](const char* suffix, std::vector<int64_t> shape, WeightKind kind, int64_t row_offset) {
+      specs.push_back({prefix + suffix, std::move(shape), kind, layer_idx, row_offset});
+    };
+    add("input_layernorm.weight", {hidden}, WeightKind::kInputNorm, 0);
+    add("self_attn.q_proj.weight", {q_rows, hidden}, WeightKind::kQkv, 0);
+    add("self_attn.k_proj.weight", {kv_rows, hidden}, WeightKind::kQkv, q_rows);
+    add("self_attn.v_proj.weight", {kv_rows, hidden}, WeightKind::kQkv, q_rows + kv_rows);
     if (config.attention_bias) {
-      for (const char* suffix : {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}) {
-        names.push_back(prefix + suffix);
-      }
+      add("self_attn.q_proj.bias", {q_rows}, WeightKind::kQkvBias, 0);
+      add("self_attn.k_proj.bias", {kv_rows}, WeightKind::kQkvBias, q_rows);
+      add("self_attn.v_proj.bias", {kv_rows}, WeightKind::kQkvBias, q_rows + kv_rows);
     }
+    add("self_attn.o_proj.weight", {hidden, q_rows}, WeightKind::kO, 0);
+    add("post_attention_layernorm.weight", {hidden}, WeightKind::kPostNorm, 0);
+    add("mlp.gate_proj.weight", {inter, hidden}, WeightKind::kGateUp, 0);
+    add("mlp.up_proj.weight", {inter, hidden}, WeightKind::kGateUp, inter);
+    add("mlp.down_proj.weight", {hidden, inter}, WeightKind::kDown, 0);
   }
-  return names;
+  specs.push_back({"model.norm.weight", {hidden}, WeightKind::kFinalNorm});
+  if (!config.tie_word_embeddings) specs.push_back({"lm_head.weight", {vocab, hidden}, WeightKind::kLmHead});
+  return specs;
 }
 
 namespace {

@@ -93,7 +93,8 @@ def bench_lserve(model_dir: str, config: Dict, lengths: List[int], args) -> Dict
     engine = Engine(model_dir, load_format="dummy", device=args.device, dtype="bfloat16",
                     max_model_len=max(lengths) + args.decode_steps + 1, max_num_seqs=1,
                     max_num_batched_tokens=args.chunk, page_size=args.page_size, show_progress=False,
-                    enforce_eager=getattr(args, "enforce_eager", False))
+                    enforce_eager=getattr(args, "enforce_eager", False),
+                    enable_prefix_caching=False)  # repeats of one prompt must prefill, not hit the cache
     results = {}
     for length in lengths:
         prompt = _prompt(length, config["vocab_size"])

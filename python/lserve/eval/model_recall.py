@@ -3,8 +3,8 @@
 For a prompt, transformers runs the model once (fp32) with an attention function that records, per
 layer, the post-RoPE query of the last prompt position (the query that produces the first
 generated token) and the keys of every position. For each dense (layer, KV head) of a
-SparsityConfig, lserve's own ops build the per-logical-page kmax/kmin (`_C.page_stats_append`)
-and pick the pages (`_C.page_select`, the op the engine's decode step calls, with its budget,
+SparsityConfig, lserve's own ops build the per-logical-page kmax/kmin (`_C.Backend.page_stats_append`)
+and pick the pages (`_C.Backend.page_select`, the op the engine's decode step calls, with its budget,
 page sizes and sink-page option); `selection_recall` then measures the share of each query
 head's dense attention probability that falls in the selected pages. Streaming heads select
 nothing and are left out. Contexts within the budget keep every page (recall 1).
@@ -118,13 +118,14 @@ def layer_selection_recall(query: np.ndarray, keys: np.ndarray, dense_heads: Seq
     k = np.ascontiguousarray(keys[:, dense_heads], dtype=np.float32)
     kmax = np.zeros((num_pages, page_size // logical, len(dense_heads), head_dim), dtype=np.float32)
     kmin = np.zeros_like(kmax)
-    _C.page_stats_append(k, np.arange(num_keys, dtype=np.int64), kmax, kmin, page_size)
+    backend = _C.Backend("cpu", 1)
+    backend.page_stats_append(k, np.arange(num_keys, dtype=np.int64), kmax, kmin, page_size)
     selected = np.full((1, len(dense_heads), num_select), -1, dtype=np.int32)
     counts = np.zeros((1, len(dense_heads)), dtype=np.int32)
-    _C.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32), np.arange(num_pages, dtype=np.int32),
-                   np.array([num_keys], dtype=np.int32), selected, counts, page_size,
-                   bool(sparsity.always_select_sink_page), getattr(sparsity, "page_score", "bound"),
-                   getattr(sparsity, "group_score", "sum"))
+    backend.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32), np.arange(num_pages, dtype=np.int32),
+                        np.array([num_keys], dtype=np.int32), selected, counts, page_size,
+                        bool(sparsity.always_select_sink_page), getattr(sparsity, "page_score", "bound"),
+                        getattr(sparsity, "group_score", "sum"))
     dense_probs = np.concatenate([probs[h * group:(h + 1) * group] for h in dense_heads])
     return selection_recall(dense_probs, selected[0], page_size, counts[0])
 
@@ -185,6 +186,7 @@ def model_selection_recall_steps(capture: QKCapture, prompt_ids: Sequence[int], 
     records = capture.capture_positions(tokens, [num_prompt - 1 + i for i in range(num_steps)])
     num_layers = len(records)
     num_kv_heads = records[0][1].shape[1]
+    backend = _C.Backend("cpu", 1)
     streaming = np.asarray(sparsity.streaming_mask(num_layers, num_kv_heads), dtype=bool)
     page_size, logical = sparsity.physical_page_size, sparsity.logical_page_size
     num_select = sparsity.decode_token_budget // page_size
@@ -221,16 +223,16 @@ def model_selection_recall_steps(capture: QKCapture, prompt_ids: Sequence[int], 
         kmin = np.zeros_like(kmax)
         dense_keys = np.ascontiguousarray(keys[:, dense], dtype=np.float32)
         if dense:
-            _C.page_stats_append(dense_keys[:num_prompt], np.arange(num_prompt, dtype=np.int64), kmax, kmin,
-                                 page_size)
+            backend.page_stats_append(dense_keys[:num_prompt], np.arange(num_prompt, dtype=np.int64), kmax, kmin,
+                                      page_size)
         stored: List[np.ndarray] = []
         layer_values: List[float] = []
         for step in range(num_steps):
             position = num_prompt - 1 + step
             num_keys = position + 1
             if step > 0 and dense:
-                _C.page_stats_append(dense_keys[position:position + 1], np.array([position], dtype=np.int64),
-                                     kmax, kmin, page_size)
+                backend.page_stats_append(dense_keys[position:position + 1], np.array([position], dtype=np.int64),
+                                          kmax, kmin, page_size)
             probs = attention_probs(queries[step], keys[:num_keys], scale)  # (num_qo_heads, num_keys)
             if stream_rows:
                 prefill_window = step == 0 or not decoding
@@ -248,10 +250,10 @@ def model_selection_recall_steps(capture: QKCapture, prompt_ids: Sequence[int], 
                 q = np.ascontiguousarray(queries[step][dense_rows][None], dtype=np.float32)
                 selected = np.full((1, len(dense), num_select), -1, dtype=np.int32)
                 counts = np.zeros((1, len(dense)), dtype=np.int32)
-                _C.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32),
-                               np.arange(num_pages, dtype=np.int32), np.array([num_keys], dtype=np.int32),
-                               selected, counts, page_size, bool(sparsity.always_select_sink_page),
-                               getattr(sparsity, "page_score", "bound"), getattr(sparsity, "group_score", "sum"))
+                backend.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32),
+                                    np.arange(num_pages, dtype=np.int32), np.array([num_keys], dtype=np.int32),
+                                    selected, counts, page_size, bool(sparsity.always_select_sink_page),
+                                    getattr(sparsity, "page_score", "bound"), getattr(sparsity, "group_score", "sum"))
                 selection = [selected[0, h, :counts[0, h]] for h in range(len(dense))]
                 fresh_recall = selection_recall(dense_probs, selection, page_size)
             fresh[step].append(fresh_recall)

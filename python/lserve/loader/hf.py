@@ -22,12 +22,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, 
 import numpy as np
 
 from lserve.loader.safetensors import iter_safetensors_weights, list_safetensors_weights
-from lserve.loader.spec import ROPE_SCALING_DEFAULTS, ROPE_TYPES, ModelSpec
+from lserve.loader.spec import ROPE_SCALING_DEFAULTS, ModelSpec, check_architecture, core_model_config
 
 PathLike = Union[str, os.PathLike]
 ConfigLike = Union[ModelSpec, Mapping[str, Any]]
 
-SUPPORTED_ARCHITECTURES: Tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# config.json files without 'architectures': the class their model_type stands for. Which architectures
+# lserve runs is ModelConfig::validate's to say (the error reaches the user with this file's path).
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Keys each rope_type needs, as transformers' rope validation requires them.
 _ROPE_REQUIRED = {"linear": ("factor",), "yarn": ("factor",),
@@ -69,16 +70,14 @@ def _architecture(hf_config: Mapping[str, Any], where: str) -> str:
     if architectures:
         if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
             raise ValueError(f"{where}: 'architectures' must be a list of strings, got {architectures!r}")
-        unsupported = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
-        if unsupported:
-            raise ValueError(f"{where}: unsupported architecture '{unsupported[0]}' "
-                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        return architectures[0]
+        if len(set(architectures)) > 1:
+            raise ValueError(f"{where}: 'architectures' names several classes {architectures!r}; lserve loads one")
+        return architectures[0]  # ModelConfig::validate says whether lserve runs it
     model_type = hf_config.get("model_type")
     if model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
-    raise ValueError(f"{where}: unsupported architecture (no 'architectures', model_type {model_type!r}); "
-                     f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ValueError(f"{where}: no 'architectures' and a model_type lserve does not know ({model_type!r}; known: "
+                     f"{', '.join(_MODEL_TYPES)}): name the class in 'architectures'")
 
 
 def _token_ids(value: Any, key: str, where: str) -> List[int]:
@@ -91,9 +90,7 @@ def _token_ids(value: Any, key: str, where: str) -> List[int]:
 
 def _rope_scaling(rope: Mapping[str, Any], where: str) -> Dict[str, Any]:
     """The RopeScaling dict (every field, defaults filled) from a HF rope_scaling / rope_parameters dict."""
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{where}: rope type '{rope_type}' is not supported (supported: {', '.join(ROPE_TYPES)})")
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"  # ModelConfig::validate checks it
     missing = [key for key in _ROPE_REQUIRED.get(rope_type, ()) if rope.get(key) is None]
     if missing:
         raise ValueError(f"{where}: rope type '{rope_type}' needs {', '.join(missing)}")
@@ -118,6 +115,10 @@ def spec_from_hf_config(hf_config: Mapping[str, Any], generation_config: Optiona
                         where: str = "config.json") -> ModelSpec:
     """A parsed config.json dict (and optionally generation_config.json) -> ModelSpec. See load_hf_config."""
     architecture = _architecture(hf_config, where)
+    try:
+        check_architecture(architecture)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
     def required(key: str) -> int:
         value = hf_config.get(key)
@@ -206,10 +207,12 @@ def _fields(config: ConfigLike) -> Mapping[str, Any]:
 
 
 def expected_weight_shapes(config: ConfigLike) -> Dict[str, Tuple[int, ...]]:
-    """{Hugging Face weight name: shape}, in model order (embedding, layers, final norm, lm_head).
+    """{Hugging Face weight name: shape}, in model order (embedding, layers, final norm, lm_head): the
+    C++ model's own table (LlamaModel::weight_specs through _C.weight_shapes), so the loader checks a
+    checkpoint against exactly what the model will accept.
 
-    config: a ModelSpec or a ModelConfig dict (head_dim 0 means hidden_size / num_qo_heads).
-    Shapes, with q = num_qo_heads * head_dim, kv = num_kv_heads * head_dim:
+    config: a ModelSpec or a ModelConfig dict (head_dim 0 means hidden_size / num_qo_heads); a bad
+    one raises the core's ValueError. Shapes, with q = num_qo_heads * head_dim, kv = num_kv_heads * head_dim:
         model.embed_tokens.weight                 (vocab_size, hidden_size)
         model.layers.{i}.input_layernorm.weight   (hidden_size,)
         model.layers.{i}.self_attn.q_proj.weight  (q, hidden_size); k_proj, v_proj (kv, hidden_size)
@@ -221,35 +224,9 @@ def expected_weight_shapes(config: ConfigLike) -> Dict[str, Tuple[int, ...]]:
         model.norm.weight                         (hidden_size,)
         lm_head.weight                            (vocab_size, hidden_size)   unless tie_word_embeddings
     """
-    fields = _fields(config)
-    try:
-        vocab, hidden, inter = fields["vocab_size"], fields["hidden_size"], fields["intermediate_size"]
-        num_layers, num_qo_heads, num_kv_heads = fields["num_layers"], fields["num_qo_heads"], fields["num_kv_heads"]
-        head_dim = fields.get("head_dim") or hidden // num_qo_heads
-        tied, bias = fields["tie_word_embeddings"], fields["attention_bias"]
-    except (KeyError, TypeError, ZeroDivisionError) as error:
-        raise ValueError(f"model config lacks a field needed for weight shapes ({error!r})") from None
-    q_rows, kv_rows = num_qo_heads * head_dim, num_kv_heads * head_dim
-    shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for layer_idx in range(num_layers):
-        prefix = f"model.layers.{layer_idx}."
-        shapes[prefix + "input_layernorm.weight"] = (hidden,)
-        shapes[prefix + "self_attn.q_proj.weight"] = (q_rows, hidden)
-        shapes[prefix + "self_attn.k_proj.weight"] = (kv_rows, hidden)
-        shapes[prefix + "self_attn.v_proj.weight"] = (kv_rows, hidden)
-        if bias:
-            shapes[prefix + "self_attn.q_proj.bias"] = (q_rows,)
-            shapes[prefix + "self_attn.k_proj.bias"] = (kv_rows,)
-            shapes[prefix + "self_attn.v_proj.bias"] = (kv_rows,)
-        shapes[prefix + "self_attn.o_proj.weight"] = (hidden, q_rows)
-        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
-        shapes[prefix + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[prefix + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[prefix + "mlp.down_proj.weight"] = (hidden, inter)
-    shapes["model.norm.weight"] = (hidden,)
-    if not tied:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
+    from lserve import _C
+
+    return {name: tuple(shape) for name, shape in _C.weight_shapes(core_model_config(_fields(config)))}
 
 
 def expected_weight_names(config: ConfigLike) -> Set[str]:

@@ -2,12 +2,12 @@
 
 `ModelSpec.fields` has exactly the field names of cpp/include/lserve/model/config.h (ModelConfig,
 with `rope_scaling` a nested dict of RopeScaling's fields), so the engine can copy it into the C++
-struct field by field. The checks here mirror ModelConfig::validate() so a bad config.json fails
-in Python with the field named, before any weight is read.
+struct field by field. A ModelSpec is checked by copying it into the C++ struct and calling
+ModelConfig::validate() (core_model_config), so a bad config.json fails with the core's error, naming
+the field, before any weight is read.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -26,7 +26,6 @@ ROPE_SCALING_DEFAULTS: Dict[str, Any] = {
     "truncate": True,
 }
 ROPE_SCALING_FIELDS: Tuple[str, ...] = tuple(ROPE_SCALING_DEFAULTS)
-ROPE_TYPES: Tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 
 # ModelConfig in config.h, in declaration order.
 MODEL_CONFIG_FIELDS: Tuple[str, ...] = (
@@ -35,96 +34,59 @@ MODEL_CONFIG_FIELDS: Tuple[str, ...] = (
     "max_position_embeddings", "tie_word_embeddings", "attention_bias", "bos_token_id", "eos_token_id",
 )
 
-_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_qo_heads", "num_kv_heads",
-               "head_dim", "max_position_embeddings", "bos_token_id", "eos_token_id")
-_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
-_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias")
-_ROPE_FLOAT_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
-                      "attention_factor", "mscale", "mscale_all_dim")
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def validate_rope_scaling(rope: Mapping[str, Any]) -> None:
-    """Checks a RopeScaling dict: exactly ROPE_SCALING_FIELDS, typed, in range. Raises ValueError."""
-    if not isinstance(rope, Mapping):
-        raise ValueError(f"rope_scaling must be a dict, got {type(rope).__name__}")
-    missing = sorted(set(ROPE_SCALING_FIELDS) - set(rope))
-    extra = sorted(set(rope) - set(ROPE_SCALING_FIELDS))
-    if missing or extra:
-        raise ValueError(f"rope_scaling fields differ from RopeScaling: missing {missing}, unexpected {extra}")
-    if rope["rope_type"] not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling.rope_type {rope['rope_type']!r} is not supported "
-                         f"(supported: {', '.join(ROPE_TYPES)})")
-    for key in _ROPE_FLOAT_FIELDS:
-        if not _is_number(rope[key]):
-            raise ValueError(f"rope_scaling.{key} must be a number, got {rope[key]!r}")
-    if not _is_int(rope["original_max_position_embeddings"]) or rope["original_max_position_embeddings"] < 0:
-        raise ValueError("rope_scaling.original_max_position_embeddings must be an int >= 0, got "
-                         f"{rope['original_max_position_embeddings']!r}")
-    if not isinstance(rope["truncate"], bool):
-        raise ValueError(f"rope_scaling.truncate must be a bool, got {rope['truncate']!r}")
-    if rope["factor"] <= 0:
-        raise ValueError(f"rope_scaling.factor must be > 0, got {rope['factor']}")
-    if rope["rope_type"] == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"] > 0:
-        raise ValueError("rope_scaling (llama3) needs high_freq_factor > low_freq_factor > 0, got "
-                         f"{rope['high_freq_factor']} and {rope['low_freq_factor']}")
-    if rope["rope_type"] == "yarn" and rope["attention_factor"] < 0:
-        raise ValueError(f"rope_scaling.attention_factor must be >= 0, got {rope['attention_factor']}")
-
-
-def validate_model_config_fields(fields: Mapping[str, Any]) -> None:
-    """Checks a ModelConfig dict the way ModelConfig::validate() does. Raises ValueError naming the field.
+def core_model_config(fields: Mapping[str, Any]):
+    """The C++ ModelConfig (lserve._C.ModelConfig) of a fields dict (rope_scaling a nested dict),
+    validated by ModelConfig::validate(), the one place the rules live. Raises ValueError naming the
+    field: the dict's keys against the struct's here, a value of the wrong kind in the bindings' setters,
+    a value out of range in validate().
 
     Example:
-        >>> validate_model_config_fields({**fields, "num_kv_heads": 3})  # 8 heads
-        ValueError: num_qo_heads (8) must be a multiple of num_kv_heads (3)
+        >>> core_model_config({**fields, "num_kv_heads": 3})  # 8 heads
+        ValueError: model config: num_kv_heads (num_key_value_heads) 3 must divide num_qo_heads ...
     """
+    from lserve import _C
+
     if not isinstance(fields, Mapping):
         raise ValueError(f"model config must be a dict, got {type(fields).__name__}")
     missing = [key for key in MODEL_CONFIG_FIELDS if key not in fields]
     extra = sorted(set(fields) - set(MODEL_CONFIG_FIELDS))
     if missing or extra:
         raise ValueError(f"model config fields differ from ModelConfig: missing {missing}, unexpected {extra}")
-    if not isinstance(fields["architecture"], str) or not fields["architecture"]:
-        raise ValueError(f"architecture must be a non-empty string, got {fields['architecture']!r}")
-    for key in _INT_FIELDS:
-        if not _is_int(fields[key]):
-            raise ValueError(f"{key} must be an int, got {fields[key]!r}")
-    for key in _FLOAT_FIELDS:
-        if not _is_number(fields[key]):
-            raise ValueError(f"{key} must be a number, got {fields[key]!r}")
-    for key in _BOOL_FIELDS:
-        if not isinstance(fields[key], bool):
-            raise ValueError(f"{key} must be a bool, got {fields[key]!r}")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_qo_heads", "num_kv_heads",
-                "head_dim", "max_position_embeddings"):
-        if fields[key] <= 0:
-            raise ValueError(f"{key} must be > 0, got {fields[key]}")
-    if fields["num_qo_heads"] % fields["num_kv_heads"]:
-        raise ValueError(f"num_qo_heads ({fields['num_qo_heads']}) must be a multiple of "
-                         f"num_kv_heads ({fields['num_kv_heads']})")
-    if not (math.isfinite(fields["rms_norm_eps"]) and math.isfinite(fields["rope_theta"])
-            and fields["rms_norm_eps"] > 0 and fields["rope_theta"] > 0):
-        raise ValueError(f"rms_norm_eps and rope_theta must be finite and > 0, got {fields['rms_norm_eps']} and "
-                         f"{fields['rope_theta']}")
-    if not 0 < fields["partial_rotary_factor"] <= 1:
-        raise ValueError(f"partial_rotary_factor must be in (0, 1], got {fields['partial_rotary_factor']}")
-    if fields["head_dim"] % 2:
-        raise ValueError(f"head_dim must be even, got {fields['head_dim']}")
-    rotary_dim = int(fields["head_dim"] * fields["partial_rotary_factor"])
-    if rotary_dim <= 0 or rotary_dim % 2:
-        raise ValueError(f"rotary dimension head_dim * partial_rotary_factor = {rotary_dim} must be even and > 0")
-    for key in ("bos_token_id", "eos_token_id"):
-        if fields[key] < -1:
-            raise ValueError(f"{key} must be -1 (none) or a token id >= 0, got {fields[key]}")
-    validate_rope_scaling(fields["rope_scaling"])
+    rope_fields = fields["rope_scaling"]
+    if not isinstance(rope_fields, Mapping):
+        raise ValueError(f"rope_scaling must be a dict, got {type(rope_fields).__name__}")
+    missing = sorted(set(ROPE_SCALING_FIELDS) - set(rope_fields))
+    extra = sorted(set(rope_fields) - set(ROPE_SCALING_FIELDS))
+    if missing or extra:
+        raise ValueError(f"rope_scaling fields differ from RopeScaling: missing {missing}, unexpected {extra}")
+    config = _C.ModelConfig()
+    for name, value in fields.items():
+        if name == "rope_scaling":
+            rope = _C.RopeScaling()
+            for key, rope_value in value.items():
+                if rope_value is not None:  # None: RopeScaling's default
+                    setattr(rope, key, rope_value)
+            config.rope_scaling = rope
+        else:
+            setattr(config, name, value)
+    config.validate()
+    return config
+
+
+def check_architecture(architecture: str) -> None:
+    """Raises the core's ValueError when lserve does not run `architecture` (ModelConfig::validate keeps
+    the list): a loader asks before it parses the rest of a foreign config, whose other fields would
+    otherwise be the first thing to fail."""
+    one_of_each = dict(vocab_size=2, hidden_size=2, intermediate_size=2, num_layers=1, num_qo_heads=1,
+                       num_kv_heads=1, head_dim=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                       partial_rotary_factor=1.0, rope_scaling=dict(ROPE_SCALING_DEFAULTS),
+                       max_position_embeddings=2, tie_word_embeddings=False, attention_bias=False,
+                       bos_token_id=-1, eos_token_id=-1)
+    core_model_config({"architecture": architecture, **one_of_each})
 
 
 @dataclass(frozen=True)
@@ -145,7 +107,7 @@ class ModelSpec:
     dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
-        validate_model_config_fields(self.fields)
+        core_model_config(self.fields)  # raises the core's ValueError
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         for token_id in self.eos_token_ids:
             if not _is_int(token_id) or token_id < 0:

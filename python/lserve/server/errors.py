@@ -7,6 +7,7 @@ that quotes the client's text renders even when that text holds a lone surrogate
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional
 
 from fastapi.responses import JSONResponse
@@ -17,10 +18,15 @@ ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllo
                413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
+# The C++ core ends its messages with " [file:line]" (lserve/check.h): for developers, not clients.
+_CORE_LOCATION = re.compile(r" \[[^\[\]]+:\d+\]$")
+
+
 class APIError(Exception):
     """An error the client caused or must retry; rendered as the OpenAI error JSON with this status."""
 
     def __init__(self, status_code: int, message: str, param: Optional[str] = None) -> None:
+        message = _CORE_LOCATION.sub("", message)
         super().__init__(message)
         self.status_code = status_code
         self.message = message

@@ -1,7 +1,7 @@
 """OpenAI API request and response models (pydantic), shaped like vLLM's OpenAI-compatible server.
 
 Requests forbid unknown fields (a typo is a 400, not a silently ignored option) and map onto
-lserve.SamplingParams, whose __post_init__ owns the range checks. vLLM's extensions (top_k, min_p,
+lserve.SamplingParams, whose range checks are the C++ core's. vLLM's extensions (top_k, min_p,
 repetition_penalty, stop_token_ids, min_tokens, ignore_eos, ...) are accepted in the body, which is
 where the openai client's `extra_body` puts them. Reference: the OpenAI API reference and vLLM's
 `vllm/entrypoints/openai/protocol.py` (behaviour only).
@@ -365,8 +365,13 @@ _CHAT_PARAM = {"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs"
 
 
 def sampling_error_param(message: str, chat: bool) -> Optional[str]:
-    """The request field a SamplingParams ValueError names ("top_p must be in (0, 1], ..." -> "top_p")."""
+    """The request field a SamplingParams ValueError names: the core's "SamplingParams.top_p must be
+    in (0, 1], ...", "SamplingParams.stop_token_ids[2] must be ..." or lserve's "n must be ..." ->
+    "top_p", "stop_token_ids", "n"."""
     first = message.split(" ", 1)[0]
+    if first.startswith("SamplingParams."):
+        first = first[len("SamplingParams."):]
+    first = first.split("[", 1)[0]
     if first not in SamplingParams.__dataclass_fields__:
         return None
     table = _CHAT_PARAM if chat else _COMPLETION_PARAM

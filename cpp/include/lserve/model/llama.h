@@ -43,7 +43,19 @@ class LlamaModel {
   // Names still missing; finalize() raises listing them.
   std::vector<std::string> missing_weights() const;
   void finalize();
-  static std::vector<std::string> weight_names(const ModelConfig& config);
+  // The checkpoint's tensors, in model order (embedding, each layer's norms, q/k/v [biases], o, MLP,
+  // final norm, lm_head unless tied): the one table of Hugging Face names and shapes. The constructor
+  // places its slots by it; Python's loader checks checkpoints against it (_C.weight_shapes).
+  enum class WeightKind { kEmbed, kFinalNorm, kLmHead, kInputNorm, kPostNorm, kQkv, kQkvBias, kO, kGateUp, kDown };
+  struct WeightSpec {
+    std::string name;
+    std::vector<int64_t> shape;
+    WeightKind kind;
+    int layer_idx = -1;      // -1: not a layer's
+    int64_t row_offset = 0;  // rows of the fused tensor (q|k|v, gate|up) before this one
+  };
+  // Validates its copy of config first (head_dim 0 becomes hidden_size / num_qo_heads).
+  static std::vector<WeightSpec> weight_specs(ModelConfig config);
   // Bytes the constructor allocates for the weights of `config` in `weight_dtype` (norms and biases
   // float32), saturating at INT64_MAX: what the engine checks against the memory before allocating.
   // A block dtype counts its bytes per 32 items (q4_0: the least any native weights can take).
