@@ -156,7 +156,11 @@ class SparsityConfig:
         heads streaming, prefill sink/local 128/8192, decode sink/local 128/256, pages 64/16, budget
         4096, reuse 4). With `model` and neither head_pattern nor streaming_heads given, "lserve"
         takes the head pattern lserve ships for that model (default_head_pattern); without one,
-        streaming_mask and to_core raise ValueError unless streaming_fraction=0.0.
+        streaming_mask and to_core raise ValueError unless streaming_fraction=0.0. With `model`,
+        "lserve" also takes the page selection settings lserve ships for it
+        (lserve.patterns.selection_policy; SmolLM2: page_score "center", group_score "max", logical
+        pages of 4 tokens, chosen on the retrieval benchmark's dev split) for the fields `overrides`
+        does not set.
 
         Example:
             >>> SparsityConfig.preset("lserve", model="smollm2-135m-instruct").head_pattern.endswith(".tsv")
@@ -167,7 +171,10 @@ class SparsityConfig:
         if name == "dense":
             return cls(enabled=False, **overrides)
         if name == "lserve":
-            return cls(enabled=True, **overrides)._with_shipped_pattern(model)
+            from lserve.patterns import selection_policy
+
+            policy = {key: value for key, value in selection_policy(model).items() if key not in overrides}
+            return cls(enabled=True, **policy, **overrides)._with_shipped_pattern(model)
         raise ValueError(f"unknown sparsity preset {name!r} (known: {', '.join(PRESETS)})")
 
     def with_overrides(self, **overrides) -> "SparsityConfig":

@@ -43,11 +43,20 @@ def _capacity(engine) -> int:
     return min(pages, stats.num_stream_slots) if stats.num_stream_slots else pages
 
 
-# SmolLM2's operating point (docs/ACCURACY.md: prefill window 1024) must reach 1.5x. With the paper's
-# prefill window of 8192, at least the whole 8K context, the one prefill ring is a full-context cache
-# of the streaming heads (186 MB of the 1 GiB here) while a long prompt prefills: 1.4x.
-@pytest.mark.parametrize("overrides, ratio", [({"prefill_local_tokens": 1024, "decode_token_budget": 1024}, 1.5),
-                                              ({}, 1.4)])
+# With the paper's logical pages of 16 tokens, SmolLM2's operating point (docs/ACCURACY.md: prefill
+# window 1024) must reach 1.5x (measured 1.6x). With the paper's prefill window of 8192, at least the
+# whole 8K context, the one prefill ring is a full-context cache of the streaming heads (186 MB of the
+# 1 GiB here) while a long prompt prefills: 1.4x. The policy shipped for SmolLM2 (logical pages of 4,
+# chosen for accuracy: lserve.patterns.SELECTION_POLICIES) keeps 4x the page statistics of the dense
+# heads (kmax and kmin per 4 keys: a quarter of their K and V in float32), which costs capacity:
+# measured 1.4x at the operating point and 1.2x with the paper's window (2026-12-05).
+PAPER_PAGES = {"logical_page_size": 16}
+@pytest.mark.parametrize("overrides, ratio", [
+    ({"prefill_local_tokens": 1024, "decode_token_budget": 1024, **PAPER_PAGES}, 1.5),
+    (PAPER_PAGES, 1.4),
+    ({"prefill_local_tokens": 1024, "decode_token_budget": 1024}, 1.4),
+    ({}, 1.2),
+])
 def test_half_the_heads_streaming_holds_1_5x_the_4k_sequences(smollm2_dir, overrides, ratio):
     dense = _engine(smollm2_dir, None)
     sparse = _engine(smollm2_dir, SparsityConfig.preset("lserve", model="smollm2-135m-instruct", **overrides))

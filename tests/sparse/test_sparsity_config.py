@@ -130,6 +130,29 @@ def test_engine_preset_takes_the_shipped_pattern_for_the_model():
     assert not resolve_sparsity("dense", gguf).enabled
 
 
+def test_lserve_preset_takes_the_shipped_selection_policy_for_the_model():
+    """SmolLM2's policy (docs/ACCURACY.md, chosen on dev, checked on heldout) fills the fields the
+    caller leaves unset; an explicit SparsityConfig and models without a policy keep the paper's."""
+    import pathlib
+
+    from lserve.patterns import selection_policy
+    from lserve.sparsity import resolve_sparsity
+
+    policy = {"page_score": "center", "group_score": "max", "logical_page_size": 4}
+    assert selection_policy("smollm2-135m-instruct") == policy
+    assert selection_policy("/models/other-model") == {}
+    for model in ("smollm2-135m-instruct", pathlib.Path("/models/SmolLM2-135M-Instruct.Q4_1.gguf")):
+        cfg = resolve_sparsity("lserve", model)
+        assert {key: getattr(cfg, key) for key in policy} == policy
+    cfg = SparsityConfig.preset("lserve", model=SMOLLM2, logical_page_size=16, decode_token_budget=1024)
+    assert (cfg.page_score, cfg.group_score, cfg.logical_page_size, cfg.decode_token_budget) == ("center", "max", 16, 1024)
+    paper = ("bound", "sum", 16)
+    cfg = SparsityConfig.preset("lserve", streaming_fraction=0.0)  # no model
+    assert (cfg.page_score, cfg.group_score, cfg.logical_page_size) == paper
+    cfg = resolve_sparsity(SparsityConfig(decode_token_budget=1024), SMOLLM2)  # explicit config
+    assert (cfg.page_score, cfg.group_score, cfg.logical_page_size) == paper
+
+
 # Streaming heads asked for without a pattern: the model's shipped pattern, or a ValueError.
 SMOLLM2 = "smollm2-135m-instruct"  # 30 layers x 3 KV heads; pattern in lserve/patterns/, no model file needed
 

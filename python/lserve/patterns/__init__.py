@@ -2,7 +2,8 @@
 
 Each file is `lserve calibrate` output (DuoAttention gates, rows = layers, columns = KV heads); its
 comment lines record the settings. `pattern_path(model)` finds the one for a model name, a .gguf
-file or a Hugging Face directory, or returns None.
+file or a Hugging Face directory, or returns None. `selection_policy(model)` gives the page
+selection settings chosen for the same model (the "lserve" preset applies them).
 
 Example:
     >>> pattern_path("HuggingFaceTB/SmolLM2-135M-Instruct").name
@@ -19,6 +20,13 @@ from typing import Optional
 PATTERNS = {
     "smollm2-135m-instruct": "smollm2-135m-instruct.tsv",
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct.tsv",
+}
+
+# Page selection settings per shipped pattern, chosen on the dev split of `lserve eval retrieval` and
+# checked on its heldout split (docs/ACCURACY.md, "Shipped policy"); SparsityConfig.preset("lserve",
+# model=...) applies them to the fields its caller does not set.
+SELECTION_POLICIES = {
+    "smollm2-135m-instruct.tsv": {"page_score": "center", "group_score": "max", "logical_page_size": 4},
 }
 
 
@@ -49,3 +57,14 @@ def pattern_path(model: Optional[str]) -> Optional[pathlib.Path]:
         if file_name:
             return pathlib.Path(__file__).with_name(file_name)
     return None
+
+
+def selection_policy(model: Optional[str]) -> dict:
+    """The page selection settings lserve ships for `model` (SparsityConfig field -> value), or {}.
+
+    Example:
+        >>> selection_policy("smollm2-135m-instruct")["group_score"]
+        'max'
+    """
+    path = pattern_path(model)
+    return dict(SELECTION_POLICIES.get(path.name, {})) if path is not None else {}

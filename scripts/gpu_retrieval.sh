@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# On the GPU machine, after scripts/gpu_check.sh has installed lserve: `lserve eval retrieval` of
+# SmolLM2-135M-Instruct on the CUDA engine (bfloat16) under several sparsity configs, one JSON each.
+# Sparse configs need LSERVE_EXPERIMENTAL_CUDA_SPARSITY=1 (set here): the CUDA sparse path runs its
+# attention on the reference kernel (issue 17), which the device suite checks against the CPU.
+#
+# Usage, from the repository root:
+#   bash scripts/gpu_retrieval.sh SPLIT LENGTHS SAMPLES NAME=ARGS [NAME=ARGS ...]
+#     NAME=dense runs the dense engine; any other NAME runs sparsity "lserve" with ARGS, a JSON object of
+#     SparsityConfig overrides ('{}' for the preset).
+#   e.g. bash scripts/gpu_retrieval.sh dev 1024,2048,4096,8192 5 dense=- \
+#          'center_max={"prefill_local_tokens":1024,"decode_token_budget":1024,"page_score":"center","group_score":"max"}'
+# The model: $LSERVE_GGUF, else build/smol/model.gguf, assembled from build/smol/part* if absent (the
+# GGUF, 98 MB, is larger than one transfer to the device machine: split -b 50000000 it into build/smol/
+# and carry one part per call).
+# LSERVE_EVAL_TASKS (comma-separated) limits the tasks; LSERVE_EVAL_DEVICE=cpu tries the script here.
+# Output: $OUT (or /tmp/lserve_gpu_retrieval)/retrieval_SPLIT_NAME.json, and one summary line per config.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+split=$1 lengths=$2 samples=$3
+shift 3
+out=${OUT:-/tmp/lserve_gpu_retrieval}
+mkdir -p "$out"
+model=${LSERVE_GGUF:-build/smol/model.gguf}
+if [ ! -f "$model" ]; then
+  cat build/smol/part* > "$model" || exit 1
+fi
+echo "model $(sha256sum "$model")"
+export LSERVE_EXPERIMENTAL_CUDA_SPARSITY=1 PYTHONUNBUFFERED=1
+for spec in "$@"; do
+  name=${spec%%=*} args=${spec#*=}
+  start=$(date +%s)
+  if [ "$name" = dense ]; then
+    config=(--sparsity dense)
+  else
+    config=(--sparsity lserve --sparsity-args "$args")
+  fi
+  [ -n "${LSERVE_EVAL_TASKS:-}" ] && config+=(--tasks "$LSERVE_EVAL_TASKS")
+  python3 -c "import sys; from lserve.cli import main; sys.exit(main(sys.argv[1:]))" eval retrieval \
+    --model "$model" --device "${LSERVE_EVAL_DEVICE:-cuda}" --split "$split" --lengths "$lengths" --samples "$samples" \
+    "${config[@]}" --quiet \
+    --out "$out/retrieval_${split}_${name}.json" >"$out/retrieval_${split}_${name}.log" 2>&1
+  rc=$?
+  python3 - "$out/retrieval_${split}_${name}.json" "$name" "$rc" "$(( $(date +%s) - start ))" <<'PY'
+import json, sys
+path, name, rc, seconds = sys.argv[1:]
+try:
+    report = json.load(open(path))
+except (OSError, ValueError) as error:
+    sys.exit(f"{name}: no results (rc {rc}, {seconds}s): {error}")
+for config, total in report["totals"].items():
+    by_length = report["accuracy"][config]["all"]
+    lengths = " ".join(f"{length}:{score:.3f}" for length, score in by_length.items() if length != "all")
+    print(f"{name}: score {total['score']:.4f} over {total['num_cases']} cases ({lengths}; rc {rc}, {seconds}s)")
+PY
+done
