@@ -126,15 +126,19 @@ py::object hf_weights(const GgufFile& file, const py::object& callback) {
   return py::none();
 }
 
-// engine.load_weight(hf_name, weight as stored) for each weight, straight from the mapping;
+// engine.load_weight(hf_name, weight as stored) for each weight, straight from the mapping (whole
+// matrices the engine can serve as stored stay views into it, keeping it mapped);
 // callback(hf_name) after each when given (a progress bar).
 void load_stored_weights(const GgufFile& file, Engine& engine, const py::object& callback) {
-  gguf_for_each_stored_weight(file, engine.model_config(), [&](const std::string& hf_name, const TensorView& weight) {
+  gguf_for_each_stored_weight(file, engine.model_config(), [&](const std::string& hf_name, const TensorView& weight,
+                                                                const std::shared_ptr<const void>& mapping) {
+    bool kept;
     {
       py::gil_scoped_release release;
-      engine.load_weight(hf_name, weight);
+      kept = engine.load_weight(hf_name, weight, mapping);
     }
     if (!callback.is_none()) callback(hf_name);
+    return kept;
   });
 }
 

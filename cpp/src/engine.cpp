@@ -126,10 +126,11 @@ Engine::Engine(const ModelConfig& model_config, const EngineConfig& config) : co
   seed_rng_.seed(static_cast<uint64_t>(config_.seed));
 }
 
-void Engine::load_weight(const std::string& name, const TensorView& tensor) {
+bool Engine::load_weight(const std::string& name, const TensorView& tensor,
+                         const std::shared_ptr<const void>& mapping) {
   std::lock_guard<std::mutex> lock(mutex_);
   LSERVE_CHECK(!ready_, "load_weight('", name, "') after finalize()");
-  model_->load_weight(name, tensor);
+  return model_->load_weight(name, tensor, mapping);
 }
 
 void Engine::finalize() {
@@ -677,6 +678,7 @@ EngineStats Engine::stats() const {
   stats.prefix_cache_hits = prefix_cache_hits_;
   stats.num_prompt_tokens_computed = num_prompt_tokens_computed_;
   stats.num_forked_samples = num_forked_;
+  stats.weight_bytes_mapped = model_->weight_bytes_mapped();
   stats.num_total_pages = kv_cache_->num_total_pages();
   stats.num_free_pages = kv_cache_->num_free_pages();
   stats.page_size = kv_cache_->page_size();

@@ -8,11 +8,15 @@ std::unique_ptr<Engine> Engine::from_gguf(const std::string& path, EngineConfig 
   GgufFile file(path);
   ModelConfig model_config = gguf_model_config(file);
   auto engine = std::make_unique<Engine>(model_config, config);
-  const auto load = [&](const std::string& name, const TensorView& tensor) { engine->load_weight(name, tensor); };
-  if (config.native_weights()) {  // copied out of the mapping, which closes on return
-    gguf_for_each_stored_weight(file, engine->model_config(), load);
+  if (config.native_weights()) {  // copied out of the mapping, or kept as views into it (the model holds it open)
+    gguf_for_each_stored_weight(file, engine->model_config(),
+                                [&](const std::string& name, const TensorView& tensor,
+                                    const std::shared_ptr<const void>& mapping) {
+                                  return engine->load_weight(name, tensor, mapping);
+                                });
   } else {
-    gguf_for_each_weight(file, engine->model_config(), load);
+    gguf_for_each_weight(file, engine->model_config(),
+                         [&](const std::string& name, const TensorView& tensor) { engine->load_weight(name, tensor); });
   }
   engine->finalize();
   return engine;

@@ -749,6 +749,9 @@ class EngineStats:
     @property
     def streaming_kv_bytes_in_use(self) -> int:
         ...
+    @property
+    def weight_bytes_mapped(self) -> int:
+        ...
 class Engine:
     @staticmethod
     def from_gguf(path: str, config: EngineConfig) -> Engine:

@@ -131,3 +131,50 @@ def test_native_sparse_head_reordering(tmp_path):
     # Measured NMSE 6.7e-4 (8-bit activations, as in test_native_logits_match_float32).
     assert_nmse(prompt_logits(native, prompts), prompt_logits(reference, prompts), NATIVE_NMSE["q4_1"],
                 "native q4_1 sparse logits vs float32")
+
+
+STORED_AS_IS = ("token_embd.weight", "output.weight", "attn_output.weight", "ffn_down.weight")
+
+
+def _stored_bytes(path, skip=()) -> int:
+    """Bytes of the GGUF matrices the engine can serve as stored: whole matrices of its layout
+    (attn_q/k/v fuse into q|k|v and ffn_gate/up into gate|up, so those are copies)."""
+    reader = gguf.GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name.endswith(STORED_AS_IS) and t.name not in skip)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_whole_matrices_stay_in_the_file_mapping(tmp_path, tied):
+    """Native weights that are whole matrices as stored are views into the GGUF mapping (no copy),
+    the rest copies; the logits stay those of the float32 reference (test above), and the engine
+    runs after the file object is gone (the views hold the mapping)."""
+    path = tmp_path / "tiny_q4_1.gguf"
+    write_tiny_llama(path, qtype=QTYPES["q4_1"], inter=96, tied=tied)
+    native = Engine(str(path), show_progress=False, capture_logits=True)
+    assert native._core.stats().weight_bytes_mapped == _stored_bytes(path) > 0
+    assert Engine(str(path), dtype="float32", show_progress=False)._core.stats().weight_bytes_mapped == 0
+
+    # The C++ loader (Engine::from_gguf) closes its GgufFile on return; the views keep the mapping.
+    from lserve import _C
+
+    config = _C.EngineConfig()
+    config.dtype = "native"
+    config.capture_logits = True
+    core = _C.Engine.from_gguf(str(path), config)
+    assert core.stats().weight_bytes_mapped == _stored_bytes(path)
+    core.add_request(0, PROMPT, SamplingParams(temperature=0.0, max_tokens=1).to_core(1, None))
+    logits = [np.asarray(out.logits) for out in core.step() if out.logits is not None]
+    assert_exact(logits[0], prompt_logits(native, [PROMPT])[0], "from_gguf vs Engine, native weights")
+
+
+def test_reordered_heads_are_copies(tmp_path):
+    """With sparse attention, a layer whose KV heads are reordered gets its o_proj copied (columns
+    moved); the other layers' o_proj, ffn_down and the embedding stay in the mapping."""
+    from lserve import SparsityConfig
+
+    path = tmp_path / "tiny_q4_1.gguf"
+    write_tiny_llama(path, qtype=QTYPES["q4_1"], inter=96)
+    sparsity = SparsityConfig(streaming_heads=[[], [0]], physical_page_size=16, logical_page_size=4,
+                              decode_token_budget=32, prefill_local_tokens=8, decode_local_tokens=8)
+    engine = Engine(str(path), sparsity=sparsity, max_model_len=256, num_kv_pages=32, show_progress=False)
+    assert engine._core.stats().weight_bytes_mapped == _stored_bytes(path, skip=("blk.1.attn_output.weight",))

@@ -116,6 +116,9 @@ struct EngineStats {
   // Allocations, copies or synchronisations inside the model's per-layer work so far (STYLE.md 2b;
   // Backend::begin_isolated): zero on the CPU; a device counts its first-step workspace growth.
   int64_t isolation_violations = 0;
+  // Native weights (dtype "native") used in place inside the model file's mapping, no copy made:
+  // whole matrices the serving layout leaves as stored (ARCHITECTURE.md, "Native weights").
+  int64_t weight_bytes_mapped = 0;
 };
 
 class Engine {
@@ -129,7 +132,10 @@ class Engine {
 
   // Weight loading (Hugging Face names), then finalize() checks completeness and allocates the
   // KV cache. Requests are accepted only after finalize().
-  void load_weight(const std::string& name, const TensorView& tensor);
+  // `mapping`, when given, owns tensor's memory (a GGUF mapping, GgufFile::mapping()): native
+  // weights that need no copy keep a view into it instead of copying (returns true then).
+  bool load_weight(const std::string& name, const TensorView& tensor,
+                   const std::shared_ptr<const void>& mapping = nullptr);
   void finalize();
   bool ready() const { return ready_; }
 

@@ -377,24 +377,26 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
   ::close(fd);
   if (mapping == MAP_FAILED) LSERVE_THROW(path, ": mmap failed: ", std::strerror(saved));
   data_ = static_cast<const uint8_t*>(mapping);
+  const size_t mapped_size = size_;
+  mapping_ = std::shared_ptr<const void>(mapping, [mapped_size](const void* address) {
+    ::munmap(const_cast<void*>(address), mapped_size);
+  });
   try {
     parse();
   } catch (const std::bad_alloc&) {
     // Every count is bounded by the file size, but metadata takes more memory than file bytes
     // (an empty inner array: 12 bytes in the file, a GgufValue in memory).
-    ::munmap(const_cast<uint8_t*>(data_), size_);
+    mapping_.reset();
     data_ = nullptr;
     LSERVE_THROW(path, ": the metadata of this ", size_, "-byte file does not fit in memory");
   } catch (...) {
-    ::munmap(const_cast<uint8_t*>(data_), size_);
+    mapping_.reset();
     data_ = nullptr;
     throw;
   }
 }
 
-GgufFile::~GgufFile() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
-}
+GgufFile::~GgufFile() = default;  // mapping_ unmaps once no weight view holds it
 
 void GgufFile::parse() {
   Cursor cursor(data_, size_, path_);
@@ -1200,8 +1202,12 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
   }
 }
 
-void gguf_for_each_stored_weight(const GgufFile& file, const ModelConfig& config,
-                                 const std::function<void(const std::string& hf_name, const TensorView& tensor)>& fn) {
+void gguf_for_each_stored_weight(
+    const GgufFile& file, const ModelConfig& config,
+    const std::function<bool(const std::string& hf_name, const TensorView& tensor,
+                             const std::shared_ptr<const void>& mapping)>& fn) {
+  const std::shared_ptr<const void> none;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const std::vector<WeightPlan> plans = plan_weights(file, config);
   std::vector<float> buffer;
   std::vector<uint8_t> permuted;
@@ -1217,7 +1223,7 @@ void gguf_for_each_stored_weight(const GgufFile& file, const ModelConfig& config
         buffer.swap(rows);
       }
       fn(plan.hf_name, TensorView::contiguous(buffer.data(), DType::kF32, info.shape.data(),
-                                              static_cast<int>(info.shape.size())));
+                                              static_cast<int>(info.shape.size())), none);
       continue;
     }
     const DType dtype = stored_dtype(file, info);
@@ -1229,7 +1235,13 @@ void gguf_for_each_stored_weight(const GgufFile& file, const ModelConfig& config
                      plan.permute_heads);
       data = permuted.data();
     }
-    fn(plan.hf_name, TensorView::contiguous(const_cast<uint8_t*>(data), dtype, info.shape.data(), 2));
+    const bool kept = fn(plan.hf_name, TensorView::contiguous(const_cast<uint8_t*>(data), dtype, info.shape.data(), 2),
+                         plan.permute_heads > 0 ? none : file.mapping());
+    if (!kept) {  // copied: drop the whole pages of the stored bytes (read-only, so a later read refaults them)
+      const uintptr_t begin = reinterpret_cast<uintptr_t>(file.tensor_data(info));
+      const uintptr_t first = (begin + page - 1) / page * page, last = (begin + info.nbytes) / page * page;
+      if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+    }
   }
 }
 

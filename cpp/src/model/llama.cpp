@@ -237,8 +237,9 @@ std::vector<uint8_t> LlamaModel::permute_heads(int layer_idx, const std::string&
   return out;
 }
 
-void LlamaModel::load_weight(const std::string& name, const TensorView& tensor) {
-  if (config_.tie_word_embeddings && name == "lm_head.weight") return;  // stored by some tied checkpoints
+bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
+                             const std::shared_ptr<const void>& mapping) {
+  if (config_.tie_word_embeddings && name == "lm_head.weight") return false;  // stored by some tied checkpoints
   auto it = slots_.find(name);
   LSERVE_CHECK(it != slots_.end(), "unexpected weight '", name, "' for ", config_.architecture);
   LSERVE_CHECK(!loaded_.count(name), "weight '", name, "' loaded twice");
@@ -249,10 +250,26 @@ void LlamaModel::load_weight(const std::string& name, const TensorView& tensor) 
     LSERVE_CHECK(tensor.shape[d] == slot.shape[d], "weight '", name, "' has shape ", tensor.shape_str(),
                  ", expected ", shape_str(slot.shape));
   }
+  // Sparse attention serves each layer's KV heads reordered (dense first): q/k/v/o are reordered on the way in.
+  const std::string attn = ".self_attn.";
+  const size_t attn_at = name.find(attn);
+  bool reorder = false;
+  if (sparsity_.enabled && name.rfind("model.layers.", 0) == 0 && attn_at != std::string::npos) {
+    const std::vector<int>& order = layers_[std::stoi(name.substr(13, attn_at - 13))].kv_order;
+    for (size_t i = 0; i < order.size(); ++i) reorder = reorder || order[i] != static_cast<int>(i);
+  }
   if (!slot.tensor->defined()) {  // native weights: the first part of a matrix sets its dtype
     LSERVE_CHECK(!dtype_is_block(tensor.dtype) || tensor.shape[tensor.ndim - 1] % dtype_block_size(tensor.dtype) == 0,
                  "weight '", name, "' of dtype ", dtype_name(tensor.dtype), " has rows of ", tensor.shape[tensor.ndim - 1],
                  " items, not whole blocks");
+    // A whole matrix as stored, in host memory its owner keeps: serve it in place (no copy).
+    if (mapping && !reorder && slot.row_offset == 0 && slot.shape == slot.matrix_shape && tensor.is_contiguous() &&
+        tensor.device.type == DeviceType::kCPU && backend_.device().type == DeviceType::kCPU) {
+      *slot.tensor = Tensor(std::shared_ptr<void>(std::const_pointer_cast<void>(mapping), tensor.data), tensor);
+      weight_bytes_mapped_ += static_cast<int64_t>(tensor.nbytes());
+      loaded_.insert(name);
+      return true;
+    }
     std::array<int64_t, kMaxDims> full{};
     std::copy(slot.matrix_shape.begin(), slot.matrix_shape.end(), full.begin());
     *slot.tensor = backend_.empty(full.data(), static_cast<int>(slot.matrix_shape.size()), tensor.dtype);
@@ -263,27 +280,20 @@ void LlamaModel::load_weight(const std::string& name, const TensorView& tensor) 
                  "fused matrix (q|k|v, gate|up); load with dtype='float32'" : ": block dtypes load only as native weights");
   }
   TensorView dst = slot.tensor->view().slice(0, slot.row_offset, slot.row_offset + slot.shape[0]);
-  // Sparse attention serves each layer's KV heads reordered (dense first): reorder q/k/v/o on the way in.
-  const std::string attn = ".self_attn.";
-  const size_t attn_at = name.find(attn);
-  if (sparsity_.enabled && name.rfind("model.layers.", 0) == 0 && attn_at != std::string::npos) {
+  if (reorder) {
     const int layer_idx = std::stoi(name.substr(13, attn_at - 13));
     const std::string kind = name.substr(attn_at + attn.size(), 6);  // q_proj | k_proj | v_proj | o_proj
-    const std::vector<int>& order = layers_[layer_idx].kv_order;
-    bool identity = true;
-    for (size_t i = 0; i < order.size(); ++i) identity = identity && order[i] == static_cast<int>(i);
-    if (!identity) {
-      std::vector<uint8_t> permuted = permute_heads(layer_idx, kind, tensor);
-      TensorView view = tensor;
-      view.data = permuted.data();
-      backend_.copy(dst, view);
-      backend_.synchronize();
-      loaded_.insert(name);
-      return;
-    }
+    std::vector<uint8_t> permuted = permute_heads(layer_idx, kind, tensor);
+    TensorView view = tensor;
+    view.data = permuted.data();
+    backend_.copy(dst, view);
+    backend_.synchronize();
+    loaded_.insert(name);
+    return false;
   }
   backend_.copy(dst, tensor);
   loaded_.insert(name);
+  return false;
 }
 
 std::vector<std::string> LlamaModel::missing_weights() const {

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -87,6 +88,9 @@ class GgufFile {
   const GgufTensorInfo& tensor(const std::string& name) const;  // throws naming a missing tensor
   // The raw bytes of a tensor (nbytes long), inside the mapping.
   const uint8_t* tensor_data(const GgufTensorInfo& info) const;
+  // The mapping's owner: it stays mapped while this file or any copy of the pointer lives (what
+  // weights kept as views into the file hold on to).
+  const std::shared_ptr<const void>& mapping() const { return mapping_; }
 
   // Dequantised float32 values, row-major over info.shape. Throws naming the tensor and its type
   // for types other than F32, F16, BF16, Q8_0, Q4_0, Q4_1.
@@ -100,6 +104,7 @@ class GgufFile {
   std::string path_;
   const uint8_t* data_ = nullptr;  // the mapping
   size_t size_ = 0;
+  std::shared_ptr<const void> mapping_;  // unmaps data_ when the last owner goes
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
   uint64_t data_offset_ = 0;
@@ -135,7 +140,12 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
 // float32 | float16 | bfloat16 | q8_0 | q4_0 | q4_1; attn_q / attn_k rows are un-permuted into a
 // temporary copy (rows move whole, blocks and all). 1-D tensors (norms, biases) come as float32, as
 // from gguf_for_each_weight. What the engine's native weights load (EngineConfig::dtype "native").
-void gguf_for_each_stored_weight(const GgufFile& file, const ModelConfig& config,
-                                 const std::function<void(const std::string& hf_name, const TensorView& tensor)>& fn);
+// `mapping` is file.mapping() for a view into the file and null for a temporary; fn returns true
+// when it kept the view (holding the mapping open), and the walk drops the pages of every view not
+// kept from the resident set once fn returns (madvise: the copy is what stays).
+void gguf_for_each_stored_weight(
+    const GgufFile& file, const ModelConfig& config,
+    const std::function<bool(const std::string& hf_name, const TensorView& tensor,
+                             const std::shared_ptr<const void>& mapping)>& fn);
 
 }  // namespace lserve

@@ -39,7 +39,12 @@ class LlamaModel {
   int64_t activation_bytes(int64_t num_tokens, int64_t num_logits) const;
   // Copies a Hugging Face-named tensor (any float dtype, host or device) into place; raises on
   // an unknown name, a wrong shape, or a tensor loaded twice.
-  void load_weight(const std::string& name, const TensorView& tensor);
+  // `mapping` (optional) owns tensor's memory: a native weight that is a whole matrix of the serving
+  // layout as stored (not a part of q|k|v or gate|up, no head reordering) on the CPU becomes a view
+  // into it, holding the mapping open, instead of a copy (returns true then).
+  bool load_weight(const std::string& name, const TensorView& tensor,
+                   const std::shared_ptr<const void>& mapping = nullptr);
+  int64_t weight_bytes_mapped() const { return weight_bytes_mapped_; }
   // Names still missing; finalize() raises listing them.
   std::vector<std::string> missing_weights() const;
   void finalize();
@@ -142,6 +147,7 @@ class LlamaModel {
   std::vector<Layer> layers_;
   std::map<std::string, Slot> slots_;
   std::set<std::string> loaded_;
+  int64_t weight_bytes_mapped_ = 0;
   bool finalized_ = false;
   bool kv_allocated_ = false;
   SparsityConfig sparsity_;
