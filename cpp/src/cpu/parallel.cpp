@@ -1,12 +1,59 @@
-// ThreadPool implementation: workers sleep on a condition variable between jobs (no spinning:
-// the host may be shared), take chunks from an atomic counter, and report completion.
+// ThreadPool implementation: workers sleep on a condition variable between jobs, take chunks from
+// an atomic counter, and report completion. By default nothing spins (the host may be shared: on a
+// loaded 2-core VM polling made decode 2-3x slower, docs/PERFORMANCE.md); LSERVE_CPU_SPIN_US=N lets
+// idle workers, and a caller waiting for them, poll for up to N microseconds before sleeping, which
+// saves a futex sleep and wake per job on a machine the engine has to itself (llama.cpp and OpenMP
+// spin by default for the same reason).
 #include "parallel.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "lserve/check.h"
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// Polls done() for up to `microseconds` (0: not at all); true as soon as it holds.
+template <typename Done>
+bool spin_until(Done&& done, int64_t microseconds) {
+  if (microseconds <= 0) return done();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(microseconds);
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return done();
+  }
+}
+
+int64_t spin_microseconds_from_env() {
+  const char* text = std::getenv("LSERVE_CPU_SPIN_US");
+  if (text == nullptr || *text == '\0') return 0;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  LSERVE_CHECK(end != text && *end == '\0' && value >= 0 && value <= 1000000, "LSERVE_CPU_SPIN_US must be an ",
+               "integer number of microseconds in [0, 1000000], got '", text, "'");
+  return value;
+}
+
+}  // namespace
 
 namespace lserve::cpu {
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads) : spin_microseconds_(spin_microseconds_from_env()) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   num_threads_ = std::max(1, num_threads);
   workers_.reserve(num_threads_ - 1);
@@ -18,7 +65,7 @@ ThreadPool::ThreadPool(int num_threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(state_mutex_);
-    stopping_ = true;
+    stopping_.store(true);
   }
   job_ready_.notify_all();
   for (std::thread& worker : workers_) worker.join();
@@ -41,15 +88,19 @@ void ThreadPool::run(int64_t begin, int64_t end, int64_t grain, Body body, const
     grain_ = grain;
     next_.store(begin, std::memory_order_relaxed);
     error_ = nullptr;
-    num_busy_workers_ = static_cast<int>(workers_.size());
-    ++generation_;
+    num_busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
   }
   job_ready_.notify_all();
   work_on_job(0);
+  const auto all_done = [this] { return num_busy_workers_.load(std::memory_order_acquire) == 0; };
   std::exception_ptr error;
-  {
+  if (!spin_until(all_done, spin_microseconds_)) {
     std::unique_lock<std::mutex> lock(state_mutex_);
-    job_done_.wait(lock, [this] { return num_busy_workers_ == 0; });
+    job_done_.wait(lock, all_done);
+  }
+  {
+    std::lock_guard<std::mutex> lock(state_mutex_);
     error = error_;
     error_ = nullptr;
     body_ = nullptr;
@@ -75,19 +126,22 @@ void ThreadPool::work_on_job(int thread_idx) {
 void ThreadPool::worker_loop(int thread_idx) {
   uint64_t seen_generation = 0;
   for (;;) {
-    {
+    const auto has_job = [&] {
+      return stopping_.load(std::memory_order_acquire) ||
+             generation_.load(std::memory_order_acquire) != seen_generation;
+    };
+    if (!spin_until(has_job, spin_microseconds_)) {
       std::unique_lock<std::mutex> lock(state_mutex_);
-      job_ready_.wait(lock, [&] { return stopping_ || generation_ != seen_generation; });
-      if (stopping_) return;
-      seen_generation = generation_;
+      job_ready_.wait(lock, has_job);
     }
+    if (stopping_.load(std::memory_order_acquire)) return;
+    seen_generation = generation_.load(std::memory_order_acquire);
     work_on_job(thread_idx);
-    bool last;
-    {
+    if (num_busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // Under the lock: a caller that found the count non-zero is already waiting, or will see 0.
       std::lock_guard<std::mutex> lock(state_mutex_);
-      last = --num_busy_workers_ == 0;
+      job_done_.notify_one();
     }
-    if (last) job_done_.notify_one();
   }
 }
 

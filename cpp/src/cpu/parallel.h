@@ -54,12 +54,17 @@ class ThreadPool {
 
   std::mutex dispatch_mutex_;  // held by the one caller whose job the workers run
 
+  // How long an idle thread polls before blocking (LSERVE_CPU_SPIN_US, default 0: it blocks at once).
+  const int64_t spin_microseconds_;
+
   std::mutex state_mutex_;
   std::condition_variable job_ready_;
   std::condition_variable job_done_;
-  uint64_t generation_ = 0;  // bumped per job; workers wait for a change
-  int num_busy_workers_ = 0;
-  bool stopping_ = false;
+  // Bumped per job (release, after the job's fields are written, under state_mutex_); workers
+  // wait for a change.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> num_busy_workers_{0};
+  std::atomic<bool> stopping_{false};
 
   // The current job (valid while a caller holds dispatch_mutex_).
   Body body_ = nullptr;
