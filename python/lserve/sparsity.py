@@ -173,8 +173,7 @@ class SparsityConfig:
         if name == "lserve":
             from lserve.patterns import selection_policy
 
-            policy = {key: value for key, value in selection_policy(model).items() if key not in overrides}
-            return cls(enabled=True, **policy, **overrides)._with_shipped_pattern(model)
+            return cls(enabled=True, **{**selection_policy(model), **overrides})._with_shipped_pattern(model)
         raise ValueError(f"unknown sparsity preset {name!r} (known: {', '.join(PRESETS)})")
 
     def with_overrides(self, **overrides) -> "SparsityConfig":

@@ -253,9 +253,11 @@ bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
   // Sparse attention serves each layer's KV heads reordered (dense first): q/k/v/o are reordered on the way in.
   const std::string attn = ".self_attn.";
   const size_t attn_at = name.find(attn);
+  int layer_idx = -1;
   bool reorder = false;
   if (sparsity_.enabled && name.rfind("model.layers.", 0) == 0 && attn_at != std::string::npos) {
-    const std::vector<int>& order = layers_[std::stoi(name.substr(13, attn_at - 13))].kv_order;
+    layer_idx = std::stoi(name.substr(13, attn_at - 13));
+    const std::vector<int>& order = layers_[layer_idx].kv_order;
     for (size_t i = 0; i < order.size(); ++i) reorder = reorder || order[i] != static_cast<int>(i);
   }
   if (!slot.tensor->defined()) {  // native weights: the first part of a matrix sets its dtype
@@ -281,7 +283,6 @@ bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
   }
   TensorView dst = slot.tensor->view().slice(0, slot.row_offset, slot.row_offset + slot.shape[0]);
   if (reorder) {
-    const int layer_idx = std::stoi(name.substr(13, attn_at - 13));
     const std::string kind = name.substr(attn_at + attn.size(), 6);  // q_proj | k_proj | v_proj | o_proj
     std::vector<uint8_t> permuted = permute_heads(layer_idx, kind, tensor);
     TensorView view = tensor;
