@@ -17,7 +17,8 @@ namespace py = pybind11;
 PageScore page_score_from_string(const std::string& name) {
   if (name == "bound") return PageScore::kBound;
   if (name == "center") return PageScore::kCenter;
-  throw Error("page_score must be 'bound' or 'center', got '" + name + "'");
+  if (name == "blend") return PageScore::kBlend;
+  throw Error("page_score must be 'bound', 'center' or 'blend', got '" + name + "'");
 }
 
 GroupScore group_score_from_string(const std::string& name) {
@@ -29,7 +30,9 @@ GroupScore group_score_from_string(const std::string& name) {
 
 namespace {
 
-std::string page_score_name(PageScore score) { return score == PageScore::kCenter ? "center" : "bound"; }
+std::string page_score_name(PageScore score) {
+  return score == PageScore::kCenter ? "center" : score == PageScore::kBlend ? "blend" : "bound";
+}
 std::string group_score_name(GroupScore score) {
   return score == GroupScore::kMax ? "max" : score == GroupScore::kMass ? "mass" : "sum";
 }
@@ -56,6 +59,7 @@ void bind_sparse(py::module_& m) {
   LSERVE_SPARSITY_FIELD(selection_reuse_interval, int32_arg);
   LSERVE_SPARSITY_FIELD(dense_below_tokens, int32_arg);
   LSERVE_SPARSITY_FIELD(always_select_sink_page, bool_arg);
+  LSERVE_SPARSITY_FIELD(page_score_spread, float32_arg);
 #undef LSERVE_SPARSITY_FIELD
   config.def_readwrite("streaming_heads", &SparsityConfig::streaming_heads)
       .def_property(

@@ -18,6 +18,9 @@ void SparsityConfig::validate() const {
   at_least(logical_page_size, 1, "logical_page_size");
   at_least(decode_token_budget, 1, "decode_token_budget");
   at_least(selection_reuse_interval, 1, "selection_reuse_interval");
+  LSERVE_CHECK(page_score_spread >= 0.0f && page_score_spread <= 1.0f,
+               "SparsityConfig.page_score_spread must be in [0, 1] (0: the centre score, 1: the bound), got ",
+               page_score_spread);
   LSERVE_CHECK(physical_page_size % logical_page_size == 0, "SparsityConfig.logical_page_size ", logical_page_size,
                " must divide physical_page_size ", physical_page_size);
   LSERVE_CHECK(decode_token_budget >= physical_page_size, "SparsityConfig.decode_token_budget ", decode_token_budget,

@@ -13,6 +13,10 @@
 namespace lserve {
 
 static_assert(cuda::kSelectFresh == kSelectFresh, "the device kernels' fresh mode is SelectMode::kSelectFresh");
+static_assert(cuda::page_select_detail::kScoreBound == static_cast<int>(PageScore::kBound) &&
+                  cuda::page_select_detail::kScoreCenter == static_cast<int>(PageScore::kCenter) &&
+                  cuda::page_select_detail::kScoreBlend == static_cast<int>(PageScore::kBlend),
+              "the device score kernels' modes are PageScore's values");
 
 void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
   cuda::PageSelectParams params;
@@ -43,7 +47,8 @@ void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
                " exceeds int32");
   params.num_select = static_cast<int>(args.selected.size(2));
   params.keep_first_page = args.keep_first_page;
-  params.center = args.score == PageScore::kCenter;
+  params.score = static_cast<int>(args.score);  // cuda::kScore* are PageScore's values
+  params.spread = args.spread;
   params.group_max = args.group_score == GroupScore::kMax;
   LSERVE_CHECK(params.num_seqs * params.num_kv_heads <= INT32_MAX &&
                    params.num_entries * params.logical_per_page * params.num_kv_heads <= INT32_MAX,

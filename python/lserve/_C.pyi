@@ -297,6 +297,12 @@ class SparsityConfig:
     def logical_page_size(self, arg1: typing.Any) -> None:
         ...
     @property
+    def page_score_spread(self) -> float:
+        ...
+    @page_score_spread.setter
+    def page_score_spread(self, arg1: typing.Any) -> None:
+        ...
+    @property
     def physical_page_size(self) -> int:
         ...
     @physical_page_size.setter
@@ -843,9 +849,9 @@ class Backend:
         """
         (free, total) device bytes, or (-1, -1) on the host
         """
-    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None) -> None:
+    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None, spread: typing.Any = 0.0) -> None:
         """
-        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound' or 'center'; group_score 'sum', 'max' or 'mass'.
+        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound', 'center' or 'blend' (centre + spread x the bound's spread term); group_score 'sum', 'max' or 'mass'.
         """
     def page_stats_append(self, key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         """

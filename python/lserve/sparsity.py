@@ -96,7 +96,9 @@ class SparsityConfig:
     token budget of dense heads, the selection reuse interval, and a context length below which a
     sequence runs dense. page_score: how a logical page is scored from its kmax/kmin, "bound" (the
     paper's upper bound sum_d max(q_d kmax_d, q_d kmin_d)) or "center" (sum_d q_d (kmax_d + kmin_d) / 2,
-    the bound without its spread term; same statistics, no extra memory). group_score: how the query
+    the bound without its spread term; same statistics, no extra memory) or "blend" (the centre plus
+    page_score_spread times the spread term sum_d |q_d| (kmax_d - kmin_d) / 2: 0 is the centre, 1 the
+    bound; page_score_spread is read by "blend" only). group_score: how the query
     heads of a GQA group share one selection, "sum" of their scores (the paper's), "max" over heads,
     or "mass" (each head's page scores as a softmax over pages, summed: every head gets the same say).
     """
@@ -117,6 +119,7 @@ class SparsityConfig:
     always_select_sink_page: bool = True
     page_score: str = "bound"
     group_score: str = "sum"
+    page_score_spread: float = 0.25
     _scores: Optional[np.ndarray] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,7 +140,7 @@ class SparsityConfig:
     _CORE_FIELDS = ("enabled", "prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens",
                     "decode_local_tokens", "physical_page_size", "logical_page_size", "decode_token_budget",
                     "selection_reuse_interval", "dense_below_tokens", "always_select_sink_page", "page_score",
-                    "group_score")
+                    "group_score", "page_score_spread")
 
     def _settings_core(self):
         """A _C.SparsityConfig holding these settings, validated (SparsityConfig::validate()); its

@@ -54,7 +54,8 @@ def make_select_case(seed: int, kv_lens, num_kv: int, group: int, head_dim: int,
 
 
 def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page_score: str, on_device: bool,
-               strided_query: bool = False, query_dtype: str = "float32", store=None, group_score: str = "sum") -> tuple:
+               strided_query: bool = False, query_dtype: str = "float32", store=None, group_score: str = "sum",
+               spread: float = 0.25) -> tuple:
     """The store (selected, num_selected) after page_select. host may hold qo_indptr, select_mode and
     select_slot; store: its starting contents (default: POISON, one row per sequence)."""
     num_seqs, num_kv = host["kv_lens"].shape[0], host["kmax"].shape[2]
@@ -80,7 +81,7 @@ def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page
                  np.full((num_seqs, num_kv), POISON, np.int32))
     selected, num_selected = (ints(store[0]), ints(store[1])) if on_device else (store[0].copy(), store[1].copy())
     backend.page_select(selected=selected, num_selected=num_selected, keep_first_page=keep_first_page,
-                        page_score=page_score, group_score=group_score, **args)
+                        page_score=page_score, group_score=group_score, spread=spread, **args)
     if on_device:
         return selected.cpu().numpy(), num_selected.cpu().numpy()
     return selected, num_selected
@@ -110,11 +111,11 @@ KV_LENS = [1, 64, 65, 127, 130, 640, 1000, 1153, 4095, 4096, 4097, 9000]
 
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("page_score", ["bound", "center"])
+@pytest.mark.parametrize("page_score", ["bound", "center", "blend"])
 @pytest.mark.parametrize("group_score", ["sum", "max"])
 def test_page_select_matches_cpu(cuda_backend, cpu_backend, group, head_dim, page_score, group_score):
     require(cuda_backend, "page_select", head_dim=head_dim, group_score=group_score)
-    seed = 10 * group + head_dim + (1 if page_score == "center" else 0)
+    seed = 10 * group + head_dim + {"bound": 0, "center": 1, "blend": 2}[page_score]
     host = make_select_case(seed, KV_LENS, num_kv=2, group=group, head_dim=head_dim)
     for num_select in (2, 3, 17, 80):  # up to more than half of the longest sequence's 141 pages
         for keep_first in (True, False):
@@ -198,7 +199,7 @@ def test_page_select_special_values(cuda_backend, cpu_backend):
     host["query"][1] = 0.0
     host["query"][2, :, ::2] = -0.0
     for num_select in (3, 25):
-        for page_score in ("bound", "center"):
+        for page_score in ("bound", "center", "blend"):
             check_select(cuda_backend, cpu_backend, host, num_select, True, page_score, "special values", seed)
 
 
@@ -353,7 +354,7 @@ def test_page_select_query_chunks(cuda_backend, cpu_backend, strided):
 
 
 @pytest.mark.parametrize("query_dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("page_score", ["bound", "center"])
+@pytest.mark.parametrize("page_score", ["bound", "center", "blend"])
 def test_page_select_low_precision_query(cuda_backend, cpu_backend, query_dtype, page_score):
     """bfloat16/float16 queries (the step's activations, read as they are): the CPU computes on the
     same values converted to float32, exactly, so the selections must match bit for bit."""

@@ -32,15 +32,17 @@ class SparseSpec:
     reuse_interval: int = 1
     keep_first_page: bool = True
     page_score: str = "bound"
+    page_score_spread: float = 0.0  # "blend"'s weight of the spread term
     # per (layer, kv head): (selected physical pages, steps since made, pages when made)
     state: Dict[Tuple[int, int], Tuple[List[int], int, int]] = field(default_factory=dict)
     selections: List[Tuple[int, int, List[int]]] = field(default_factory=list)  # (layer, head, pages) per decode
 
 
 def page_scores(q_group: np.ndarray, keys: np.ndarray, page_size: int, logical: int,
-                page_score: str = "bound") -> np.ndarray:
+                page_score: str = "bound", spread: float = 0.0) -> np.ndarray:
     """Physical page scores for one KV head: q_group (group, d), keys (kv_len, d). "bound":
-    sum max(q kmax, q kmin) per logical page; "center": sum q (kmax + kmin) / 2."""
+    sum max(q kmax, q kmin) per logical page; "center": sum q (kmax + kmin) / 2; "blend": the centre
+    plus spread x sum |q| (kmax - kmin) / 2."""
     kv_len = keys.shape[0]
     num_pages = -(-kv_len // page_size)
     scores = np.full(num_pages, -np.inf)
@@ -49,6 +51,8 @@ def page_scores(q_group: np.ndarray, keys: np.ndarray, page_size: int, logical: 
         kmax, kmin = block.max(axis=0), block.min(axis=0)
         if page_score == "center":
             s = (q_group * ((kmax + kmin) / 2)).sum()
+        elif page_score == "blend":
+            s = (q_group * ((kmax + kmin) / 2) + spread * (np.abs(q_group) * ((kmax - kmin) / 2))).sum()
         else:
             s = np.maximum(q_group * kmax, q_group * kmin).sum()
         page = start // page_size
@@ -97,7 +101,7 @@ def make_attention(spec: SparseSpec):
                     if prev is None or prev[1] >= spec.reuse_interval:
                         qg = q64[h * group:(h + 1) * group, 0].numpy()
                         pages = select_pages(page_scores(qg, k64[h].numpy(), spec.page_size, spec.logical_page_size,
-                                                         spec.page_score),
+                                                         spec.page_score, spec.page_score_spread),
                                              num_select, spec.keep_first_page)
                         spec.state[(layer, h)] = (pages, 1, num_pages)
                     else:

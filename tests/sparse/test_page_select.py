@@ -23,10 +23,11 @@ def numpy_stats(keys_by_page, logical_page_size):
 
 
 def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_select, keep_first, page_score="bound",
-                 group_score="sum"):
-    """The rule of ops/page_select.h in float64: logical scores per query head; "sum" adds the heads'
-    scores before the max over logical pages, "max" takes the best head's page score, "mass" sums each
-    head's softmax over pages (scale 1/sqrt(head_dim))."""
+                 group_score="sum", spread=0.0):
+    """The rule of ops/page_select.h in float64: logical scores per query head ("blend": the centre
+    plus spread x |q| (kmax - kmin) / 2); "sum" adds the heads' scores before the max over logical
+    pages, "max" takes the best head's page score, "mass" sums each head's softmax over pages (scale
+    1/sqrt(head_dim))."""
     num_qo, head_dim = query.shape
     num_kv = kmax.shape[2]
     group = num_qo // num_kv
@@ -42,8 +43,11 @@ def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_selec
         for position, page in enumerate(pages):
             n_tokens = min(page_size, kv_len - position * page_size)
             n_logical = -(-n_tokens // logical)
+            high, low = kmax[page, :n_logical, h][None].astype(np.float64), kmin[page, :n_logical, h][None]
             if page_score == "center":
-                s = q[:, None, :] * ((kmax[page, :n_logical, h][None] + kmin[page, :n_logical, h][None]) / 2)
+                s = q[:, None, :] * ((high + low) / 2)
+            elif page_score == "blend":
+                s = q[:, None, :] * ((high + low) / 2) + spread * (np.abs(q[:, None, :]) * ((high - low) / 2))
             else:
                 s = np.maximum(q[:, None, :] * kmax[page, :n_logical, h][None],
                                q[:, None, :] * kmin[page, :n_logical, h][None])
@@ -94,24 +98,29 @@ def test_page_select_matches_numpy(num_qo, num_kv, seed):
     assert_close_fp32(kmin[written], ref_min[written], what="kmin", seed=seed)
 
     query = rng.standard_normal((len(kv_lens), num_qo, head_dim)).astype(np.float32)
-    rules = [(keep_first, page_score, group_score) for keep_first in (True, False) for page_score in ("bound", "center")
-             for group_score in ("sum", "max", "mass")]
+    rules = [(keep_first, page_score, group_score) for keep_first in (True, False)
+             for page_score in ("bound", "center", "blend") for group_score in ("sum", "max", "mass")]
+    spread = 0.25
     chosen_by = {}
     for keep_first, page_score, group_score in rules:
         selected = np.full((len(kv_lens), num_kv, num_select), -1, dtype=np.int32)
         num_selected = np.zeros((len(kv_lens), num_kv), dtype=np.int32)
         CPU.page_select(query, kmax, kmin, np.array(indptr, dtype=np.int32),
                         np.array(sum(pages, []), dtype=np.int32), np.array(kv_lens, dtype=np.int32),
-                        selected, num_selected, page_size, keep_first, page_score, group_score)
+                        selected, num_selected, page_size, keep_first, page_score, group_score, spread=spread)
         chosen_by[(keep_first, page_score, group_score)] = selected.copy()
         for s, (seq_pages, kv_len) in enumerate(zip(pages, kv_lens)):
             expected = numpy_select(query[s], kmax, kmin, seq_pages, kv_len, page_size, logical, num_select, keep_first,
-                                    page_score, group_score)
+                                    page_score, group_score, spread)
             for h in range(num_kv):
                 got = selected[s, h, :num_selected[s, h]].tolist()
                 assert_exact(got, expected[h], what=f"seq {s} (len {kv_len}) head {h} keep_first={keep_first} "
                                                    f"{page_score}/{group_score}",
                              seed=seed)
+    for keep_first in (True, False):  # the blend is neither of the scores it mixes
+        blend = chosen_by[(keep_first, "blend", "max")]
+        assert not np.array_equal(blend, chosen_by[(keep_first, "center", "max")])
+        assert not np.array_equal(blend, chosen_by[(keep_first, "bound", "max")])
     if num_qo > num_kv:  # the group rules are different rules: some selection tells them apart
         for keep_first in (True, False):
             sums = chosen_by[(keep_first, "center", "sum")]
@@ -145,6 +154,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="group_score must be 'sum', 'max' or 'mass'"):
         CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
                         np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "bound", "median")
-    with pytest.raises(ValueError, match="page_score must be 'bound' or 'center'"):
+    with pytest.raises(ValueError, match="page_score must be 'bound', 'center' or 'blend'"):
         CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32), np.array([5], np.int32),
                         np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64, True, "median")
+    for spread, pattern in ((1.5, "spread must be in"), (-0.25, "spread must be in"), (float("nan"), "spread must be in"),
+                            ("big", "spread must be a real number")):
+        with pytest.raises(ValueError, match=pattern):
+            CPU.page_select(q, stats, stats, np.array([0, 1], np.int32), np.array([0], np.int32),
+                            np.array([5], np.int32), np.zeros((1, 2, 4), np.int32), np.zeros((1, 2), np.int32), 64,
+                            True, "blend", spread=spread)

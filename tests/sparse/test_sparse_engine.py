@@ -56,7 +56,8 @@ def _spec(config: SparsityConfig) -> SparseSpec:
                       decode_local=config.decode_local_tokens, page_size=config.physical_page_size,
                       logical_page_size=config.logical_page_size, budget=config.decode_token_budget,
                       reuse_interval=config.selection_reuse_interval,
-                      keep_first_page=config.always_select_sink_page, page_score=config.page_score)
+                      keep_first_page=config.always_select_sink_page, page_score=config.page_score,
+                      page_score_spread=config.page_score_spread)
 
 
 def _engine(directory, sparsity, **kwargs) -> Engine:
@@ -117,7 +118,7 @@ def test_streaming_heads_and_selection_match_reference(tiny, chunk):
     assert stats.last_step_pages_selected < stats.last_step_pages_total
 
 
-@pytest.mark.parametrize("page_score", ["bound", "center"])
+@pytest.mark.parametrize("page_score", ["bound", "center", "blend"])
 def test_selection_reuse_matches_reference(tiny, page_score):
     config = _config(selection_reuse_interval=4, always_select_sink_page=False, page_score=page_score)
     ids = _prompt(120, seed=3)

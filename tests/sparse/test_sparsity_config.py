@@ -35,7 +35,7 @@ CORE_INVALID = [
     ("decode_token_budget", 0), ("selection_reuse_interval", 0),
     ("decode_local_tokens", 1.5), ("physical_page_size", "64"), ("decode_token_budget", True),
     ("prefill_local_tokens", 2**40), ("always_select_sink_page", "yes"), ("group_score", "median"),
-    ("page_score", "mean"),
+    ("page_score", "mean"), ("page_score_spread", 1.5), ("page_score_spread", -0.5), ("page_score_spread", "wide"),
 ]
 
 

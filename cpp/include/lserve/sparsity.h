@@ -27,6 +27,7 @@ struct SparsityConfig {
   int dense_below_tokens = 0;              // contexts shorter than this run dense
   bool always_select_sink_page = true;     // keep page 0 in every selection
   PageScore page_score = PageScore::kBound;  // logical page score (ops/page_select.h)
+  float page_score_spread = 0.25f;         // kBlend's weight of the spread term (PageSelectArgs::spread)
   GroupScore group_score = GroupScore::kSum;  // how a GQA group's query heads combine (ops/page_select.h)
 
   // Throws lserve::Error naming the field, its value and the rule it breaks: the settings alone

@@ -96,6 +96,12 @@ void cpu_page_select(const PageSelectArgs& args) {
             float& sum = per_head ? head_score : score;  // kSum: one running sum over g then d
             if (args.score == PageScore::kCenter) {
               for (int64_t d = 0; d < head_dim; ++d) sum += q[d] * (0.5f * (kmax[base + d] + kmin[base + d]));
+            } else if (args.score == PageScore::kBlend) {
+              for (int64_t d = 0; d < head_dim; ++d) {
+                const float centre = q[d] * (0.5f * (kmax[base + d] + kmin[base + d]));
+                const float spread = std::fabs(q[d]) * (0.5f * (kmax[base + d] - kmin[base + d]));
+                sum += centre + args.spread * spread;
+              }
             } else {
               for (int64_t d = 0; d < head_dim; ++d) {
                 sum += std::max(q[d] * kmax[base + d], q[d] * kmin[base + d]);

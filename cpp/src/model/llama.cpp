@@ -556,6 +556,7 @@ void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_
                               sparsity_.always_select_sink_page,
                               sparsity_.page_score,
                               sparsity_.group_score,
+                              sparsity_.page_score_spread,
                               t.qo_indptr,
                               t.select_mode,
                               t.select_slot};

@@ -125,7 +125,7 @@ def layer_selection_recall(query: np.ndarray, keys: np.ndarray, dense_heads: Seq
     backend.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32), np.arange(num_pages, dtype=np.int32),
                         np.array([num_keys], dtype=np.int32), selected, counts, page_size,
                         bool(sparsity.always_select_sink_page), getattr(sparsity, "page_score", "bound"),
-                        getattr(sparsity, "group_score", "sum"))
+                        getattr(sparsity, "group_score", "sum"), spread=getattr(sparsity, "page_score_spread", 0.0))
     dense_probs = np.concatenate([probs[h * group:(h + 1) * group] for h in dense_heads])
     return selection_recall(dense_probs, selected[0], page_size, counts[0])
 
@@ -253,7 +253,8 @@ def model_selection_recall_steps(capture: QKCapture, prompt_ids: Sequence[int], 
                 backend.page_select(q, kmax, kmin, np.array([0, num_pages], dtype=np.int32),
                                     np.arange(num_pages, dtype=np.int32), np.array([num_keys], dtype=np.int32),
                                     selected, counts, page_size, bool(sparsity.always_select_sink_page),
-                                    getattr(sparsity, "page_score", "bound"), getattr(sparsity, "group_score", "sum"))
+                                    getattr(sparsity, "page_score", "bound"), getattr(sparsity, "group_score", "sum"),
+                                    spread=getattr(sparsity, "page_score_spread", 0.0))
                 selection = [selected[0, h, :counts[0, h]] for h in range(len(dense))]
                 fresh_recall = selection_recall(dense_probs, selection, page_size)
             fresh[step].append(fresh_recall)

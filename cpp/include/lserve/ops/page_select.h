@@ -3,7 +3,10 @@
 // its keys; for a decode query q the logical page scores S = sum_d max(q_d * kmax_d, q_d * kmin_d)
 // (PageScore::kBound, the paper's: an upper bound of q.k over the page's keys), or, with
 // PageScore::kCenter, S = sum_d q_d * (kmax_d + kmin_d) / 2 (q against the centre of the page's
-// bounding box: the bound without its spread term sum_d |q_d| * (kmax_d - kmin_d) / 2). S is
+// bounding box: the bound without its spread term sum_d |q_d| * (kmax_d - kmin_d) / 2), or, with
+// PageScore::kBlend, the centre plus `spread` times the spread term, per channel
+// q_d * ((kmax_d + kmin_d) / 2) + spread * (|q_d| * ((kmax_d - kmin_d) / 2)) in that rounding order
+// (spread 0 is the centre and 1 the bound, up to rounding; same statistics, same scan). S is
 // combined over the query heads of the GQA group so the group shares one selection (GroupScore):
 // kSum (the paper's) sums the heads' logical scores and a physical page scores the max of its
 // logical pages; kMax takes each head's page score (max over its logical pages) and the page scores
@@ -27,7 +30,7 @@
 
 namespace lserve {
 
-enum class PageScore : int32_t { kBound = 0, kCenter = 1 };
+enum class PageScore : int32_t { kBound = 0, kCenter = 1, kBlend = 2 };
 enum class GroupScore : int32_t { kSum = 0, kMax = 1, kMass = 2 };
 
 // select_mode values (one vocabulary for the page selector, page_select and every backend).
@@ -50,14 +53,16 @@ struct PageSelectArgs {
   bool keep_first_page = true;
   PageScore score = PageScore::kBound;
   GroupScore group_score = GroupScore::kSum;
+  float spread = 0.0f;         // kBlend's weight of the spread term, in [0, 1]; other scores ignore it
   TensorView qo_indptr;        // optional (num_seqs + 1,) int32: sequence s's query is row qo_indptr[s+1] - 1
   TensorView select_mode;      // optional (num_seqs,) int32 SelectMode
   TensorView select_slot;      // optional (num_seqs,) int32 store row of each fresh sequence
 
   void validate(const Device& device) const {
     const char* op = "page_select";
-    LSERVE_CHECK(score == PageScore::kBound || score == PageScore::kCenter, op, ": unknown page score ",
-                 static_cast<int>(score));
+    LSERVE_CHECK(score == PageScore::kBound || score == PageScore::kCenter || score == PageScore::kBlend, op,
+                 ": unknown page score ", static_cast<int>(score));
+    LSERVE_CHECK(spread >= 0.0f && spread <= 1.0f, op, ": spread must be in [0, 1], got ", spread);
     LSERVE_CHECK(group_score == GroupScore::kSum || group_score == GroupScore::kMax || group_score == GroupScore::kMass,
                  op, ": unknown group score ", static_cast<int>(group_score));
     TensorCheck(query, op, "query").ndim(3).float_dtype().device(device).rows_contiguous();

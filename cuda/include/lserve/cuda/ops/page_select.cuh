@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "lserve/cuda/common/math.cuh"
 
@@ -188,7 +189,8 @@ struct PageSelectParams {
   int64_t num_entries = 0;  // kv_page_indices.size(0)
   int num_select = 0;
   bool keep_first_page = true;
-  bool center = false;  // PageScore::kCenter
+  int score = 0;        // PageScore: 0 kBound, 1 kCenter, 2 kBlend
+  float spread = 0.0f;  // kBlend's weight of the spread term
   bool group_max = false;  // GroupScore::kMax (else kSum; kMass is not implemented on CUDA)
 };
 
@@ -219,10 +221,16 @@ __device__ __forceinline__ uint32_t score_key(float score) {
 }
 
 // One term of the CPU's logical page score (ops/page_select.h), in its rounding steps.
-template <bool kCenter>
-__device__ __forceinline__ float score_term(float q, float high, float low) {
-  if constexpr (kCenter) {
+constexpr int kScoreBound = 0, kScoreCenter = 1, kScoreBlend = 2;  // PageScore's values
+
+template <int kScore>
+__device__ __forceinline__ float score_term(float q, float high, float low, float spread) {
+  if constexpr (kScore == kScoreCenter) {
     return __fmul_rn(q, __fmul_rn(0.5f, __fadd_rn(high, low)));
+  } else if constexpr (kScore == kScoreBlend) {
+    const float centre = __fmul_rn(q, __fmul_rn(0.5f, __fadd_rn(high, low)));
+    const float half_width = __fmul_rn(fabsf(q), __fmul_rn(0.5f, __fsub_rn(high, low)));
+    return __fadd_rn(centre, __fmul_rn(spread, half_width));
   } else {
     const float a = __fmul_rn(q, high), b = __fmul_rn(q, low);
     return a < b ? b : a;  // std::max(a, b)
@@ -283,7 +291,7 @@ __device__ __forceinline__ float4 load_query4(const __half* q) {
 // logical_per_page * num_kv_heads * head_dim * 8 bytes (1 sequence, 16384 pages of 64 tokens,
 // 16-token logical pages, 8 KV heads, head_dim 128: 537 MB, ~0.11 ms at H200 HBM bandwidth). Not
 // yet measured.
-template <typename QueryT, bool kCenter, bool kVec4>
+template <typename QueryT, int kScore, bool kVec4>
 __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSelectParams params) {
   const int64_t num_kv_heads = params.num_kv_heads, logical_per_page = params.logical_per_page;
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * kScoreThreads + threadIdx.x;
@@ -317,6 +325,7 @@ __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSel
                         kv_head * params.group * head_dim;
   // kSum: one running sum over g then d. kMax: each head's own sum; the page keeps the best head's
   // (the atomicMax over heads and logical pages is the CPU's max over both).
+  const float spread = params.spread;
   float score = 0.0f;
   for (int64_t g = 0; g < params.group; ++g) {
     const QueryT* q = query + g * head_dim;
@@ -326,14 +335,14 @@ __global__ void __launch_bounds__(kScoreThreads) page_score_kernel(const PageSel
         const float4 qv = load_query4(q + d);
         const float4 hv = __ldg(reinterpret_cast<const float4*>(high + d));
         const float4 lv = __ldg(reinterpret_cast<const float4*>(low + d));
-        sum = __fadd_rn(sum, score_term<kCenter>(qv.x, hv.x, lv.x));
-        sum = __fadd_rn(sum, score_term<kCenter>(qv.y, hv.y, lv.y));
-        sum = __fadd_rn(sum, score_term<kCenter>(qv.z, hv.z, lv.z));
-        sum = __fadd_rn(sum, score_term<kCenter>(qv.w, hv.w, lv.w));
+        sum = __fadd_rn(sum, score_term<kScore>(qv.x, hv.x, lv.x, spread));
+        sum = __fadd_rn(sum, score_term<kScore>(qv.y, hv.y, lv.y, spread));
+        sum = __fadd_rn(sum, score_term<kScore>(qv.z, hv.z, lv.z, spread));
+        sum = __fadd_rn(sum, score_term<kScore>(qv.w, hv.w, lv.w, spread));
       }
     } else {
       for (int64_t d = 0; d < head_dim; ++d) {
-        sum = __fadd_rn(sum, score_term<kCenter>(to_float(__ldg(q + d)), __ldg(high + d), __ldg(low + d)));
+        sum = __fadd_rn(sum, score_term<kScore>(to_float(__ldg(q + d)), __ldg(high + d), __ldg(low + d), spread));
       }
     }
     if (!params.group_max) {
@@ -531,18 +540,20 @@ cudaError_t launch_page_select(const PageSelectParams& params, cudaStream_t stre
                       reinterpret_cast<uintptr_t>(params.kmax) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(params.kmin) % 16 == 0;
     const dim3 grid(static_cast<unsigned>(ceil_div(num_score_threads, kScoreThreads)));
-    if (params.center) {
+    auto launch = [&](auto score_tag) {
+      constexpr int kScore = decltype(score_tag)::value;
       if (vec4) {
-        page_score_kernel<QueryT, true, true><<<grid, kScoreThreads, 0, stream>>>(params);
+        page_score_kernel<QueryT, kScore, true><<<grid, kScoreThreads, 0, stream>>>(params);
       } else {
-        page_score_kernel<QueryT, true, false><<<grid, kScoreThreads, 0, stream>>>(params);
+        page_score_kernel<QueryT, kScore, false><<<grid, kScoreThreads, 0, stream>>>(params);
       }
+    };
+    if (params.score == kScoreCenter) {
+      launch(std::integral_constant<int, kScoreCenter>{});
+    } else if (params.score == kScoreBlend) {
+      launch(std::integral_constant<int, kScoreBlend>{});
     } else {
-      if (vec4) {
-        page_score_kernel<QueryT, false, true><<<grid, kScoreThreads, 0, stream>>>(params);
-      } else {
-        page_score_kernel<QueryT, false, false><<<grid, kScoreThreads, 0, stream>>>(params);
-      }
+      launch(std::integral_constant<int, kScoreBound>{});
     }
     status = cudaGetLastError();
     if (status != cudaSuccess) return status;
