@@ -46,11 +46,12 @@ def _capacity(engine) -> int:
 # With the paper's logical pages of 16 tokens, SmolLM2's operating point (docs/ACCURACY.md: prefill
 # window 1024) must reach 1.5x (measured 1.6x). With the paper's prefill window of 8192, at least the
 # whole 8K context, the one prefill ring is a full-context cache of the streaming heads (186 MB of the
-# 1 GiB here) while a long prompt prefills: 1.4x. The policy shipped for SmolLM2 (logical pages of 4,
-# chosen for accuracy: lserve.patterns.SELECTION_POLICIES) keeps 4x the page statistics of the dense
-# heads (kmax and kmin per 4 keys: a quarter of their K and V in float32), which costs capacity:
-# measured 1.4x at the operating point and 1.2x with the paper's window (2026-12-05).
-PAPER_PAGES = {"logical_page_size": 16}
+# 1 GiB here) while a long prompt prefills: 1.4x. The policy shipped for SmolLM2 (logical pages of 4 in
+# physical pages of 16, chosen for accuracy: lserve.patterns.SELECTION_POLICIES) keeps 4x the page
+# statistics of the dense heads (kmax and kmin per 4 keys: a quarter of their K and V in float32),
+# which costs capacity: measured 1.4x at the operating point and 1.2x with the paper's window
+# (2026-12-05); the physical page size alone does not change the capacity.
+PAPER_PAGES = {"logical_page_size": 16, "physical_page_size": 64}
 @pytest.mark.parametrize("overrides, ratio", [
     ({"prefill_local_tokens": 1024, "decode_token_budget": 1024, **PAPER_PAGES}, 1.5),
     (PAPER_PAGES, 1.4),
@@ -66,9 +67,13 @@ def test_half_the_heads_streaming_holds_1_5x_the_4k_sequences(smollm2_dir, overr
     assert sparse_capacity >= ratio * dense_capacity, (sparse_capacity, dense_capacity)
     stats = sparse._core.stats()
     assert stats.kv_cache_bytes <= MEMORY
-    # The decode slot is what a decoding sequence holds for its streaming heads: 7 pages of 64
-    # tokens (2 sink + 5 ring) of 45 heads, K and V in float32, whatever the prefill window.
-    assert stats.streaming_bytes_per_seq == 7 * 64 * 45 * 2 * 64 * 4
+    # The decode slot is what a decoding sequence holds for its streaming heads: the sink's pages and a
+    # ring one page longer than the window (64-token pages: 2 + 5; 16-token pages: 8 + 17) of 45
+    # heads, K and V in float32, whatever the prefill window.
+    page = stats.page_size
+    assert page == sparse.sparsity.physical_page_size
+    slot_pages = -(-sparse.sparsity.decode_sink_tokens // page) + sparse.sparsity.decode_local_tokens // page + 1
+    assert stats.streaming_bytes_per_seq == slot_pages * page * 45 * 2 * 64 * 4
 
 
 @pytest.mark.slow

@@ -138,17 +138,19 @@ def test_lserve_preset_takes_the_shipped_selection_policy_for_the_model():
     from lserve.patterns import selection_policy
     from lserve.sparsity import resolve_sparsity
 
-    policy = {"page_score": "center", "group_score": "max", "logical_page_size": 4}
+    policy = {"page_score": "blend", "page_score_spread": 0.25, "group_score": "max", "logical_page_size": 4,
+              "physical_page_size": 16}
     assert selection_policy("smollm2-135m-instruct") == policy
     assert selection_policy("/models/other-model") == {}
     for model in ("smollm2-135m-instruct", pathlib.Path("/models/SmolLM2-135M-Instruct.Q4_1.gguf")):
         cfg = resolve_sparsity("lserve", model)
         assert {key: getattr(cfg, key) for key in policy} == policy
     cfg = SparsityConfig.preset("lserve", model=SMOLLM2, logical_page_size=16, decode_token_budget=1024)
-    assert (cfg.page_score, cfg.group_score, cfg.logical_page_size, cfg.decode_token_budget) == ("center", "max", 16, 1024)
+    assert (cfg.page_score, cfg.group_score, cfg.logical_page_size, cfg.physical_page_size,
+            cfg.decode_token_budget) == ("blend", "max", 16, 16, 1024)
     paper = ("bound", "sum", 16)
     cfg = SparsityConfig.preset("lserve", streaming_fraction=0.0)  # no model
-    assert (cfg.page_score, cfg.group_score, cfg.logical_page_size) == paper
+    assert (cfg.page_score, cfg.group_score, cfg.logical_page_size, cfg.physical_page_size) == paper + (64,)
     cfg = resolve_sparsity(SparsityConfig(decode_token_budget=1024), SMOLLM2)  # explicit config
     assert (cfg.page_score, cfg.group_score, cfg.logical_page_size) == paper
 

@@ -26,7 +26,8 @@ PATTERNS = {
 # checked on its heldout split (docs/ACCURACY.md, "Shipped policy"); SparsityConfig.preset("lserve",
 # model=...) applies them to the fields its caller does not set.
 SELECTION_POLICIES = {
-    "smollm2-135m-instruct.tsv": {"page_score": "center", "group_score": "max", "logical_page_size": 4},
+    "smollm2-135m-instruct.tsv": {"page_score": "blend", "page_score_spread": 0.25, "group_score": "max",
+                                  "logical_page_size": 4, "physical_page_size": 16},
 }
 
 
