@@ -3,7 +3,8 @@
 // (DLPack) on the backend's device or the host where the op allows; outputs are preallocated by the
 // caller and written in place; the GIL is released while an op runs. Each call synchronises the
 // backend before returning, so results are readable and errors surface at the op that caused them.
-// _C.has_cuda_backend says whether this build registered the CUDA backend; _C.OPS names every op.
+// _C.has_cuda_backend says whether this build registered the CUDA backend; _C.OPS names every op;
+// _C.cpu_isa() / _C.cpu_isas() tell the CPU backend's kernel level (lserve/cpu_isa.h).
 #include <pybind11/stl.h>
 
 #include <memory>
@@ -13,6 +14,7 @@
 #include "bindings.h"
 #include "dlpack.h"
 #include "lserve/backend.h"
+#include "lserve/cpu_isa.h"
 #include "lserve/ops/page_select.h"
 #include "scalars.h"
 
@@ -39,6 +41,19 @@ void bind_backend(py::module_& m) {
   py::list op_names;
   for (OpKind op : kAllOps) op_names.append(op_name(op));
   m.attr("OPS") = py::tuple(op_names);
+  m.def(
+      "cpu_isa", [] { return std::string(cpu_isa_name(select_cpu_isa())); },
+      "The kernel level ('generic' | 'avx2' | 'avx512' | 'avx512vnni') a CPU backend made now runs: "
+      "LSERVE_CPU_ISA's value, or the best this CPU runs when unset; ValueError for a value that is not a "
+      "level or that this CPU cannot run");
+  m.def(
+      "cpu_isas",
+      [] {
+        std::vector<std::string> names;
+        for (CpuIsa isa : supported_cpu_isas()) names.emplace_back(cpu_isa_name(isa));
+        return names;
+      },
+      "The kernel levels this CPU and OS run, lowest first: the values LSERVE_CPU_ISA accepts here");
 
   py::class_<Support>(m, "Support", "Backend.supports()'s answer: truthy when supported, else `reason` says why.")
       .def_readonly("supported", &Support::supported)

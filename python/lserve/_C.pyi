@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Backend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'OPS', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'Support', 'TokenLogprob', 'gguf_hf_weights', 'gguf_load_stored_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_workspace_bytes', 'weight_shapes']
+__all__: list[str] = ['Backend', 'Engine', 'EngineConfig', 'EngineStats', 'Error', 'GgufFile', 'KvCacheManager', 'ModelConfig', 'OPS', 'PagePool', 'PageSelector', 'RopeScaling', 'SamplingParams', 'SparsityConfig', 'StepOutput', 'Support', 'TokenLogprob', 'cpu_isa', 'cpu_isas', 'gguf_hf_weights', 'gguf_load_stored_weights', 'gguf_model_config_dict', 'has_cuda_backend', 'rope_cos_sin_cache', 'rope_frequencies', 'sample_workspace_bytes', 'weight_shapes']
 class Error(ValueError):
     pass
 class PagePool:
@@ -885,6 +885,14 @@ class Backend:
     @property
     def name(self) -> str:
         ...
+def cpu_isa() -> str:
+    """
+    The kernel level ('generic' | 'avx2' | 'avx512' | 'avx512vnni') a CPU backend made now runs: LSERVE_CPU_ISA's value, or the best this CPU runs when unset; ValueError for a value that is not a level or that this CPU cannot run
+    """
+def cpu_isas() -> list[str]:
+    """
+    The kernel levels this CPU and OS run, lowest first: the values LSERVE_CPU_ISA accepts here
+    """
 def gguf_hf_weights(file: GgufFile, callback: typing.Any = None) -> typing.Any:
     """
     Hugging Face-named float32 weights: {name: array}, or callback(name, array) for each.

@@ -7,12 +7,13 @@ arithmetic (the activations quantised the same way, products in float64: only fp
 accumulation error remains, bound 1e-10; measured <= 4e-14), and against the dequantised weight
 times the fp32 input (the 8-bit activation error: NMSE 2e-5 to 1.3e-4 measured on these Gaussian rows,
 bound 2e-4). Batch invariance: row i of an M-row call equals the 1-row call on row i bit for bit,
-whatever the thread count, and the portable kernel gives the AVX2 kernel's bits.
+whatever the thread count, and every kernel level (portable, AVX2, AVX-512 with and without VNNI,
+as the CPU has them) gives the same bits. tests/ops/test_cpu_isa.py forces each level on more shapes.
 """
 import gguf
 import numpy as np
 import pytest
-from conftest import make_cpu_backend
+from conftest import CPU_ISAS, make_cpu_backend
 from gguf import quants
 from lserve_testing import assert_exact, assert_nmse
 
@@ -71,13 +72,13 @@ def test_gemm_quant_matches_reference(any_isa_backend, fmt, num_tokens, in_featu
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemm_quant_is_batch_and_thread_invariant(fmt):
     """Row i of a 17-row call equals the 1-row call on row i bit for bit, for 1, 2 and 3 threads,
-    and the portable kernel gives the same bits as the AVX2 one."""
+    and every kernel level the CPU runs gives the portable kernel's bits."""
     seed = 41
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((17, 576)).astype(np.float32)
     blocks, _ = quantized_weight(rng, 131, 576, fmt)
     by_isa = {}
-    for isa in ("auto", "generic"):
+    for isa in CPU_ISAS:
         reference = None
         for num_threads in (1, 2, 3):
             backend = make_cpu_backend(isa, num_threads)
@@ -92,10 +93,11 @@ def test_gemm_quant_is_batch_and_thread_invariant(fmt):
                 reference = batch
             assert_exact(batch, reference, f"{fmt} {isa}: {num_threads} threads vs 1", seed)
         by_isa[isa] = reference
-    assert_exact(by_isa["generic"], by_isa["auto"], f"{fmt}: portable kernel vs AVX2", seed)
+    for isa in CPU_ISAS:
+        assert_exact(by_isa[isa], by_isa["generic"], f"{fmt}: {isa} kernel vs portable", seed)
 
 
-def test_gemm_quant_zero_and_huge_rows(backend):
+def test_gemm_quant_zero_and_huge_rows(any_isa_backend):
     """An all-zero activation block, a block with one huge value and an all-zero row."""
     seed = 5
     rng = np.random.default_rng(seed)
@@ -106,7 +108,7 @@ def test_gemm_quant_zero_and_huge_rows(backend):
     for fmt in FORMATS:
         blocks, weight = quantized_weight(rng, 9, 128, fmt)
         output = np.full((3, 9), np.nan, np.float32)
-        backend.gemm(x, blocks, None, output, weight_dtype=fmt)
+        any_isa_backend.gemm(x, blocks, None, output, weight_dtype=fmt)
         assert_matches_dequantised(output, x, weight, 0.0, f"{fmt} zero/huge rows", seed)
         assert_exact(output[2], np.zeros(9, np.float32), f"{fmt} zero row", seed)
 

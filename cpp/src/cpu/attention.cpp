@@ -780,7 +780,7 @@ void attention(const CpuContext& context, const AttentionArgs& args) {
       scratch.pos = scratch_ints.data() + thread_idx * ints_per_thread;
       scratch.loaded = scratch.pos + max_rows;
 #ifdef LSERVE_CPU_X86
-      if (context.has_avx2_fma) {
+      if (context.has_avx2_fma()) {
         run_items_avx2(problem, items.data() + begin, end - begin, scratch);
         return;
       }

@@ -1,12 +1,16 @@
 // CpuBackend: host memory (64-byte aligned), copies with dtype conversion, the capability table,
-// run-time ISA detection and the make_cpu_backend factory. The ops are in cpp/src/cpu/<op>.cpp.
+// run-time ISA detection and LSERVE_CPU_ISA (lserve/cpu_isa.h) and the make_cpu_backend factory.
+// The ops are in cpp/src/cpu/<op>.cpp.
 #include "cpu_backend.h"
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "convert.h"
+#include "lserve/cpu_isa.h"
 
 namespace lserve::cpu {
 
@@ -22,26 +26,13 @@ void convert_range(Dst* dst, const Src* src, int64_t count) {
 
 }  // namespace
 
-bool detect_avx2_fma() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
 CpuBackend::CpuBackend(int num_threads) : pool_(num_threads) {
   context_.pool = &pool_;
-  // LSERVE_CPU_ISA=generic forces the portable kernels (tests use it to cover them on AVX2 hosts).
-  const char* isa = std::getenv("LSERVE_CPU_ISA");
-  const bool force_generic = isa != nullptr && std::string(isa) == "generic";
-  context_.has_avx2_fma = !force_generic && detect_avx2_fma();
+  context_.isa = select_cpu_isa();
 }
 
 std::string CpuBackend::name() const {
-  return std::string("cpu (") + std::to_string(pool_.num_threads()) + " threads, " +
-         (context_.has_avx2_fma ? "avx2+fma" : "generic") + ")";
+  return std::string("cpu (") + std::to_string(pool_.num_threads()) + " threads, " + cpu_isa_name(context_.isa) + ")";
 }
 
 std::shared_ptr<void> CpuBackend::allocate_bytes(size_t num_bytes) {
@@ -84,6 +75,91 @@ void copy(const CpuContext& context, const TensorView& dst, const TensorView& sr
 }  // namespace lserve::cpu
 
 namespace lserve {
+
+namespace {
+
+constexpr CpuIsa kAllCpuIsas[] = {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Vnni};
+
+struct CpuFeature {
+  const char* name;
+  bool present;
+};
+
+// __builtin_cpu_supports takes a string literal, hence the macro. It also asks the OS: AVX-512
+// counts as present only when XCR0 says the kernel saves the zmm and mask registers.
+#if defined(__x86_64__) || defined(__i386__)
+#define LSERVE_CPU_FEATURE(name) CpuFeature{name, __builtin_cpu_supports(name) != 0}
+#else
+#define LSERVE_CPU_FEATURE(name) CpuFeature{name, false}
+#endif
+
+// The features `isa` adds to the level below it.
+std::vector<CpuFeature> features_added_by(CpuIsa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+#endif
+  switch (isa) {
+    case CpuIsa::kGeneric: return {};
+    case CpuIsa::kAvx2: return {LSERVE_CPU_FEATURE("avx2"), LSERVE_CPU_FEATURE("fma"), LSERVE_CPU_FEATURE("f16c")};
+    case CpuIsa::kAvx512:
+      return {LSERVE_CPU_FEATURE("avx512f"), LSERVE_CPU_FEATURE("avx512bw"), LSERVE_CPU_FEATURE("avx512vl")};
+    case CpuIsa::kAvx512Vnni: return {LSERVE_CPU_FEATURE("avx512vnni")};
+  }
+  return {};
+}
+#undef LSERVE_CPU_FEATURE
+
+}  // namespace
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kGeneric: return "generic";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx512Vnni: return "avx512vnni";
+  }
+  return "?";
+}
+
+std::vector<std::string> missing_cpu_features(CpuIsa isa) {
+  std::vector<std::string> missing;
+  for (CpuIsa level : kAllCpuIsas) {
+    if (level > isa) break;
+    for (const CpuFeature& feature : features_added_by(level)) {
+      if (!feature.present) missing.emplace_back(feature.name);
+    }
+  }
+  return missing;
+}
+
+std::vector<CpuIsa> supported_cpu_isas() {
+  std::vector<CpuIsa> supported;
+  for (CpuIsa isa : kAllCpuIsas) {
+    if (missing_cpu_features(isa).empty()) supported.push_back(isa);
+  }
+  return supported;
+}
+
+CpuIsa select_cpu_isa() {
+  const std::vector<CpuIsa> supported = supported_cpu_isas();
+  const char* value = std::getenv("LSERVE_CPU_ISA");
+  if (value == nullptr || value[0] == '\0') return supported.back();
+  const std::string requested(value);
+  std::string names, supported_names;
+  for (CpuIsa isa : kAllCpuIsas) names += std::string(names.empty() ? "" : ", ") + cpu_isa_name(isa);
+  for (CpuIsa isa : supported) supported_names += std::string(supported_names.empty() ? "" : ", ") + cpu_isa_name(isa);
+  for (CpuIsa isa : kAllCpuIsas) {
+    if (requested != cpu_isa_name(isa)) continue;
+    const std::vector<std::string> missing = missing_cpu_features(isa);
+    if (missing.empty()) return isa;
+    std::string lacks;
+    for (const std::string& feature : missing) lacks += (lacks.empty() ? "" : ", ") + feature;
+    LSERVE_THROW("LSERVE_CPU_ISA=", requested, " asks for kernels this CPU cannot run: it lacks ", lacks,
+                 " (it runs ", supported_names, "; unset the variable for the best of them)");
+  }
+  LSERVE_THROW("LSERVE_CPU_ISA='", requested, "' is not a CPU kernel level: expected one of ", names,
+               " (this CPU runs ", supported_names, "), or unset for the best it runs");
+}
 
 std::unique_ptr<Backend> make_cpu_backend(int num_threads) {
   return std::make_unique<cpu::CpuBackend>(num_threads);

@@ -1,25 +1,26 @@
 // CpuBackend: the reference backend every other backend is tested against. Host memory,
-// fp32 accumulation, plain loops; the hot kernels (GEMM, attention) also have an AVX2+FMA
-// build picked at run time (never -march=native). Each op lives in cpp/src/cpu/<op>.cpp as a
-// free function below; the Backend::<op>_impl overrides only forward to them.
+// fp32 accumulation, plain loops; the hot kernels (GEMM, attention) also have AVX2+FMA builds,
+// and the block-format GEMM AVX-512 ones, picked at run time (lserve/cpu_isa.h; never
+// -march=native). Each op lives in cpp/src/cpu/<op>.cpp as a free function below; the
+// Backend::<op>_impl overrides only forward to them.
 #pragma once
 
 #include <memory>
 #include <string>
 
 #include "lserve/backend.h"
+#include "lserve/cpu_isa.h"
 #include "parallel.h"
 
 namespace lserve::cpu {
 
-// What an op needs from the backend: the pool and the instruction sets detected at start-up.
+// What an op needs from the backend: the pool and the instruction-set level picked at start-up.
 struct CpuContext {
   ThreadPool* pool = nullptr;
-  bool has_avx2_fma = false;  // AVX2 + FMA (+ F16C) usable on this CPU and OS
+  // The highest level the kernels may use (the CPU runs it); an op runs its best kernel up to it.
+  CpuIsa isa = CpuIsa::kGeneric;
+  bool has_avx2_fma() const { return isa >= CpuIsa::kAvx2; }  // AVX2 + FMA + F16C
 };
-
-// Detects AVX2 + FMA + F16C at run time (false on non-x86 builds).
-bool detect_avx2_fma();
 
 void embed(const CpuContext& context, const EmbedArgs& args);
 void rms_norm(const CpuContext& context, const RmsNormArgs& args);
@@ -37,14 +38,15 @@ void copy(const CpuContext& context, const TensorView& dst, const TensorView& sr
 
 class CpuBackend final : public Backend {
  public:
-  // num_threads <= 0 picks the hardware concurrency. The environment variable
-  // LSERVE_CPU_ISA=generic disables the AVX2 kernels (read once, here).
+  // num_threads <= 0 picks the hardware concurrency. The environment variable LSERVE_CPU_ISA
+  // (generic | avx2 | avx512 | avx512vnni) caps the kernels' level, read once, here; a level the
+  // CPU lacks, or any other value, raises lserve::Error (select_cpu_isa).
   explicit CpuBackend(int num_threads);
 
   Device device() const override { return Device{DeviceType::kCPU, 0}; }
   std::string name() const override;
   int num_threads() const { return pool_.num_threads(); }
-  bool has_avx2_fma() const { return context_.has_avx2_fma; }
+  CpuIsa isa() const { return context_.isa; }
 
  protected:
   // Every call the op contracts allow: any head_dim, every sparse policy and group score.

@@ -241,7 +241,7 @@ void gemm(const CpuContext& context, const GemmArgs& args) {
     return;
   }
 #ifdef LSERVE_CPU_X86
-  if (context.has_avx2_fma) {
+  if (context.has_avx2_fma()) {
     gemm_with<Avx2Kernels>(context, args);
     return;
   }

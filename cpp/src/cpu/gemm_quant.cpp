@@ -11,12 +11,14 @@
 // (int16 sums <= 8 * 2 * 15 * 127 = 30480, no overflow) and one madd give the 8 block sums, and
 // the 8 scales come in as one f16 vector. The transposed weights are reused by up to kTileTokens
 // tokens. The technique is ggml's (quantise activations, maddubs dot products); the code is ours.
+// AVX-512 (F+BW+VL; vpdpbusd with VNNI) does the same on 16 features per zmm register (see its
+// section). The CpuContext's level picks the kernel (lserve/cpu_isa.h, LSERVE_CPU_ISA).
 //
 // Batch invariance: each (token, feature) result is the same sequence of operations on its own
 // lane (integer sums are exact; the fp32 steps above run in block order), whatever the tile, the
 // number of tokens or the thread. So row i of an M-row call equals the 1-row call on row i bit for
-// bit, and the portable kernel (std::fma) gives the same bits as the AVX2 one
-// (tests/ops/test_gemm_quant.py checks both).
+// bit, and the portable kernel (std::fma) gives the same bits as the AVX2 and AVX-512 ones
+// (tests/ops/test_gemm_quant.py and test_cpu_isa.py check both).
 //
 // Floor (decode, 1 token): the weight bytes, 20 B per 32 Q4_1 items: SmolLM2-135M's 30 layers are
 // 66 MB and its Q8_0 lm_head 30 MB per token. Compute per 8 features x 1 block x 1 token (Q4): about
@@ -42,11 +44,8 @@ namespace lserve::cpu {
 
 namespace {
 
-// Features per task unit: one fp32 lane each in the AVX2 kernel.
-constexpr int kGroupFeatures = 8;
-// Tokens sharing one transposed weight block: kTileTokens accumulators plus the 8 unpacked nibble
-// registers, 2 scale vectors and temporaries fill AVX2's 16 registers.
-constexpr int kTileTokens = 4;
+// Each Kernels struct below sets its tile: kGroupFeatures features per task unit (one fp32 lane
+// each) and up to kTileTokens tokens sharing one transposed weight block.
 // Tokens per pass over a chunk of features: their ActBlocks (64 x 48 x 40 B = 120 KiB at 1536
 // inputs) stay in L2 while the features' weights stream past.
 constexpr int64_t kTokenBlock = 64;
@@ -133,6 +132,8 @@ float dot_generic(const uint8_t* weight_row, const ActBlock* x, int64_t num_bloc
 }
 
 struct GenericKernels {
+  static constexpr int kGroupFeatures = 8;
+  static constexpr int kTileTokens = 4;
   static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
     quantize_row_generic(x, out, num_blocks);
   }
@@ -230,7 +231,7 @@ LSERVE_AVX2_INLINE __m256i broadcast4(const int8_t* src) {
 // kMt tokens x 8 features; out[i] = the 8 results of token i.
 template <DType kWeight, int kMt>
 LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBlock* const* x_rows, int64_t num_blocks,
-                                  const float* bias, const Prefetch& prefetch, float (*out)[kGroupFeatures]) {
+                                  const float* bias, const Prefetch& prefetch, float (*out)[8]) {
   using Layout = BlockLayout<kWeight>;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[kMt];
@@ -239,8 +240,8 @@ LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBl
     for (int64_t line = b * prefetch.lines_per_block; line < (b + 1) * prefetch.lines_per_block; ++line) {
       _mm_prefetch(reinterpret_cast<const char*>(prefetch.next + line * kCacheLine), _MM_HINT_T0);
     }
-    const uint8_t* block[kGroupFeatures];
-    for (int j = 0; j < kGroupFeatures; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
+    const uint8_t* block[8];
+    for (int j = 0; j < 8; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
     __m256 d, second;
     load_scales(block, d, second);
     if constexpr (kWeight == DType::kQ8_0) {
@@ -287,6 +288,10 @@ LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBl
 }
 
 struct Avx2Kernels {
+  static constexpr int kGroupFeatures = 8;
+  // kTileTokens accumulators plus the 8 unpacked nibble registers, 2 scale vectors and temporaries
+  // fill AVX2's 16 registers.
+  static constexpr int kTileTokens = 4;
   LSERVE_AVX2 static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
     quantize_row_avx2(x, out, num_blocks);
   }
@@ -303,12 +308,202 @@ struct Avx2Kernels {
     }
   }
 };
+// ---- AVX-512 kernels -------------------------------------------------------------------------
+
+// The AVX2 kernel at twice the width: 16 features, one fp32 lane each, so every (token, feature)
+// runs the same sequence as in the portable kernel and the bits stay the same. The weights'
+// 4-byte groups are transposed as in transpose_rows, 4 rows per register (one per 128-bit lane).
+// Block sums: VNNI's vpdpbusd adds 4 unsigned x signed byte products to a dword lane without int16
+// steps; without VNNI, maddubs + madd as in AVX2. Q8_0 has no unsigned side: with VNNI the
+// activations are offset to x + 128 (x ^ 0x80 as a byte, 1..255) and 128 * sum(w) is subtracted
+// (computed once per block for all of the tile's tokens); without VNNI, |w| times x carrying w's
+// sign (masked negation: AVX-512 has no vpsignb).
+// Register budget (32 zmm): 8 weight registers, d, m, kTileTokens fp32 accumulators and per token
+// two integer chains plus broadcasts.
+// GCC 12's AVX-512 intrinsics pass a self-initialised "undefined" vector as the unused merge source,
+// which -Wmaybe-uninitialized reports at every inlined use (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define LSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define LSERVE_AVX512_INLINE LSERVE_AVX512 inline __attribute__((always_inline))
+
+constexpr int kAvx512Features = 16;
+
+// acc + per dword lane the 4 products of u's unsigned bytes and s's signed bytes (vpdpbusd; exact,
+// no saturation). Inline assembly rather than _mm512_dpbusd_epi32: GCC does not inline that
+// intrinsic into a function compiled without avx512vnni, and one tile template serves both AVX-512
+// kernels; only the VNNI one, which runs where the CPU has VNNI, instantiates this.
+LSERVE_AVX512_INLINE __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+// 16 bytes at each of 4 addresses, one per 128-bit lane.
+LSERVE_AVX512_INLINE __m512i load_rows4(const uint8_t* r0, const uint8_t* r1, const uint8_t* r2, const uint8_t* r3) {
+  __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1)), 1);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r2)), 2);
+  return _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r3)), 3);
+}
+
+// 16 bytes at offset `offset` of block b of the 16 rows, transposed: register g, lane j = dword g
+// of row j (the unpacks work per 128-bit lane; lane L of a[p] holds row p + 4L).
+LSERVE_AVX512_INLINE void transpose_rows16(const uint8_t* const* block, int64_t offset, __m512i g[4]) {
+  __m512i a[4];
+  for (int p = 0; p < 4; ++p) {
+    a[p] = load_rows4(block[p] + offset, block[p + 4] + offset, block[p + 8] + offset, block[p + 12] + offset);
+  }
+  const __m512i lo01 = _mm512_unpacklo_epi32(a[0], a[1]), lo23 = _mm512_unpacklo_epi32(a[2], a[3]);
+  const __m512i hi01 = _mm512_unpackhi_epi32(a[0], a[1]), hi23 = _mm512_unpackhi_epi32(a[2], a[3]);
+  g[0] = _mm512_unpacklo_epi64(lo01, lo23);
+  g[1] = _mm512_unpackhi_epi64(lo01, lo23);
+  g[2] = _mm512_unpacklo_epi64(hi01, hi23);
+  g[3] = _mm512_unpackhi_epi64(hi01, hi23);
+}
+
+// The blocks' first dwords (f16 d, then Q4_1's f16 m or item bytes) of the 16 rows: d and the
+// second half as 16 floats each.
+LSERVE_AVX512_INLINE void load_scales16(const uint8_t* const* block, __m512& d, __m512& second) {
+  __m512i a[4];
+  for (int p = 0; p < 4; ++p) a[p] = load_rows4(block[p], block[p + 4], block[p + 8], block[p + 12]);
+  const __m512i dwords =  // lane j: dword 0 of row j
+      _mm512_unpacklo_epi64(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpacklo_epi32(a[2], a[3]));
+  d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dwords));
+  second = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dwords, 16)));
+}
+
+LSERVE_AVX512_INLINE __m512i broadcast4_512(const int8_t* src) {
+  int32_t value;
+  std::memcpy(&value, src, sizeof(value));
+  return _mm512_set1_epi32(value);
+}
+
+// kMt tokens x 16 features; out[i] = the 16 results of token i.
+template <DType kWeight, int kMt, bool kVnni>
+LSERVE_AVX512_INLINE void tile_avx512(const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
+                                      int64_t num_blocks, const float* bias, const Prefetch& prefetch,
+                                      float (*out)[kAvx512Features]) {
+  using Layout = BlockLayout<kWeight>;
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi16(1);
+  __m512 acc[kMt];
+  for (int i = 0; i < kMt; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    for (int64_t line = b * prefetch.lines_per_block; line < (b + 1) * prefetch.lines_per_block; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(prefetch.next + line * kCacheLine), _MM_HINT_T0);
+    }
+    const uint8_t* block[kAvx512Features];
+    for (int j = 0; j < kAvx512Features; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
+    __m512 d, second;
+    load_scales16(block, d, second);
+    if constexpr (kWeight == DType::kQ8_0) {
+      __m512i w[8];  // w[t] lane j: items 4t..4t+3 of row j, signed
+      transpose_rows16(block, Layout::kItems, w);
+      transpose_rows16(block, Layout::kItems + 16, w + 4);
+      if constexpr (kVnni) {
+        // sum (x + 128) w - 128 sum(w): |sums| < 2^20, exact in int32.
+        const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+        __m512i offset_sum = zero;  // 128 * sum(w) per lane
+        for (int t = 0; t < 8; ++t) offset_sum = dpbusd(offset_sum, offset, w[t]);
+        const __m512i start = _mm512_sub_epi32(zero, offset_sum);
+        for (int i = 0; i < kMt; ++i) {
+          const ActBlock& xb = x_rows[i][b];
+          __m512i even = start, odd = zero;  // two chains: vpdpbusd's latency
+          for (int t = 0; t < 8; t += 2) {
+            even = dpbusd(even, _mm512_xor_si512(broadcast4_512(xb.qs + 4 * t), offset), w[t]);
+            odd = dpbusd(odd, _mm512_xor_si512(broadcast4_512(xb.qs + 4 * t + 4), offset), w[t + 1]);
+          }
+          const __m512i isum = _mm512_add_epi32(even, odd);
+          acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(xb.d)), acc[i]);
+        }
+      } else {
+        __m512i magnitude[8];
+        __mmask64 negative[8];
+        for (int t = 0; t < 8; ++t) {
+          magnitude[t] = _mm512_abs_epi8(w[t]);  // -128 -> 0x80, i.e. 128 unsigned
+          negative[t] = _mm512_movepi8_mask(w[t]);
+        }
+        for (int i = 0; i < kMt; ++i) {
+          const ActBlock& xb = x_rows[i][b];
+          __m512i isum = zero;
+          for (int t = 0; t < 8; ++t) {
+            // |w| <= 128 and |x| <= 127: a pair sums to at most 32512, widened before adding.
+            const __m512i x4 = broadcast4_512(xb.qs + 4 * t);
+            const __m512i signed_x = _mm512_mask_sub_epi8(x4, negative[t], zero, x4);
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude[t], signed_x), ones));
+          }
+          acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(xb.d)), acc[i]);
+        }
+      }
+    } else {
+      const __m512 m = kWeight == DType::kQ4_0 ? _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)) : second;
+      const __m512i mask = _mm512_set1_epi8(0x0f);
+      __m512i g[4], low[4], high[4];  // low[g]: items 4g..4g+3, high[g]: items 16 + 4g..
+      transpose_rows16(block, Layout::kItems, g);
+      for (int k = 0; k < 4; ++k) {
+        low[k] = _mm512_and_si512(g[k], mask);
+        high[k] = _mm512_and_si512(_mm512_srli_epi16(g[k], 4), mask);
+      }
+      for (int i = 0; i < kMt; ++i) {
+        const ActBlock& xb = x_rows[i][b];
+        __m512i isum;
+        if constexpr (kVnni) {
+          __m512i low_sum = zero, high_sum = zero;  // two chains: vpdpbusd's latency
+          for (int k = 0; k < 4; ++k) {
+            low_sum = dpbusd(low_sum, low[k], broadcast4_512(xb.qs + 4 * k));
+            high_sum = dpbusd(high_sum, high[k], broadcast4_512(xb.qs + 16 + 4 * k));
+          }
+          isum = _mm512_add_epi32(low_sum, high_sum);
+        } else {  // int16 pairs: 8 * 2 * 15 * 127 = 30480 at most, as in AVX2
+          __m512i pairs = _mm512_maddubs_epi16(low[0], broadcast4_512(xb.qs));
+          for (int k = 1; k < 4; ++k) {
+            pairs = _mm512_add_epi16(pairs, _mm512_maddubs_epi16(low[k], broadcast4_512(xb.qs + 4 * k)));
+          }
+          for (int k = 0; k < 4; ++k) {
+            pairs = _mm512_add_epi16(pairs, _mm512_maddubs_epi16(high[k], broadcast4_512(xb.qs + 16 + 4 * k)));
+          }
+          isum = _mm512_madd_epi16(pairs, ones);
+        }
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(xb.d)), acc[i]);
+        acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb.s), acc[i]);
+      }
+    }
+  }
+  const __m512 bias16 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int i = 0; i < kMt; ++i) _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i], bias16));
+}
+
+// kVnni: vpdpbusd block sums; run only where the CPU has AVX512-VNNI (CpuIsa::kAvx512Vnni).
+template <bool kVnni>
+struct Avx512Kernels {
+  static constexpr int kGroupFeatures = kAvx512Features;
+  static constexpr int kTileTokens = 4;
+  // The AVX2 quantiser: the activation blocks must be the same bits whichever kernel runs.
+  LSERVE_AVX2 static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
+    quantize_row_avx2(x, out, num_blocks);
+  }
+  template <DType kWeight>
+  LSERVE_AVX512 static void tile(int num_tokens, const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
+                                 int64_t num_blocks, const float* bias, const Prefetch& prefetch,
+                                 float (*out)[kGroupFeatures]) {
+    static_assert(kTileTokens == 4, "the switch below lists the tile heights");
+    switch (num_tokens) {
+      case 4: tile_avx512<kWeight, 4, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 3: tile_avx512<kWeight, 3, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 2: tile_avx512<kWeight, 2, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      default: tile_avx512<kWeight, 1, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+    }
+  }
+};
+#pragma GCC diagnostic pop
 #endif  // LSERVE_CPU_X86
 
 // ---- driver ----------------------------------------------------------------------------------
 
 template <typename Kernels, DType kWeight>
 void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
+  constexpr int kGroupFeatures = Kernels::kGroupFeatures;
+  constexpr int kTileTokens = Kernels::kTileTokens;
   const int64_t num_tokens = args.input.size(0), in_features = args.input.size(1);
   const int64_t out_features = args.weight.size(0);
   const int64_t num_blocks = in_features / kQuantBlock;
@@ -398,9 +593,11 @@ void gemm_quant_dispatch(const CpuContext& context, const GemmArgs& args) {
 
 void gemm_quant(const CpuContext& context, const GemmArgs& args) {
 #ifdef LSERVE_CPU_X86
-  if (context.has_avx2_fma) {
-    gemm_quant_dispatch<Avx2Kernels>(context, args);
-    return;
+  switch (context.isa) {
+    case CpuIsa::kAvx512Vnni: gemm_quant_dispatch<Avx512Kernels<true>>(context, args); return;
+    case CpuIsa::kAvx512: gemm_quant_dispatch<Avx512Kernels<false>>(context, args); return;
+    case CpuIsa::kAvx2: gemm_quant_dispatch<Avx2Kernels>(context, args); return;
+    case CpuIsa::kGeneric: break;
   }
 #endif
   gemm_quant_dispatch<GenericKernels>(context, args);
