@@ -161,9 +161,9 @@ class SparsityConfig:
         takes the head pattern lserve ships for that model (default_head_pattern); without one,
         streaming_mask and to_core raise ValueError unless streaming_fraction=0.0. With `model`,
         "lserve" also takes the page selection settings lserve ships for it
-        (lserve.patterns.selection_policy; SmolLM2: page_score "center", group_score "max", logical
-        pages of 4 tokens, chosen on the retrieval benchmark's dev split) for the fields `overrides`
-        does not set.
+        (lserve.patterns.selection_policy; SmolLM2: page_score "blend" with spread 0.25, group_score
+        "max", logical pages of 4 tokens in physical pages of 16, chosen on the retrieval benchmark's
+        dev split) for the fields `overrides` does not set.
 
         Example:
             >>> SparsityConfig.preset("lserve", model="smollm2-135m-instruct").head_pattern.endswith(".tsv")
