@@ -145,20 +145,24 @@ CpuIsa select_cpu_isa() {
   const char* value = std::getenv("LSERVE_CPU_ISA");
   if (value == nullptr || value[0] == '\0') return supported.back();
   const std::string requested(value);
-  std::string names, supported_names;
-  for (CpuIsa isa : kAllCpuIsas) names += std::string(names.empty() ? "" : ", ") + cpu_isa_name(isa);
-  for (CpuIsa isa : supported) supported_names += std::string(supported_names.empty() ? "" : ", ") + cpu_isa_name(isa);
+  // Comma-separated names, for the error messages only.
+  const auto join = [](const auto& items, auto&& name) {
+    std::string text;
+    for (const auto& item : items) text += (text.empty() ? "" : ", ") + std::string(name(item));
+    return text;
+  };
+  const std::string supported_names = join(supported, cpu_isa_name);
   for (CpuIsa isa : kAllCpuIsas) {
     if (requested != cpu_isa_name(isa)) continue;
     const std::vector<std::string> missing = missing_cpu_features(isa);
     if (missing.empty()) return isa;
-    std::string lacks;
-    for (const std::string& feature : missing) lacks += (lacks.empty() ? "" : ", ") + feature;
-    LSERVE_THROW("LSERVE_CPU_ISA=", requested, " asks for kernels this CPU cannot run: it lacks ", lacks,
-                 " (it runs ", supported_names, "; unset the variable for the best of them)");
+    LSERVE_THROW("LSERVE_CPU_ISA=", requested, " asks for kernels this CPU cannot run: it lacks ",
+                 join(missing, [](const std::string& feature) { return feature; }), " (it runs ", supported_names,
+                 "; unset the variable for the best of them)");
   }
-  LSERVE_THROW("LSERVE_CPU_ISA='", requested, "' is not a CPU kernel level: expected one of ", names,
-               " (this CPU runs ", supported_names, "), or unset for the best it runs");
+  LSERVE_THROW("LSERVE_CPU_ISA='", requested, "' is not a CPU kernel level: expected one of ",
+               join(kAllCpuIsas, cpu_isa_name), " (this CPU runs ", supported_names,
+               "), or unset for the best it runs");
 }
 
 std::unique_ptr<Backend> make_cpu_backend(int num_threads) {

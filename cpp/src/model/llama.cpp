@@ -288,11 +288,10 @@ bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
     TensorView view = tensor;
     view.data = permuted.data();
     backend_.copy(dst, view);
-    backend_.synchronize();
-    loaded_.insert(name);
-    return false;
+    backend_.synchronize();  // before `permuted` goes
+  } else {
+    backend_.copy(dst, tensor);
   }
-  backend_.copy(dst, tensor);
   loaded_.insert(name);
   return false;
 }
