@@ -312,7 +312,8 @@ void bind_backend(py::module_& m) {
           [](PyBackend& self, py::handle query, py::handle kmax, py::handle kmin, py::handle kv_page_indptr,
              py::handle kv_page_indices, py::handle kv_lens, py::handle selected, py::handle num_selected,
              int physical_page_size, bool keep_first_page, const std::string& page_score, const std::string& group_score, py::handle qo_indptr,
-             py::handle select_mode, py::handle select_slot, const py::handle& spread) {
+             py::handle select_mode, py::handle select_slot, const py::handle& spread, int keep_last_pages,
+             py::handle head_num_select) {
             DlpackTensor query_t(query, "query"), kmax_t(kmax, "kmax"), kmin_t(kmin, "kmin");
             DlpackTensor indptr_t(kv_page_indptr, "kv_page_indptr"), indices_t(kv_page_indices, "kv_page_indices");
             DlpackTensor kv_lens_t(kv_lens, "kv_lens"), selected_t(selected, "selected");
@@ -328,6 +329,8 @@ void bind_backend(py::module_& m) {
             args.select_mode = optional_view(select_mode, keep, "select_mode");
             args.select_slot = optional_view(select_slot, keep, "select_slot");
             args.spread = float32_arg(spread, "spread");
+            args.keep_last_pages = keep_last_pages;
+            args.head_num_select = optional_view(head_num_select, keep, "head_num_select");
             run(self, [&] { self.backend->page_select(args); });
           },
           py::arg("query"), py::arg("kmax"), py::arg("kmin"), py::arg("kv_page_indptr"), py::arg("kv_page_indices"),
@@ -335,12 +338,13 @@ void bind_backend(py::module_& m) {
           py::arg("keep_first_page") = true, py::arg("page_score") = "bound", py::arg("group_score") = "sum",
           py::kw_only(),
           py::arg("qo_indptr") = py::none(), py::arg("select_mode") = py::none(), py::arg("select_slot") = py::none(),
-          py::arg("spread") = 0.0,
+          py::arg("spread") = 0.0, py::arg("keep_last_pages") = 1, py::arg("head_num_select") = py::none(),
           "The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h "
           "of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = "
           "select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is "
           "'bound', 'center' or 'blend' (centre + spread x the bound's spread term); group_score 'sum', 'max' or "
-          "'mass'.")
+          "'mass'. Every selection keeps the keep_last_pages newest pages; head_num_select (num_kv_heads,) int32 "
+          "gives each head its own page count (at most the store's width).")
       .def(
           "page_stats_append",
           [](PyBackend& self, py::handle key, py::handle slot_mapping, py::handle kmax, py::handle kmin,

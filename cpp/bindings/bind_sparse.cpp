@@ -60,8 +60,12 @@ void bind_sparse(py::module_& m) {
   LSERVE_SPARSITY_FIELD(dense_below_tokens, int32_arg);
   LSERVE_SPARSITY_FIELD(always_select_sink_page, bool_arg);
   LSERVE_SPARSITY_FIELD(page_score_spread, float32_arg);
+  LSERVE_SPARSITY_FIELD(select_recent_tokens, int32_arg);
 #undef LSERVE_SPARSITY_FIELD
   config.def_readwrite("streaming_heads", &SparsityConfig::streaming_heads)
+      .def_readwrite("head_token_budgets", &SparsityConfig::head_token_budgets,
+                     "Per-head decode budgets in tokens, num_layers * num_kv_heads layer-major (streaming heads' "
+                     "entries ignored); empty: decode_token_budget for every dense head.")
       .def_property(
           "page_score", [](const SparsityConfig& config) { return page_score_name(config.page_score); },
           [](SparsityConfig& config, const std::string& name) { config.page_score = page_score_from_string(name); })

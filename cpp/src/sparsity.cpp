@@ -18,6 +18,7 @@ void SparsityConfig::validate() const {
   at_least(logical_page_size, 1, "logical_page_size");
   at_least(decode_token_budget, 1, "decode_token_budget");
   at_least(selection_reuse_interval, 1, "selection_reuse_interval");
+  at_least(select_recent_tokens, 0, "select_recent_tokens");
   LSERVE_CHECK(page_score_spread >= 0.0f && page_score_spread <= 1.0f,
                "SparsityConfig.page_score_spread must be in [0, 1] (0: the centre score, 1: the bound), got ",
                page_score_spread);
@@ -25,6 +26,16 @@ void SparsityConfig::validate() const {
                " must divide physical_page_size ", physical_page_size);
   LSERVE_CHECK(decode_token_budget >= physical_page_size, "SparsityConfig.decode_token_budget ", decode_token_budget,
                " is below one physical page (physical_page_size ", physical_page_size, " tokens)");
+  // A selection holds at least the recent pages and, with always_select_sink_page, page 0.
+  const int min_pages = recent_pages() + (always_select_sink_page ? 1 : 0);
+  LSERVE_CHECK(decode_token_budget / physical_page_size >= min_pages, "SparsityConfig.decode_token_budget ",
+               decode_token_budget, " holds ", decode_token_budget / physical_page_size, " pages of ", physical_page_size,
+               " tokens; it needs at least ", min_pages, " (select_recent_tokens ", select_recent_tokens, " -> ",
+               recent_pages(), " page(s)", always_select_sink_page ? " and the sink page" : "", ")");
+  for (size_t i = 0; i < head_token_budgets.size(); ++i) {
+    LSERVE_CHECK(head_token_budgets[i] >= 0, "SparsityConfig.head_token_budgets[", i, "] must be >= 0, got ",
+                 head_token_budgets[i]);
+  }
 }
 
 void SparsityConfig::validate(int num_layers, int num_kv_heads) const {
@@ -33,6 +44,19 @@ void SparsityConfig::validate(int num_layers, int num_kv_heads) const {
   LSERVE_CHECK(streaming_heads.empty() || streaming_heads.size() == static_cast<size_t>(num_layers) * num_kv_heads,
                "SparsityConfig.streaming_heads has ", streaming_heads.size(), " entries, expected num_layers * "
                "num_kv_heads = ", static_cast<int64_t>(num_layers) * num_kv_heads);
+  const int64_t entries = static_cast<int64_t>(num_layers) * num_kv_heads;
+  LSERVE_CHECK(head_token_budgets.empty() || static_cast<int64_t>(head_token_budgets.size()) == entries,
+               "SparsityConfig.head_token_budgets has ", head_token_budgets.size(), " entries, expected num_layers * "
+               "num_kv_heads = ", entries);
+  const int min_pages = recent_pages() + (always_select_sink_page ? 1 : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(head_token_budgets.size()); ++i) {
+    if (!streaming_heads.empty() && streaming_heads[static_cast<size_t>(i)] != 0) continue;
+    LSERVE_CHECK(head_token_budgets[static_cast<size_t>(i)] >= min_pages * physical_page_size,
+                 "SparsityConfig.head_token_budgets: layer ", i / num_kv_heads, " KV head ", i % num_kv_heads, " (dense) has ",
+                 head_token_budgets[static_cast<size_t>(i)], " tokens; a dense head needs at least ", min_pages,
+                 " pages of ", physical_page_size, " (the recent pages", always_select_sink_page ? " and the sink page" : "",
+                 ")");
+  }
 }
 
 }  // namespace lserve

@@ -47,6 +47,8 @@ void cuda_page_select(CudaBackend& backend, const PageSelectArgs& args) {
                " exceeds int32");
   params.num_select = static_cast<int>(args.selected.size(2));
   params.keep_first_page = args.keep_first_page;
+  params.keep_last_pages = args.keep_last_pages;
+  params.head_num_select = args.head_num_select.defined() ? args.head_num_select.data_ptr<int32_t>() : nullptr;
   params.score = static_cast<int>(args.score);  // cuda::kScore* are PageScore's values
   params.spread = args.spread;
   params.group_max = args.group_score == GroupScore::kMax;

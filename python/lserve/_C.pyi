@@ -291,6 +291,14 @@ class SparsityConfig:
     def enabled(self, arg1: typing.Any) -> None:
         ...
     @property
+    def head_token_budgets(self) -> list[int]:
+        """
+        Per-head decode budgets in tokens, num_layers * num_kv_heads layer-major (streaming heads' entries ignored); empty: decode_token_budget for every dense head.
+        """
+    @head_token_budgets.setter
+    def head_token_budgets(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
     def logical_page_size(self) -> int:
         ...
     @logical_page_size.setter
@@ -319,6 +327,12 @@ class SparsityConfig:
         ...
     @prefill_sink_tokens.setter
     def prefill_sink_tokens(self, arg1: typing.Any) -> None:
+        ...
+    @property
+    def select_recent_tokens(self) -> int:
+        ...
+    @select_recent_tokens.setter
+    def select_recent_tokens(self, arg1: typing.Any) -> None:
         ...
     @property
     def selection_reuse_interval(self) -> int:
@@ -849,9 +863,9 @@ class Backend:
         """
         (free, total) device bytes, or (-1, -1) on the host
         """
-    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None, spread: typing.Any = 0.0) -> None:
+    def page_select(self, query: typing.Any, kmax: typing.Any, kmin: typing.Any, kv_page_indptr: typing.Any, kv_page_indices: typing.Any, kv_lens: typing.Any, selected: typing.Any, num_selected: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex, keep_first_page: bool = True, page_score: str = 'bound', group_score: str = 'sum', *, qo_indptr: typing.Any = None, select_mode: typing.Any = None, select_slot: typing.Any = None, spread: typing.Any = 0.0, keep_last_pages: typing.SupportsInt | typing.SupportsIndex = 1, head_num_select: typing.Any = None) -> None:
         """
-        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound', 'center' or 'blend' (centre + spread x the bound's spread term); group_score 'sum', 'max' or 'mass'.
+        The selector's store: selected[slot, h, :num_selected[slot, h]] = the ascending page positions KV head h of each fresh sequence attends (select_mode 1; 0 dense and 2 reuse leave the store), slot = select_slot[s]; the query of sequence s is row qo_indptr[s+1]-1. See ops/page_select.h. page_score is 'bound', 'center' or 'blend' (centre + spread x the bound's spread term); group_score 'sum', 'max' or 'mass'. Every selection keeps the keep_last_pages newest pages; head_num_select (num_kv_heads,) int32 gives each head its own page count (at most the store's width).
         """
     def page_stats_append(self, key: typing.Any, slot_mapping: typing.Any, kmax: typing.Any, kmin: typing.Any, physical_page_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         """

@@ -101,6 +101,13 @@ class SparsityConfig:
     bound; page_score_spread is read by "blend" only). group_score: how the query
     heads of a GQA group share one selection, "sum" of their scores (the paper's), "max" over heads,
     or "mass" (each head's page scores as a softmax over pages, summed: every head gets the same say).
+    select_recent_tokens: the newest tokens (rounded up to whole physical pages) every fresh selection
+    of a dense head keeps, inside its budget; 0 keeps the newest page alone. head_budget_skew: 0 gives
+    every dense head decode_token_budget; s > 0 gives dense head h a budget proportional to
+    score_h ** s (its head-pattern score, so it needs head_pattern), scaled so that the dense heads'
+    mean stays decode_token_budget (whole pages, at least the forced pages plus one): the heads the
+    pattern rates closest to full attention read more pages, the others fewer, for the same pages per
+    step in all (to_core writes the per-head budgets, lserve::SparsityConfig::head_token_budgets).
     """
 
     enabled: bool = True
@@ -120,12 +127,18 @@ class SparsityConfig:
     page_score: str = "bound"
     group_score: str = "sum"
     page_score_spread: float = 0.25
+    select_recent_tokens: int = 0
+    head_budget_skew: float = 0.0
     _scores: Optional[np.ndarray] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._settings_core()  # the token counts, page sizes and scores: the C++ rules raise ValueError
         if not 0.0 <= self.streaming_fraction <= 1.0:
             raise ValueError(f"streaming_fraction must be in [0, 1], got {self.streaming_fraction}")
+        if not (isinstance(self.head_budget_skew, (int, float)) and not isinstance(self.head_budget_skew, bool)
+                and 0.0 <= self.head_budget_skew <= 16.0):
+            raise ValueError(f"head_budget_skew must be a number in [0, 16] (0: every dense head gets "
+                             f"decode_token_budget), got {self.head_budget_skew!r}")
         if self.head_pattern is not None and self.streaming_heads is not None:
             raise ValueError("give head_pattern (scores) or streaming_heads (explicit lists), not both")
         if self.head_pattern is not None:
@@ -140,7 +153,7 @@ class SparsityConfig:
     _CORE_FIELDS = ("enabled", "prefill_sink_tokens", "prefill_local_tokens", "decode_sink_tokens",
                     "decode_local_tokens", "physical_page_size", "logical_page_size", "decode_token_budget",
                     "selection_reuse_interval", "dense_below_tokens", "always_select_sink_page", "page_score",
-                    "group_score", "page_score_spread")
+                    "group_score", "page_score_spread", "select_recent_tokens")
 
     def _settings_core(self):
         """A _C.SparsityConfig holding these settings, validated (SparsityConfig::validate()); its
@@ -231,8 +244,38 @@ class SparsityConfig:
         if self.enabled:
             mask = self.streaming_mask(num_layers, num_kv_heads)
             core.streaming_heads = [1 if flag else 0 for row in mask for flag in row]
+            if self.head_budget_skew > 0.0:
+                core.head_token_budgets = self.head_token_budgets(np.asarray(mask, dtype=bool)).reshape(-1).tolist()
         core.validate(num_layers, num_kv_heads)
         return core
+
+    def head_token_budgets(self, streaming: np.ndarray) -> np.ndarray:
+        """(num_layers, num_kv_heads) int decode budgets in tokens for head_budget_skew (0 for streaming
+        heads): dense head h gets round(budget_pages * w_h / mean(w)) pages, w = max(score, 0) **
+        head_budget_skew, at least the pages every selection forces plus one."""
+        if self._scores is None:
+            raise ValueError(f"head_budget_skew={self.head_budget_skew} weighs the dense heads' budgets by their "
+                             "head-pattern scores, but this config has none: pass head_pattern= (a TSV or an array "
+                             "of scores) or set head_budget_skew=0")
+        if self._scores.shape != streaming.shape:
+            raise ValueError(f"head pattern has shape {self._scores.shape}, the model has {streaming.shape} "
+                             "(layers, KV heads)")
+        page = self.physical_page_size
+        dense = ~streaming
+        budgets = np.zeros(streaming.shape, dtype=np.int64)
+        if not dense.any():
+            return budgets
+        weights = np.maximum(self._scores[dense], 0.0) ** self.head_budget_skew
+        mean = weights.mean()
+        pages = self.decode_token_budget // page
+        if mean > 0.0:
+            share = np.rint(pages * weights / mean).astype(np.int64)
+        else:
+            share = np.full(weights.shape, pages, dtype=np.int64)
+        recent = max(1, -(-self.select_recent_tokens // page))
+        floor = recent + (1 if self.always_select_sink_page else 0) + 1
+        budgets[dense] = np.maximum(share, floor) * page
+        return budgets
 
 
 def resolve_sparsity(sparsity: Union[None, str, SparsityConfig], model: object = None) -> SparsityConfig:

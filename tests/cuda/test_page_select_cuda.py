@@ -56,12 +56,12 @@ def make_select_case(seed: int, kv_lens, num_kv: int, group: int, head_dim: int,
 def run_select(backend, host: dict, num_select: int, keep_first_page: bool, page_score: str, on_device: bool,
                strided_query: bool = False, query_dtype: str = "float32", store=None, group_score: str = "sum",
                spread: float = 0.25) -> tuple:
-    """The store (selected, num_selected) after page_select. host may hold qo_indptr, select_mode and
-    select_slot; store: its starting contents (default: POISON, one row per sequence)."""
+    """The store (selected, num_selected) after page_select. host may hold qo_indptr, select_mode,
+    select_slot, keep_last_pages and head_num_select; store: its starting contents (default: POISON, one row per sequence)."""
     num_seqs, num_kv = host["kv_lens"].shape[0], host["kmax"].shape[2]
     args = {}
     for key, value in host.items():
-        if key == "physical_page_size":
+        if isinstance(value, int):  # physical_page_size, keep_last_pages
             args[key] = value
         elif key == "query":  # low precision: rounded on the host (numpy has no bfloat16); same bits on both
             query = value.copy() if query_dtype == "float32" else on_host(value, query_dtype)
@@ -201,6 +201,33 @@ def test_page_select_special_values(cuda_backend, cpu_backend):
     for num_select in (3, 25):
         for page_score in ("bound", "center", "blend"):
             check_select(cuda_backend, cpu_backend, host, num_select, True, page_score, "special values", seed)
+
+
+@pytest.mark.parametrize("group_score", ["sum", "max"])
+def test_page_select_recent_pages_and_head_counts(cuda_backend, cpu_backend, group_score):
+    """keep_last_pages (the newest pages every selection keeps) and head_num_select (a page count per
+    KV head within the store's width, the per-head budgets) bit-identical to the CPU; a count outside
+    [forced, width] marks the row -1 on CUDA where the CPU raises."""
+    require(cuda_backend, "page_select", head_dim=64, group_score=group_score)
+    seed = 450
+    host = make_select_case(seed, [1, 16, 17, 100, 300, 1000, 4097], num_kv=3, group=3, head_dim=64, page_size=16,
+                            logical=4)
+    for keep_last in (1, 2, 5):
+        for counts in (None, [12, 7, 9]):
+            for keep_first in (True, False):
+                case = dict(host, keep_last_pages=keep_last)
+                if counts is not None:
+                    case["head_num_select"] = np.array(counts, np.int32)
+                check_select(cuda_backend, cpu_backend, case, 12, keep_first, "blend",
+                             f"keep_last {keep_last} counts {counts}", seed, group_score=group_score)
+    if STANDIN:
+        return
+    bad = dict(host, keep_last_pages=5, head_num_select=np.array([12, 5, 13], np.int32))  # 5 < 6 forced, 13 > 12
+    selected, num_selected = run_select(cuda_backend, bad, 12, True, "blend", on_device=True)
+    long_rows = host["kv_lens"] > 16 * 12
+    assert (num_selected[long_rows][:, 1:] == -1).all() and (num_selected[long_rows][:, 0] == 12).all()
+    with pytest.raises(ValueError, match="outside"):
+        run_select(cpu_backend, bad, 12, True, "blend", on_device=False)
 
 
 def test_page_select_large(cuda_backend, cpu_backend):

@@ -6,13 +6,15 @@ window for prompt forwards, the decode window for single-token steps); dense hea
 key in prefill and, at decode once the context exceeds the budget, only the keys of the physical
 pages chosen by hierarchical paging (logical-page kmax/kmin bounds, S = sum_d max(q_d kmax_d,
 q_d kmin_d) summed over the GQA group, physical page = max of its logical pages, top pages with the
-newest and the first page always kept, ties to the earlier page), reused for reuse_interval steps
-plus every page created since. Nothing here is shared with lserve's implementation.
+newest recent_pages and the first page always kept, ties to the earlier page), reused for
+reuse_interval steps plus every page created since. With head_budgets each dense head selects its own
+number of pages, and a sequence selects once its pages exceed the smallest budget (a head whose budget
+covers the pages reads them all). Nothing here is shared with lserve's implementation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -33,6 +35,8 @@ class SparseSpec:
     keep_first_page: bool = True
     page_score: str = "bound"
     page_score_spread: float = 0.0  # "blend"'s weight of the spread term
+    recent_pages: int = 1  # the newest pages every selection keeps
+    head_budgets: Optional[List[List[int]]] = None  # (layers, kv heads) tokens, streaming heads ignored
     # per (layer, kv head): (selected physical pages, steps since made, pages when made)
     state: Dict[Tuple[int, int], Tuple[List[int], int, int]] = field(default_factory=dict)
     selections: List[Tuple[int, int, List[int]]] = field(default_factory=list)  # (layer, head, pages) per decode
@@ -60,11 +64,11 @@ def page_scores(q_group: np.ndarray, keys: np.ndarray, page_size: int, logical: 
     return scores
 
 
-def select_pages(scores: np.ndarray, num_select: int, keep_first: bool) -> List[int]:
+def select_pages(scores: np.ndarray, num_select: int, keep_first: bool, recent: int = 1) -> List[int]:
     num_pages = scores.size
     if num_pages <= num_select:
         return list(range(num_pages))
-    chosen = {num_pages - 1}
+    chosen = set(range(num_pages - recent, num_pages))
     if keep_first:
         chosen.add(0)
     order = sorted(range(num_pages), key=lambda p: (-scores[p], p))
@@ -96,13 +100,19 @@ def make_attention(spec: SparseSpec):
             elif decode:
                 num_pages = -(-kv_len // spec.page_size)
                 num_select = spec.budget // spec.page_size
-                if num_pages > num_select:
+                smallest = num_select
+                if spec.head_budgets is not None:
+                    dense = [b for row, flags in zip(spec.head_budgets, spec.streaming)
+                             for b, streams in zip(row, flags) if not streams]
+                    smallest = min(dense) // spec.page_size
+                    num_select = spec.head_budgets[layer][h] // spec.page_size
+                if num_pages > smallest:
                     prev = spec.state.get((layer, h))
                     if prev is None or prev[1] >= spec.reuse_interval:
                         qg = q64[h * group:(h + 1) * group, 0].numpy()
                         pages = select_pages(page_scores(qg, k64[h].numpy(), spec.page_size, spec.logical_page_size,
                                                          spec.page_score, spec.page_score_spread),
-                                             num_select, spec.keep_first_page)
+                                             num_select, spec.keep_first_page, spec.recent_pages)
                         spec.state[(layer, h)] = (pages, 1, num_pages)
                     else:
                         spec.state[(layer, h)] = (prev[0], prev[1] + 1, prev[2])

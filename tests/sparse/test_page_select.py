@@ -23,18 +23,20 @@ def numpy_stats(keys_by_page, logical_page_size):
 
 
 def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_select, keep_first, page_score="bound",
-                 group_score="sum", spread=0.0):
+                 group_score="sum", spread=0.0, keep_last=1):
     """The rule of ops/page_select.h in float64: logical scores per query head ("blend": the centre
     plus spread x |q| (kmax - kmin) / 2); "sum" adds the heads' scores before the max over logical
     pages, "max" takes the best head's page score, "mass" sums each head's softmax over pages (scale
-    1/sqrt(head_dim))."""
+    1/sqrt(head_dim)). The keep_last newest pages and (keep_first) page 0 are always kept;
+    num_select is one count for every KV head or a list of per-head counts."""
     num_qo, head_dim = query.shape
     num_kv = kmax.shape[2]
     group = num_qo // num_kv
     num_pages = len(pages)
     result = []
     for h in range(num_kv):
-        if num_pages <= num_select:
+        head_select = num_select[h] if isinstance(num_select, (list, tuple)) else num_select
+        if num_pages <= head_select:
             result.append(list(range(num_pages)))
             continue
         q = query[h * group:(h + 1) * group]  # (group, D)
@@ -59,20 +61,16 @@ def numpy_select(query, kmax, kmin, pages, kv_len, page_size, logical, num_selec
         elif group_score == "mass":
             weights = np.exp((head_scores - head_scores.max(axis=1, keepdims=True)) / np.sqrt(head_dim))
             scores = list((weights / weights.sum(axis=1, keepdims=True)).sum(axis=0))
-        forced = {num_pages - 1} | ({0} if keep_first else set())
+        forced = set(range(num_pages - keep_last, num_pages)) | ({0} if keep_first else set())
         rest = sorted((p for p in range(num_pages) if p not in forced), key=lambda p: (-scores[p], p))
-        chosen = sorted(list(forced) + rest[:num_select - len(forced)])
+        chosen = sorted(list(forced) + rest[:head_select - len(forced)])
         result.append(chosen)
     return result
 
 
-@pytest.mark.parametrize("num_qo, num_kv", [(4, 4), (8, 2), (16, 2)])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_page_select_matches_numpy(num_qo, num_kv, seed):
-    rng = np.random.default_rng(seed)
-    page_size, logical, head_dim, pool = 64, 16, 32, 64
-    kv_lens = [1, 64, 65, 127, 640, 1000, 1153]
-    num_select = 4
+def random_paged_keys(rng, kv_lens, num_kv, head_dim, page_size, pool):
+    """Sequences of kv_lens random keys on shuffled pages of a pool: (pages per sequence, indptr,
+    keys by page with NaN where unwritten, key rows, their slots)."""
     pages, indptr = [], [0]
     free = list(rng.permutation(pool))
     for kv_len in kv_lens:
@@ -89,9 +87,20 @@ def test_page_select_matches_numpy(num_qo, num_kv, seed):
             keys[page, offset] = k
             key_rows.append(k)
             slots.append(page * page_size + offset)
+    return pages, indptr, keys, np.stack(key_rows), np.array(slots, dtype=np.int64)
+
+
+@pytest.mark.parametrize("num_qo, num_kv", [(4, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_page_select_matches_numpy(num_qo, num_kv, seed):
+    rng = np.random.default_rng(seed)
+    page_size, logical, head_dim, pool = 64, 16, 32, 64
+    kv_lens = [1, 64, 65, 127, 640, 1000, 1153]
+    num_select = 4
+    pages, indptr, keys, key_rows, slots = random_paged_keys(rng, kv_lens, num_kv, head_dim, page_size, pool)
     kmax = np.full((pool, page_size // logical, num_kv, head_dim), 7.0, dtype=np.float32)  # stale garbage
     kmin = np.full_like(kmax, -7.0)
-    CPU.page_stats_append(np.stack(key_rows), np.array(slots, dtype=np.int64), kmax, kmin, page_size)
+    CPU.page_stats_append(key_rows, slots, kmax, kmin, page_size)
     ref_max, ref_min = numpy_stats(keys, logical)
     written = ~np.isnan(ref_max)
     assert_close_fp32(kmax[written], ref_max[written], what="kmax", seed=seed)
@@ -125,6 +134,64 @@ def test_page_select_matches_numpy(num_qo, num_kv, seed):
         for keep_first in (True, False):
             sums = chosen_by[(keep_first, "center", "sum")]
             assert any(not np.array_equal(sums, chosen_by[(keep_first, "center", other)]) for other in ("max", "mass"))
+
+
+@pytest.mark.parametrize("num_qo, num_kv", [(4, 4), (12, 4)])
+@pytest.mark.parametrize("keep_first", [True, False])
+def test_recent_pages_and_per_head_counts_match_numpy(num_qo, num_kv, keep_first):
+    """keep_last_pages (the newest pages kept) and head_num_select (a count per KV head, within the
+    store's width) against the numpy rule, for every sequence length around the counts."""
+    rng = np.random.default_rng(7)
+    page_size, logical, head_dim, pool = 16, 4, 16, 160
+    kv_lens = [1, 16, 17, 80, 97, 200, 333, 640]
+    pages, indptr, _, key_rows, slots = random_paged_keys(rng, kv_lens, num_kv, head_dim, page_size, pool)
+    kmax = np.zeros((pool, page_size // logical, num_kv, head_dim), dtype=np.float32)
+    kmin = np.zeros_like(kmax)
+    CPU.page_stats_append(key_rows, slots, kmax, kmin, page_size)
+    query = rng.standard_normal((len(kv_lens), num_qo, head_dim)).astype(np.float32)
+    width = 9
+    counts = [width, 6, 4, 7][:num_kv]
+    indices = np.array(sum(pages, []), dtype=np.int32)
+    chosen = {}
+    for keep_last in (1, 3):
+        for head_counts in (None, counts):
+            selected = np.full((len(kv_lens), num_kv, width), -1, dtype=np.int32)
+            num_selected = np.zeros((len(kv_lens), num_kv), dtype=np.int32)
+            CPU.page_select(query, kmax, kmin, np.array(indptr, dtype=np.int32), indices,
+                            np.array(kv_lens, dtype=np.int32), selected, num_selected, page_size, keep_first, "blend",
+                            "max", spread=0.25, keep_last_pages=keep_last,
+                            head_num_select=None if head_counts is None else np.array(head_counts, dtype=np.int32))
+            chosen[(keep_last, head_counts is None)] = selected.copy()
+            for s, (seq_pages, kv_len) in enumerate(zip(pages, kv_lens)):
+                expected = numpy_select(query[s], kmax, kmin, seq_pages, kv_len, page_size, logical,
+                                        width if head_counts is None else head_counts, keep_first, "blend", "max",
+                                        0.25, keep_last=keep_last)
+                for h in range(num_kv):
+                    got = selected[s, h, :num_selected[s, h]].tolist()
+                    assert_exact(got, expected[h], what=f"seq {s} (len {kv_len}) head {h} keep_last={keep_last} "
+                                                       f"counts={head_counts}", seed=7)
+                    if len(seq_pages) > len(got):  # a real selection keeps the newest keep_last pages
+                        assert got[-keep_last:] == list(range(len(seq_pages) - keep_last, len(seq_pages)))
+    # Each knob changes some selection (else the test could not tell it was applied).
+    assert not np.array_equal(chosen[(1, True)], chosen[(3, True)])
+    assert not np.array_equal(chosen[(1, True)], chosen[(1, False)])
+
+
+def test_recent_pages_and_per_head_counts_are_checked():
+    q = np.zeros((1, 4, 8), dtype=np.float32)
+    stats = np.zeros((4, 4, 2, 8), dtype=np.float32)
+    args = (q, stats, stats, np.array([0, 4], np.int32), np.arange(4, dtype=np.int32), np.array([250], np.int32))
+    with pytest.raises(ValueError, match="keep_last_pages must be >= 1"):
+        CPU.page_select(*args, np.zeros((1, 2, 3), np.int32), np.zeros((1, 2), np.int32), 64, True, keep_last_pages=0)
+    with pytest.raises(ValueError, match="num_select 3 must be >= 4"):
+        CPU.page_select(*args, np.zeros((1, 2, 3), np.int32), np.zeros((1, 2), np.int32), 64, True, keep_last_pages=3)
+    with pytest.raises(ValueError, match="head_num_select"):
+        CPU.page_select(*args, np.zeros((1, 2, 3), np.int32), np.zeros((1, 2), np.int32), 64, True,
+                        head_num_select=np.array([2, 2, 2], np.int32))
+    for counts in ([1, 3], [2, 4]):
+        with pytest.raises(ValueError, match=r"KV head \d selects \d pages, outside \[2, 3\]"):
+            CPU.page_select(*args, np.zeros((1, 2, 3), np.int32), np.zeros((1, 2), np.int32), 64, True,
+                            head_num_select=np.array(counts, np.int32))
 
 
 def test_recycled_page_resets_statistics():

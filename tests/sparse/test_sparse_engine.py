@@ -57,7 +57,10 @@ def _spec(config: SparsityConfig) -> SparseSpec:
                       logical_page_size=config.logical_page_size, budget=config.decode_token_budget,
                       reuse_interval=config.selection_reuse_interval,
                       keep_first_page=config.always_select_sink_page, page_score=config.page_score,
-                      page_score_spread=config.page_score_spread)
+                      page_score_spread=config.page_score_spread,
+                      recent_pages=max(1, -(-config.select_recent_tokens // config.physical_page_size)),
+                      head_budgets=(config.head_token_budgets(np.asarray(STREAMING)).tolist()
+                                    if config.head_budget_skew > 0 else None))
 
 
 def _engine(directory, sparsity, **kwargs) -> Engine:
@@ -126,6 +129,24 @@ def test_selection_reuse_matches_reference(tiny, page_score):
     expected, spec = _reference(tiny, config, ids, tokens)
     assert spec.selections
     assert_rel_close(logits, expected, 1e-4, what="reused selections vs reference")
+
+
+def test_recent_pages_and_head_budgets_match_reference(tiny):
+    """select_recent_tokens (the newest pages every selection keeps) and head_budget_skew (per-head
+    budgets from the head pattern's scores) against the reference, with reuse."""
+    scores = [[0.1, 0.9], [0.3, 0.2]]  # dense heads: (0, 1) scores 0.9, (1, 0) 0.3
+    config = _config(streaming_heads=None, head_pattern=scores, streaming_fraction=0.5, selection_reuse_interval=3,
+                     select_recent_tokens=20, head_budget_skew=1.0, decode_token_budget=96)
+    budgets = config.head_token_budgets(np.asarray(STREAMING))
+    # 6 pages x 0.9 / 0.6 = 9, and 6 x 0.3 / 0.6 = 3 raised to 4 (2 recent pages, the sink page, one scored)
+    assert budgets.tolist() == [[0, 144], [64, 0]], budgets
+    ids = _prompt(130, seed=5)
+    tokens, logits = _run(_engine(tiny, config), ids, 50)
+    expected, spec = _reference(tiny, config, ids, tokens)
+    assert {(layer, h) for layer, h, _ in spec.selections} == {(0, 1), (1, 0)}
+    assert_rel_close(logits, expected, 1e-4, what="recent pages + per-head budgets vs reference")
+    _, plain_logits = _run(_engine(tiny, _config(selection_reuse_interval=3, decode_token_budget=96)), ids, 50)
+    assert not np.allclose(plain_logits[:len(logits)], logits, atol=1e-3), "the two knobs changed nothing"
 
 
 def test_sparse_differs_from_dense_when_budget_bites(tiny):

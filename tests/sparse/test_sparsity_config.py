@@ -36,6 +36,7 @@ CORE_INVALID = [
     ("decode_local_tokens", 1.5), ("physical_page_size", "64"), ("decode_token_budget", True),
     ("prefill_local_tokens", 2**40), ("always_select_sink_page", "yes"), ("group_score", "median"),
     ("page_score", "mean"), ("page_score_spread", 1.5), ("page_score_spread", -0.5), ("page_score_spread", "wide"),
+    ("select_recent_tokens", -1), ("select_recent_tokens", 4096), ("select_recent_tokens", 0.5),
 ]
 
 
@@ -64,6 +65,44 @@ def test_to_core_checks_the_model_shape():
     core.streaming_heads = [1, 0, 0]
     with pytest.raises(ValueError, match=r"streaming_heads has 3 entries.*= 4"):
         core.validate(2, 2)
+
+
+def test_recent_tokens_and_head_budgets_are_checked():
+    # The recent pages and the sink page must fit the budget.
+    with pytest.raises(ValueError, match=r"decode_token_budget 128 holds 2 pages .* at least 3"):
+        SparsityConfig(physical_page_size=64, decode_token_budget=128, select_recent_tokens=65)
+    SparsityConfig(physical_page_size=64, decode_token_budget=128, select_recent_tokens=65, always_select_sink_page=False)
+    for skew in (-1.0, 17.0, "big", True):
+        with pytest.raises(ValueError, match="head_budget_skew"):
+            SparsityConfig(head_budget_skew=skew)
+    with pytest.raises(ValueError, match="head_budget_skew=2.0 weighs .* has none"):
+        SparsityConfig(streaming_heads=[[0], [1]], head_budget_skew=2.0).to_core(2, 2)
+    core = SparsityConfig(streaming_heads=[[0], [1]]).to_core(2, 2)
+    core.head_token_budgets = [0, 1024, 1024]
+    with pytest.raises(ValueError, match=r"head_token_budgets has 3 entries.*= 4"):
+        core.validate(2, 2)
+    core.head_token_budgets = [0, 1024, 64, 0]  # layer 1 head 0 is dense: one page is below the sink + newest
+    with pytest.raises(ValueError, match=r"layer 1 KV head 0 \(dense\) has 64 tokens.* at least 2 pages"):
+        core.validate(2, 2)
+    core.head_token_budgets = [-5, 1024, 128, 0]
+    with pytest.raises(ValueError, match=r"head_token_budgets\[0\] must be >= 0, got -5"):
+        core.validate(2, 2)
+
+
+def test_head_budgets_follow_the_scores_and_keep_the_mean():
+    scores = np.array([[0.9, 0.1, 1.0], [0.2, 0.6, 0.8]])
+    cfg = SparsityConfig(head_pattern=scores, streaming_fraction=1 / 3, physical_page_size=16,
+                         decode_token_budget=1024, head_budget_skew=2.0)
+    mask = np.asarray(cfg.streaming_mask(2, 3))
+    budgets = cfg.head_token_budgets(mask)
+    assert (budgets[mask] == 0).all() and (budgets % 16 == 0).all()
+    dense = scores[~mask]
+    expected = np.rint(64 * dense ** 2 / (dense ** 2).mean()) * 16
+    assert budgets[~mask].tolist() == expected.tolist()
+    assert abs(budgets[~mask].mean() - 1024) <= 16  # the mean budget, up to rounding to pages
+    core = cfg.to_core(2, 3)
+    assert list(core.head_token_budgets) == budgets.reshape(-1).tolist()
+    assert list(SparsityConfig(head_pattern=scores, streaming_fraction=1 / 3).to_core(2, 3).head_token_budgets) == []
 
 
 def test_global_quantile_against_sorted_reference():

@@ -29,11 +29,26 @@ struct SparsityConfig {
   PageScore page_score = PageScore::kBound;  // logical page score (ops/page_select.h)
   float page_score_spread = 0.25f;         // kBlend's weight of the spread term (PageSelectArgs::spread)
   GroupScore group_score = GroupScore::kSum;  // how a GQA group's query heads combine (ops/page_select.h)
+  // Tokens at the end of the context every fresh selection of a dense head keeps, rounded up to whole
+  // physical pages (PageSelectArgs::keep_last_pages); 0 keeps the newest page alone. They count in the budget.
+  int select_recent_tokens = 0;
+  // Per-head decode budgets in tokens, (num_layers * num_kv_heads) layer-major; streaming heads'
+  // entries are ignored. Empty: decode_token_budget for every dense head.
+  std::vector<int32_t> head_token_budgets;
 
   // Throws lserve::Error naming the field, its value and the rule it breaks: the settings alone
   // (what lserve.SparsityConfig checks when it is made), then with the model's shape.
   void validate() const;
   void validate(int num_layers, int num_kv_heads) const;
+  // Pages every selection keeps at the end of the context (>= 1), and pages a dense head (entry i of
+  // head_token_budgets, or any head without them) selects.
+  int recent_pages() const {
+    return select_recent_tokens <= 0 ? 1 : (select_recent_tokens + physical_page_size - 1) / physical_page_size;
+  }
+  int head_budget_pages(int64_t entry) const {
+    const int tokens = head_token_budgets.empty() ? decode_token_budget : head_token_budgets[static_cast<size_t>(entry)];
+    return tokens / physical_page_size > 1 ? tokens / physical_page_size : 1;
+  }
   bool is_streaming(int layer_idx, int kv_head_idx, int num_kv_heads) const {
     return enabled && !streaming_heads.empty() &&
            streaming_heads[static_cast<size_t>(layer_idx) * num_kv_heads + kv_head_idx] != 0;

@@ -42,7 +42,14 @@ void cpu_page_select(const PageSelectArgs& args) {
   const int64_t num_pages_total = args.kmax.size(0), logical_per_page = args.kmax.size(1);
   const int64_t num_kv_heads = args.kmax.size(2), group = num_qo_heads / num_kv_heads;
   const int64_t logical_page_size = args.physical_page_size / logical_per_page;
-  const int64_t num_select = args.selected.size(2);
+  const int64_t width = args.selected.size(2);  // the store's row length
+  const int64_t min_select = args.keep_last_pages + (args.keep_first_page ? 1 : 0);
+  const int32_t* head_num_select = args.head_num_select.defined() ? args.head_num_select.data_ptr<int32_t>() : nullptr;
+  for (int64_t kv_head = 0; head_num_select != nullptr && kv_head < num_kv_heads; ++kv_head) {
+    LSERVE_CHECK(head_num_select[kv_head] >= min_select && head_num_select[kv_head] <= width, "page_select: KV head ",
+                 kv_head, " selects ", head_num_select[kv_head], " pages, outside [", min_select, ", ", width,
+                 "] (the forced pages, the store's width)");
+  }
   const int32_t* indptr = args.kv_page_indptr.data_ptr<int32_t>();
   const int32_t* indices = args.kv_page_indices.data_ptr<int32_t>();
   const int32_t* kv_lens = args.kv_lens.data_ptr<int32_t>();
@@ -68,7 +75,8 @@ void cpu_page_select(const PageSelectArgs& args) {
                  "page_select: sequence ", s, " holds ", kv_lens[s], " tokens in ", num_pages, " pages of ",
                  args.physical_page_size);
     for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
-      int32_t* out = selected + (slot * num_kv_heads + kv_head) * num_select;
+      int32_t* out = selected + (slot * num_kv_heads + kv_head) * width;
+      const int64_t num_select = head_num_select != nullptr ? head_num_select[kv_head] : width;
       if (num_pages <= num_select) {
         std::iota(out, out + num_pages, 0);
         num_selected[slot * num_kv_heads + kv_head] = static_cast<int32_t>(num_pages);
@@ -141,8 +149,8 @@ void cpu_page_select(const PageSelectArgs& args) {
       // Forced pages first, then the best of the rest; ties keep the earlier page.
       std::vector<int32_t> order(static_cast<size_t>(num_pages));
       std::iota(order.begin(), order.end(), 0);
-      const int32_t newest = static_cast<int32_t>(num_pages - 1);
-      auto forced = [&](int32_t p) { return p == newest || (args.keep_first_page && p == 0); };
+      const int64_t first_recent = num_pages - args.keep_last_pages;  // the newest keep_last_pages pages
+      auto forced = [&](int32_t p) { return p >= first_recent || (args.keep_first_page && p == 0); };
       std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
         if (forced(a) != forced(b)) return forced(a);
         return page_scores[a] > page_scores[b];

@@ -62,7 +62,21 @@ PageSelector::PageSelector(const SparsityConfig& sparsity, int page_size, int ma
   prefill_ring_pages_ = static_cast<int>(std::max<int64_t>(
       2, std::min<int64_t>(ring_pages_for(page_size, sparsity.prefill_local_tokens, max_num_batched_tokens),
                            max_pages - num_sink_pages_)));
-  num_select_ = std::max(1, sparsity.decode_token_budget / page_size);
+  // The smallest dense-head budget, and the mean over dense heads (what a step's statistics count).
+  num_select_ = sparsity.head_budget_pages(0);
+  if (!sparsity.head_token_budgets.empty()) {
+    int64_t sum = 0, count = 0;
+    for (size_t i = 0; i < sparsity.head_token_budgets.size(); ++i) {
+      if (!sparsity.streaming_heads.empty() && sparsity.streaming_heads[i] != 0) continue;
+      const int pages = sparsity.head_budget_pages(static_cast<int64_t>(i));
+      num_select_ = count == 0 ? pages : std::min(num_select_, pages);
+      sum += pages;
+      ++count;
+    }
+    mean_select_ = count == 0 ? num_select_ : static_cast<int>((sum + count / 2) / count);
+  } else {
+    mean_select_ = num_select_;
+  }
 }
 
 int64_t PageSelector::size_memory(int64_t budget, int64_t stream_bytes_per_token, int64_t dense_bytes_per_token) {
@@ -202,7 +216,27 @@ void PageSelector::allocate_store(Backend& backend, const std::vector<int>& num_
     const int64_t nd = num_dense_kv_heads[layer];
     if (nd == 0) continue;
     Store& store = store_[layer];
-    store.selection = backend.empty({num_slots_, nd, num_select_}, DType::kI32);
+    // Per-head budgets: the layer's dense heads (ascending KV head index, the model's order) and
+    // the store as wide as its largest.
+    int width = num_select_;
+    if (!sparsity_.head_token_budgets.empty()) {
+      const int64_t num_kv = sparsity_.streaming_heads.empty()
+                                 ? nd
+                                 : static_cast<int64_t>(sparsity_.streaming_heads.size() / num_dense_kv_heads.size());
+      std::vector<int32_t> pages;
+      for (int64_t h = 0; h < num_kv; ++h) {
+        const int64_t entry = static_cast<int64_t>(layer) * num_kv + h;
+        if (!sparsity_.streaming_heads.empty() && sparsity_.streaming_heads[static_cast<size_t>(entry)] != 0) continue;
+        pages.push_back(sparsity_.head_budget_pages(entry));
+      }
+      LSERVE_CHECK(static_cast<int64_t>(pages.size()) == nd, "page selector: layer ", layer, " has ", nd,
+                   " dense KV heads, its streaming flags say ", pages.size());
+      width = *std::max_element(pages.begin(), pages.end());
+      store.head_select = backend.empty({nd}, DType::kI32);
+      backend.copy(store.head_select, TensorView(pages.data(), DType::kI32, {nd}));
+      backend.synchronize();  // before `pages` goes
+    }
+    store.selection = backend.empty({num_slots_, nd, width}, DType::kI32);
     backend.fill_zero(store.selection);
     store.count = backend.empty({num_slots_, nd}, DType::kI32);
     std::vector<int32_t> none(static_cast<size_t>(num_slots_ * nd), -1);
@@ -300,7 +334,7 @@ void PageSelector::plan_chunk(int64_t seq_id, int64_t start_position, int64_t nu
       mode = kSelectReuse;
       base = state.base_pages;
     }
-    pages_read = num_select_ + num_pages - base;
+    pages_read = std::min<int64_t>(mean_select_, base) + num_pages - base;
   }
   plan->select_mode.push_back(mode);
   plan->select_slot.push_back(slot);

@@ -558,7 +558,9 @@ void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_
                               sparsity_.page_score_spread,
                               t.qo_indptr,
                               t.select_mode,
-                              t.select_slot};
+                              t.select_slot,
+                              sparsity_.recent_pages(),
+                              selector_->head_num_select(static_cast<int>(layer_idx))};
         backend_.page_select(select);
         AttentionArgs args = attention_args(dense_query, layer.k_cache, layer.v_cache, t.qo_indptr,
                                             t.kv_page_indptr, t.kv_page_indices, t.kv_lens,

@@ -77,6 +77,9 @@ class PageSelector {
   int decode_ring_pages() const { return decode_ring_pages_; }
   int slot_pages() const { return num_sink_pages_ + decode_ring_pages_; }
   int prefill_ring_pages() const { return prefill_ring_pages_; }
+  // Pages the smallest dense-head budget selects: a decoding sequence with more pages than this
+  // selects (the heads whose budget covers its pages read them all); with head_token_budgets the
+  // heads of a layer select per-head counts (head_num_select) within their layer's store width.
   int num_select() const { return num_select_; }
   // Tokens a decode slot holds without wrapping: prompts up to this prefill in the slot itself.
   int64_t decode_slot_tokens() const { return static_cast<int64_t>(slot_pages()) * page_size_; }
@@ -100,6 +103,9 @@ class PageSelector {
   void allocate_store(Backend& backend, const std::vector<int>& num_dense_kv_heads);
   TensorView selection(int layer_idx) const { return store_[static_cast<size_t>(layer_idx)].selection.view(); }
   TensorView selection_count(int layer_idx) const { return store_[static_cast<size_t>(layer_idx)].count.view(); }
+  // (num_dense_kv_heads,) int32 pages each dense head of the layer selects, in the model's dense-head
+  // order (ascending KV head index); undefined without head_token_budgets (every head: the store width).
+  TensorView head_num_select(int layer_idx) const { return store_[static_cast<size_t>(layer_idx)].head_select.view(); }
 
   // Scheduler side. acquire: what seq_id needs to run: its decode slot and, when prefill_tokens (the
   // tokens it will prefill from position 0) or the dense_below_tokens context exceed the decode slot,
@@ -155,12 +161,12 @@ class PageSelector {
     int32_t base_pages = 0;      // the sequence's pages when it was made
   };
   struct Store {
-    Tensor selection, count;
+    Tensor selection, count, head_select;
   };
 
   SparsityConfig sparsity_;
   int page_size_, max_num_seqs_, max_num_batched_tokens_, max_model_len_;
-  int num_sink_pages_ = 0, decode_ring_pages_ = 0, prefill_ring_pages_ = 0, num_select_ = 0;
+  int num_sink_pages_ = 0, decode_ring_pages_ = 0, prefill_ring_pages_ = 0, num_select_ = 0, mean_select_ = 0;
   int num_slots_ = 0, num_prefill_rings_ = 0;
   int64_t slot_bytes_ = 0, prefill_ring_bytes_ = 0;
   std::vector<int> free_slots_, free_rings_;  // LIFO

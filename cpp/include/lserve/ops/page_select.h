@@ -14,9 +14,11 @@
 // scale 1/sqrt(head_dim) (an estimate of where that head's attention goes: every head gets the
 // same say, a peaked head concentrates it) and sums them over the group, in head order, each
 // head's normaliser summed in page order. Per (sequence, KV head) the top num_select physical pages win
-// (ties: the earlier page), always including the newest page and, if asked, page 0 (the sinks).
-// Selected positions are written in ascending order. Sequences with num_pages <= num_select select
-// every page. Reference: the numpy formula in tests/sparse/test_page_select.py.
+// (ties: the earlier page), always including the newest keep_last_pages pages and, if asked, page 0
+// (the sinks). num_select is the store's width, or KV head h's entry of head_num_select (a per-head
+// budget: a head may read fewer pages than the widest head of its layer). Selected positions are
+// written in ascending order. Sequences with num_pages <= num_select select every page. Reference:
+// the numpy formula in tests/sparse/test_page_select.py.
 //
 // The page selector's store: `selected`/`num_selected` hold one row per slot (decode sequence of the
 // engine), and a step selects only for its fresh sequences: select_mode[s] == kSelectFresh scores
@@ -57,6 +59,9 @@ struct PageSelectArgs {
   TensorView qo_indptr;        // optional (num_seqs + 1,) int32: sequence s's query is row qo_indptr[s+1] - 1
   TensorView select_mode;      // optional (num_seqs,) int32 SelectMode
   TensorView select_slot;      // optional (num_seqs,) int32 store row of each fresh sequence
+  int keep_last_pages = 1;     // the newest pages every selection keeps (>= 1)
+  TensorView head_num_select;  // optional (num_kv_heads,) int32: head h selects head_num_select[h] pages,
+                               // in [keep_last_pages + keep_first_page, num_select]; else num_select each
 
   void validate(const Device& device) const {
     const char* op = "page_select";
@@ -98,8 +103,14 @@ struct PageSelectArgs {
     TensorCheck(kv_lens, op, "kv_lens").ndim(1).dtype(DType::kI32).device(device).contiguous().size(0, num_seqs);
     TensorCheck(selected, op, "selected").ndim(3).dtype(DType::kI32).device(device).contiguous()
         .size(1, num_kv_heads);
-    LSERVE_CHECK(selected.size(2) >= (keep_first_page ? 2 : 1), op, ": num_select must be >= ",
-                 keep_first_page ? 2 : 1, " (the newest page", keep_first_page ? " and the first page)" : ")");
+    LSERVE_CHECK(keep_last_pages >= 1, op, ": keep_last_pages must be >= 1 (the newest page), got ", keep_last_pages);
+    const int64_t forced = keep_last_pages + (keep_first_page ? 1 : 0);
+    LSERVE_CHECK(selected.size(2) >= forced, op, ": num_select ", selected.size(2), " must be >= ", forced, " (the ",
+                 keep_last_pages, " newest page(s)", keep_first_page ? " and the first page)" : ")");
+    if (head_num_select.defined()) {
+      TensorCheck(head_num_select, op, "head_num_select").ndim(1).dtype(DType::kI32).device(device).contiguous()
+          .size(0, num_kv_heads);
+    }
     TensorCheck(num_selected, op, "num_selected").ndim(2).dtype(DType::kI32).device(device).contiguous()
         .size(0, selected.size(0)).size(1, num_kv_heads);
   }

@@ -187,8 +187,10 @@ struct PageSelectParams {
   int64_t logical_page_size = 0;
   int64_t physical_page_size = 0;
   int64_t num_entries = 0;  // kv_page_indices.size(0)
-  int num_select = 0;
+  int num_select = 0;                      // the store's row length
   bool keep_first_page = true;
+  int keep_last_pages = 1;                 // the newest pages every selection keeps
+  const int32_t* head_num_select = nullptr;  // (num_kv_heads,) per-head page count or null: num_select each
   int score = 0;        // PageScore: 0 kBound, 1 kCenter, 2 kBlend
   float spread = 0.0f;  // kBlend's weight of the spread term
   bool group_max = false;  // GroupScore::kMax (else kSum; kMass is not implemented on CUDA)
@@ -384,7 +386,7 @@ __device__ __forceinline__ uint32_t block_exclusive_scan(uint32_t value, SelectS
 // One CTA per (sequence, KV head); the CTAs of sequences that are not fresh return at once, and so
 // do those of a sequence whose slot a later fresh sequence also names (the CPU writes in sequence
 // order, so the later selection is the one stored). The CPU's stable sort puts the forced pages (the
-// newest and, with keep_first_page, page 0) first and then the rest by score, ties by position, and
+// newest keep_last_pages and, with keep_first_page, page 0) first and then the rest by score, ties by position, and
 // keeps num_select: so the selection is the forced pages plus the top num_select - num_forced of the
 // others by (score descending, position ascending).
 // 1. Radix select, most significant 8 bits first, of the num_top-th largest key among the others:
@@ -412,6 +414,15 @@ __global__ void __launch_bounds__(kThreads) page_select_kernel(const PageSelectP
   const int64_t row = slot * heads + kv_head;
   int32_t* out = params.selected + row * params.num_select;  // (num_select,)
   int32_t* num_selected = params.num_selected + row;
+  const int num_forced = params.keep_last_pages + (params.keep_first_page ? 1 : 0);
+  int num_select = params.num_select;
+  if (params.head_num_select != nullptr) {
+    num_select = params.head_num_select[kv_head];
+    if (num_select < num_forced || num_select > params.num_select) {  // the CPU raises
+      if (tid == 0) *num_selected = -1;
+      return;
+    }
+  }
 
   // The CPU's per-sequence checks (plus the page list's bounds, which it assumes).
   const int64_t begin = params.kv_page_indptr[seq], end = params.kv_page_indptr[seq + 1];
@@ -422,15 +433,16 @@ __global__ void __launch_bounds__(kThreads) page_select_kernel(const PageSelectP
     if (tid == 0) *num_selected = -1;
     return;
   }
-  if (num_pages <= params.num_select) {
+  if (num_pages <= num_select) {
     for (int64_t i = tid; i < num_pages; i += kThreads) out[i] = static_cast<int32_t>(i);
     if (tid == 0) *num_selected = static_cast<int32_t>(num_pages);
     return;
   }
 
   const uint32_t* keys = params.page_keys + kv_head * params.num_entries + begin;  // (num_pages,)
-  const int64_t newest = num_pages - 1, first_other = params.keep_first_page ? 1 : 0;  // others: [first_other, newest)
-  const uint32_t num_top = static_cast<uint32_t>(params.num_select - (params.keep_first_page ? 2 : 1));
+  // Forced: [first_recent, num_pages) and, with keep_first_page, page 0; others: [first_other, first_recent).
+  const int64_t first_recent = num_pages - params.keep_last_pages, first_other = params.keep_first_page ? 1 : 0;
+  const uint32_t num_top = static_cast<uint32_t>(num_select - num_forced);
 
   // 1. Radix select. Invariant: at least num_top - above others match the prefix (every pass
   // reads the same keys), so each pass finds its digit.
@@ -440,7 +452,7 @@ __global__ void __launch_bounds__(kThreads) page_select_kernel(const PageSelectP
     for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
       for (int bin = tid; bin < kRadixBins; bin += kThreads) shared.histogram[bin] = 0;
       __syncthreads();
-      for (int64_t i = first_other + tid; i < newest; i += kThreads) {
+      for (int64_t i = first_other + tid; i < first_recent; i += kThreads) {
         const uint32_t key = max(keys[i], kNegInfKey);
         if ((key & prefix_mask) == prefix) atomicAdd(&shared.histogram[(key >> shift) & (kRadixBins - 1)], 1u);
       }
@@ -492,7 +504,7 @@ __global__ void __launch_bounds__(kThreads) page_select_kernel(const PageSelectP
     const uint32_t raw = keys[i];
     invalid |= raw == kInvalidKey;
     const uint32_t key = max(raw, kNegInfKey);
-    if (i == newest || (params.keep_first_page && i == 0) || (num_top > 0 && key > threshold)) {
+    if (i >= first_recent || (params.keep_first_page && i == 0) || (num_top > 0 && key > threshold)) {
       ++sure;
     } else if (num_top > 0 && key == threshold) {
       ++ties;
@@ -508,14 +520,14 @@ __global__ void __launch_bounds__(kThreads) page_select_kernel(const PageSelectP
   uint32_t taken = 0;
   for (int64_t i = lo; i < hi; ++i) {
     const uint32_t key = max(keys[i], kNegInfKey);
-    bool keep = i == newest || (params.keep_first_page && i == 0) || (num_top > 0 && key > threshold);
+    bool keep = i >= first_recent || (params.keep_first_page && i == 0) || (num_top > 0 && key > threshold);
     if (!keep && num_top > 0 && key == threshold && taken < take) {
       keep = true;
       ++taken;
     }
-    if (keep && offset < static_cast<uint32_t>(params.num_select)) out[offset++] = static_cast<int32_t>(i);
+    if (keep && offset < static_cast<uint32_t>(num_select)) out[offset++] = static_cast<int32_t>(i);
   }
-  if (tid == 0) *num_selected = params.num_select;
+  if (tid == 0) *num_selected = num_select;
 }
 
 }  // namespace page_select_detail
