@@ -60,11 +60,18 @@ def _run(engine, prompts, max_tokens):
     return [np.stack(logits[i]) for i in range(len(prompts))], [tokens[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sparse_engine_matches_cpu(tiny, dtype):
+# The selection knobs of round 4: a recent window of 2 pages and per-head budgets from the scores (the
+# pattern streams the same heads as streaming_heads=[[0], [1]]: 6 and 4 pages for the two dense heads).
+POLICIES = {"plain": {}, "recent_and_head_budgets": dict(
+    streaming_heads=None, head_pattern=[[0.1, 0.9], [0.3, 0.2]], select_recent_tokens=20, head_budget_skew=1.0)}
+
+
+@pytest.mark.parametrize("dtype, policy", [("float32", "plain"), ("bfloat16", "plain"),
+                                           ("float32", "recent_and_head_budgets")])
+def test_sparse_engine_matches_cpu(tiny, dtype, policy):
     device = engine_device()
     common = dict(dtype=dtype, kv_cache_dtype=dtype, capture_logits=True, show_progress=False, seed=3,
-                  max_num_batched_tokens=37, max_model_len=512, sparsity=_sparsity())
+                  max_num_batched_tokens=37, max_model_len=512, sparsity=_sparsity(**POLICIES[policy]))
     cpu = Engine(str(tiny), device="cpu", num_kv_pages=96, **common)
     gpu = Engine(str(tiny), device=device, **common)
     rng = np.random.default_rng(5)
