@@ -214,20 +214,8 @@ std::vector<uint8_t> LlamaModel::permute_heads(int layer_idx, const std::string&
   // Sizes in bytes, so that block dtypes (whole blocks per head) move like the others.
   const uint8_t* src = static_cast<const uint8_t*>(tensor.data);
   std::vector<uint8_t> out(tensor.nbytes());
-  if (kind == "o_proj") {  // (hidden, q_rows): column blocks of one KV group's query heads
-    const int64_t rows = tensor.shape[0], cols = tensor.shape[1];
-    LSERVE_CHECK((group * head_dim) % dtype_block_size(tensor.dtype) == 0, "weight of layer ", layer_idx, ": ",
-                 dtype_name(tensor.dtype), " o_proj columns of one KV group (", group * head_dim,
-                 ") are not whole blocks: sparse head reordering needs dtype='float32'");
-    const int64_t row_bytes = static_cast<int64_t>(dtype_nbytes(tensor.dtype, cols));
-    const int64_t block = static_cast<int64_t>(dtype_nbytes(tensor.dtype, group * head_dim));
-    for (int64_t r = 0; r < rows; ++r) {
-      for (size_t i = 0; i < order.size(); ++i) {
-        std::copy_n(src + r * row_bytes + order[i] * block, block, out.data() + r * row_bytes + i * block);
-      }
-    }
-    return out;
-  }
+  LSERVE_CHECK(kind == "q_proj" || kind == "k_proj" || kind == "v_proj", "permute_heads: ", kind,
+               " is not reordered");
   // q_proj: row blocks of group * head_dim rows; k_proj / v_proj: row blocks of head_dim rows.
   const int64_t row_bytes = static_cast<int64_t>(dtype_nbytes(tensor.dtype, tensor.ndim == 2 ? tensor.shape[1] : 1));
   const int64_t block = (kind == "q_proj" ? group : 1) * head_dim * row_bytes;
@@ -259,6 +247,7 @@ bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
     layer_idx = std::stoi(name.substr(13, attn_at - 13));
     const std::vector<int>& order = layers_[layer_idx].kv_order;
     for (size_t i = 0; i < order.size(); ++i) reorder = reorder || order[i] != static_cast<int>(i);
+    reorder = reorder && name.compare(attn_at + attn.size(), 6, "o_proj") != 0;  // o_proj stays as stored
   }
   if (!slot.tensor->defined()) {  // native weights: the first part of a matrix sets its dtype
     LSERVE_CHECK(!dtype_is_block(tensor.dtype) || tensor.shape[tensor.ndim - 1] % dtype_block_size(tensor.dtype) == 0,
@@ -416,6 +405,32 @@ void LlamaModel::prepare_steps(int64_t max_tokens, int64_t max_seqs, int64_t max
   LSERVE_CHECK(max_tokens >= 1 && max_seqs >= 1 && max_pages >= 1, "prepare_steps: capacities must be >= 1");
   step_layout_ = StepLayout{max_tokens, max_seqs, max_pages, sparsity_.enabled};
   step_metadata_ = backend_.empty({step_layout_.num_bytes()}, DType::kU8);
+  // Reordered layers: row t * H + j of the ordered output takes row t * H + (serving position of
+  // query head j) of the attention's output.
+  const int64_t num_qo = config_.num_qo_heads, group = num_qo / config_.num_kv_heads;
+  for (Layer& layer : layers_) {
+    layer.unpermute = Tensor();
+    std::vector<int32_t> position(static_cast<size_t>(num_qo));
+    bool identity = true;
+    for (size_t i = 0; i < layer.kv_order.size(); ++i) {
+      for (int64_t g = 0; g < group; ++g) {
+        position[static_cast<size_t>(layer.kv_order[i] * group + g)] = static_cast<int32_t>(i * group + g);
+      }
+      identity = identity && layer.kv_order[i] == static_cast<int>(i);
+    }
+    if (!sparsity_.enabled || identity) continue;
+    LSERVE_CHECK(max_tokens * num_qo <= INT32_MAX, "prepare_steps: ", max_tokens, " tokens x ", num_qo,
+                 " heads exceed int32 row indices");
+    std::vector<int32_t> rows(static_cast<size_t>(max_tokens * num_qo));
+    for (int64_t t = 0; t < max_tokens; ++t) {
+      for (int64_t j = 0; j < num_qo; ++j) {
+        rows[static_cast<size_t>(t * num_qo + j)] = static_cast<int32_t>(t * num_qo) + position[static_cast<size_t>(j)];
+      }
+    }
+    layer.unpermute = backend_.empty({max_tokens * num_qo}, DType::kI32);
+    backend_.copy(layer.unpermute, TensorView(rows.data(), DType::kI32, {max_tokens * num_qo}));
+    backend_.synchronize();  // before `rows` goes
+  }
 }
 
 std::vector<float> LlamaModel::forward(const ForwardBatch& batch) {
@@ -509,6 +524,8 @@ void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_
   const TensorView key = head_view(q_width, num_kv_heads);
   const TensorView value = head_view(q_width + kv_width, num_kv_heads);
   TensorView attn_out_3d = t.attn_out.reshape({num_tokens, num_qo_heads, head_dim});
+  LSERVE_CHECK(t.qkv.is_contiguous(), "forward: the qkv buffer must be contiguous (it holds the reordered heads' "
+               "attention output before o_proj)");
   const float sm_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const float eps = static_cast<float>(config_.rms_norm_eps);
 
@@ -586,7 +603,19 @@ void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_
         backend_.attention(args);
       }
     }
-    backend_.gemm({t.attn_out, layer.o_weight, TensorView(), t.proj_out});
+    if (layer.unpermute.defined()) {
+      // Heads back in their original order, into the qkv buffer (dead after attention), so that
+      // o_proj sums over them in dense attention's order: the same bits as dense when every page is read.
+      TensorView heads = t.attn_out.reshape({num_tokens * num_qo_heads, head_dim});
+      TensorView ordered = t.qkv;
+      ordered.ndim = 2;
+      ordered.shape = {num_tokens * num_qo_heads, head_dim, 0, 0, 0, 0};
+      ordered.strides = {head_dim, 1, 0, 0, 0, 0};
+      backend_.gather_rows({heads, layer.unpermute.view().slice(0, 0, num_tokens * num_qo_heads), ordered});
+      backend_.gemm({ordered.reshape({num_tokens, q_width}), layer.o_weight, TensorView(), t.proj_out});
+    } else {
+      backend_.gemm({t.attn_out, layer.o_weight, TensorView(), t.proj_out});
+    }
     backend_.rms_norm({t.proj_out, t.residual, layer.post_norm, t.normed, eps});
     backend_.gemm({t.normed, layer.gate_up_weight, TensorView(), t.gate_up});
     backend_.silu_mul({t.gate_up, t.act});

@@ -69,8 +69,9 @@ class LlamaModel {
   static int64_t rope_table_bytes(const ModelConfig& config, int64_t max_positions);
 
   // Sparse attention. Must come before the first load_weight(): it reorders each layer's KV heads
-  // (dense heads first, then streaming heads; query heads and o_proj columns follow their groups)
-  // so that each kind is a contiguous range of heads.
+  // (dense heads first, then streaming heads; query heads follow their groups) so that each kind is
+  // a contiguous range of heads; the attention output is put back in the original order before
+  // o_proj (Layer::unpermute), whose weight stays as stored.
   void set_sparsity(const SparsityConfig& sparsity);
   const SparsityConfig& sparsity() const { return sparsity_; }
   int num_dense_kv_heads(int layer_idx) const { return layers_[layer_idx].num_dense_kv; }
@@ -128,13 +129,18 @@ class LlamaModel {
     Tensor ks_cache, vs_cache;  // streaming heads (sparsity)
     int num_dense_kv = 0;
     std::vector<int> kv_order;  // serving position -> original KV head
+    // With reordered heads: (max_tokens * num_qo_heads,) int32 rows of the attention output (one per
+    // token and query head) that put the heads back in their original order before o_proj, whose
+    // weight stays as stored, so its sums run in dense attention's order (prepare_steps makes it).
+    Tensor unpermute;
   };
 
   // Enqueues the whole forward pass on t: backend ops only, inside the backend's isolated region
   // (no allocation, copy or synchronisation, and no host branch on the step's data).
   void enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_t max_kv_len);
 
-  // Reorders a q/k/v/o tensor of layer_idx by its KV head order (host tensors only).
+  // Reorders a q/k/v tensor of layer_idx by its KV head order (host tensors only); o_proj is not
+  // reordered (the attention output is put back in order instead: Layer::unpermute).
   std::vector<uint8_t> permute_heads(int layer_idx, const std::string& kind, const TensorView& tensor) const;
 
 
