@@ -1,15 +1,21 @@
 // ThreadPool implementation: workers sleep on a condition variable between jobs, take chunks from
-// an atomic counter, and report completion. By default nothing spins (the host may be shared: on a
-// loaded 2-core VM polling made decode 2-3x slower, docs/PERFORMANCE.md); LSERVE_CPU_SPIN_US=N lets
-// idle workers, and a caller waiting for them, poll for up to N microseconds before sleeping, which
-// saves a futex sleep and wake per job on a machine the engine has to itself (llama.cpp and OpenMP
-// spin by default for the same reason).
+// an atomic counter, and report completion. Polling policy (llama.cpp's threads likewise spin between
+// the ops of one graph and sleep between graphs): inside a forward pass, where a decode step submits
+// ~150 jobs a few microseconds apart, idle workers and a caller waiting for them poll up to
+// kStepPollMicroseconds (with `pause`) before sleeping, which saves a futex sleep and wake per job;
+// outside one they sleep at once. On a busy host polling made decode 2-3x slower (a spinning thread
+// holds a CPU that the thread it waits for needs; docs/PERFORMANCE.md), so a forward pass polls only
+// when the previous one saw few involuntary context switches in this process (a quiet host: < 1 per
+// decode step; with two other busy processes on the 2-core VM: 100-150). LSERVE_CPU_SPIN_US=N
+// overrides: poll N us inside forward passes whatever the load, 0: never.
 #include "parallel.h"
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <string>
+
+#include <sys/resource.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -25,9 +31,10 @@ inline void cpu_relax() {
 #endif
 }
 
-// Polls done() for up to `microseconds` (0: not at all); true as soon as it holds.
-template <typename Done>
-bool spin_until(Done&& done, int64_t microseconds) {
+// Polls done() for up to `microseconds` (0: not at all) while keep_polling() holds; true as soon as
+// done() holds.
+template <typename Done, typename KeepPolling>
+bool spin_until(Done&& done, int64_t microseconds, KeepPolling&& keep_polling) {
   if (microseconds <= 0) return done();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(microseconds);
   for (;;) {
@@ -35,13 +42,32 @@ bool spin_until(Done&& done, int64_t microseconds) {
       if (done()) return true;
       cpu_relax();
     }
-    if (std::chrono::steady_clock::now() >= deadline) return done();
+    if (!keep_polling() || std::chrono::steady_clock::now() >= deadline) return done();
   }
 }
 
-int64_t spin_microseconds_from_env() {
+// The default budget: TODO measured below.
+constexpr int64_t kStepPollMicroseconds = 100;
+// A forward pass polls when during the previous one the process was preempted at most
+// kQuietPreemptions times, plus one per kQuietMicrosecondsPerPreemption of its duration.
+constexpr int64_t kQuietPreemptions = 4;
+constexpr int64_t kQuietMicrosecondsPerPreemption = 2000;
+
+int64_t now_microseconds() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+int64_t involuntary_context_switches() {
+  rusage usage{};
+  if (getrusage(RUSAGE_SELF, &usage) != 0) return -1;
+  return usage.ru_nivcsw;
+}
+
+// -1 when LSERVE_CPU_SPIN_US is unset.
+int64_t spin_override_from_env() {
   const char* text = std::getenv("LSERVE_CPU_SPIN_US");
-  if (text == nullptr || *text == '\0') return 0;
+  if (text == nullptr || *text == '\0') return -1;
   char* end = nullptr;
   const long long value = std::strtoll(text, &end, 10);
   LSERVE_CHECK(end != text && *end == '\0' && value >= 0 && value <= 1000000, "LSERVE_CPU_SPIN_US must be an ",
@@ -53,7 +79,9 @@ int64_t spin_microseconds_from_env() {
 
 namespace lserve::cpu {
 
-ThreadPool::ThreadPool(int num_threads) : spin_microseconds_(spin_microseconds_from_env()) {
+ThreadPool::ThreadPool(int num_threads)
+    : spin_override_us_(spin_override_from_env()),
+      poll_budget_us_(spin_override_us_ >= 0 ? spin_override_us_ : kStepPollMicroseconds) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   num_threads_ = std::max(1, num_threads);
   workers_.reserve(num_threads_ - 1);
@@ -69,6 +97,31 @@ ThreadPool::~ThreadPool() {
   }
   job_ready_.notify_all();
   for (std::thread& worker : workers_) worker.join();
+}
+
+void ThreadPool::set_forward_pass(bool running) {
+  if (poll_budget_us_ == 0 || workers_.empty()) return;
+  if (spin_override_us_ >= 0) {
+    polling_.store(running, std::memory_order_relaxed);
+    return;
+  }
+  const int64_t preemptions = involuntary_context_switches(), now_us = now_microseconds();
+  if (running) {
+    pass_preemptions_ = preemptions;
+    pass_start_us_ = now_us;
+    polling_.store(host_quiet_, std::memory_order_relaxed);
+    return;
+  }
+  polling_.store(false, std::memory_order_relaxed);
+  host_quiet_ = preemptions >= 0 && pass_preemptions_ >= 0 &&
+                preemptions - pass_preemptions_ <=
+                    kQuietPreemptions + (now_us - pass_start_us_) / kQuietMicrosecondsPerPreemption;
+}
+
+std::string ThreadPool::polling_policy() const {
+  if (workers_.empty() || poll_budget_us_ == 0) return "never polls";
+  return "polls " + std::to_string(poll_budget_us_) + " us in a forward pass" +
+         (spin_override_us_ >= 0 ? "" : " on a quiet host");
 }
 
 void ThreadPool::run(int64_t begin, int64_t end, int64_t grain, Body body, const void* context) {
@@ -93,19 +146,19 @@ void ThreadPool::run(int64_t begin, int64_t end, int64_t grain, Body body, const
   }
   job_ready_.notify_all();
   work_on_job(0);
-  const auto all_done = [this] { return num_busy_workers_.load(std::memory_order_acquire) == 0; };
-  std::exception_ptr error;
-  if (!spin_until(all_done, spin_microseconds_)) {
+  const auto all_done = [this] { return num_busy_workers_.load() == 0; };  // seq_cst: see caller_sleeping_
+  if (!spin_until(all_done, poll_microseconds(), [this] { return polling_.load(std::memory_order_relaxed); })) {
     std::unique_lock<std::mutex> lock(state_mutex_);
+    caller_sleeping_.store(true);  // seq_cst, as the last worker's decrement and load: one sees the other
     job_done_.wait(lock, all_done);
+    caller_sleeping_.store(false, std::memory_order_relaxed);
   }
-  {
-    std::lock_guard<std::mutex> lock(state_mutex_);
-    error = error_;
-    error_ = nullptr;
-    body_ = nullptr;
-    context_ = nullptr;
-  }
+  // Every worker is done with the job (all_done synchronises with their decrements): its fields are
+  // the caller's again.
+  const std::exception_ptr error = std::move(error_);
+  error_ = nullptr;
+  body_ = nullptr;
+  context_ = nullptr;
   if (error) std::rethrow_exception(error);
 }
 
@@ -130,15 +183,17 @@ void ThreadPool::worker_loop(int thread_idx) {
       return stopping_.load(std::memory_order_acquire) ||
              generation_.load(std::memory_order_acquire) != seen_generation;
     };
-    if (!spin_until(has_job, spin_microseconds_)) {
+    if (!spin_until(has_job, poll_microseconds(), [this] { return polling_.load(std::memory_order_relaxed); })) {
       std::unique_lock<std::mutex> lock(state_mutex_);
       job_ready_.wait(lock, has_job);
     }
     if (stopping_.load(std::memory_order_acquire)) return;
     seen_generation = generation_.load(std::memory_order_acquire);
     work_on_job(thread_idx);
-    if (num_busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      // Under the lock: a caller that found the count non-zero is already waiting, or will see 0.
+    // The last worker wakes a sleeping caller, under the lock: a caller that found the count
+    // non-zero is then already waiting. A polling caller is not sleeping and sees the 0 itself;
+    // taking the lock anyway made it sleep on the mutex while this thread held it.
+    if (num_busy_workers_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
       std::lock_guard<std::mutex> lock(state_mutex_);
       job_done_.notify_one();
     }
