@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include <sys/resource.h>
@@ -84,6 +85,7 @@ ThreadPool::ThreadPool(int num_threads)
       poll_budget_us_(spin_override_us_ >= 0 ? spin_override_us_ : kStepPollMicroseconds) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   num_threads_ = std::max(1, num_threads);
+  ranges_ = std::make_unique<ChunkRange[]>(num_threads_);
   workers_.reserve(num_threads_ - 1);
   for (int thread_idx = 1; thread_idx < num_threads_; ++thread_idx) {
     workers_.emplace_back([this, thread_idx] { worker_loop(thread_idx); });
@@ -137,9 +139,14 @@ void ThreadPool::run(int64_t begin, int64_t end, int64_t grain, Body body, const
     std::lock_guard<std::mutex> lock(state_mutex_);
     body_ = body;
     context_ = context;
+    begin_ = begin;
     end_ = end;
     grain_ = grain;
-    next_.store(begin, std::memory_order_relaxed);
+    const int64_t num_chunks = ThreadPool::num_chunks(end - begin, grain);
+    LSERVE_CHECK(num_chunks <= std::numeric_limits<uint32_t>::max(), "parallel_for: ", num_chunks, " chunks");
+    for (int thread_idx = 0; thread_idx < num_threads_; ++thread_idx) {
+      ranges_[thread_idx].store(num_chunks * thread_idx / num_threads_, num_chunks * (thread_idx + 1) / num_threads_);
+    }
     error_ = nullptr;
     num_busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_release);
@@ -162,17 +169,33 @@ void ThreadPool::run(int64_t begin, int64_t end, int64_t grain, Body body, const
   if (error) std::rethrow_exception(error);
 }
 
-void ThreadPool::work_on_job(int thread_idx) {
+int64_t ThreadPool::ChunkRange::claim(bool front) {
+  uint64_t bounds = bounds_.load(std::memory_order_relaxed);
   for (;;) {
-    const int64_t chunk_begin = next_.fetch_add(grain_, std::memory_order_relaxed);
-    if (chunk_begin >= end_) return;
+    const uint64_t first = bounds & 0xffffffffu, last = bounds >> 32;
+    if (first >= last) return -1;
+    const uint64_t claimed = front ? bounds + 1 : bounds - (uint64_t{1} << 32);
+    if (bounds_.compare_exchange_weak(bounds, claimed, std::memory_order_relaxed)) {
+      return static_cast<int64_t>(front ? first : last - 1);
+    }
+  }
+}
+
+void ThreadPool::work_on_job(int thread_idx) {
+  const auto run_chunk = [&](int64_t chunk) {
+    const int64_t chunk_begin = begin_ + chunk * grain_;
     try {
       body_(context_, chunk_begin, std::min(end_, chunk_begin + grain_), thread_idx);
     } catch (...) {
       std::lock_guard<std::mutex> lock(state_mutex_);
       if (!error_) error_ = std::current_exception();
-      next_.store(end_, std::memory_order_relaxed);  // stop handing out chunks
+      for (int t = 0; t < num_threads_; ++t) ranges_[t].store(0, 0);  // stop handing out chunks
     }
+  };
+  // Its own share front to back (one stream through memory), then the others' from their ends.
+  for (int offset = 0; offset < num_threads_; ++offset) {
+    ChunkRange& range = ranges_[(thread_idx + offset) % num_threads_];
+    for (int64_t chunk; (chunk = range.claim(offset == 0)) >= 0;) run_chunk(chunk);
   }
 }
 
