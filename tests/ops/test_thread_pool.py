@@ -1,5 +1,5 @@
 """The CPU thread pool's polling policy: idle threads poll for jobs only inside a forward pass (the
-backend's isolated region), for 100 us by default while the host is quiet; LSERVE_CPU_SPIN_US (read
+backend's isolated region), for 30 us by default while the host is quiet; LSERVE_CPU_SPIN_US (read
 when a backend is made) sets the budget and turns the quiet-host check off, 0 never polls. The same
 bits with and without polling, and a bad value refused with a message naming the variable."""
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_polling_gives_the_same_bits(monkeypatch):
         np.testing.assert_array_equal(out, results[0])
 
 
-@pytest.mark.parametrize("spin, policy", [(None, "polls 100 us in a forward pass on a quiet host"),
+@pytest.mark.parametrize("spin, policy", [(None, "polls 30 us in a forward pass on a quiet host"),
                                           ("0", "never polls"), ("50", "polls 50 us in a forward pass")])
 def test_backend_names_its_polling_policy(monkeypatch, spin, policy):
     assert f" threads, {policy}, " in _backend(monkeypatch, spin).name  # the ISA level comes last
@@ -78,7 +78,7 @@ def test_polling_is_scoped_to_the_forward_pass(monkeypatch):
 
 @pytest.mark.parametrize("spin", [None, "0"])
 def test_default_polls_briefly_and_zero_never(monkeypatch, spin):
-    # The default budget is 100 us per wait; 0 blocks at once. Either way a 0.1 s idle gap inside a
+    # The default budget is 30 us per wait; 0 blocks at once. Either way a 0.1 s idle gap inside a
     # forward pass costs (almost) no CPU.
     backend = _backend(monkeypatch, spin)
     backend.begin_isolated()

@@ -47,8 +47,12 @@ bool spin_until(Done&& done, int64_t microseconds, KeepPolling&& keep_polling) {
   }
 }
 
-// The default budget: TODO measured below.
-constexpr int64_t kStepPollMicroseconds = 100;
+// The default budget. A decode step's gaps between jobs are a few microseconds (the caller's
+// inline norms, rope, activation quantisation), so 30 us covers them; on the quiet 2-core VM it
+// decoded as fast as 100 us (alternated, 78-84 vs 56-78 tokens/s at batch 1, 2026-12-05), and a
+// thread that shares its CPU with the one it waits for (a placement seen beside busy processes,
+// with few preemptions, so the check below does not see it) wastes a third as much per wait.
+constexpr int64_t kStepPollMicroseconds = 30;
 // A forward pass polls when during the previous one the process was preempted at most
 // kQuietPreemptions times, plus one per kQuietMicrosecondsPerPreemption of its duration.
 constexpr int64_t kQuietPreemptions = 4;
