@@ -1,13 +1,14 @@
 // ThreadPool implementation: workers sleep on a condition variable between jobs, take chunks from
-// an atomic counter, and report completion. Polling policy (llama.cpp's threads likewise spin between
-// the ops of one graph and sleep between graphs): inside a forward pass, where a decode step submits
-// ~150 jobs a few microseconds apart, idle workers and a caller waiting for them poll up to
-// kStepPollMicroseconds (with `pause`) before sleeping, which saves a futex sleep and wake per job;
-// outside one they sleep at once. On a busy host polling made decode 2-3x slower (a spinning thread
-// holds a CPU that the thread it waits for needs; docs/PERFORMANCE.md), so a forward pass polls only
-// when the previous one saw few involuntary context switches in this process (a quiet host: < 1 per
-// decode step; with two other busy processes on the 2-core VM: 100-150). LSERVE_CPU_SPIN_US=N
-// overrides: poll N us inside forward passes whatever the load, 0: never.
+// per-thread shares (stealing from the others' ends once theirs is empty), and report completion.
+// Polling policy (llama.cpp's threads likewise spin between the ops of one graph and sleep between
+// graphs): inside a forward pass, where a decode step submits ~150 jobs a few microseconds apart,
+// idle workers and a caller waiting for them poll up to kStepPollMicroseconds (with `pause`) before
+// sleeping, which saves a futex sleep and wake per job; outside one they sleep at once. On a busy
+// host polling made decode 2-3x slower (a spinning thread holds a CPU that the thread it waits for
+// needs; docs/PERFORMANCE.md), so a forward pass polls only when the previous one saw few
+// involuntary context switches in this process (a quiet host: < 1 per decode step; with two other
+// busy processes on the 2-core VM: 100-160). LSERVE_CPU_SPIN_US=N overrides: poll N us inside
+// forward passes whatever the load, 0: never.
 #include "parallel.h"
 
 #include <algorithm>
