@@ -6,7 +6,9 @@ Prefill tokens/s at 512, 2048, 4096 and 8000 prompt tokens (one request; lserve 
 chunks of 2048 / n_batch 2048); decode tokens/s at batch 1 and 8 (steady-state steps after the
 prefill). With --rounds 2 the engines alternate A B A B and each figure is the best round. Also
 the floors: read bandwidth (numpy sum over 1 GiB) and the Q4_1 bytes one decode token streams.
-Writes JSON (--output) and prints a table with the load average of each engine's round.
+Writes JSON (--output) and prints a table with the load average of each engine's round, and each
+lserve engine's ratios to llama.cpp round by round (the CPU backend's name, with its thread pool's
+polling policy, goes into the JSON).
 llama.cpp (llama-cpp-python built with OpenMP) spin-waits between graph nodes by default; on a shared
 host run with OMP_WAIT_POLICY=passive (on the loaded 2-core VM, 2026-12-05, its batch-1 decode went
 from 0.3 to 32 tokens/s).
@@ -212,8 +214,11 @@ def main() -> None:
             print("llama-cpp-python not installed: no llama.cpp column")
     if args.transformers:
         runners["transformers"] = lambda: bench_transformers(path, lengths, batches, args.decode_steps, args.repeats)
+    from lserve import _C
+
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "lserve_cpu_backend": _C.Backend("cpu", 0).name,  # threads, polling policy, ISA level
         "date": time.strftime("%Y-%m-%d"),
         "machine_floors": bench_machine(path),
         "rounds": [],
@@ -230,6 +235,14 @@ def main() -> None:
             print(f"round {round_idx} {name}: load {before:.2f} -> {load_average():.2f}: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()), flush=True)
     report["best"] = best
+    # Per round, each lserve engine over llama.cpp in the same round (a target must hold in every one).
+    by_round = {(r["engine"], r["round"]): r["figures"] for r in report["rounds"]}
+    for name in (n for n in runners if n.startswith("lserve") and "llama.cpp" in runners):
+        for round_idx in range(args.rounds):
+            ours, theirs = by_round[(name, round_idx)], by_round[("llama.cpp", round_idx)]
+            ratios = {k: ours[k] / theirs[k] for k in ours if theirs.get(k)}
+            report.setdefault("ratios", []).append({"engine": name, "round": round_idx, "ratios": ratios})
+            print(f"round {round_idx} {name} / llama.cpp: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     floors = report["machine_floors"]
     print(f"read bandwidth {floors['read_gb_per_s']:.1f} GB/s, {floors['decode_bytes_per_token'] / 1e6:.1f} MB per "
           f"decode token: floor {floors['decode_b1_floor_tok_per_s']:.0f} tok/s at batch 1")

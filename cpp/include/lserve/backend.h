@@ -99,8 +99,16 @@ class Backend {
   // end_isolated(), where nothing may allocate (empty), copy, fill or synchronise. Such calls still
   // run, and are counted: tests assert the count stays zero (on a device, a workspace growing on
   // the first step shows up here too).
-  void begin_isolated() { isolated_ = true; }
-  void end_isolated() { isolated_ = false; }
+  // The region is also the forward pass's extent: isolation_changed() tells the backend (the CPU
+  // pool polls for jobs only inside it).
+  void begin_isolated() {
+    isolated_ = true;
+    isolation_changed(true);
+  }
+  void end_isolated() {
+    isolated_ = false;
+    isolation_changed(false);
+  }
   int64_t isolation_violations() const { return isolation_violations_; }
 
   // True when the *_impl ops take bfloat16/float16 activations themselves; otherwise the
@@ -153,6 +161,8 @@ class Backend {
     if (isolated_) ++isolation_violations_;
   }
   virtual void synchronize_impl() {}
+  // begin_isolated() (true) or end_isolated() (false) was called.
+  virtual void isolation_changed(bool isolated) { (void)isolated; }
   // This backend's own limits beyond the op contracts; called by supports() for a query the
   // contract allows.
   virtual Support supports_impl(const OpQuery& query) const = 0;

@@ -32,7 +32,8 @@ CpuBackend::CpuBackend(int num_threads) : pool_(num_threads) {
 }
 
 std::string CpuBackend::name() const {
-  return std::string("cpu (") + std::to_string(pool_.num_threads()) + " threads, " + cpu_isa_name(context_.isa) + ")";
+  return std::string("cpu (") + std::to_string(pool_.num_threads()) + " threads, " + pool_.polling_policy() + ", " +
+         cpu_isa_name(context_.isa) + ")";
 }
 
 std::shared_ptr<void> CpuBackend::allocate_bytes(size_t num_bytes) {

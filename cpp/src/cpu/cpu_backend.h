@@ -66,6 +66,8 @@ class CpuBackend final : public Backend {
   void logprobs_impl(const LogprobsArgs& args) override { cpu::logprobs(context_, args); }
   void page_select_impl(const PageSelectArgs& args) override { cpu_page_select(args); }
   void page_stats_append_impl(const PageStatsAppendArgs& args) override { cpu_page_stats_append(args); }
+  // The isolated region is the forward pass: the pool polls for jobs inside it (parallel.h).
+  void isolation_changed(bool isolated) override { pool_.set_forward_pass(isolated); }
 
  private:
   ThreadPool pool_;
