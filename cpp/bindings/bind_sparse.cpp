@@ -72,6 +72,9 @@ void bind_sparse(py::module_& m) {
       .def_property(
           "group_score", [](const SparsityConfig& config) { return group_score_name(config.group_score); },
           [](SparsityConfig& config, const std::string& name) { config.group_score = group_score_from_string(name); })
+      .def_property_readonly("forced_pages", &SparsityConfig::forced_pages,
+                             "Pages every selection holds whatever the scores: the pages of the newest "
+                             "select_recent_tokens (at least one) and, with always_select_sink_page, page 0.")
       .def("validate", py::overload_cast<>(&SparsityConfig::validate, py::const_),
            "The settings alone; raises ValueError naming the field, its value and the rule.")
       .def("validate", py::overload_cast<int, int>(&SparsityConfig::validate, py::const_), py::arg("num_layers"),

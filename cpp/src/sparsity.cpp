@@ -26,8 +26,7 @@ void SparsityConfig::validate() const {
                " must divide physical_page_size ", physical_page_size);
   LSERVE_CHECK(decode_token_budget >= physical_page_size, "SparsityConfig.decode_token_budget ", decode_token_budget,
                " is below one physical page (physical_page_size ", physical_page_size, " tokens)");
-  // A selection holds at least the recent pages and, with always_select_sink_page, page 0.
-  const int min_pages = recent_pages() + (always_select_sink_page ? 1 : 0);
+  const int min_pages = forced_pages();
   LSERVE_CHECK(decode_token_budget / physical_page_size >= min_pages, "SparsityConfig.decode_token_budget ",
                decode_token_budget, " holds ", decode_token_budget / physical_page_size, " pages of ", physical_page_size,
                " tokens; it needs at least ", min_pages, " (select_recent_tokens ", select_recent_tokens, " -> ",
@@ -48,7 +47,7 @@ void SparsityConfig::validate(int num_layers, int num_kv_heads) const {
   LSERVE_CHECK(head_token_budgets.empty() || static_cast<int64_t>(head_token_budgets.size()) == entries,
                "SparsityConfig.head_token_budgets has ", head_token_budgets.size(), " entries, expected num_layers * "
                "num_kv_heads = ", entries);
-  const int min_pages = recent_pages() + (always_select_sink_page ? 1 : 0);
+  const int min_pages = forced_pages();
   for (int64_t i = 0; i < static_cast<int64_t>(head_token_budgets.size()); ++i) {
     if (!streaming_heads.empty() && streaming_heads[static_cast<size_t>(i)] != 0) continue;
     LSERVE_CHECK(head_token_budgets[static_cast<size_t>(i)] >= min_pages * physical_page_size,

@@ -291,6 +291,11 @@ class SparsityConfig:
     def enabled(self, arg1: typing.Any) -> None:
         ...
     @property
+    def forced_pages(self) -> int:
+        """
+        Pages every selection holds whatever the scores: the pages of the newest select_recent_tokens (at least one) and, with always_select_sink_page, page 0.
+        """
+    @property
     def head_token_budgets(self) -> list[int]:
         """
         Per-head decode budgets in tokens, num_layers * num_kv_heads layer-major (streaming heads' entries ignored); empty: decode_token_budget for every dense head.

@@ -272,8 +272,7 @@ class SparsityConfig:
             share = np.rint(pages * weights / mean).astype(np.int64)
         else:
             share = np.full(weights.shape, pages, dtype=np.int64)
-        recent = max(1, -(-self.select_recent_tokens // page))
-        floor = recent + (1 if self.always_select_sink_page else 0) + 1
+        floor = self._settings_core().forced_pages + 1  # the forced pages plus one scored page
         budgets[dense] = np.maximum(share, floor) * page
         return budgets
 

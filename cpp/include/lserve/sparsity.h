@@ -4,6 +4,7 @@
 // cache and, at decode, read only a token budget of pages chosen by hierarchical paging.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -45,9 +46,11 @@ struct SparsityConfig {
   int recent_pages() const {
     return select_recent_tokens <= 0 ? 1 : (select_recent_tokens + physical_page_size - 1) / physical_page_size;
   }
+  // Pages every selection holds whatever the scores: the recent pages and, if asked, the sink page.
+  int forced_pages() const { return recent_pages() + (always_select_sink_page ? 1 : 0); }
   int head_budget_pages(int64_t entry) const {
     const int tokens = head_token_budgets.empty() ? decode_token_budget : head_token_budgets[static_cast<size_t>(entry)];
-    return tokens / physical_page_size > 1 ? tokens / physical_page_size : 1;
+    return std::max(1, tokens / physical_page_size);
   }
   bool is_streaming(int layer_idx, int kv_head_idx, int num_kv_heads) const {
     return enabled && !streaming_heads.empty() &&

@@ -159,7 +159,7 @@ void ThreadPool::run(int64_t begin, int64_t end, int64_t grain, Body body, const
   job_ready_.notify_all();
   work_on_job(0);
   const auto all_done = [this] { return num_busy_workers_.load() == 0; };  // seq_cst: see caller_sleeping_
-  if (!spin_until(all_done, poll_microseconds(), [this] { return polling_.load(std::memory_order_relaxed); })) {
+  if (!spin_until(all_done, poll_microseconds(), [this] { return polling(); })) {
     std::unique_lock<std::mutex> lock(state_mutex_);
     caller_sleeping_.store(true);  // seq_cst, as the last worker's decrement and load: one sees the other
     job_done_.wait(lock, all_done);
@@ -211,7 +211,7 @@ void ThreadPool::worker_loop(int thread_idx) {
       return stopping_.load(std::memory_order_acquire) ||
              generation_.load(std::memory_order_acquire) != seen_generation;
     };
-    if (!spin_until(has_job, poll_microseconds(), [this] { return polling_.load(std::memory_order_relaxed); })) {
+    if (!spin_until(has_job, poll_microseconds(), [this] { return polling(); })) {
       std::unique_lock<std::mutex> lock(state_mutex_);
       job_ready_.wait(lock, has_job);
     }

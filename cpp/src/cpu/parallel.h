@@ -67,7 +67,8 @@ class ThreadPool {
   std::mutex dispatch_mutex_;  // held by the one caller whose job the workers run
 
   // How long an idle thread polls before blocking, within the current forward pass: 0 outside one.
-  int64_t poll_microseconds() const { return polling_.load(std::memory_order_relaxed) ? poll_budget_us_ : 0; }
+  bool polling() const { return polling_.load(std::memory_order_relaxed); }
+  int64_t poll_microseconds() const { return polling() ? poll_budget_us_ : 0; }
 
   // LSERVE_CPU_SPIN_US: an explicit budget (0: never poll) that also turns the busy-host check off;
   // -1 when unset (the default budget, with the check).

@@ -410,6 +410,7 @@ void LlamaModel::prepare_steps(int64_t max_tokens, int64_t max_seqs, int64_t max
   const int64_t num_qo = config_.num_qo_heads, group = num_qo / config_.num_kv_heads;
   for (Layer& layer : layers_) {
     layer.unpermute = Tensor();
+    if (!sparsity_.enabled) continue;
     std::vector<int32_t> position(static_cast<size_t>(num_qo));
     bool identity = true;
     for (size_t i = 0; i < layer.kv_order.size(); ++i) {
@@ -418,7 +419,7 @@ void LlamaModel::prepare_steps(int64_t max_tokens, int64_t max_seqs, int64_t max
       }
       identity = identity && layer.kv_order[i] == static_cast<int>(i);
     }
-    if (!sparsity_.enabled || identity) continue;
+    if (identity) continue;
     LSERVE_CHECK(max_tokens * num_qo <= INT32_MAX, "prepare_steps: ", max_tokens, " tokens x ", num_qo,
                  " heads exceed int32 row indices");
     std::vector<int32_t> rows(static_cast<size_t>(max_tokens * num_qo));
