@@ -23,13 +23,18 @@ out=${OUT:-/tmp/lserve_gpu_retrieval}
 mkdir -p "$out"
 model=${LSERVE_GGUF:-build/smol/model.gguf}
 if [ ! -f "$model" ]; then
-  cat build/smol/part* > "$model" || exit 1
+  cat build/smol/part* > "$model.$$" && mv "$model.$$" "$model" || exit 1  # two calls may race here
 fi
 echo "model $(sha256sum "$model")"
 export LSERVE_EXPERIMENTAL_CUDA_SPARSITY=1 PYTHONUNBUFFERED=1
-for spec in "$@"; do
+# LSERVE_EVAL_JOBS=N (default 1) runs up to N configs at once, one process each (the model is small:
+# each process holds its weights and one sequence's KV cache, max_num_seqs 1); each config's cases
+# run as they would alone, so the scores do not depend on N.
+run_one() {
+  local spec=$1 name args start rc
   name=${spec%%=*} args=${spec#*=}
   start=$(date +%s)
+  local config
   if [ "$name" = dense ]; then
     config=(--sparsity dense)
   else
@@ -53,4 +58,10 @@ for config, total in report["totals"].items():
     lengths = " ".join(f"{length}:{score:.3f}" for length, score in by_length.items() if length != "all")
     print(f"{name}: score {total['score']:.4f} over {total['num_cases']} cases ({lengths}; rc {rc}, {seconds}s)")
 PY
+}
+jobs_max=${LSERVE_EVAL_JOBS:-1}
+for spec in "$@"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+  run_one "$spec" &
 done
+wait

@@ -7,6 +7,7 @@
 # Usage on the device machine, after scripts/gpu_check.sh built lserve:
 #   bash scripts/gpu_retrieval_rounds.sh ROUND dev       # 84 dev cases per candidate -> build/roundR/dev
 #   bash scripts/gpu_retrieval_rounds.sh ROUND heldout   # dense and the dev winner at budgets 1024 and 4096
+# LSERVE_EVAL_JOBS=N runs N configs at once (scripts/gpu_retrieval.sh); the scores do not depend on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 round=$1 phase=$2
@@ -47,6 +48,8 @@ else
   mapfile -t chosen < <(python3 scripts/gpu_pick_best.py "$dir/dev" "${specs[@]}" --budget 4096)
   printf 'chosen: %s\n' "${chosen[@]}"
   [ ${#chosen[@]} -eq 2 ] || exit 1
-  OUT=$dir/heldout bash scripts/gpu_retrieval.sh heldout 1024,2048,4096,8192 3 dense=- "${chosen[@]}"
-  OUT=$dir/heldout8k bash scripts/gpu_retrieval.sh heldout 8192 9 dense=- "${chosen[1]}"
+  # The two calls run side by side (LSERVE_EVAL_JOBS configs at once within each).
+  OUT=$dir/heldout bash scripts/gpu_retrieval.sh heldout 1024,2048,4096,8192 3 dense=- "${chosen[@]}" &
+  OUT=$dir/heldout8k bash scripts/gpu_retrieval.sh heldout 8192 9 dense=- "${chosen[1]}" &
+  wait
 fi
