@@ -7,6 +7,7 @@
 # Usage on the device machine, after scripts/gpu_check.sh built lserve:
 #   bash scripts/gpu_retrieval_rounds.sh ROUND dev       # 84 dev cases per candidate -> build/roundR/dev
 #   bash scripts/gpu_retrieval_rounds.sh ROUND heldout   # dense and the dev winner at budgets 1024 and 4096
+#     (round 4: 9 cases per task and length, and round 3's winner beside a new pick)
 # LSERVE_EVAL_JOBS=N runs N configs at once (scripts/gpu_retrieval.sh); the scores do not depend on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,8 +49,21 @@ else
   mapfile -t chosen < <(python3 scripts/gpu_pick_best.py "$dir/dev" "${specs[@]}" --budget 4096)
   printf 'chosen: %s\n' "${chosen[@]}"
   [ ${#chosen[@]} -eq 2 ] || exit 1
-  # The two calls run side by side (LSERVE_EVAL_JOBS configs at once within each).
-  OUT=$dir/heldout bash scripts/gpu_retrieval.sh heldout 1024,2048,4096,8192 3 dense=- "${chosen[@]}" &
-  OUT=$dir/heldout8k bash scripts/gpu_retrieval.sh heldout 8192 9 dense=- "${chosen[1]}" &
-  wait
+  if [ "$round" = 3 ]; then
+    # The two calls run side by side (LSERVE_EVAL_JOBS configs at once within each).
+    OUT=$dir/heldout bash scripts/gpu_retrieval.sh heldout 1024,2048,4096,8192 3 dense=- "${chosen[@]}" &
+    OUT=$dir/heldout8k bash scripts/gpu_retrieval.sh heldout 8192 9 dense=- "${chosen[1]}" &
+    wait
+  else
+    # Round 4 on: 9 cases per (task, length), 252 per config (the first 3 of each are round 3's 84), so
+    # one case moves a config's score by 0.4 points instead of 1.2. Round 3's winner runs beside the
+    # pick (at both budgets) when the pick is another config: before and after on the same cases.
+    extra=()
+    case "${chosen[0]}" in
+      "${specs[0]}") ;;
+      *) extra=("${specs[0]}")
+         extra+=("$(python3 scripts/gpu_pick_best.py "$dir/dev" "${specs[0]}" --budget 4096 2>/dev/null | tail -1)") ;;
+    esac
+    OUT=$dir/heldout bash scripts/gpu_retrieval.sh heldout 1024,2048,4096,8192 9 dense=- "${chosen[@]}" "${extra[@]}"
+  fi
 fi
