@@ -50,8 +50,10 @@ grep -E "lserve: CUDA backend" "$out/build.log" | head -2
 
 start=$(date +%s)
 # Ops first: their results stand even if an end-to-end test brings the process down.
-timeout "${LSERVE_TEST_TIMEOUT:-900}" python3 -X faulthandler -m pytest tests/cuda/test_ops.py tests/cuda/test_sample_cuda.py tests/cuda/test_logprobs_cuda.py tests/cuda/test_page_select_cuda.py tests/cuda/test_sparse_ops_cuda.py tests/cuda/test_engine_cuda.py tests/cuda/test_sparse_engine_cuda.py \
-  tests/cuda/test_attention_kernels.py -m cuda -q -rfEs \
+# LSERVE_GPU_TESTS (space-separated paths) runs those instead, in that order.
+tests=${LSERVE_GPU_TESTS:-tests/cuda/test_ops.py tests/cuda/test_sample_cuda.py tests/cuda/test_logprobs_cuda.py tests/cuda/test_page_select_cuda.py tests/cuda/test_sparse_ops_cuda.py tests/cuda/test_engine_cuda.py tests/cuda/test_sparse_engine_cuda.py tests/cuda/test_attention_kernels.py}
+# shellcheck disable=SC2086  # one word per path
+timeout "${LSERVE_TEST_TIMEOUT:-900}" python3 -X faulthandler -m pytest $tests -m cuda -q -rfEs \
   -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 | tee "$out/pytest.log"
 test_rc=${PIPESTATUS[0]}
 test_s=$(( $(date +%s) - start ))
