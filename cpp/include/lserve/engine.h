@@ -119,6 +119,9 @@ struct EngineStats {
   // Native weights (dtype "native") used in place inside the model file's mapping, no copy made:
   // whole matrices the serving layout leaves as stored (ARCHITECTURE.md, "Native weights").
   int64_t weight_bytes_mapped = 0;
+  // Native weights the backend holds in its own gemm layout (Backend::pack_gemm_weight; the CPU packs
+  // block formats), counted as their stored bytes.
+  int64_t weight_bytes_packed = 0;
 };
 
 class Engine {
