@@ -177,11 +177,12 @@ class Backend {
   void require_support(const OpQuery& query) const;
   virtual std::shared_ptr<void> allocate_bytes(size_t num_bytes) = 0;
   virtual void copy_impl(const TensorView& dst, const TensorView& src) = 0;
+  virtual void fill_zero_impl(const TensorView& dst) = 0;
+  // pack_gemm_weight's work; the default serves every weight as it is.
   virtual WeightLayout pack_gemm_weight_impl(const TensorView& weight, Tensor* packed) {
     (void)weight, (void)packed;
     return WeightLayout::kRows;
   }
-  virtual void fill_zero_impl(const TensorView& dst) = 0;
 
   virtual void embed_impl(const EmbedArgs& args) = 0;
   virtual void rms_norm_impl(const RmsNormArgs& args) = 0;
