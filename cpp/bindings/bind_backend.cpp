@@ -148,21 +148,27 @@ void bind_backend(py::module_& m) {
       .def(
           "gemm",
           [](PyBackend& self, py::handle input, py::handle weight, py::handle bias, py::handle output, int repeat,
-             const std::string& weight_dtype) {
+             const std::string& weight_dtype, bool pack) {
             std::vector<DlpackTensor> keep;
             DlpackTensor input_t(input, "input"), weight_t(weight, "weight"), output_t(output, "output");
-            const GemmArgs args{input_t.view(), block_view(weight_t.view(), weight_dtype, "weight"),
-                                optional_view(bias, keep, "bias"), output_t.writable_view("output")};
+            GemmArgs args{input_t.view(), block_view(weight_t.view(), weight_dtype, "weight"),
+                          optional_view(bias, keep, "bias"), output_t.writable_view("output")};
             if (repeat < 1) throw py::value_error("repeat must be >= 1");
+            Tensor packed;
             run(self, [&] {
+              if (pack) {
+                args.weight_layout = self.backend->pack_gemm_weight(args.weight, &packed);
+                if (args.weight_layout != WeightLayout::kRows) args.weight = packed;
+              }
               for (int i = 0; i < repeat; ++i) self.backend->gemm(args);
             });
           },
           py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"), py::arg("repeat") = 1,
-          py::arg("weight_dtype") = "",
+          py::arg("weight_dtype") = "", py::arg("pack") = false,
           "output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait "
           "(benchmarks); weight_dtype q8_0 | q4_0 | q4_1: weight is the (out_features, row_bytes) uint8 array of "
-          "its blocks")
+          "its blocks; pack: first copy the weight into the layout the backend's gemm reads fastest "
+          "(Backend::pack_gemm_weight; the CPU interleaves block formats in groups of 8 rows), as a model does at load")
       .def(
           "silu_mul",
           [](PyBackend& self, py::handle input, py::handle output) {

@@ -136,7 +136,8 @@ void bind_engine(py::module_& m) {
       .def_readonly("num_prompt_tokens_computed", &EngineStats::num_prompt_tokens_computed)
       .def_readonly("num_forked_samples", &EngineStats::num_forked_samples)
       .def_readonly("isolation_violations", &EngineStats::isolation_violations)
-      .def_readonly("weight_bytes_mapped", &EngineStats::weight_bytes_mapped);
+      .def_readonly("weight_bytes_mapped", &EngineStats::weight_bytes_mapped)
+      .def_readonly("weight_bytes_packed", &EngineStats::weight_bytes_packed);
 
   py::class_<Engine>(m, "Engine")
       .def(py::init<const ModelConfig&, const EngineConfig&>(), py::arg("model_config"), py::arg("config"))

@@ -221,6 +221,18 @@ void Backend::rms_norm(const RmsNormArgs& args) {
   staging.finish();
 }
 
+WeightLayout Backend::pack_gemm_weight(const TensorView& weight, Tensor* packed) {
+  LSERVE_CHECK(packed != nullptr, "pack_gemm_weight: no output tensor");
+  TensorCheck(weight, "pack_gemm_weight", "weight").ndim(2).contiguous();
+  LSERVE_CHECK(weight.device.type == DeviceType::kCPU, "pack_gemm_weight: 'weight' must be in host memory, got ",
+               weight.device.str());
+  LSERVE_CHECK(weight.size(1) % dtype_block_size(weight.dtype) == 0, "pack_gemm_weight: a ",
+               dtype_name(weight.dtype), " weight needs rows of whole blocks of ", dtype_block_size(weight.dtype),
+               ", got ", weight.shape_str());
+  note_isolation();
+  return pack_gemm_weight_impl(weight, packed);
+}
+
 void Backend::gemm(const GemmArgs& args) {
   args.validate(device());
   require_support(OpQuery::of(args));

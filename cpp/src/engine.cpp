@@ -679,6 +679,7 @@ EngineStats Engine::stats() const {
   stats.num_prompt_tokens_computed = num_prompt_tokens_computed_;
   stats.num_forked_samples = num_forked_;
   stats.weight_bytes_mapped = model_->weight_bytes_mapped();
+  stats.weight_bytes_packed = model_->weight_bytes_packed();
   stats.num_total_pages = kv_cache_->num_total_pages();
   stats.num_free_pages = kv_cache_->num_free_pages();
   stats.page_size = kv_cache_->page_size();

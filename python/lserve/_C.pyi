@@ -777,6 +777,9 @@ class EngineStats:
     @property
     def weight_bytes_mapped(self) -> int:
         ...
+    @property
+    def weight_bytes_packed(self) -> int:
+        ...
 class Engine:
     @staticmethod
     def from_gguf(path: str, config: EngineConfig) -> Engine:
@@ -856,9 +859,9 @@ class Backend:
         ...
     def gather_rows(self, input: typing.Any, indices: typing.Any, output: typing.Any) -> None:
         ...
-    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any, repeat: typing.SupportsInt | typing.SupportsIndex = 1, weight_dtype: str = '') -> None:
+    def gemm(self, input: typing.Any, weight: typing.Any, bias: typing.Any, output: typing.Any, repeat: typing.SupportsInt | typing.SupportsIndex = 1, weight_dtype: str = '', pack: bool = False) -> None:
         """
-        output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait (benchmarks); weight_dtype q8_0 | q4_0 | q4_1: weight is the (out_features, row_bytes) uint8 array of its blocks
+        output = input @ weight^T (+ bias); `repeat` launches it that many times before the one wait (benchmarks); weight_dtype q8_0 | q4_0 | q4_1: weight is the (out_features, row_bytes) uint8 array of its blocks; pack: first copy the weight into the layout the backend's gemm reads fastest (Backend::pack_gemm_weight; the CPU interleaves block formats in groups of 8 rows), as a model does at load
         """
     def logprobs(self, logits: typing.Any, row_indices: typing.Any, token_ids: typing.Any, logprobs: typing.Any, top_token_ids: typing.Any, top_logprobs: typing.Any) -> None:
         """

@@ -104,7 +104,9 @@ print(rss() - before)
 
 def test_native_resident_memory(smollm2_gguf):
     """Engine(SmolLM2 Q4_1) on the CPU: resident growth <= 1.5 x the file + the 64 MiB KV cache it
-    was given (measured 2026-12-05: 191 MB = 1.29 x 98 MB + 64 MiB; dtype float32: 635 MB)."""
+    was given (measured 2026-12-05: 191 MB = 1.29 x 98 MB + 64 MiB with the matrices served from the
+    mapping; 200 MB = 1.36 x 98 MB + 64 MiB with them packed in the CPU backend's arena and the mapping's
+    pages dropped; dtype float32: 635 MB)."""
     kv_bytes = 64 << 20
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     grown = int(subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(smollm2_gguf), "native"], env=env, check=True,
@@ -157,46 +159,77 @@ def test_native_sparse_equals_dense_when_everything_fits(tmp_path):
 STORED_AS_IS = ("token_embd.weight", "output.weight", "attn_output.weight", "ffn_down.weight")
 
 
-def _stored_bytes(path, skip=()) -> int:
-    """Bytes of the GGUF matrices the engine can serve as stored: whole matrices of its layout
-    (attn_q/k/v fuse into q|k|v and ffn_gate/up into gate|up, so those are copies)."""
+def _stored_bytes(path, suffixes=STORED_AS_IS) -> int:
+    """Bytes of the GGUF matrices whose names end in one of `suffixes`. By default those the engine can
+    serve as stored: whole matrices of its layout (attn_q/k/v fuse into q|k|v and ffn_gate/up into
+    gate|up, so those are copies)."""
     reader = gguf.GGUFReader(str(path))
-    return sum(int(t.n_bytes) for t in reader.tensors if t.name.endswith(STORED_AS_IS) and t.name not in skip)
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name.endswith(suffixes) and len(t.shape) == 2)
+
+
+def _matrix_bytes(path) -> int:
+    """Bytes of every 2-D tensor (the matrices; norms are 1-D)."""
+    reader = gguf.GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2)
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_whole_matrices_stay_in_the_file_mapping(tmp_path, tied):
-    """Native weights that are whole matrices as stored are views into the GGUF mapping (no copy),
-    the rest copies; the logits stay those of the float32 reference (test above), and the engine
-    runs after the file object is gone (the views hold the mapping)."""
+def test_block_matrices_are_packed_and_the_embedding_stays_mapped(tmp_path, tied):
+    """Native q4_1 weights on the CPU: every gemm matrix goes to the backend's interleaved layout
+    (Backend::pack_gemm_weight), copied from the mapping or from the fused q|k|v and gate|up; the
+    embedding stays a view into the mapping (embed reads its rows) and a tied lm_head is a packed copy
+    of it. The logits stay those of the float32 reference (test above), and the engine runs after the
+    file object is gone (the view holds the mapping)."""
     path = tmp_path / "tiny_q4_1.gguf"
     write_tiny_llama(path, qtype=QTYPES["q4_1"], inter=96, tied=tied)
+    embedding = _stored_bytes(path, ("token_embd.weight",))
+    packed = _matrix_bytes(path) - embedding + (embedding if tied else 0)
     native = Engine(str(path), show_progress=False, capture_logits=True)
-    assert native._core.stats().weight_bytes_mapped == _stored_bytes(path) > 0
-    assert Engine(str(path), dtype="float32", show_progress=False)._core.stats().weight_bytes_mapped == 0
+    assert (native._core.stats().weight_bytes_mapped, native._core.stats().weight_bytes_packed) == (embedding, packed)
+    assert embedding > 0 and packed > 0
+    reference = Engine(str(path), dtype="float32", show_progress=False)._core.stats()
+    assert (reference.weight_bytes_mapped, reference.weight_bytes_packed) == (0, 0)
 
-    # The C++ loader (Engine::from_gguf) closes its GgufFile on return; the views keep the mapping.
+    # The C++ loader (Engine::from_gguf) closes its GgufFile on return; the view keeps the mapping.
     from lserve import _C
 
     config = _C.EngineConfig()
     config.dtype = "native"
     config.capture_logits = True
     core = _C.Engine.from_gguf(str(path), config)
-    assert core.stats().weight_bytes_mapped == _stored_bytes(path)
+    assert (core.stats().weight_bytes_mapped, core.stats().weight_bytes_packed) == (embedding, packed)
     core.add_request(0, PROMPT, SamplingParams(temperature=0.0, max_tokens=1).to_core(1, None))
     logits = [np.asarray(out.logits) for out in core.step() if out.logits is not None]
     assert_exact(logits[0], prompt_logits(native, [PROMPT])[0], "from_gguf vs Engine, native weights")
 
 
-def test_reordered_heads_keep_o_proj_in_the_mapping(tmp_path):
-    """With sparse attention, a layer whose KV heads are reordered still serves its o_proj from the
-    mapping (the attention output is put back in order instead of moving o_proj's columns), as do
-    ffn_down and the embedding; q|k|v are copies anyway."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_float_matrices_stay_in_the_file_mapping(tmp_path, tied):
+    """Native f16 weights: the CPU gemm reads them as stored, so whole matrices are views into the
+    GGUF mapping (no copy) and nothing is packed; the rest are copies."""
+    path = tmp_path / "tiny_f16.gguf"
+    write_tiny_llama(path, qtype=QTYPES["f16"], inter=96, tied=tied)
+    stats = Engine(str(path), show_progress=False)._core.stats()
+    assert (stats.weight_bytes_mapped, stats.weight_bytes_packed) == (_stored_bytes(path), 0)
+    assert stats.weight_bytes_mapped > 0
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q4_1"])
+def test_reordered_heads_keep_o_proj_as_stored(tmp_path, qtype):
+    """With sparse attention, a layer whose KV heads are reordered still serves its o_proj as stored
+    (the attention output is put back in order instead of moving o_proj's columns): f16 from the
+    mapping, as ffn_down and the embedding; q4_1 packed from the mapping like every other matrix
+    (the reordered q|k|v copies too), the embedding mapped."""
     from lserve import SparsityConfig
 
-    path = tmp_path / "tiny_q4_1.gguf"
-    write_tiny_llama(path, qtype=QTYPES["q4_1"], inter=96)
+    path = tmp_path / f"tiny_{qtype}.gguf"
+    write_tiny_llama(path, qtype=QTYPES[qtype], inter=96)
     sparsity = SparsityConfig(streaming_heads=[[], [0]], physical_page_size=16, logical_page_size=4,
                               decode_token_budget=32, prefill_local_tokens=8, decode_local_tokens=8)
     engine = Engine(str(path), sparsity=sparsity, max_model_len=256, num_kv_pages=32, show_progress=False)
-    assert engine._core.stats().weight_bytes_mapped == _stored_bytes(path)
+    stats = engine._core.stats()
+    if qtype == "f16":
+        assert (stats.weight_bytes_mapped, stats.weight_bytes_packed) == (_stored_bytes(path), 0)
+    else:
+        embedding = _stored_bytes(path, ("token_embd.weight",))
+        assert (stats.weight_bytes_mapped, stats.weight_bytes_packed) == (embedding, _matrix_bytes(path) - embedding)

@@ -131,22 +131,24 @@ def backends():
 @pytest.mark.parametrize("num_tokens,in_features,out_features", SHAPES)
 def test_gemm_quant_at_each_level(backends, isa, fmt, num_tokens, in_features, out_features):
     """Against the dequantised weight (test_gemm_quant's two bounds), and bit for bit against the
-    portable kernel and the AVX2 one (each lane runs the same integer sums and fp32 steps)."""
+    portable kernel and the AVX2 one (each lane runs the same integer sums and fp32 steps), with the
+    weight as stored and packed (Backend::pack_gemm_weight's interleaved groups of 8 rows)."""
     require(isa)
     seed = num_tokens * 10007 + in_features * 101 + out_features
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((num_tokens, in_features)).astype(np.float32)
     blocks, weight = quantized_weight(rng, out_features, in_features, fmt)
     bias = rng.standard_normal(out_features).astype(np.float32)
-    what = f"{isa} {fmt} {num_tokens}x{in_features}x{out_features}"
-    output = np.full((num_tokens, out_features), np.nan, np.float32)
-    backends[isa].gemm(x, blocks, bias, output, weight_dtype=fmt)
-    assert_matches_dequantised(output, x, weight, bias.astype(np.float64), what, seed)
-    for other in ("generic", "avx2"):
-        if other in CPU_ISAS and other != isa:
-            expected = np.full((num_tokens, out_features), np.nan, np.float32)
-            backends[other].gemm(x, blocks, bias, expected, weight_dtype=fmt)
-            assert_exact(output, expected, f"{what} vs {other}", seed)
+    for pack in (False, True):
+        what = f"{isa} {fmt} {num_tokens}x{in_features}x{out_features} pack={pack}"
+        output = np.full((num_tokens, out_features), np.nan, np.float32)
+        backends[isa].gemm(x, blocks, bias, output, weight_dtype=fmt, pack=pack)
+        assert_matches_dequantised(output, x, weight, bias.astype(np.float64), what, seed)
+        for other in ("generic", "avx2", isa):
+            if other in CPU_ISAS and (other, False) != (isa, pack):
+                expected = np.full((num_tokens, out_features), np.nan, np.float32)
+                backends[other].gemm(x, blocks, bias, expected, weight_dtype=fmt)
+                assert_exact(output, expected, f"{what} vs {other} as stored", seed)
 
 
 @pytest.mark.parametrize("isa", ALL_ISAS)
@@ -167,9 +169,10 @@ def test_gemm_quant_extreme_blocks_at_each_level(backends, isa):
         if fmt == "q8_0":
             raw[0, :, 2:] = 0x80  # every item -128
         blocks = raw.reshape(45, 3 * block_bytes)
-        outputs = {}
-        for level in sorted({isa, "generic"}):
-            outputs[level] = np.full((70, 45), np.nan, np.float32)
-            backends[level].gemm(x, blocks, None, outputs[level], weight_dtype=fmt)
-        assert np.isfinite(outputs[isa]).all(), f"{isa} {fmt}: non-finite output (seed={seed})"
-        assert_exact(outputs[isa], outputs["generic"], f"{isa} {fmt} extreme blocks vs generic", seed)
+        expected = np.full((70, 45), np.nan, np.float32)
+        backends["generic"].gemm(x, blocks, None, expected, weight_dtype=fmt)
+        for pack in (False, True):
+            output = np.full((70, 45), np.nan, np.float32)
+            backends[isa].gemm(x, blocks, None, output, weight_dtype=fmt, pack=pack)
+            assert np.isfinite(output).all(), f"{isa} {fmt} pack={pack}: non-finite output (seed={seed})"
+            assert_exact(output, expected, f"{isa} {fmt} pack={pack} extreme blocks vs generic as stored", seed)

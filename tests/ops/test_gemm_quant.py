@@ -93,8 +93,52 @@ def test_gemm_quant_is_batch_and_thread_invariant(fmt):
                 reference = batch
             assert_exact(batch, reference, f"{fmt} {isa}: {num_threads} threads vs 1", seed)
         by_isa[isa] = reference
+        packed = np.empty((17, 131), np.float32)
+        make_cpu_backend(isa, 3).gemm(x, blocks, None, packed, weight_dtype=fmt, pack=True)
+        assert_exact(packed, reference, f"{fmt} {isa}: packed weight vs as stored", seed)
     for isa in CPU_ISAS:
         assert_exact(by_isa[isa], by_isa["generic"], f"{fmt}: {isa} kernel vs portable", seed)
+
+
+PACK_SHAPES = [  # (num_tokens, in_features, out_features): out_features around groups of 8 (and of 16, AVX-512)
+    (1, 32, 1), (1, 64, 7), (1, 96, 8), (1, 32, 9), (1, 160, 24), (1, 576, 113),
+    (3, 64, 15), (3, 96, 16), (3, 32, 17), (3, 1536, 41),
+    (17, 96, 23), (17, 64, 31), (17, 576, 33),
+    (70, 160, 11),  # crosses the 64-token block
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("num_tokens,in_features,out_features", PACK_SHAPES)
+def test_gemm_quant_packed_weight_gives_the_same_bits(any_isa_backend, fmt, num_tokens, in_features, out_features):
+    """A weight packed by the backend (Backend::pack_gemm_weight: interleaved groups of 8 rows, the last
+    one padded) gives the bits of the weight as stored, at every kernel level and against the portable
+    kernel on the stored weight, for any block bytes; the padding rows never reach the output."""
+    seed = num_tokens * 7919 + in_features * 31 + out_features
+    rng = np.random.default_rng(seed)
+    blocks = random_block_bytes(rng, fmt, out_features, in_features // 32)
+    x = rng.standard_normal((num_tokens, in_features)).astype(np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    expected = np.full((num_tokens, out_features), np.nan, np.float32)
+    make_cpu_backend("generic", 1).gemm(x, blocks, bias, expected, weight_dtype=fmt)
+    what = f"{fmt} {num_tokens}x{in_features}x{out_features}"
+    for pack in (False, True):
+        output = np.full((num_tokens, out_features), np.nan, np.float32)
+        any_isa_backend.gemm(x, blocks, bias, output, weight_dtype=fmt, pack=pack)
+        assert_exact(output, expected, f"{what} pack={pack} vs portable as stored", seed)
+    assert np.isfinite(expected).all(), f"{what}: non-finite reference (seed={seed})"
+
+
+def test_pack_leaves_float_weights_as_stored(backend):
+    """Float weights have no packed layout on the CPU: pack=True runs the weight as given."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    weight = rng.standard_normal((9, 64)).astype(np.float32)
+    outputs = []
+    for pack in (False, True):
+        outputs.append(np.full((3, 9), np.nan, np.float32))
+        backend.gemm(x, weight, None, outputs[-1], pack=pack)
+    assert_exact(outputs[1], outputs[0], "float32 gemm pack=True vs as given", 3)
 
 
 def test_gemm_quant_zero_and_huge_rows(any_isa_backend):

@@ -131,6 +131,13 @@ class Backend {
     throw Error(name() + " backend: no graph replay");
   }
 
+  // Load-time weight preparation (once per weight, on the host, outside the isolated region): a copy of
+  // a gemm weight in the layout this backend's gemm reads fastest (ops/gemm.h WeightLayout), for
+  // GemmArgs::weight with GemmArgs::weight_layout. Returns that layout and sets *packed to the copy; or
+  // returns WeightLayout::kRows, leaving *packed alone, where the backend serves `weight` as it is (CUDA:
+  // every weight; the CPU: float weights). weight: (out_features, in_features), contiguous, host memory.
+  WeightLayout pack_gemm_weight(const TensorView& weight, Tensor* packed);
+
   // Capability query (ggml's supports_op): can this backend run the op with these argument kinds?
   // First what the op's contract allows anywhere (ops/<op>.h), then supports_impl, this backend's
   // limits. The public op entries refuse what it refuses (after their Args' validate(), whose own
@@ -171,6 +178,11 @@ class Backend {
   virtual std::shared_ptr<void> allocate_bytes(size_t num_bytes) = 0;
   virtual void copy_impl(const TensorView& dst, const TensorView& src) = 0;
   virtual void fill_zero_impl(const TensorView& dst) = 0;
+  // pack_gemm_weight's work; the default serves every weight as it is.
+  virtual WeightLayout pack_gemm_weight_impl(const TensorView& weight, Tensor* packed) {
+    (void)weight, (void)packed;
+    return WeightLayout::kRows;
+  }
 
   virtual void embed_impl(const EmbedArgs& args) = 0;
   virtual void rms_norm_impl(const RmsNormArgs& args) = 0;

@@ -117,8 +117,12 @@ struct EngineStats {
   // Backend::begin_isolated): zero on the CPU; a device counts its first-step workspace growth.
   int64_t isolation_violations = 0;
   // Native weights (dtype "native") used in place inside the model file's mapping, no copy made:
-  // whole matrices the serving layout leaves as stored (ARCHITECTURE.md, "Native weights").
+  // whole matrices the serving layout leaves as stored and the backend does not pack (ARCHITECTURE.md,
+  // "Quantized GEMM on the CPU").
   int64_t weight_bytes_mapped = 0;
+  // Native weights the backend holds in its own gemm layout (Backend::pack_gemm_weight; the CPU packs
+  // block formats), counted as their stored bytes.
+  int64_t weight_bytes_packed = 0;
 };
 
 class Engine {

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "convert.h"
@@ -41,6 +42,16 @@ std::shared_ptr<void> CpuBackend::allocate_bytes(size_t num_bytes) {
   void* data = std::aligned_alloc(kAlignment, rounded);
   LSERVE_CHECK(data != nullptr, "CpuBackend: failed to allocate ", num_bytes, " bytes");
   return std::shared_ptr<void>(data, [](void* pointer) { std::free(pointer); });
+}
+
+WeightLayout CpuBackend::pack_gemm_weight_impl(const TensorView& weight, Tensor* packed) {
+  if (!dtype_is_block(weight.dtype)) return WeightLayout::kRows;
+  std::shared_ptr<void> storage =
+      weight_arena_.allocate(packed_weight_bytes(weight.dtype, weight.size(0), weight.size(1)));
+  pack_quant_weight(weight, static_cast<uint8_t*>(storage.get()));
+  const TensorView view = TensorView::contiguous(storage.get(), weight.dtype, weight.shape.data(), 2);
+  *packed = Tensor(std::move(storage), view);
+  return WeightLayout::kInterleaved8;
 }
 
 void CpuBackend::copy_impl(const TensorView& dst, const TensorView& src) { cpu::copy(context_, dst, src); }

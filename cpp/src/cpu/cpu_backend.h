@@ -11,6 +11,7 @@
 #include "lserve/backend.h"
 #include "lserve/cpu_isa.h"
 #include "parallel.h"
+#include "weight_arena.h"
 
 namespace lserve::cpu {
 
@@ -27,6 +28,12 @@ void rms_norm(const CpuContext& context, const RmsNormArgs& args);
 void gemm(const CpuContext& context, const GemmArgs& args);
 // gemm with a q8_0 | q4_0 | q4_1 weight (cpp/src/cpu/gemm_quant.cpp); gemm() forwards to it.
 void gemm_quant(const CpuContext& context, const GemmArgs& args);
+// WeightLayout::kInterleaved8 (lserve/ops/gemm.h): rows in groups of kPackRows, block by block.
+constexpr int64_t kPackRows = 8;
+// Bytes of a packed (out_features, in_features) block-format weight (its last group padded to kPackRows rows).
+size_t packed_weight_bytes(DType dtype, int64_t out_features, int64_t in_features);
+// Writes the contiguous block-format `weight` (stored rows) to out, packed_weight_bytes() of it.
+void pack_quant_weight(const TensorView& weight, uint8_t* out);
 void silu_mul(const CpuContext& context, const SiluMulArgs& args);
 void rope_kv_append(const CpuContext& context, const RopeKvAppendArgs& args);
 void attention(const CpuContext& context, const AttentionArgs& args);
@@ -53,6 +60,8 @@ class CpuBackend final : public Backend {
   Support supports_impl(const OpQuery&) const override { return Support::yes(); }
   std::shared_ptr<void> allocate_bytes(size_t num_bytes) override;
   void copy_impl(const TensorView& dst, const TensorView& src) override;
+  // Block formats: WeightLayout::kInterleaved8 in the weight arena; float weights stay as they are.
+  WeightLayout pack_gemm_weight_impl(const TensorView& weight, Tensor* packed) override;
   void fill_zero_impl(const TensorView& dst) override;
 
   void embed_impl(const EmbedArgs& args) override { cpu::embed(context_, args); }
@@ -72,6 +81,7 @@ class CpuBackend final : public Backend {
  private:
   ThreadPool pool_;
   CpuContext context_;
+  WeightArena weight_arena_;
 };
 
 }  // namespace lserve::cpu

@@ -1,18 +1,23 @@
 // CPU GEMM with block-format weights (Q8_0, Q4_0, Q4_1; lserve/tensor.h): output (num_tokens,
 // out_features) = input (num_tokens, in_features) f32 @ dequant(weight)^T (+ bias), the weight read
-// as stored. Each input row is first quantised to ActBlocks (8-bit, 32 items, one fp32 scale d_x
+// as stored or packed (below). Each input row is first quantised to ActBlocks (8-bit, 32 items, one fp32 scale d_x
 // and s_x = d_x * sum(q); quant.h), as ggml does for these formats; then per (token, output
 // feature, weight block) an exact integer dot product of 32 {u4, s8} x s8 pairs is scaled in fp32:
 //   acc = fma(float(isum), d_w * d_x, acc);  acc = fma(m_w, s_x, acc)   (Q4_1; Q4_0 is m_w = -8 d_w,
 //   Q8_0 has no minimum term), and finally out = acc + bias.
-// AVX2 layout: eight features at once, one fp32 lane each. A block's 16 nibble bytes of 8 rows are
-// transposed in registers (dword g of row j -> lane j of register g), so one maddubs multiplies
-// 4 items of all 8 features with the token's 4 matching activation bytes (broadcast); 8 maddubs
-// (int16 sums <= 8 * 2 * 15 * 127 = 30480, no overflow) and one madd give the 8 block sums, and
-// the 8 scales come in as one f16 vector. The transposed weights are reused by up to kTileTokens
-// tokens. The technique is ggml's (quantise activations, maddubs dot products); the code is ours.
+// AVX2 layout: eight features at once, one fp32 lane each. One maddubs multiplies 4 items of all 8
+// features (register g, lane j = dword g of row j's item bytes) with the token's 4 matching
+// activation bytes (broadcast); 8 maddubs (int16 sums <= 8 * 2 * 15 * 127 = 30480, no overflow) and
+// one madd give the 8 block sums, and the 8 scales come in as one f16 vector. Weights arrive in that
+// order one of two ways (GemmArgs::weight_layout): packed at load time (WeightLayout::kInterleaved8,
+// Backend::pack_gemm_weight: per group of 8 rows and block, the 8 d, the 8 m (Q4_1), then the item
+// dwords already in register order: a block is 5 or 6 plain loads and 2 conversions), or as stored
+// (kRows: a block's 16 nibble bytes of 8 rows transposed in registers, ~20 vector ops). Either way
+// the loaded block is reused by up to kTileTokens tokens. The technique is ggml's (quantise
+// activations, maddubs dot products, weights repacked at load); the code is ours.
 // AVX-512 (F+BW+VL; vpdpbusd with VNNI) does the same on 16 features per zmm register (see its
-// section). The CpuContext's level picks the kernel (lserve/cpu_isa.h, LSERVE_CPU_ISA).
+// section); packed, one register is two groups' 256-bit halves. The CpuContext's level picks the
+// kernel (lserve/cpu_isa.h, LSERVE_CPU_ISA); the portable kernel unpacks a packed group's rows.
 //
 // Batch invariance: each (token, feature) result is the same sequence of operations on its own
 // lane (integer sums are exact; the fp32 steps above run in block order), whatever the tile, the
@@ -21,10 +26,13 @@
 // (tests/ops/test_gemm_quant.py and test_cpu_isa.py check both).
 //
 // Floor (decode, 1 token): the weight bytes, 20 B per 32 Q4_1 items: SmolLM2-135M's 30 layers are
-// 66 MB and its Q8_0 lm_head 30 MB per token. Compute per 8 features x 1 block x 1 token (Q4): about
-// 20 vector ops to transpose and split the nibbles (shared by the tile's tokens) and 24 per token
-// (8 broadcasts, 8 maddubs, 7 adds, madd, convert, scale, 2 FMAs), i.e. 3 to 5.5 ops per 32 MACs,
-// where the former fp32-activation kernel (weights dequantised to fp32 in registers) spent ~20.
+// 66 MB and its Q8_0 lm_head 30 MB per token. Compute per 8 features x 1 block x 1 token (Q4): the
+// block's weights, shared by the tile's tokens (packed: 6 loads, 2 f16 conversions, 12 ops to split
+// the nibbles; as stored about 20 more to transpose), and 24 per token (8 broadcasts, 8 maddubs,
+// 7 adds, madd, convert, scale, 2 FMAs): per 32 MACs 5.5 ops packed and 8 as stored at M = 1, 3.6
+// and 4.2 at M = 4, where the former fp32-activation kernel (weights dequantised to fp32 in
+// registers) spent ~20. Measured 2026-12-05 on the 2-core EPYC VM (M = 1, 3072 x 576 Q4_1, L3-resident
+// in the loop): 107 us as stored, 67 us packed.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -63,6 +71,8 @@ struct Prefetch {
 
 template <DType kWeight>
 struct BlockLayout;
+// kBytes, kItems: a block as stored (kItems: offset of its item bytes, after d and m). Packed
+// (WeightLayout::kInterleaved8): kPackedItems, the offset of the item bytes in a group's block.
 template <>
 struct BlockLayout<DType::kQ8_0> {
   static constexpr int64_t kBytes = sizeof(BlockQ8_0);
@@ -81,6 +91,8 @@ struct BlockLayout<DType::kQ4_1> {
   static constexpr int64_t kItems = offsetof(BlockQ4_1, qs);
   static constexpr bool kHasMin = true;
 };
+template <DType kWeight>
+constexpr int64_t kPackedItems = kPackRows * BlockLayout<kWeight>::kItems;
 
 inline uint16_t load_u16(const uint8_t* src) {
   uint16_t value;
@@ -131,18 +143,47 @@ float dot_generic(const uint8_t* weight_row, const ActBlock* x, int64_t num_bloc
   return acc + bias;
 }
 
+// Row `row` (< kPackRows) of a packed group (WeightLayout::kInterleaved8) back in the stored layout.
+template <DType kWeight>
+void unpack_row(const uint8_t* group, int row, int64_t num_blocks, uint8_t* out) {
+  using Layout = BlockLayout<kWeight>;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* src = group + b * kPackRows * Layout::kBytes;
+    uint8_t* dst = out + b * Layout::kBytes;
+    for (int64_t half = 0; half < Layout::kItems / 2; ++half) {  // d, then Q4_1's m
+      std::memcpy(dst + 2 * half, src + half * 2 * kPackRows + 2 * row, 2);
+    }
+    for (int64_t dword = 0; dword < (Layout::kBytes - Layout::kItems) / 4; ++dword) {
+      std::memcpy(dst + Layout::kItems + 4 * dword, src + kPackedItems<kWeight> + dword * 4 * kPackRows + 4 * row, 4);
+    }
+  }
+}
+
 struct GenericKernels {
   static constexpr int kGroupFeatures = 8;
   static constexpr int kTileTokens = 4;
   static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
     quantize_row_generic(x, out, num_blocks);
   }
-  template <DType kWeight>
+  // kPacked: weight_rows[0] is the packed group, whose rows are first put back in the stored layout.
+  template <DType kWeight, bool kPacked>
   static void tile(int num_tokens, const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
                    int64_t num_blocks, const float* bias, const Prefetch&, float (*out)[kGroupFeatures]) {
+    thread_local std::vector<uint8_t> unpacked;
+    const uint8_t* rows[kGroupFeatures];
+    if constexpr (kPacked) {
+      const int64_t row_bytes = num_blocks * BlockLayout<kWeight>::kBytes;
+      unpacked.resize(static_cast<size_t>(kGroupFeatures * row_bytes));
+      for (int j = 0; j < kGroupFeatures; ++j) {
+        unpack_row<kWeight>(weight_rows[0], j, num_blocks, unpacked.data() + j * row_bytes);
+        rows[j] = unpacked.data() + j * row_bytes;
+      }
+    } else {
+      std::copy(weight_rows, weight_rows + kGroupFeatures, rows);
+    }
     for (int i = 0; i < num_tokens; ++i) {
       for (int j = 0; j < kGroupFeatures; ++j) {
-        out[i][j] = dot_generic<kWeight>(weight_rows[j], x_rows[i], num_blocks, bias ? bias[j] : 0.0f);
+        out[i][j] = dot_generic<kWeight>(rows[j], x_rows[i], num_blocks, bias ? bias[j] : 0.0f);
       }
     }
   }
@@ -222,6 +263,34 @@ LSERVE_AVX2_INLINE void load_scales(const uint8_t* const* block, __m256& d, __m2
   second = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
 }
 
+// Block b of the tile's 8 features: d, Q4_1's m (`second`; unused by the other formats) and the
+// item dwords transposed as transpose_rows gives them (4 registers, Q8_0 8). Stored rows are
+// transposed in registers (kPacked false: weight_rows are the 8 rows); a packed group
+// (kPacked: weight_rows[0]) already holds them in that order: plain loads.
+template <DType kWeight, bool kPacked>
+LSERVE_AVX2_INLINE void load_block(const uint8_t* const* weight_rows, int64_t b, __m256& d, __m256& second,
+                                   __m256i* items) {
+  using Layout = BlockLayout<kWeight>;
+  constexpr int kItemRegisters = (Layout::kBytes - Layout::kItems) / 4;  // item dwords
+  if constexpr (kPacked) {
+    const uint8_t* group = weight_rows[0] + b * kPackRows * Layout::kBytes;
+    d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    if constexpr (kWeight == DType::kQ4_1) {
+      second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group + 2 * kPackRows)));
+    } else {
+      second = d;  // unused
+    }
+    for (int k = 0; k < kItemRegisters; ++k) {
+      items[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + kPackedItems<kWeight> + 32 * k));
+    }
+  } else {
+    const uint8_t* block[8];
+    for (int j = 0; j < 8; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
+    load_scales(block, d, second);
+    for (int k = 0; k < kItemRegisters; k += 4) transpose_rows(block, Layout::kItems + 4 * k, items + k);
+  }
+}
+
 LSERVE_AVX2_INLINE __m256i broadcast4(const int8_t* src) {
   int32_t value;
   std::memcpy(&value, src, sizeof(value));
@@ -229,10 +298,9 @@ LSERVE_AVX2_INLINE __m256i broadcast4(const int8_t* src) {
 }
 
 // kMt tokens x 8 features; out[i] = the 8 results of token i.
-template <DType kWeight, int kMt>
+template <DType kWeight, bool kPacked, int kMt>
 LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBlock* const* x_rows, int64_t num_blocks,
                                   const float* bias, const Prefetch& prefetch, float (*out)[8]) {
-  using Layout = BlockLayout<kWeight>;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[kMt];
   for (int i = 0; i < kMt; ++i) acc[i] = _mm256_setzero_ps();
@@ -240,14 +308,10 @@ LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBl
     for (int64_t line = b * prefetch.lines_per_block; line < (b + 1) * prefetch.lines_per_block; ++line) {
       _mm_prefetch(reinterpret_cast<const char*>(prefetch.next + line * kCacheLine), _MM_HINT_T0);
     }
-    const uint8_t* block[8];
-    for (int j = 0; j < 8; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
     __m256 d, second;
-    load_scales(block, d, second);
     if constexpr (kWeight == DType::kQ8_0) {
       __m256i w[8];  // w[t] lane j: items 4t..4t+3 of row j, signed
-      transpose_rows(block, Layout::kItems, w);
-      transpose_rows(block, Layout::kItems + 16, w + 4);
+      load_block<kWeight, kPacked>(weight_rows, b, d, second, w);
       __m256i magnitude[8];
       for (int t = 0; t < 8; ++t) magnitude[t] = _mm256_abs_epi8(w[t]);
       for (int i = 0; i < kMt; ++i) {
@@ -262,10 +326,10 @@ LSERVE_AVX2_INLINE void tile_avx2(const uint8_t* const* weight_rows, const ActBl
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(xb.d)), acc[i]);
       }
     } else {
+      __m256i g[4], low[4], high[4];  // low[g]: items 4g..4g+3, high[g]: items 16 + 4g..
+      load_block<kWeight, kPacked>(weight_rows, b, d, second, g);
       const __m256 m = kWeight == DType::kQ4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f)) : second;
       const __m256i mask = _mm256_set1_epi8(0x0f);
-      __m256i g[4], low[4], high[4];  // low[g]: items 4g..4g+3, high[g]: items 16 + 4g..
-      transpose_rows(block, Layout::kItems, g);
       for (int k = 0; k < 4; ++k) {
         low[k] = _mm256_and_si256(g[k], mask);
         high[k] = _mm256_and_si256(_mm256_srli_epi16(g[k], 4), mask);
@@ -295,16 +359,16 @@ struct Avx2Kernels {
   LSERVE_AVX2 static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
     quantize_row_avx2(x, out, num_blocks);
   }
-  template <DType kWeight>
+  template <DType kWeight, bool kPacked>
   LSERVE_AVX2 static void tile(int num_tokens, const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
                                int64_t num_blocks, const float* bias, const Prefetch& prefetch,
                                float (*out)[kGroupFeatures]) {
     static_assert(kTileTokens == 4, "the switch below lists the tile heights");
     switch (num_tokens) {
-      case 4: tile_avx2<kWeight, 4>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
-      case 3: tile_avx2<kWeight, 3>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
-      case 2: tile_avx2<kWeight, 2>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
-      default: tile_avx2<kWeight, 1>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 4: tile_avx2<kWeight, kPacked, 4>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 3: tile_avx2<kWeight, kPacked, 3>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 2: tile_avx2<kWeight, kPacked, 2>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      default: tile_avx2<kWeight, kPacked, 1>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
     }
   }
 };
@@ -372,6 +436,39 @@ LSERVE_AVX512_INLINE void load_scales16(const uint8_t* const* block, __m512& d, 
   second = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dwords, 16)));
 }
 
+// 8 + 8 f16 -> 16 floats.
+LSERVE_AVX512_INLINE __m512 halves16(const uint8_t* low, const uint8_t* high) {
+  const __m128i low_half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(low));
+  const __m128i high_half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(high));
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(low_half), high_half, 1));
+}
+
+// load_block at 16 features: stored rows transposed (weight_rows: the 16 rows), or two packed
+// groups (weight_rows[0], [1]: features 0-7 and 8-15), each 256-bit half as the AVX2 kernel loads it.
+template <DType kWeight, bool kPacked>
+LSERVE_AVX512_INLINE void load_block16(const uint8_t* const* weight_rows, int64_t b, __m512& d, __m512& second,
+                                       __m512i* items) {
+  using Layout = BlockLayout<kWeight>;
+  constexpr int kItemRegisters = (Layout::kBytes - Layout::kItems) / 4;  // item dwords
+  if constexpr (kPacked) {
+    const uint8_t* low = weight_rows[0] + b * kPackRows * Layout::kBytes;
+    const uint8_t* high = weight_rows[1] + b * kPackRows * Layout::kBytes;
+    d = halves16(low, high);
+    second = kWeight == DType::kQ4_1 ? halves16(low + 2 * kPackRows, high + 2 * kPackRows) : d;  // d: unused
+    for (int k = 0; k < kItemRegisters; ++k) {
+      const int64_t offset = kPackedItems<kWeight> + 32 * k;
+      const __m256i low_items = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + offset));
+      const __m256i high_items = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + offset));
+      items[k] = _mm512_inserti64x4(_mm512_castsi256_si512(low_items), high_items, 1);
+    }
+  } else {
+    const uint8_t* block[kAvx512Features];
+    for (int j = 0; j < kAvx512Features; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
+    load_scales16(block, d, second);
+    for (int k = 0; k < kItemRegisters; k += 4) transpose_rows16(block, Layout::kItems + 4 * k, items + k);
+  }
+}
+
 LSERVE_AVX512_INLINE __m512i broadcast4_512(const int8_t* src) {
   int32_t value;
   std::memcpy(&value, src, sizeof(value));
@@ -379,11 +476,10 @@ LSERVE_AVX512_INLINE __m512i broadcast4_512(const int8_t* src) {
 }
 
 // kMt tokens x 16 features; out[i] = the 16 results of token i.
-template <DType kWeight, int kMt, bool kVnni>
+template <DType kWeight, bool kPacked, int kMt, bool kVnni>
 LSERVE_AVX512_INLINE void tile_avx512(const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
                                       int64_t num_blocks, const float* bias, const Prefetch& prefetch,
                                       float (*out)[kAvx512Features]) {
-  using Layout = BlockLayout<kWeight>;
   const __m512i zero = _mm512_setzero_si512();
   const __m512i ones = _mm512_set1_epi16(1);
   __m512 acc[kMt];
@@ -392,14 +488,10 @@ LSERVE_AVX512_INLINE void tile_avx512(const uint8_t* const* weight_rows, const A
     for (int64_t line = b * prefetch.lines_per_block; line < (b + 1) * prefetch.lines_per_block; ++line) {
       _mm_prefetch(reinterpret_cast<const char*>(prefetch.next + line * kCacheLine), _MM_HINT_T0);
     }
-    const uint8_t* block[kAvx512Features];
-    for (int j = 0; j < kAvx512Features; ++j) block[j] = weight_rows[j] + b * Layout::kBytes;
     __m512 d, second;
-    load_scales16(block, d, second);
     if constexpr (kWeight == DType::kQ8_0) {
       __m512i w[8];  // w[t] lane j: items 4t..4t+3 of row j, signed
-      transpose_rows16(block, Layout::kItems, w);
-      transpose_rows16(block, Layout::kItems + 16, w + 4);
+      load_block16<kWeight, kPacked>(weight_rows, b, d, second, w);
       if constexpr (kVnni) {
         // sum (x + 128) w - 128 sum(w): |sums| < 2^20, exact in int32.
         const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -436,10 +528,10 @@ LSERVE_AVX512_INLINE void tile_avx512(const uint8_t* const* weight_rows, const A
         }
       }
     } else {
+      __m512i g[4], low[4], high[4];  // low[g]: items 4g..4g+3, high[g]: items 16 + 4g..
+      load_block16<kWeight, kPacked>(weight_rows, b, d, second, g);
       const __m512 m = kWeight == DType::kQ4_0 ? _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)) : second;
       const __m512i mask = _mm512_set1_epi8(0x0f);
-      __m512i g[4], low[4], high[4];  // low[g]: items 4g..4g+3, high[g]: items 16 + 4g..
-      transpose_rows16(block, Layout::kItems, g);
       for (int k = 0; k < 4; ++k) {
         low[k] = _mm512_and_si512(g[k], mask);
         high[k] = _mm512_and_si512(_mm512_srli_epi16(g[k], 4), mask);
@@ -482,16 +574,16 @@ struct Avx512Kernels {
   LSERVE_AVX2 static void quantize_row(const float* x, ActBlock* out, int64_t num_blocks) {
     quantize_row_avx2(x, out, num_blocks);
   }
-  template <DType kWeight>
+  template <DType kWeight, bool kPacked>
   LSERVE_AVX512 static void tile(int num_tokens, const uint8_t* const* weight_rows, const ActBlock* const* x_rows,
                                  int64_t num_blocks, const float* bias, const Prefetch& prefetch,
                                  float (*out)[kGroupFeatures]) {
     static_assert(kTileTokens == 4, "the switch below lists the tile heights");
     switch (num_tokens) {
-      case 4: tile_avx512<kWeight, 4, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
-      case 3: tile_avx512<kWeight, 3, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
-      case 2: tile_avx512<kWeight, 2, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
-      default: tile_avx512<kWeight, 1, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 4: tile_avx512<kWeight, kPacked, 4, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 3: tile_avx512<kWeight, kPacked, 3, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      case 2: tile_avx512<kWeight, kPacked, 2, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
+      default: tile_avx512<kWeight, kPacked, 1, kVnni>(weight_rows, x_rows, num_blocks, bias, prefetch, out); return;
     }
   }
 };
@@ -500,7 +592,7 @@ struct Avx512Kernels {
 
 // ---- driver ----------------------------------------------------------------------------------
 
-template <typename Kernels, DType kWeight>
+template <typename Kernels, DType kWeight, bool kPacked>
 void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
   constexpr int kGroupFeatures = Kernels::kGroupFeatures;
   constexpr int kTileTokens = Kernels::kTileTokens;
@@ -508,7 +600,8 @@ void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
   const int64_t out_features = args.weight.size(0);
   const int64_t num_blocks = in_features / kQuantBlock;
   const size_t row_bytes = dtype_nbytes(kWeight, in_features);
-  const auto* weight = static_cast<const uint8_t*>(args.weight.data);  // (out_features, num_blocks) blocks
+  // (out_features, num_blocks) blocks, or packed: (ceil(out_features / kPackRows), num_blocks, kPackRows) blocks
+  const auto* weight = static_cast<const uint8_t*>(args.weight.data);
   const float* bias = args.bias.defined() ? args.bias.data_ptr<float>() : nullptr;  // (out_features,)
   const int num_threads = context.pool->num_threads();
 
@@ -553,6 +646,11 @@ void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
           weight_rows[j] = weight + n * row_bytes;
           group_bias[j] = bias ? bias[n] : 0.0f;
         }
+        if constexpr (kPacked) {  // the packed groups of kPackRows rows; a missing one repeats the first
+          for (int h = 0; h < kGroupFeatures / kPackRows; ++h) {
+            weight_rows[h] = weight + (n0 + (h * kPackRows < num_features ? h * kPackRows : 0)) * row_bytes;
+          }
+        }
         // Prefetch on a token block's first pass over the rows; the last groups have nothing ahead
         // (the rounded-up last line may pass the weight's end: prefetch hints do not fault).
         Prefetch prefetch;
@@ -567,7 +665,7 @@ void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
           const ActBlock* x_rows[kTileTokens];
           for (int i = 0; i < num_tile_tokens; ++i) x_rows[i] = activations + (m0 + i) * num_blocks;
           float out[kTileTokens][kGroupFeatures];
-          Kernels::template tile<kWeight>(num_tile_tokens, weight_rows, x_rows, num_blocks,
+          Kernels::template tile<kWeight, kPacked>(num_tile_tokens, weight_rows, x_rows, num_blocks,
                                           bias ? group_bias : nullptr, prefetch, out);
           prefetch.lines_per_block = 0;
           for (int i = 0; i < num_tile_tokens; ++i) {
@@ -579,13 +677,48 @@ void gemm_quant_with(const CpuContext& context, const GemmArgs& args) {
   });
 }
 
-template <typename Kernels>
+template <typename Kernels, bool kPacked>
 void gemm_quant_dispatch(const CpuContext& context, const GemmArgs& args) {
   switch (args.weight.dtype) {
-    case DType::kQ8_0: gemm_quant_with<Kernels, DType::kQ8_0>(context, args); return;
-    case DType::kQ4_0: gemm_quant_with<Kernels, DType::kQ4_0>(context, args); return;
-    case DType::kQ4_1: gemm_quant_with<Kernels, DType::kQ4_1>(context, args); return;
+    case DType::kQ8_0: gemm_quant_with<Kernels, DType::kQ8_0, kPacked>(context, args); return;
+    case DType::kQ4_0: gemm_quant_with<Kernels, DType::kQ4_0, kPacked>(context, args); return;
+    case DType::kQ4_1: gemm_quant_with<Kernels, DType::kQ4_1, kPacked>(context, args); return;
     default: LSERVE_THROW("gemm_quant: ", dtype_name(args.weight.dtype), " is not a block format");
+  }
+}
+
+template <typename Kernels>
+void gemm_quant_layout(const CpuContext& context, const GemmArgs& args) {
+  switch (args.weight_layout) {
+    case WeightLayout::kRows: gemm_quant_dispatch<Kernels, false>(context, args); return;
+    case WeightLayout::kInterleaved8: gemm_quant_dispatch<Kernels, true>(context, args); return;
+  }
+  LSERVE_THROW("gemm_quant: unknown weight layout");
+}
+
+template <DType kWeight>
+void pack_with(const TensorView& weight, uint8_t* out) {
+  using Layout = BlockLayout<kWeight>;
+  const int64_t out_features = weight.size(0), num_blocks = weight.size(1) / kQuantBlock;
+  const int64_t row_bytes = num_blocks * Layout::kBytes;
+  const auto* rows = static_cast<const uint8_t*>(weight.data);
+  const int64_t num_groups = (out_features + kPackRows - 1) / kPackRows;
+  std::memset(out, 0, static_cast<size_t>(num_groups * kPackRows * row_bytes));  // a missing row is zeros
+  for (int64_t group = 0; group < num_groups; ++group) {
+    uint8_t* group_out = out + group * kPackRows * row_bytes;
+    for (int64_t row = 0; row < std::min<int64_t>(kPackRows, out_features - group * kPackRows); ++row) {
+      const uint8_t* src = rows + (group * kPackRows + row) * row_bytes;
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const uint8_t* block = src + b * Layout::kBytes;
+        uint8_t* dst = group_out + b * kPackRows * Layout::kBytes;
+        for (int64_t half = 0; half < Layout::kItems / 2; ++half) {
+          std::memcpy(dst + half * 2 * kPackRows + 2 * row, block + 2 * half, 2);
+        }
+        for (int64_t dword = 0; dword < (Layout::kBytes - Layout::kItems) / 4; ++dword) {
+          std::memcpy(dst + kPackedItems<kWeight> + dword * 4 * kPackRows + 4 * row, block + Layout::kItems + 4 * dword, 4);
+        }
+      }
+    }
   }
 }
 
@@ -594,13 +727,27 @@ void gemm_quant_dispatch(const CpuContext& context, const GemmArgs& args) {
 void gemm_quant(const CpuContext& context, const GemmArgs& args) {
 #ifdef LSERVE_CPU_X86
   switch (context.isa) {
-    case CpuIsa::kAvx512Vnni: gemm_quant_dispatch<Avx512Kernels<true>>(context, args); return;
-    case CpuIsa::kAvx512: gemm_quant_dispatch<Avx512Kernels<false>>(context, args); return;
-    case CpuIsa::kAvx2: gemm_quant_dispatch<Avx2Kernels>(context, args); return;
+    case CpuIsa::kAvx512Vnni: gemm_quant_layout<Avx512Kernels<true>>(context, args); return;
+    case CpuIsa::kAvx512: gemm_quant_layout<Avx512Kernels<false>>(context, args); return;
+    case CpuIsa::kAvx2: gemm_quant_layout<Avx2Kernels>(context, args); return;
     case CpuIsa::kGeneric: break;
   }
 #endif
-  gemm_quant_dispatch<GenericKernels>(context, args);
+  gemm_quant_layout<GenericKernels>(context, args);
+}
+
+size_t packed_weight_bytes(DType dtype, int64_t out_features, int64_t in_features) {
+  LSERVE_CHECK(dtype_is_block(dtype), "pack: ", dtype_name(dtype), " is not a block format");
+  return dtype_nbytes(dtype, (out_features + kPackRows - 1) / kPackRows * kPackRows * in_features);
+}
+
+void pack_quant_weight(const TensorView& weight, uint8_t* out) {
+  switch (weight.dtype) {
+    case DType::kQ8_0: pack_with<DType::kQ8_0>(weight, out); return;
+    case DType::kQ4_0: pack_with<DType::kQ4_0>(weight, out); return;
+    case DType::kQ4_1: pack_with<DType::kQ4_1>(weight, out); return;
+    default: LSERVE_THROW("pack: ", dtype_name(weight.dtype), " is not a block format");
+  }
 }
 
 }  // namespace lserve::cpu

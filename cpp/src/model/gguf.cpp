@@ -1235,13 +1235,13 @@ void gguf_for_each_stored_weight(
                      plan.permute_heads);
       data = permuted.data();
     }
-    const bool kept = fn(plan.hf_name, TensorView::contiguous(const_cast<uint8_t*>(data), dtype, info.shape.data(), 2),
-                         plan.permute_heads > 0 ? none : file.mapping());
-    if (!kept) {  // copied: drop the whole pages of the stored bytes (read-only, so a later read refaults them)
-      const uintptr_t begin = reinterpret_cast<uintptr_t>(file.tensor_data(info));
-      const uintptr_t first = (begin + page - 1) / page * page, last = (begin + info.nbytes) / page * page;
-      if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
-    }
+    fn(plan.hf_name, TensorView::contiguous(const_cast<uint8_t*>(data), dtype, info.shape.data(), 2),
+       plan.permute_heads > 0 ? none : file.mapping());
+    // Copied, packed or kept: drop the whole pages fn read from the resident set (the mapping is read-only
+    // and never written, so a kept view's later reads refault them from the file).
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(file.tensor_data(info));
+    const uintptr_t first = (begin + page - 1) / page * page, last = (begin + info.nbytes) / page * page;
+    if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
   }
 }
 

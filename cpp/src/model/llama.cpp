@@ -100,20 +100,25 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend& backend, DType weight
   for (const WeightSpec& spec : weight_specs(config_)) {
     Tensor* target = nullptr;
     std::vector<int64_t> matrix_shape = spec.shape;  // the fused tensor's shape where parts share one
+    WeightLayout* layout = nullptr;
     Layer* layer = spec.layer_idx >= 0 ? &layers_[spec.layer_idx] : nullptr;
     switch (spec.kind) {
       case WeightKind::kEmbed: target = &embed_tokens_; break;
       case WeightKind::kFinalNorm: target = &final_norm_; break;
-      case WeightKind::kLmHead: target = &lm_head_; break;
+      case WeightKind::kLmHead: target = &lm_head_, layout = &lm_head_layout_; break;
       case WeightKind::kInputNorm: target = &layer->input_norm; break;
       case WeightKind::kPostNorm: target = &layer->post_norm; break;
-      case WeightKind::kQkv: target = &layer->qkv_weight, matrix_shape = {q_rows + 2 * kv_rows, hidden}; break;
+      case WeightKind::kQkv:
+        target = &layer->qkv_weight, matrix_shape = {q_rows + 2 * kv_rows, hidden}, layout = &layer->qkv_layout;
+        break;
       case WeightKind::kQkvBias: target = &layer->qkv_bias, matrix_shape = {q_rows + 2 * kv_rows}; break;
-      case WeightKind::kO: target = &layer->o_weight; break;
-      case WeightKind::kGateUp: target = &layer->gate_up_weight, matrix_shape = {2 * inter, hidden}; break;
-      case WeightKind::kDown: target = &layer->down_weight; break;
+      case WeightKind::kO: target = &layer->o_weight, layout = &layer->o_layout; break;
+      case WeightKind::kGateUp:
+        target = &layer->gate_up_weight, matrix_shape = {2 * inter, hidden}, layout = &layer->gate_up_layout;
+        break;
+      case WeightKind::kDown: target = &layer->down_weight, layout = &layer->down_layout; break;
     }
-    slots_[spec.name] = {target, spec.row_offset, spec.shape, matrix_shape};
+    slots_[spec.name] = {target, spec.row_offset, spec.shape, matrix_shape, layout};
   }
 
   const std::vector<float> table = rope_cos_sin_cache(config_, max_positions);
@@ -253,12 +258,15 @@ bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
     LSERVE_CHECK(!dtype_is_block(tensor.dtype) || tensor.shape[tensor.ndim - 1] % dtype_block_size(tensor.dtype) == 0,
                  "weight '", name, "' of dtype ", dtype_name(tensor.dtype), " has rows of ", tensor.shape[tensor.ndim - 1],
                  " items, not whole blocks");
-    // A whole matrix as stored, in host memory its owner keeps: serve it in place (no copy).
+    // A whole matrix as stored, in host memory its owner keeps: packed from there, or (embedding, or
+    // a layout the backend keeps as stored) served in place (no copy).
     if (mapping && !reorder && slot.row_offset == 0 && slot.shape == slot.matrix_shape && tensor.is_contiguous() &&
         tensor.device.type == DeviceType::kCPU && backend_.device().type == DeviceType::kCPU) {
       *slot.tensor = Tensor(std::shared_ptr<void>(std::const_pointer_cast<void>(mapping), tensor.data), tensor);
-      weight_bytes_mapped_ += static_cast<int64_t>(tensor.nbytes());
       loaded_.insert(name);
+      pack_matrix(slot);
+      if (slot.layout && *slot.layout != WeightLayout::kRows) return false;  // the packed copy replaced the view
+      weight_bytes_mapped_ += static_cast<int64_t>(tensor.nbytes());
       return true;
     }
     std::array<int64_t, kMaxDims> full{};
@@ -282,7 +290,27 @@ bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
     backend_.copy(dst, tensor);
   }
   loaded_.insert(name);
+  if (native_weights_ && tensor.ndim == 2 && (rows_loaded_[slot.tensor] += slot.shape[0]) == slot.matrix_shape[0]) {
+    pack_matrix(slot);
+  }
   return false;
+}
+
+void LlamaModel::pack_matrix(const Slot& slot) {
+  Tensor packed;
+  if (slot.tensor == &embed_tokens_) {  // embed reads rows; a tied lm_head gets its own copy
+    if (!config_.tie_word_embeddings) return;
+    lm_head_layout_ = backend_.pack_gemm_weight(embed_tokens_, &packed);
+    if (lm_head_layout_ == WeightLayout::kRows) return;
+    lm_head_ = std::move(packed);
+    weight_bytes_packed_ += static_cast<int64_t>(lm_head_.nbytes());
+    return;
+  }
+  if (slot.layout == nullptr) return;
+  *slot.layout = backend_.pack_gemm_weight(*slot.tensor, &packed);
+  if (*slot.layout == WeightLayout::kRows) return;
+  *slot.tensor = std::move(packed);
+  weight_bytes_packed_ += static_cast<int64_t>(slot.tensor->nbytes());
 }
 
 std::vector<std::string> LlamaModel::missing_weights() const {
@@ -301,7 +329,8 @@ void LlamaModel::finalize() {
     if (missing.size() > 8) list += ", ... (" + std::to_string(missing.size()) + " in all)";
     LSERVE_THROW("missing weights: ", list);
   }
-  if (config_.tie_word_embeddings) lm_head_ = embed_tokens_;
+  if (config_.tie_word_embeddings && lm_head_layout_ == WeightLayout::kRows) lm_head_ = embed_tokens_;
+  rows_loaded_.clear();
   finalized_ = true;
 }
 
@@ -544,7 +573,8 @@ void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_
     } else {  // residual += mlp output of the previous layer; normed = norm(residual)
       backend_.rms_norm({t.proj_out, t.residual, layer.input_norm, t.normed, eps});
     }
-    backend_.gemm({t.normed, layer.qkv_weight, config_.attention_bias ? layer.qkv_bias.view() : TensorView(), t.qkv});
+    backend_.gemm({t.normed, layer.qkv_weight, config_.attention_bias ? layer.qkv_bias.view() : TensorView(), t.qkv,
+                   layer.qkv_layout});
     if (!sparse) {
       backend_.rope_kv_append({query, key, value, t.positions, cos_sin_cache_, layer.k_cache, layer.v_cache,
                                t.slot_mapping, {}});
@@ -613,19 +643,19 @@ void LlamaModel::enqueue_forward(const StepTensors& t, int32_t max_q_len, int32_
       ordered.shape = {num_tokens * num_qo_heads, head_dim, 0, 0, 0, 0};
       ordered.strides = {head_dim, 1, 0, 0, 0, 0};
       backend_.gather_rows({heads, layer.unpermute.view().slice(0, 0, num_tokens * num_qo_heads), ordered});
-      backend_.gemm({ordered.reshape({num_tokens, q_width}), layer.o_weight, TensorView(), t.proj_out});
+      backend_.gemm({ordered.reshape({num_tokens, q_width}), layer.o_weight, TensorView(), t.proj_out, layer.o_layout});
     } else {
-      backend_.gemm({t.attn_out, layer.o_weight, TensorView(), t.proj_out});
+      backend_.gemm({t.attn_out, layer.o_weight, TensorView(), t.proj_out, layer.o_layout});
     }
     backend_.rms_norm({t.proj_out, t.residual, layer.post_norm, t.normed, eps});
-    backend_.gemm({t.normed, layer.gate_up_weight, TensorView(), t.gate_up});
+    backend_.gemm({t.normed, layer.gate_up_weight, TensorView(), t.gate_up, layer.gate_up_layout});
     backend_.silu_mul({t.gate_up, t.act});
-    backend_.gemm({t.act, layer.down_weight, TensorView(), t.proj_out});
+    backend_.gemm({t.act, layer.down_weight, TensorView(), t.proj_out, layer.down_layout});
   }
   backend_.rms_norm({t.proj_out, t.residual, final_norm_, t.normed, eps});
   if (!t.logits.defined()) return;
   backend_.gather_rows({t.normed, t.logits_rows, t.selected});
-  backend_.gemm({t.selected, lm_head_, TensorView(), t.logits});
+  backend_.gemm({t.selected, lm_head_, TensorView(), t.logits, lm_head_layout_});
 }
 
 std::vector<int> LlamaModel::decode_graph_batch_sizes() const {

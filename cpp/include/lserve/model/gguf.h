@@ -141,8 +141,9 @@ void gguf_for_each_weight(const GgufFile& file, const ModelConfig& config,
 // temporary copy (rows move whole, blocks and all). 1-D tensors (norms, biases) come as float32, as
 // from gguf_for_each_weight. What the engine's native weights load (EngineConfig::dtype "native").
 // `mapping` is file.mapping() for a view into the file and null for a temporary; fn returns true
-// when it kept the view (holding the mapping open), and the walk drops the pages of every view not
-// kept from the resident set once fn returns (madvise: the copy is what stays).
+// when it kept the view (holding the mapping open). Once fn returns, the walk drops the matrix's
+// pages from the resident set (madvise): a copy or packed copy is what stays, and a kept view
+// faults back in only the pages it reads later.
 void gguf_for_each_stored_weight(
     const GgufFile& file, const ModelConfig& config,
     const std::function<bool(const std::string& hf_name, const TensorView& tensor,

@@ -28,7 +28,9 @@ class LlamaModel {
   // native_weights: the weight matrices (embedding, q|k|v, o, gate|up, down, lm_head) take the dtype
   // each arrives in at load_weight() (float32 | bfloat16 | float16 | q8_0 | q4_0 | q4_1), allocated
   // then, instead of weight_dtype; the parts of a fused matrix must share one. Norms and biases stay
-  // float32. weight_dtype then only sets the activation dtype.
+  // float32. weight_dtype then only sets the activation dtype. Once whole, each gemm matrix goes to
+  // the layout the backend's gemm reads fastest (Backend::pack_gemm_weight: the CPU interleaves block
+  // formats); the embedding keeps its rows for embed, and a tied lm_head gets its own packed copy.
   LlamaModel(const ModelConfig& config, Backend& backend, DType weight_dtype, int max_positions,
              bool native_weights = false);
 
@@ -40,11 +42,14 @@ class LlamaModel {
   // Copies a Hugging Face-named tensor (any float dtype, host or device) into place; raises on
   // an unknown name, a wrong shape, or a tensor loaded twice.
   // `mapping` (optional) owns tensor's memory: a native weight that is a whole matrix of the serving
-  // layout as stored (not a part of q|k|v or gate|up, no head reordering) on the CPU becomes a view
-  // into it, holding the mapping open, instead of a copy (returns true then).
+  // layout as stored (not a part of q|k|v or gate|up, no head reordering) on the CPU, and that the
+  // backend does not pack, becomes a view into it, holding the mapping open, instead of a copy
+  // (returns true then).
   bool load_weight(const std::string& name, const TensorView& tensor,
                    const std::shared_ptr<const void>& mapping = nullptr);
   int64_t weight_bytes_mapped() const { return weight_bytes_mapped_; }
+  // Bytes of the native weights the backend holds in its own layout (Backend::pack_gemm_weight).
+  int64_t weight_bytes_packed() const { return weight_bytes_packed_; }
   // Names still missing; finalize() raises listing them.
   std::vector<std::string> missing_weights() const;
   void finalize();
@@ -121,9 +126,12 @@ class LlamaModel {
     int64_t row_offset;
     std::vector<int64_t> shape;
     std::vector<int64_t> matrix_shape;  // the whole (fused) tensor's shape: native weights allocate it on first load
+    WeightLayout* layout;               // a gemm matrix's layout (null: the embedding, norms, biases)
   };
   struct Layer {
     Tensor input_norm, qkv_weight, qkv_bias, o_weight, post_norm, gate_up_weight, down_weight;
+    WeightLayout qkv_layout = WeightLayout::kRows, o_layout = WeightLayout::kRows;
+    WeightLayout gate_up_layout = WeightLayout::kRows, down_layout = WeightLayout::kRows;
     Tensor k_cache, v_cache;    // dense heads
     Tensor kmax, kmin;          // dense heads' statistics per logical page (sparsity)
     Tensor ks_cache, vs_cache;  // streaming heads (sparsity)
@@ -142,6 +150,8 @@ class LlamaModel {
   // Reorders a q/k/v tensor of layer_idx by its KV head order (host tensors only); o_proj is not
   // reordered (the attention output is put back in order instead: Layer::unpermute).
   std::vector<uint8_t> permute_heads(int layer_idx, const std::string& kind, const TensorView& tensor) const;
+  // Native weights: a whole matrix (all its parts loaded) to the backend's gemm layout (see the constructor).
+  void pack_matrix(const Slot& slot);
 
 
   ModelConfig config_;
@@ -150,10 +160,12 @@ class LlamaModel {
   DType activation_dtype_;
   bool native_weights_ = false;
   Tensor embed_tokens_, final_norm_, lm_head_, cos_sin_cache_;
+  WeightLayout lm_head_layout_ = WeightLayout::kRows;
   std::vector<Layer> layers_;
   std::map<std::string, Slot> slots_;
   std::set<std::string> loaded_;
-  int64_t weight_bytes_mapped_ = 0;
+  int64_t weight_bytes_mapped_ = 0, weight_bytes_packed_ = 0;
+  std::map<const Tensor*, int64_t> rows_loaded_;  // native weights: rows of each matrix loaded so far
   bool finalized_ = false;
   bool kv_allocated_ = false;
   SparsityConfig sparsity_;
