@@ -297,20 +297,16 @@ bool LlamaModel::load_weight(const std::string& name, const TensorView& tensor,
 }
 
 void LlamaModel::pack_matrix(const Slot& slot) {
+  // embed reads the embedding's rows as stored; a tied lm_head gets its own packed copy of them.
+  const bool tied_head = slot.tensor == &embed_tokens_;
+  if (tied_head ? !config_.tie_word_embeddings : slot.layout == nullptr) return;
+  Tensor* target = tied_head ? &lm_head_ : slot.tensor;
+  WeightLayout* layout = tied_head ? &lm_head_layout_ : slot.layout;
   Tensor packed;
-  if (slot.tensor == &embed_tokens_) {  // embed reads rows; a tied lm_head gets its own copy
-    if (!config_.tie_word_embeddings) return;
-    lm_head_layout_ = backend_.pack_gemm_weight(embed_tokens_, &packed);
-    if (lm_head_layout_ == WeightLayout::kRows) return;
-    lm_head_ = std::move(packed);
-    weight_bytes_packed_ += static_cast<int64_t>(lm_head_.nbytes());
-    return;
-  }
-  if (slot.layout == nullptr) return;
-  *slot.layout = backend_.pack_gemm_weight(*slot.tensor, &packed);
-  if (*slot.layout == WeightLayout::kRows) return;
-  *slot.tensor = std::move(packed);
-  weight_bytes_packed_ += static_cast<int64_t>(slot.tensor->nbytes());
+  *layout = backend_.pack_gemm_weight(*slot.tensor, &packed);
+  if (*layout == WeightLayout::kRows) return;
+  *target = std::move(packed);
+  weight_bytes_packed_ += static_cast<int64_t>(target->nbytes());
 }
 
 std::vector<std::string> LlamaModel::missing_weights() const {
