@@ -59,9 +59,56 @@ for config, total in report["totals"].items():
     print(f"{name}: score {total['score']:.4f} over {total['num_cases']} cases ({lengths}; rc {rc}, {seconds}s)")
 PY
 }
+# LSERVE_EVAL_SHARED=1 runs the sparse configs in one process instead (lserve eval retrieval
+# --variants): those that differ only in decode-time settings share one engine, each prompt is
+# prefilled once for all of them (Engine.set_decode_sparsity and the prefix cache; CPU engine only),
+# and the replies are those of one engine per config. Its JSON is then split into the per-config
+# files the other scripts read. Dense configs run as above.
+run_shared() {
+  local start rc
+  start=$(date +%s)
+  python3 - "$out/variants_${split}.json" "$@" <<'PY' || return 1
+import json, sys
+path, *specs = sys.argv[1:]
+json.dump({spec.split("=", 1)[0]: json.loads(spec.split("=", 1)[1] or "{}") for spec in specs}, open(path, "w"))
+PY
+  local names config=()
+  names=$(printf '%s\n' "$@" | sed 's/=.*//' | paste -sd, -)
+  [ -n "${LSERVE_EVAL_TASKS:-}" ] && config+=(--tasks "$LSERVE_EVAL_TASKS")
+  python3 -c "import sys; from lserve.cli import main; sys.exit(main(sys.argv[1:]))" eval retrieval \
+    --model "$model" --device "${LSERVE_EVAL_DEVICE:-cuda}" --split "$split" --lengths "$lengths" --samples "$samples" \
+    --sparsity "$names" --variants "@$out/variants_${split}.json" "${config[@]}" --quiet \
+    --out "$out/retrieval_${split}_shared.json" >"$out/retrieval_${split}_shared.log" 2>&1
+  rc=$?
+  python3 - "$out" "$split" "$rc" "$(( $(date +%s) - start ))" <<'PY'
+import json, os, sys
+from lserve.eval.retrieval import summarize, write_results
+out, split, rc, seconds = sys.argv[1:]
+try:
+    report = json.load(open(os.path.join(out, f"retrieval_{split}_shared.json")))
+except (OSError, ValueError) as error:
+    sys.exit(f"shared: no results (rc {rc}, {seconds}s): {error}")
+for name in report["configs"]:
+    rows = [r for r in report["results"] if r["config"] == name]
+    if not rows:
+        continue
+    one = {**report, "configs": [name], "sparsity_args": report["variants"].get(name, {}), "variants": {},
+           "results": rows, **summarize(rows)}
+    write_results(os.path.join(out, f"retrieval_{split}_{name}.json"), one)
+    total = one["totals"][name]
+    lengths = " ".join(f"{k}:{v:.3f}" for k, v in one["accuracy"][name]["all"].items() if k != "all")
+    print(f"{name}: score {total['score']:.4f} over {total['num_cases']} cases ({lengths}; shared, rc {rc}, {seconds}s)")
+PY
+}
 jobs_max=${LSERVE_EVAL_JOBS:-1}
+shared=()
 for spec in "$@"; do
+  if [ "${LSERVE_EVAL_SHARED:-0}" = 1 ] && [ "${spec%%=*}" != dense ]; then
+    shared+=("$spec")
+    continue
+  fi
   while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
   run_one "$spec" &
 done
+[ ${#shared[@]} -gt 0 ] && run_shared "${shared[@]}" &
 wait

@@ -171,6 +171,7 @@ void bind_engine(py::module_& m) {
           py::arg("request_ids"), py::arg("prompt_token_ids"), py::arg("params"))
       .def("abort_request", &Engine::abort_request, py::arg("request_id"))
       .def("reset_prefix_cache", &Engine::reset_prefix_cache)
+      .def("set_decode_sparsity", &Engine::set_decode_sparsity, py::arg("sparsity"))
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("has_unfinished_requests", &Engine::has_unfinished_requests)
       .def("stats", &Engine::stats)

@@ -303,6 +303,26 @@ void Engine::reset_prefix_cache() {
   if (ready_) kv_cache_->reset_prefix_cache();
 }
 
+void Engine::set_decode_sparsity(const SparsityConfig& sparsity) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  LSERVE_CHECK(ready_, "set_decode_sparsity() before finalize()");
+  LSERVE_CHECK(selector_ != nullptr, "set_decode_sparsity() on a dense engine (sparsity off)");
+  const char* differs = config_.sparsity.layout_difference(sparsity);
+  LSERVE_CHECK(differs == nullptr, "set_decode_sparsity: SparsityConfig.", differs ? differs : "",
+               " differs from the engine's; only the decode-time selection settings may change (decode_token_budget, "
+               "head_token_budgets, select_recent_tokens, selection_reuse_interval, always_select_sink_page, "
+               "page_score, page_score_spread, group_score)");
+  LSERVE_CHECK(backend_->device().type == DeviceType::kCPU,
+               "set_decode_sparsity() runs on the CPU backend only (the CUDA backend's decode graphs capture the "
+               "selection settings)");
+  LSERVE_CHECK(!scheduler_->has_unfinished() && pending_aborts_.empty() && followers_.empty(),
+               "set_decode_sparsity() with requests in flight: wait until they finish");
+  sparsity.validate(model_->config().num_layers, model_->config().num_kv_heads);
+  selector_->set_decode_settings(sparsity, *backend_, model_->num_dense_kv_heads());
+  model_->set_decode_sparsity(sparsity);
+  config_.sparsity = sparsity;
+}
+
 bool Engine::abort_request(int64_t request_id) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!ready_) return false;

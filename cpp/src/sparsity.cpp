@@ -58,4 +58,17 @@ void SparsityConfig::validate(int num_layers, int num_kv_heads) const {
   }
 }
 
+const char* SparsityConfig::layout_difference(const SparsityConfig& other) const {
+  if (enabled != other.enabled) return "enabled";
+  if (streaming_heads != other.streaming_heads) return "streaming_heads";
+  if (prefill_sink_tokens != other.prefill_sink_tokens) return "prefill_sink_tokens";
+  if (prefill_local_tokens != other.prefill_local_tokens) return "prefill_local_tokens";
+  if (decode_sink_tokens != other.decode_sink_tokens) return "decode_sink_tokens";
+  if (decode_local_tokens != other.decode_local_tokens) return "decode_local_tokens";
+  if (physical_page_size != other.physical_page_size) return "physical_page_size";
+  if (logical_page_size != other.logical_page_size) return "logical_page_size";
+  if (dense_below_tokens != other.dense_below_tokens) return "dense_below_tokens";
+  return nullptr;
+}
+
 }  // namespace lserve

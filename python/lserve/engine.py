@@ -194,6 +194,7 @@ class Engine:
         config.capture_logits = capture_logits
         config.eos_token_ids = list(source.eos_token_ids)
         self.sparsity = resolve_sparsity(sparsity, model)
+        self._sparsity_model = model
         config.sparsity = self.sparsity.to_core(model_config.num_layers, model_config.num_kv_heads)
         config.enable_prefix_caching = enable_prefix_caching is not False
         self._core = _C.Engine(model_config, config)
@@ -287,6 +288,39 @@ class Engine:
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix page (requests in flight keep theirs), as vLLM's does."""
         self._core.reset_prefix_cache()
+
+    def set_decode_sparsity(self, sparsity: Union["SparsityConfig", Dict[str, object]]) -> None:
+        """Switches a sparse engine's decode-time page selection between requests, keeping its
+        weights, KV memory and prefix cache: a SparsityConfig (resolved for this model as
+        Engine(sparsity=...) does) or a dict of overrides of the current one. Only the decode-time
+        fields may differ (decode_token_budget, select_recent_tokens, head_budget_skew,
+        selection_reuse_interval, always_select_sink_page, page_score, page_score_spread,
+        group_score); the others size memory or shape prefill. With prefix caching, a prompt run
+        before is not prefilled again, so selection policies can be compared on the same prompts
+        for the cost of their decodes (lserve eval retrieval --variants). ValueError, nothing
+        changed, for a dense engine, another field, a request in flight or the CUDA backend.
+
+        Example:
+            >>> engine = Engine(sparsity="lserve")
+            >>> engine.set_decode_sparsity({"decode_token_budget": 1024})
+        """
+        if isinstance(sparsity, dict):
+            if not self.sparsity.enabled:
+                raise ValueError("set_decode_sparsity() on a dense engine (sparsity off): there is no "
+                                 "page selection to change")
+            new = self.sparsity.with_overrides(**sparsity)
+        elif isinstance(sparsity, SparsityConfig):
+            new = sparsity
+        else:
+            raise ValueError(f"set_decode_sparsity() takes a SparsityConfig or a dict of its fields, "
+                             f"got {type(sparsity).__name__}")
+        if self._requests:
+            raise ValueError(f"set_decode_sparsity() with {len(self._requests)} request(s) in flight: wait until "
+                             "they finish")
+        new = resolve_sparsity(new, self._sparsity_model)
+        config = self._core.model_config
+        self._core.set_decode_sparsity(new.to_core(config.num_layers, config.num_kv_heads))
+        self.sparsity = new
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or self._core.has_unfinished_requests()

@@ -80,6 +80,30 @@ def streaming_mask_from_scores(scores: np.ndarray, streaming_fraction: float) ->
     return mask.reshape(scores.shape)
 
 
+# The fields Engine.set_decode_sparsity may change between requests (none sizes memory or shapes
+# prefill); lserve::SparsityConfig::layout_difference names the first other field that differs.
+DECODE_FIELDS = ("decode_token_budget", "select_recent_tokens", "head_budget_skew", "selection_reuse_interval",
+                 "always_select_sink_page", "page_score", "page_score_spread", "group_score")
+
+
+def layout_key(config: "SparsityConfig") -> tuple:
+    """What two configs must share to run on one Engine with set_decode_sparsity between them:
+    every init field outside DECODE_FIELDS (arrays compared by value)."""
+    from dataclasses import fields
+
+    key = []
+    for f in fields(config):
+        if not f.init or f.name in DECODE_FIELDS:
+            continue
+        value = getattr(config, f.name)
+        if isinstance(value, np.ndarray):
+            value = (value.shape, value.tolist())
+        elif isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        key.append((f.name, repr(value)))
+    return tuple(key)
+
+
 @dataclass
 class SparsityConfig:
     """LServe sparse attention settings: lserve::SparsityConfig's (whose validate() checks them, so a

@@ -64,6 +64,47 @@ def test_runner_runs_configs_side_by_side_with_recall(tiny_char_model, tmp_path)
     assert "lserve recall by answer token, 3000 tokens" in format_recall(report)
 
 
+def test_variants_share_one_engine_and_equal_separate_runs(tiny_char_model):
+    """Configs that differ only in decode-time settings run on one engine (set_decode_sparsity, one
+    prefill per prompt through the prefix cache) and give the replies of one engine per config; a
+    variant that changes the layout gets its own engine."""
+    variants = {"b32_rec": {"decode_token_budget": 32, "select_recent_tokens": 16, "page_score": "blend",
+                            "selection_reuse_interval": 1},
+                "wide": {"prefill_local_tokens": 256}}
+    common = dict(split="dev", tasks=["multi_value", "single_uuid"], lengths=[900], samples=2, max_tokens=6,
+                  engine_kwargs=dict(num_threads=2))
+    lines = []
+    shared = run_retrieval(str(tiny_char_model), configs=["lserve", "b32_rec", "wide"], sparsity_args=TINY_SPARSITY,
+                           variants=variants, log=lines.append, **common)
+    assert any("one engine for lserve, b32_rec" in line for line in lines), lines
+    assert not any("wide" in line and "one engine" in line for line in lines)
+    assert shared["variants"] == variants
+    replies = {}
+    for row in shared["results"]:
+        replies.setdefault(row["config"], {})[(row["task"], row["index"])] = row["output_token_ids"]
+    assert set(replies) == {"lserve", "b32_rec", "wide"}
+    for name in ("lserve", "b32_rec", "wide"):
+        alone = run_retrieval(str(tiny_char_model), configs=["lserve"],
+                              sparsity_args={**TINY_SPARSITY, **variants.get(name, {})}, log=lambda *a: None,
+                              **common)
+        expected = {(r["task"], r["index"]): r["output_token_ids"] for r in alone["results"]}
+        assert replies[name] == expected, name
+    assert replies["b32_rec"] != replies["lserve"] or replies["wide"] != replies["lserve"]
+
+
+@pytest.mark.parametrize("variants, message", [
+    ('{"lserve": {}}', "variant names must be new"),
+    ('{"a": 3}', "must be a JSON object of name -> object"),
+    ("{a", "--variants is not JSON"),
+    ("@/nonexistent/variants.json", "cannot read /nonexistent/variants.json"),
+])
+def test_cli_rejects_bad_variants(variants, message, capsys, tmp_path):
+    from lserve.cli import main
+
+    assert main(["eval", "retrieval", "--model", str(tmp_path / "absent"), "--variants", variants]) == 2
+    assert message in capsys.readouterr().err
+
+
 class PieceTokenizer:
     """Token i decodes to PIECES[i]."""
 

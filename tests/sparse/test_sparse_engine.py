@@ -360,3 +360,50 @@ def test_dense_below_tokens_runs_dense_then_switches_to_the_decode_ring(tiny):
     assert np.abs(sparse_logits[40:] - dense_logits[40:]).max() > 1e-3, "sparsity never started"
     stats = engine._core.stats()
     assert stats.isolation_violations == 0 and stats.num_free_prefill_rings == stats.num_prefill_rings
+
+
+def test_set_decode_sparsity_equals_a_fresh_engine(tiny):
+    """Engine.set_decode_sparsity between requests: the same prompt under another decode-time
+    selection (budget, recent pages, per-head budgets, score, reuse) gives a fresh engine's tokens
+    and logits with that selection, from the prefix cache (the prompt is not prefilled again), and
+    switching back gives the first run's."""
+    scores = [[0.1, 0.9], [0.3, 0.2]]
+    first = _config(streaming_heads=None, head_pattern=scores, streaming_fraction=0.5, selection_reuse_interval=3,
+                    decode_token_budget=96)
+    second = {"decode_token_budget": 64, "select_recent_tokens": 20, "head_budget_skew": 1.0, "page_score": "blend",
+              "page_score_spread": 0.5, "selection_reuse_interval": 1, "group_score": "max"}
+    ids = _prompt(170, seed=6)
+    engine = _engine(tiny, first)
+    tokens_a, logits_a = _run(engine, ids, 40)
+    engine.set_decode_sparsity(second)
+    assert engine.sparsity.decode_token_budget == 64 and engine.sparsity.head_budget_skew == 1.0
+    computed = engine.stats().num_prompt_tokens_computed
+    tokens_b, logits_b = _run(engine, ids, 40)
+    computed = engine.stats().num_prompt_tokens_computed - computed
+    assert computed < 32, f"the second run computed {computed} of {len(ids)} prompt tokens: no prefix hit"
+    fresh_tokens, fresh_logits = _run(_engine(tiny, first.with_overrides(**second)), ids, 40)
+    assert_exact(tokens_b, fresh_tokens, what="tokens after set_decode_sparsity vs a fresh engine")
+    assert_exact(logits_b, fresh_logits, what="logits after set_decode_sparsity vs a fresh engine")
+    assert not np.allclose(logits_b, logits_a, atol=1e-3), "the second selection changed nothing"
+    engine.set_decode_sparsity(first)
+    tokens_back, logits_back = _run(engine, ids, 40)
+    assert_exact(tokens_back, tokens_a, what="tokens after switching back")
+    assert_exact(logits_back, logits_a, what="logits after switching back")
+
+
+def test_set_decode_sparsity_refuses_what_it_cannot_change(tiny):
+    engine = _engine(tiny, _config())
+    with pytest.raises(ValueError, match="prefill_local_tokens"):
+        engine.set_decode_sparsity({"prefill_local_tokens": 64})
+    with pytest.raises(ValueError, match="physical_page_size"):
+        engine.set_decode_sparsity({"physical_page_size": 32, "decode_token_budget": 64})
+    with pytest.raises(ValueError, match="decode_token_budget"):
+        engine.set_decode_sparsity({"decode_token_budget": 8})  # below one page: SparsityConfig refuses it
+    with pytest.raises(ValueError, match="SparsityConfig or a dict"):
+        engine.set_decode_sparsity("lserve")
+    engine.add_request("busy", _prompt(40, seed=7), SamplingParams(temperature=0.0, max_tokens=4))
+    with pytest.raises(ValueError, match="in flight"):
+        engine.set_decode_sparsity({"decode_token_budget": 32})
+    assert engine.sparsity.decode_token_budget == 64
+    with pytest.raises(ValueError, match="dense engine"):
+        _engine(tiny, None).set_decode_sparsity({"decode_token_budget": 64})

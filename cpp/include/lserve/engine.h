@@ -157,6 +157,14 @@ class Engine {
   bool abort_request(int64_t request_id);
   // Forgets every cached prefix page (requests in flight keep theirs); no-op without prefix caching.
   void reset_prefix_cache();
+  // Replaces a sparse engine's decode-time page selection settings between requests: the fields
+  // SparsityConfig::layout_difference leaves out (budgets, recent tokens, reuse interval, scores);
+  // the rest must equal the engine's, as they size memory and shape prefill. The prefix cache stays,
+  // so a prompt run before is not prefilled again: several selection policies can be compared on the
+  // same prompts for the cost of their decodes. lserve::Error (nothing changed) for a dense engine,
+  // another field changed, a request in flight, or the CUDA backend (its decode graphs capture the
+  // selection settings).
+  void set_decode_sparsity(const SparsityConfig& sparsity);
   std::vector<RequestOutput> step();
   bool has_unfinished_requests() const;
   EngineStats stats() const;

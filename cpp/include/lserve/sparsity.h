@@ -41,6 +41,12 @@ struct SparsityConfig {
   // (what lserve.SparsityConfig checks when it is made), then with the model's shape.
   void validate() const;
   void validate(int num_layers, int num_kv_heads) const;
+  // The first field outside the decode-time selection settings in which `other` differs from this
+  // config, or nullptr when they differ in those alone (decode_token_budget, head_token_budgets,
+  // select_recent_tokens, selection_reuse_interval, always_select_sink_page, page_score,
+  // page_score_spread, group_score): the fields Engine::set_decode_sparsity may change, because
+  // none of them sizes memory or shapes prefill.
+  const char* layout_difference(const SparsityConfig& other) const;
   // Pages every selection keeps at the end of the context (>= 1), and pages a dense head (entry i of
   // head_token_budgets, or any head without them) selects.
   int recent_pages() const {

@@ -62,13 +62,17 @@ PageSelector::PageSelector(const SparsityConfig& sparsity, int page_size, int ma
   prefill_ring_pages_ = static_cast<int>(std::max<int64_t>(
       2, std::min<int64_t>(ring_pages_for(page_size, sparsity.prefill_local_tokens, max_num_batched_tokens),
                            max_pages - num_sink_pages_)));
+  size_selection();
+}
+
+void PageSelector::size_selection() {
   // The smallest dense-head budget, and the mean over dense heads (what a step's statistics count).
-  num_select_ = sparsity.head_budget_pages(0);
-  if (!sparsity.head_token_budgets.empty()) {
+  num_select_ = sparsity_.head_budget_pages(0);
+  if (!sparsity_.head_token_budgets.empty()) {
     int64_t sum = 0, count = 0;
-    for (size_t i = 0; i < sparsity.head_token_budgets.size(); ++i) {
-      if (!sparsity.streaming_heads.empty() && sparsity.streaming_heads[i] != 0) continue;
-      const int pages = sparsity.head_budget_pages(static_cast<int64_t>(i));
+    for (size_t i = 0; i < sparsity_.head_token_budgets.size(); ++i) {
+      if (!sparsity_.streaming_heads.empty() && sparsity_.streaming_heads[i] != 0) continue;
+      const int pages = sparsity_.head_budget_pages(static_cast<int64_t>(i));
       num_select_ = count == 0 ? pages : std::min(num_select_, pages);
       sum += pages;
       ++count;
@@ -77,6 +81,17 @@ PageSelector::PageSelector(const SparsityConfig& sparsity, int page_size, int ma
   } else {
     mean_select_ = num_select_;
   }
+}
+
+void PageSelector::set_decode_settings(const SparsityConfig& sparsity, Backend& backend,
+                                       const std::vector<int>& num_dense_kv_heads) {
+  const char* differs = sparsity_.layout_difference(sparsity);
+  LSERVE_CHECK(differs == nullptr, "PageSelector::set_decode_settings: SparsityConfig.", differs ? differs : "",
+               " differs; only the decode-time selection settings may change");
+  LSERVE_CHECK(seqs_.empty(), "PageSelector::set_decode_settings with ", seqs_.size(), " sequence(s) holding slots");
+  sparsity_ = sparsity;
+  size_selection();
+  allocate_store(backend, num_dense_kv_heads);
 }
 
 int64_t PageSelector::size_memory(int64_t budget, int64_t stream_bytes_per_token, int64_t dense_bytes_per_token) {

@@ -211,6 +211,15 @@ void LlamaModel::set_sparsity(const SparsityConfig& sparsity) {
   }
 }
 
+void LlamaModel::set_decode_sparsity(const SparsityConfig& sparsity) {
+  const char* differs = sparsity_.layout_difference(sparsity);
+  LSERVE_CHECK(differs == nullptr, "set_decode_sparsity: SparsityConfig.", differs ? differs : "",
+               " differs from the model's; only the decode-time selection settings may change");
+  LSERVE_CHECK(!graphs_, "set_decode_sparsity with decode graphs captured: they hold the selection settings");
+  sparsity.validate(config_.num_layers, config_.num_kv_heads);
+  sparsity_ = sparsity;
+}
+
 std::vector<uint8_t> LlamaModel::permute_heads(int layer_idx, const std::string& kind, const TensorView& tensor) const {
   LSERVE_CHECK(tensor.device.type == DeviceType::kCPU && tensor.is_contiguous(), "weight of layer ", layer_idx,
                ": sparse head reordering needs a contiguous host tensor");

@@ -42,6 +42,27 @@ def _sparsity_overrides(text):
     return overrides
 
 
+def _variants(text):
+    """The --variants JSON object (or @FILE holding one): config name -> SparsityConfig overrides."""
+    if not text:
+        return None
+    source = "--variants"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            with open(source) as f:
+                text = f.read()
+        except OSError as error:
+            raise ValueError(f"--variants: cannot read {source}: {error}") from None
+    try:
+        variants = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not JSON: {error}") from None
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ValueError(f"{source} must be a JSON object of name -> object of SparsityConfig overrides")
+    return variants
+
+
 def add_eval_parser(commands) -> argparse.ArgumentParser:
     """Registers `eval` and its harnesses on the CLI's subparsers."""
     parser = commands.add_parser("eval", help="accuracy harnesses", description="lserve accuracy harnesses.")
@@ -102,10 +123,16 @@ def _add_retrieval_parser(harnesses) -> None:
                            help="cases per (task, length); five consecutive cases cover the five depth bins "
                                 "(default: %(default)s)")
     retrieval.add_argument("--sparsity", type=_names, default=["dense", "lserve"],
-                           help="configs run side by side, comma-separated: dense, lserve (default: dense,lserve)")
+                           help="configs run side by side, comma-separated: dense, lserve and --variants names (default: dense,lserve)")
     retrieval.add_argument("--sparsity-args", default=None,
                            help="JSON object of SparsityConfig overrides for the non-dense configs, e.g. "
                                 "'{\"prefill_local_tokens\": 1024, \"decode_token_budget\": 1024}'")
+    retrieval.add_argument("--variants", default=None,
+                           help="JSON object (or @FILE) naming more configs for --sparsity: name -> SparsityConfig "
+                                "overrides on top of the lserve preset and --sparsity-args, e.g. "
+                                "'{\"rec64\": {\"select_recent_tokens\": 64}}'. Sparse configs that differ only in "
+                                "decode-time settings share one engine and each prompt is prefilled once for all "
+                                "of them (Engine.set_decode_sparsity with the prefix cache)")
     retrieval.add_argument("--max-tokens", type=int, default=None,
                            help="tokens generated per case (default: per task, 12 to 48)")
     retrieval.add_argument("--no-chat-template", action="store_true", help="plain text prompts even for chat models")
@@ -132,7 +159,8 @@ def _retrieval(args: argparse.Namespace) -> int:
     from lserve.eval.retrieval_tasks import TASKS
 
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
-    check_grid(args.split, tasks, args.lengths, args.samples, args.sparsity, args.max_tokens)
+    variants = _variants(args.variants)
+    check_grid(args.split, tasks, args.lengths, args.samples, args.sparsity, args.max_tokens, variants)
     overrides = _sparsity_overrides(args.sparsity_args)
     engine_kwargs = dict(device=args.device, num_threads=args.threads,
                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=1)
@@ -140,7 +168,8 @@ def _retrieval(args: argparse.Namespace) -> int:
                            sparsity_args=overrides, max_tokens=args.max_tokens,
                            use_chat_template=not args.no_chat_template, engine_kwargs=engine_kwargs,
                            log=(lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True)),
-                           on_result=lambda partial: write_results(args.out, partial), recall=args.recall)
+                           on_result=lambda partial: write_results(args.out, partial), recall=args.recall,
+                           variants=variants)
     write_results(args.out, report)
     print(format_table(report))
     if report["recall"]:

@@ -31,7 +31,7 @@ KNOWN_CONFIGS = ("dense", "lserve")
 
 
 def check_grid(split: str, tasks: Sequence[str], lengths: Sequence[int], samples: int,
-               configs: Sequence[str], max_tokens: Optional[int]) -> None:
+               configs: Sequence[str], max_tokens: Optional[int], variants: Optional[Dict] = None) -> None:
     """ValueError naming the first bad argument of run_retrieval."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
@@ -48,9 +48,17 @@ def check_grid(split: str, tasks: Sequence[str], lengths: Sequence[int], samples
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     if not configs:
         raise ValueError("give at least one sparsity config")
-    bad = [c for c in configs if c not in KNOWN_CONFIGS]
+    if variants is not None:
+        if not isinstance(variants, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                      for k, v in variants.items()):
+            raise ValueError("variants must map config names to JSON objects of SparsityConfig overrides")
+        clash = [name for name in variants if name in KNOWN_CONFIGS or not name or "," in name]
+        if clash:
+            raise ValueError(f"variant names must be new, non-empty and without commas, got {clash}")
+    known = list(KNOWN_CONFIGS) + list(variants or {})
+    bad = [c for c in configs if c not in known]
     if bad:
-        raise ValueError(f"unknown sparsity config(s) {', '.join(map(repr, bad))} (known: {', '.join(KNOWN_CONFIGS)})")
+        raise ValueError(f"unknown sparsity config(s) {', '.join(map(repr, bad))} (known: {', '.join(known)})")
     if len(set(configs)) != len(configs):
         raise ValueError(f"sparsity configs are listed twice: {list(configs)}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
@@ -61,14 +69,21 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
                   configs: Sequence[str] = ("dense", "lserve"), sparsity_args: Optional[Dict] = None,
                   max_tokens: Optional[int] = None, use_chat_template: bool = True,
                   engine_kwargs: Optional[Dict] = None, engine_cls=None, log=print, on_result=None,
-                  recall: bool = False) -> Dict:
+                  recall: bool = False, variants: Optional[Dict[str, Dict]] = None) -> Dict:
     """Runs the grid (see the module docstring) and returns the report. max_tokens: tokens
     generated per case (None: the task's TASK_MAX_TOKENS). on_result(report_so_far) runs after
-    every case and every recall measurement. recall=True needs torch and transformers."""
+    every case and every recall measurement. recall=True needs torch and transformers.
+    variants: more named configs, each the "lserve" preset with sparsity_args and then its own
+    overrides. Sparse configs that differ only in decode-time fields (lserve.sparsity.DECODE_FIELDS)
+    share one Engine: each case runs under each of them in turn (Engine.set_decode_sparsity), and
+    with prefix caching the prompt is prefilled once for all of them; the tokens are those of one
+    Engine per config (tests/sparse/test_sparse_engine.py checks it)."""
     from lserve.sampling import SamplingParams
 
+    from lserve.sparsity import layout_key
+
     tasks, lengths, configs = list(tasks), list(lengths), list(configs)
-    check_grid(split, tasks, lengths, samples, configs, max_tokens)
+    check_grid(split, tasks, lengths, samples, configs, max_tokens, variants)
     if engine_cls is None:
         from lserve.engine import Engine as engine_cls
     supports_sparsity = engine_accepts_sparsity(engine_cls)
@@ -81,25 +96,47 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
 
     def report() -> Dict:
         return {"model": model, "split": split, "tasks": tasks, "lengths": lengths, "samples": samples,
-                "configs": configs, "sparsity_args": sparsity_args or {}, "max_tokens": max_tokens,
-                "use_chat_template": use_chat_template, "skipped": skipped, "results": results,
-                **summarize(results)}
+                "configs": configs, "sparsity_args": sparsity_args or {}, "variants": variants or {},
+                "max_tokens": max_tokens, "use_chat_template": use_chat_template, "skipped": skipped,
+                "results": results, **summarize(results)}
 
+    # Groups of configs that share one Engine: dense alone, sparse ones by layout.
+    groups: List[List[str]] = []
+    group_of_layout: Dict[tuple, List[str]] = {}
     for config_name in configs:
-        sparsity = sparsity_for(config_name, model, sparsity_args)
+        overrides = dict(sparsity_args or {})
+        if variants and config_name in variants:
+            overrides.update(variants[config_name])
+        sparsity = sparsity_for("lserve" if variants and config_name in variants else config_name, model, overrides)
         sparsities[config_name] = sparsity
-        kwargs = dict(engine_kwargs or {})
-        kwargs.setdefault("show_progress", False)
-        if supports_sparsity:
-            kwargs["sparsity"] = sparsity
-        elif sparsity.enabled:
+        if not supports_sparsity and sparsity.enabled:
             skipped[config_name] = "this Engine has no sparsity= parameter yet (sparse attention not built in)"
             log(f"[retrieval] skipping {config_name!r}: {skipped[config_name]}")
             continue
+        if not sparsity.enabled or not hasattr(engine_cls, "set_decode_sparsity"):
+            groups.append([config_name])
+            continue
+        from lserve.sparsity import resolve_sparsity
+
+        layout = layout_key(resolve_sparsity(sparsity, model))
+        if layout in group_of_layout:
+            group_of_layout[layout].append(config_name)
+        else:
+            group_of_layout[layout] = [config_name]
+            groups.append(group_of_layout[layout])
+
+    for group in groups:
+        kwargs = dict(engine_kwargs or {})
+        kwargs.setdefault("show_progress", False)
+        if supports_sparsity:
+            kwargs["sparsity"] = sparsities[group[0]]
         engine = engine_cls(model, **kwargs)
+        current = group[0]
         if fmt is None:
             fmt = PromptFormat.for_tokenizer(engine.tokenizer, use_chat_template)
             tokenizer = engine.tokenizer
+        if len(group) > 1:
+            log(f"[retrieval] one engine for {', '.join(group)} (decode-time settings switched per case)")
         for task in tasks:
             for length in lengths:
                 for index in range(samples):
@@ -114,22 +151,28 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
                     case = cases[key]
                     prompt_ids = fmt.encode(case.prompt)
                     params = SamplingParams(temperature=0.0, max_tokens=max_tokens or case.max_tokens)
-                    start = time.perf_counter()
-                    output = engine.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)[0]
-                    seconds = time.perf_counter() - start
-                    completion = output.outputs[0]
-                    score = score_output(case, completion.text)
-                    results.append({
-                        "config": config_name, "task": task, "length": length, "index": index, "seed": case.seed,
-                        "depth": round(case.depth, 4), "needle_depths": [round(d, 4) for d in case.needle_depths],
-                        "prompt_tokens": len(prompt_ids), "answers": case.answers, "distractors": case.distractors,
-                        "output": completion.text, "output_token_ids": [int(t) for t in completion.token_ids],
-                        "score": score, "seconds": round(seconds, 3)})
-                    log(f"[retrieval] {config_name} {task} len={length} #{index} depth={case.depth:.2f}: "
-                        f"{score:.2f} {' '.join(case.answers)[:40]} <- {completion.text.strip()[:50]!r} "
-                        f"({seconds:.1f} s)")
-                    if on_result is not None:
-                        on_result(report())
+                    for config_name in group:
+                        if config_name != current:
+                            engine.set_decode_sparsity(sparsities[config_name])
+                            current = config_name
+                        start = time.perf_counter()
+                        output = engine.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)[0]
+                        seconds = time.perf_counter() - start
+                        completion = output.outputs[0]
+                        score = score_output(case, completion.text)
+                        results.append({
+                            "config": config_name, "task": task, "length": length, "index": index,
+                            "seed": case.seed, "depth": round(case.depth, 4),
+                            "needle_depths": [round(d, 4) for d in case.needle_depths],
+                            "prompt_tokens": len(prompt_ids), "answers": case.answers,
+                            "distractors": case.distractors, "output": completion.text,
+                            "output_token_ids": [int(t) for t in completion.token_ids],
+                            "score": score, "seconds": round(seconds, 3)})
+                        log(f"[retrieval] {config_name} {task} len={length} #{index} depth={case.depth:.2f}: "
+                            f"{score:.2f} {' '.join(case.answers)[:40]} <- {completion.text.strip()[:50]!r} "
+                            f"({seconds:.1f} s)")
+                        if on_result is not None:
+                            on_result(report())
         del engine
 
     if recall and any(s.enabled for name, s in sparsities.items() if name not in skipped):

@@ -101,6 +101,11 @@ class PageSelector {
   // The selection store on `backend`: num_dense_kv_heads[layer] heads per layer; counts start at -1
   // (no selection: attention reads every page).
   void allocate_store(Backend& backend, const std::vector<int>& num_dense_kv_heads);
+  // Takes `sparsity`'s decode-time selection settings (SparsityConfig::layout_difference is null)
+  // while no sequence holds a slot, and reallocates the store for its budgets; the streaming tiers
+  // and the prefix cache's shadows stay as they are.
+  void set_decode_settings(const SparsityConfig& sparsity, Backend& backend,
+                           const std::vector<int>& num_dense_kv_heads);
   TensorView selection(int layer_idx) const { return store_[static_cast<size_t>(layer_idx)].selection.view(); }
   TensorView selection_count(int layer_idx) const { return store_[static_cast<size_t>(layer_idx)].count.view(); }
   // (num_dense_kv_heads,) int32 pages each dense head of the layer selects, in the model's dense-head
@@ -163,6 +168,8 @@ class PageSelector {
   struct Store {
     Tensor selection, count, head_select;
   };
+
+  void size_selection();  // num_select_ and mean_select_ from sparsity_'s budgets
 
   SparsityConfig sparsity_;
   int page_size_, max_num_seqs_, max_num_batched_tokens_, max_model_len_;

@@ -79,6 +79,9 @@ class LlamaModel {
   // o_proj (Layer::unpermute), whose weight stays as stored.
   void set_sparsity(const SparsityConfig& sparsity);
   const SparsityConfig& sparsity() const { return sparsity_; }
+  // Takes another config's decode-time selection settings (SparsityConfig::layout_difference is
+  // null) after loading; the engine does this between requests (Engine::set_decode_sparsity).
+  void set_decode_sparsity(const SparsityConfig& sparsity);
   int num_dense_kv_heads(int layer_idx) const { return layers_[layer_idx].num_dense_kv; }
   std::vector<int> num_dense_kv_heads() const;
   // The page selector whose plan and selection store the sparse forward pass reads (sparsity only).
