@@ -64,6 +64,11 @@ else
       *) extra=("${specs[0]}")
          extra+=("$(python3 scripts/gpu_pick_best.py "$dir/dev" "${specs[0]}" --budget 4096 2>/dev/null | tail -1)") ;;
     esac
-    OUT=$dir/heldout bash scripts/gpu_retrieval.sh heldout 1024,2048,4096,8192 9 dense=- "${chosen[@]}" "${extra[@]}"
+    # LSERVE_HELDOUT_SAMPLES (default 9) and LSERVE_HELDOUT_DENSE=0 (dense run elsewhere, same cases) are
+    # for the CPU engine, where 252 cases per config take hours (docs/ACCURACY.md, round 4 on the CPU).
+    dense=(dense=-)
+    [ "${LSERVE_HELDOUT_DENSE:-1}" = 0 ] && dense=()
+    OUT=$dir/heldout bash scripts/gpu_retrieval.sh heldout 1024,2048,4096,8192 "${LSERVE_HELDOUT_SAMPLES:-9}" \
+      "${dense[@]}" "${chosen[@]}" "${extra[@]}"
   fi
 fi
