@@ -199,8 +199,10 @@ class SparsityConfig:
         streaming_mask and to_core raise ValueError unless streaming_fraction=0.0. With `model`,
         "lserve" also takes the page selection settings lserve ships for it
         (lserve.patterns.selection_policy; SmolLM2: page_score "blend" with spread 0.25, group_score
-        "max", logical pages of 4 tokens in physical pages of 16, chosen on the retrieval benchmark's
-        dev split) for the fields `overrides` does not set.
+        "max", logical pages of 4 tokens in physical pages of 16, head_budget_skew 4, chosen on the
+        retrieval benchmark's dev split) for the fields `overrides` does not set; the skew only when
+        the config has a head pattern to take the scores from (explicit streaming_heads, or
+        streaming_fraction=0 without a pattern, keep equal budgets).
 
         Example:
             >>> SparsityConfig.preset("lserve", model="smollm2-135m-instruct").head_pattern.endswith(".tsv")
@@ -213,7 +215,10 @@ class SparsityConfig:
         if name == "lserve":
             from lserve.patterns import selection_policy
 
-            return cls(enabled=True, **{**selection_policy(model), **overrides})._with_shipped_pattern(model)
+            config = cls(enabled=True, **{**selection_policy(model), **overrides})._with_shipped_pattern(model)
+            if config.head_pattern is None and "head_budget_skew" not in overrides and config.head_budget_skew:
+                config = config.with_overrides(head_budget_skew=0.0)  # no scores to weigh the heads by
+            return config
         raise ValueError(f"unknown sparsity preset {name!r} (known: {', '.join(PRESETS)})")
 
     def with_overrides(self, **overrides) -> "SparsityConfig":

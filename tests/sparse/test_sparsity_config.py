@@ -178,7 +178,7 @@ def test_lserve_preset_takes_the_shipped_selection_policy_for_the_model():
     from lserve.sparsity import resolve_sparsity
 
     policy = {"page_score": "blend", "page_score_spread": 0.25, "group_score": "max", "logical_page_size": 4,
-              "physical_page_size": 16}
+              "physical_page_size": 16, "head_budget_skew": 4.0}
     assert selection_policy("smollm2-135m-instruct") == policy
     assert selection_policy("/models/other-model") == {}
     for model in ("smollm2-135m-instruct", pathlib.Path("/models/SmolLM2-135M-Instruct.Q4_1.gguf")):
@@ -192,6 +192,29 @@ def test_lserve_preset_takes_the_shipped_selection_policy_for_the_model():
     assert (cfg.page_score, cfg.group_score, cfg.logical_page_size, cfg.physical_page_size) == paper + (64,)
     cfg = resolve_sparsity(SparsityConfig(decode_token_budget=1024), SMOLLM2)  # explicit config
     assert (cfg.page_score, cfg.group_score, cfg.logical_page_size) == paper
+    assert cfg.head_budget_skew == 0.0
+
+
+def test_lserve_preset_skews_budgets_only_with_head_scores():
+    """The shipped skew weighs dense heads by the pattern's scores: with the shipped pattern the
+    budgets differ per head at the same mean; explicit streaming heads (no scores) or selection
+    only without a pattern keep equal budgets instead of raising; an explicit skew is kept."""
+    from lserve.sparsity import resolve_sparsity
+
+    cfg = resolve_sparsity("lserve", SMOLLM2)
+    core = cfg.to_core(30, 3)
+    dense = [b for b, s in zip(core.head_token_budgets, core.streaming_heads) if not s]
+    assert len(dense) == 45 and min(dense) < 4096 < max(dense)
+    assert abs(sum(dense) / len(dense) - 4096) <= 16  # whole pages of 16 tokens: the mean stays the budget
+    heads = [[0]] * 30
+    cfg = SparsityConfig.preset("lserve", model=SMOLLM2, streaming_heads=heads)
+    assert cfg.head_budget_skew == 0.0 and cfg.to_core(30, 3).head_token_budgets == []
+    cfg = SparsityConfig.preset("lserve", model=SMOLLM2, streaming_fraction=0.0)
+    assert cfg.head_pattern is None and cfg.head_budget_skew == 0.0
+    cfg = SparsityConfig.preset("lserve", model=SMOLLM2, head_budget_skew=1.0)
+    assert cfg.head_budget_skew == 1.0
+    with pytest.raises(ValueError, match="head_budget_skew"):
+        SparsityConfig.preset("lserve", model=SMOLLM2, streaming_heads=heads, head_budget_skew=2.0).to_core(30, 3)
 
 
 # Streaming heads asked for without a pattern: the model's shipped pattern, or a ValueError.

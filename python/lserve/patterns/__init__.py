@@ -23,11 +23,12 @@ PATTERNS = {
 }
 
 # Page selection settings per shipped pattern, chosen on the dev split of `lserve eval retrieval` and
-# checked on its heldout split (docs/ACCURACY.md, "Shipped policy"); SparsityConfig.preset("lserve",
-# model=...) applies them to the fields its caller does not set.
+# checked on its heldout split (docs/ACCURACY.md, rounds 3 and 4); SparsityConfig.preset("lserve",
+# model=...) applies them to the fields its caller does not set (head_budget_skew only where the
+# config has head scores to weigh: a head pattern, the shipped one or the caller's).
 SELECTION_POLICIES = {
     "smollm2-135m-instruct.tsv": {"page_score": "blend", "page_score_spread": 0.25, "group_score": "max",
-                                  "logical_page_size": 4, "physical_page_size": 16},
+                                  "logical_page_size": 4, "physical_page_size": 16, "head_budget_skew": 4.0},
 }
 
 
