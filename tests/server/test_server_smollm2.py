@@ -178,13 +178,19 @@ def test_bad_requests_then_serving_goes_on(http, client):
 def test_disconnect_frees_pages(http, server):
     body = {"model": MODEL, "prompt": "Write a long story about a dragon.", "max_tokens": 400, "temperature": 0,
             "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server.base_url, timeout=60) as other:
-        with other.stream("POST", "/v1/completions", json=body) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
-                    break
-            during = metrics_of(http)
-            assert during["lserve:num_requests_running"] == 1 and during["lserve:kv_cache_usage_perc"] > 0
+    # On a loaded host the client can be descheduled long enough for the whole reply to be generated
+    # before it looks: then the request is no longer running and the disconnect tests nothing, so
+    # that attempt is retried (a few times, then the test fails).
+    for _ in range(3):
+        with httpx.Client(base_url=server.base_url, timeout=60) as other:
+            with other.stream("POST", "/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                        break
+                during = metrics_of(http)
+        if during["lserve:num_requests_running"] == 1:
+            break
+    assert during["lserve:num_requests_running"] == 1 and during["lserve:kv_cache_usage_perc"] > 0, during
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         samples = metrics_of(http)
