@@ -63,7 +63,8 @@ PY
 # --variants): those that differ only in decode-time settings share one engine, each prompt is
 # prefilled once for all of them (Engine.set_decode_sparsity and the prefix cache; CPU engine only),
 # and the replies are those of one engine per config. Its JSON is then split into the per-config
-# files the other scripts read. Dense configs run as above.
+# files the other scripts read. Dense configs run as above. Only the CPU engine shares (with
+# LSERVE_EVAL_DEVICE=cpu); on CUDA the one process runs the configs one engine each.
 run_shared() {
   local start rc
   start=$(date +%s)
@@ -110,5 +111,8 @@ for spec in "$@"; do
   while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
   run_one "$spec" &
 done
-[ ${#shared[@]} -gt 0 ] && run_shared "${shared[@]}" &
+if [ ${#shared[@]} -gt 0 ]; then
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+  run_shared "${shared[@]}" &
+fi
 wait

@@ -14,8 +14,11 @@ cd "$(dirname "$0")/.."
 round=$1 phase=$2
 P=$(cd /tmp && python3 -c "import lserve.patterns, os; print(os.path.dirname(lserve.patterns.__file__))")/smollm2-135m-instruct.tsv
 S='"prefill_local_tokens":1024,"decode_token_budget":1024,"head_pattern":"'$P'","group_score":"max","logical_page_size":4'
+# Specs set head_budget_skew themselves: the preset's own (SmolLM2: 4, since round 4) must not
+# creep into a candidate when the model file is named after SmolLM2.
 case $round in
   3)
+    S="$S,\"head_budget_skew\":0"
     specs=(
       "center_l4={$S,\"page_score\":\"center\"}"
       "blend25_l4={$S,\"page_score\":\"blend\",\"page_score_spread\":0.25}"
@@ -29,15 +32,16 @@ case $round in
     ) ;;
   4)
     W="$S,\"page_score\":\"blend\",\"page_score_spread\":0.25,\"physical_page_size\":16"
+    W0="$W,\"head_budget_skew\":0"
     specs=(
-      "r3={$W}"
-      "rec64={$W,\"select_recent_tokens\":64}"
-      "rec128={$W,\"select_recent_tokens\":128}"
+      "r3={$W0}"
+      "rec64={$W0,\"select_recent_tokens\":64}"
+      "rec128={$W0,\"select_recent_tokens\":128}"
       "skew1={$W,\"head_budget_skew\":1.0}"
       "skew2={$W,\"head_budget_skew\":2.0}"
       "skew4={$W,\"head_budget_skew\":4.0}"
       "skew2_rec64={$W,\"head_budget_skew\":2.0,\"select_recent_tokens\":64}"
-      "abl_r3_budget2048={$W,\"decode_token_budget\":2048}"
+      "abl_r3_budget2048={$W0,\"decode_token_budget\":2048}"
     ) ;;
   *) echo "unknown round $round (3 or 4)" >&2; exit 2 ;;
 esac

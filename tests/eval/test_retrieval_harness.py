@@ -8,7 +8,7 @@ import pytest
 from eval_helpers import TINY_SPARSITY
 
 from lserve.eval.retrieval import (answer_token_range, format_recall, format_table, plot_heatmap, run_retrieval,
-                                   summarize, write_results)
+                                   shares_engines, summarize, write_results)
 from lserve.eval.retrieval_tasks import PromptFormat, case_seed, make_case, score_output
 
 
@@ -89,7 +89,13 @@ def test_variants_share_one_engine_and_equal_separate_runs(tiny_char_model):
                               **common)
         expected = {(r["task"], r["index"]): r["output_token_ids"] for r in alone["results"]}
         assert replies[name] == expected, name
-    assert replies["b32_rec"] != replies["lserve"] or replies["wide"] != replies["lserve"]
+    assert replies["b32_rec"] != replies["lserve"], "the variant's decode settings changed no reply"
+    assert [r["shared_prefill"] for r in shared["results"][:3]] == [False, True, False]
+    from lserve import Engine
+
+    assert shares_engines(Engine, {"device": "cpu"}) and shares_engines(Engine, None)
+    assert not shares_engines(Engine, {"device": "cuda"}) and not shares_engines(Engine, {"device": "cuda:1"})
+    assert not shares_engines(object, {"device": "cpu"})  # an engine without set_decode_sparsity
 
 
 @pytest.mark.parametrize("variants, message", [

@@ -404,6 +404,20 @@ def test_set_decode_sparsity_refuses_what_it_cannot_change(tiny):
     engine.add_request("busy", _prompt(40, seed=7), SamplingParams(temperature=0.0, max_tokens=4))
     with pytest.raises(ValueError, match="in flight"):
         engine.set_decode_sparsity({"decode_token_budget": 32})
+    core_config = _config(decode_token_budget=32).to_core(2, 2)
+    with pytest.raises(ValueError, match="in flight"):  # the C++ check, past Python's
+        engine._core.set_decode_sparsity(core_config)
+    with pytest.raises(ValueError, match="prefill_local_tokens"):
+        engine._core.set_decode_sparsity(_config(prefill_local_tokens=64).to_core(2, 2))
+    while engine._core.has_unfinished_requests():
+        engine._core.step()
+    engine._requests.clear()
     assert engine.sparsity.decode_token_budget == 64
+    # Nothing changed: greedy decoding past the budget equals a fresh engine's.
+    ids = _prompt(170, seed=8)
+    assert _run(engine, ids, 30)[0] == _run(_engine(tiny, _config()), ids, 30)[0]
+    dense = _engine(tiny, None)
     with pytest.raises(ValueError, match="dense engine"):
-        _engine(tiny, None).set_decode_sparsity({"decode_token_budget": 64})
+        dense.set_decode_sparsity({"decode_token_budget": 64})
+    with pytest.raises(ValueError, match="dense engine"):  # the C++ check
+        dense._core.set_decode_sparsity(core_config)

@@ -89,9 +89,16 @@ void PageSelector::set_decode_settings(const SparsityConfig& sparsity, Backend& 
   LSERVE_CHECK(differs == nullptr, "PageSelector::set_decode_settings: SparsityConfig.", differs ? differs : "",
                " differs; only the decode-time selection settings may change");
   LSERVE_CHECK(seqs_.empty(), "PageSelector::set_decode_settings with ", seqs_.size(), " sequence(s) holding slots");
+  const SparsityConfig previous = sparsity_;
   sparsity_ = sparsity;
   size_selection();
-  allocate_store(backend, num_dense_kv_heads);
+  try {
+    allocate_store(backend, num_dense_kv_heads);  // all or nothing
+  } catch (...) {
+    sparsity_ = previous;
+    size_selection();
+    throw;
+  }
 }
 
 int64_t PageSelector::size_memory(int64_t budget, int64_t stream_bytes_per_token, int64_t dense_bytes_per_token) {
@@ -226,11 +233,12 @@ std::vector<std::pair<int, int>> PageSelector::restore_copies(int64_t seq_id, co
 
 void PageSelector::allocate_store(Backend& backend, const std::vector<int>& num_dense_kv_heads) {
   LSERVE_CHECK(num_slots_ > 0, "PageSelector::allocate_store before size_memory");
-  store_.assign(num_dense_kv_heads.size(), Store{});
+  // Built aside and swapped in whole: a failure leaves the store as it was.
+  std::vector<Store> stores(num_dense_kv_heads.size());
   for (size_t layer = 0; layer < num_dense_kv_heads.size(); ++layer) {
     const int64_t nd = num_dense_kv_heads[layer];
     if (nd == 0) continue;
-    Store& store = store_[layer];
+    Store& store = stores[layer];
     // Per-head budgets: the layer's dense heads (ascending KV head index, the model's order) and
     // the store as wide as its largest.
     int width = num_select_;
@@ -258,6 +266,7 @@ void PageSelector::allocate_store(Backend& backend, const std::vector<int>& num_
     backend.copy(store.count, TensorView(none.data(), DType::kI32, {num_slots_, nd}));
   }
   backend.synchronize();
+  store_ = std::move(stores);
 }
 
 bool PageSelector::acquire(int64_t seq_id, int64_t prefill_tokens) {

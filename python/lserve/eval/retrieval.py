@@ -65,6 +65,13 @@ def check_grid(split: str, tasks: Sequence[str], lengths: Sequence[int], samples
         raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
 
 
+def shares_engines(engine_cls, engine_kwargs: Optional[Dict]) -> bool:
+    """Whether run_retrieval may run several decode policies on one engine of engine_cls built with
+    engine_kwargs: it has set_decode_sparsity and runs on the CPU (the CUDA backend refuses it)."""
+    device = str((engine_kwargs or {}).get("device") or "cpu")
+    return hasattr(engine_cls, "set_decode_sparsity") and device.split(":")[0] == "cpu"
+
+
 def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequence[int], samples: int = 5,
                   configs: Sequence[str] = ("dense", "lserve"), sparsity_args: Optional[Dict] = None,
                   max_tokens: Optional[int] = None, use_chat_template: bool = True,
@@ -75,9 +82,11 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
     every case and every recall measurement. recall=True needs torch and transformers.
     variants: more named configs, each the "lserve" preset with sparsity_args and then its own
     overrides. Sparse configs that differ only in decode-time fields (lserve.sparsity.DECODE_FIELDS)
-    share one Engine: each case runs under each of them in turn (Engine.set_decode_sparsity), and
-    with prefix caching the prompt is prefilled once for all of them; the tokens are those of one
-    Engine per config (tests/sparse/test_sparse_engine.py checks it)."""
+    share one Engine on the CPU: each case runs under each of them in turn
+    (Engine.set_decode_sparsity), and with prefix caching the prompt is prefilled once for all of
+    them (rows with "shared_prefill": their "seconds" leave the prefill out); the tokens are those
+    of one Engine per config (tests/sparse/test_sparse_engine.py checks it). Elsewhere each config
+    gets its own Engine."""
     from lserve.sampling import SamplingParams
 
     from lserve.sparsity import layout_key
@@ -100,7 +109,9 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
                 "max_tokens": max_tokens, "use_chat_template": use_chat_template, "skipped": skipped,
                 "results": results, **summarize(results)}
 
-    # Groups of configs that share one Engine: dense alone, sparse ones by layout.
+    # Groups of configs that share one Engine: dense alone, sparse ones by layout (CPU engines only:
+    # set_decode_sparsity refuses the CUDA backend, whose decode graphs capture the settings).
+    can_share = shares_engines(engine_cls, engine_kwargs)
     groups: List[List[str]] = []
     group_of_layout: Dict[tuple, List[str]] = {}
     for config_name in configs:
@@ -113,7 +124,7 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
             skipped[config_name] = "this Engine has no sparsity= parameter yet (sparse attention not built in)"
             log(f"[retrieval] skipping {config_name!r}: {skipped[config_name]}")
             continue
-        if not sparsity.enabled or not hasattr(engine_cls, "set_decode_sparsity"):
+        if not sparsity.enabled or not can_share:
             groups.append([config_name])
             continue
         from lserve.sparsity import resolve_sparsity
@@ -167,7 +178,9 @@ def run_retrieval(model: str, split: str, tasks: Sequence[str], lengths: Sequenc
                             "prompt_tokens": len(prompt_ids), "answers": case.answers,
                             "distractors": case.distractors, "output": completion.text,
                             "output_token_ids": [int(t) for t in completion.token_ids],
-                            "score": score, "seconds": round(seconds, 3)})
+                            "score": score, "seconds": round(seconds, 3),
+                            # the prompt came from the group's first config's prefill (prefix cache)
+                            "shared_prefill": config_name != group[0]})
                         log(f"[retrieval] {config_name} {task} len={length} #{index} depth={case.depth:.2f}: "
                             f"{score:.2f} {' '.join(case.answers)[:40]} <- {completion.text.strip()[:50]!r} "
                             f"({seconds:.1f} s)")
