@@ -89,7 +89,11 @@ def test_native_is_cpu_only_and_dtype_checked(tmp_path):
 
 
 _RSS_SCRIPT = r"""
-import gc, os, sys
+import ctypes, gc, os, sys
+# Transparent huge pages off for this process (PR_SET_THP_DISABLE): the figure is the memory lserve
+# touches. With THP on and huge pages free, the same load grows by about 35 MB more (232 MB,
+# 2026-12-06; docs/PERFORMANCE.md), depending on the host's free huge pages.
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
 from lserve import Engine, SamplingParams
 def rss():
     with open("/proc/self/status") as status:
